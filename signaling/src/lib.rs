@@ -1,0 +1,1 @@
+//! Actrix WebSocket signaling hub. Not yet implemented: see the signaling issue.

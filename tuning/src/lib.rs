@@ -1,0 +1,1 @@
+//! Host tuning for actrix edge nodes.
