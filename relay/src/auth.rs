@@ -1,0 +1,585 @@
+//! Long-term credential authentication for TURN (RFC 8489 §9.2, RFC 8656 §5).
+//!
+//! Three sources of credentials, tried in this order:
+//! 1. static users from the configuration (keys derived once at load);
+//! 2. TURN REST ephemeral credentials: username `expiry:user`, password
+//!    base64(HMAC-SHA1(secret, username)), with several secrets accepted during rotation;
+//! 3. Actrix identity credentials, resolved off the shard by the control thread
+//!    ([`Lookup::Pending`] here; the answer arrives by message and fills the cache).
+//!
+//! Nonces are stateless: `obMatJos2` + feature bits + hex(timestamp) + hex(MAC(timestamp,
+//! client address)). Nothing is stored per source before a client authenticates.
+//!
+//! The derived-key cache is owned by one shard (no sharing, no lock) and every hit re-checks
+//! the credential's expiry against `now`.
+
+use crate::stun::{long_term_key_md5, long_term_key_sha256};
+use ahash::AHashMap;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha1::Sha1;
+use sha2::Sha256;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// RFC 8489 §9.2: the nonce cookie that announces security features, followed by the 24-bit
+/// feature set in base64. We announce none: clients keep RFC 5389 behaviour (MD5 keys) unless
+/// they send PASSWORD-ALGORITHM on their own, which we also accept.
+const NONCE_PREFIX: &[u8; 13] = b"obMatJos2AAAA";
+pub const NONCE_LEN: usize = NONCE_PREFIX.len() + 16 + 24;
+
+/// Key material of one user: the MD5 long-term key and, when the password is known, the
+/// SHA-256 one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserKey {
+    pub md5: [u8; 16],
+    pub sha256: Option<[u8; 32]>,
+}
+
+impl UserKey {
+    pub fn from_password(username: &[u8], realm: &[u8], password: &[u8]) -> Self {
+        UserKey {
+            md5: long_term_key_md5(username, realm, password),
+            sha256: Some(long_term_key_sha256(username, realm, password)),
+        }
+    }
+}
+
+/// Password algorithm for key derivation (RFC 8489 §18.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordAlgorithm {
+    Md5,
+    Sha256,
+}
+
+/// Configuration of authentication, shared (immutable) by all shards.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub realm: String,
+    /// Static users: name → key material.
+    pub users: AHashMap<Box<[u8]>, UserKey>,
+    /// TURN REST shared secrets, all accepted (rotation).
+    pub rest_secrets: Vec<Box<[u8]>>,
+    /// Whether unknown usernames are sent to the control thread as Actrix identities.
+    pub identities: bool,
+    pub nonce_key: [u8; 32],
+    /// Seconds a nonce stays valid. Accepted at exactly this age, refused one second later.
+    pub nonce_lifetime: u64,
+}
+
+impl AuthConfig {
+    pub fn new(realm: &str, nonce_key: [u8; 32]) -> Self {
+        AuthConfig {
+            realm: realm.to_string(),
+            users: AHashMap::default(),
+            rest_secrets: Vec::new(),
+            identities: false,
+            nonce_key,
+            nonce_lifetime: 600,
+        }
+    }
+
+    pub fn add_user(&mut self, name: &str, password: &str) {
+        let key =
+            UserKey::from_password(name.as_bytes(), self.realm.as_bytes(), password.as_bytes());
+        self.users.insert(name.as_bytes().into(), key);
+    }
+}
+
+/// Result of checking a NONCE attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceCheck {
+    Valid,
+    /// Ours, correctly authenticated, but older than the lifetime: answer 438.
+    Stale,
+    /// Not ours or tampered: answer 401 with a fresh nonce.
+    Invalid,
+}
+
+fn nonce_mac(key: &[u8; 32], ts: u64, client: SocketAddr) -> [u8; 12] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    mac.update(&ts.to_be_bytes());
+    match client.ip() {
+        IpAddr::V4(v4) => mac.update(&v4.to_ipv6_mapped().octets()),
+        IpAddr::V6(v6) => mac.update(&v6.octets()),
+    }
+    mac.update(&client.port().to_be_bytes());
+    let full = mac.finalize().into_bytes();
+    let mut out = [0u8; 12];
+    out.copy_from_slice(&full[..12]);
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_into(src: &[u8], dst: &mut [u8]) {
+    for (i, b) in src.iter().enumerate() {
+        dst[2 * i] = HEX[(b >> 4) as usize];
+        dst[2 * i + 1] = HEX[(b & 15) as usize];
+    }
+}
+
+/// Lowercase-only hex decode; uppercase or other characters fail (reliability checklist A2).
+fn unhex_into(src: &[u8], dst: &mut [u8]) -> bool {
+    if src.len() != dst.len() * 2 {
+        return false;
+    }
+    let nib = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    for i in 0..dst.len() {
+        match (nib(src[2 * i]), nib(src[2 * i + 1])) {
+            (Some(h), Some(l)) => dst[i] = (h << 4) | l,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Make a nonce for `client` at `now_unix`.
+pub fn make_nonce(key: &[u8; 32], now_unix: u64, client: SocketAddr) -> [u8; NONCE_LEN] {
+    let mut out = [0u8; NONCE_LEN];
+    out[..13].copy_from_slice(NONCE_PREFIX);
+    hex_into(&now_unix.to_be_bytes(), &mut out[13..29]);
+    hex_into(&nonce_mac(key, now_unix, client), &mut out[29..]);
+    out
+}
+
+/// Check a nonce presented by `client`. A nonce from the future by more than 5 s is invalid.
+pub fn check_nonce(
+    key: &[u8; 32],
+    lifetime: u64,
+    nonce: &[u8],
+    now_unix: u64,
+    client: SocketAddr,
+) -> NonceCheck {
+    if nonce.len() != NONCE_LEN || &nonce[..13] != NONCE_PREFIX {
+        return NonceCheck::Invalid;
+    }
+    let mut ts = [0u8; 8];
+    let mut mac = [0u8; 12];
+    if !unhex_into(&nonce[13..29], &mut ts) || !unhex_into(&nonce[29..], &mut mac) {
+        return NonceCheck::Invalid;
+    }
+    let ts = u64::from_be_bytes(ts);
+    let want = nonce_mac(key, ts, client);
+    if !bool::from(want.ct_eq(&mac)) {
+        return NonceCheck::Invalid;
+    }
+    if ts > now_unix.saturating_add(5) {
+        return NonceCheck::Invalid;
+    }
+    if now_unix.saturating_sub(ts) > lifetime {
+        return NonceCheck::Stale;
+    }
+    NonceCheck::Valid
+}
+
+/// Where a credential came from; decides quota accounting and cache expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    Static,
+    Rest,
+    Identity,
+}
+
+/// A resolved credential.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub key: UserKey,
+    /// Unix seconds after which the credential is refused; `u64::MAX` for static users.
+    pub expires_at: u64,
+    pub kind: CredentialKind,
+}
+
+/// Outcome of a key lookup.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    Found(&'a Credential),
+    /// Unknown user, expired credential or malformed REST username: 401.
+    Refused,
+    /// Resolution is in progress elsewhere (identity): drop; the client will retransmit.
+    Pending,
+}
+
+/// Answer from the control thread for an identity username.
+#[derive(Debug, Clone)]
+pub struct IdentityAnswer {
+    pub username: Box<[u8]>,
+    /// `None`: refused (tampered, expired, unknown key, bad realm).
+    pub key_md5: Option<[u8; 16]>,
+    pub expires_at: u64,
+}
+
+/// Per-shard cache of derived keys for REST and identity credentials. Bounded: when full, the
+/// whole cache is cleared (cheap and keeps memory flat under a flood of distinct usernames;
+/// legitimate clients re-derive on their next request).
+pub struct KeyCache {
+    config: Arc<AuthConfig>,
+    entries: AHashMap<Box<[u8]>, Credential>,
+    /// Identity usernames refused recently, so a flood of the same bad credential costs one
+    /// resolution, not one per packet.
+    negative: AHashMap<Box<[u8]>, u64>,
+    pending: AHashMap<Box<[u8]>, u64>,
+    capacity: usize,
+    static_creds: AHashMap<Box<[u8]>, Credential>,
+}
+
+impl KeyCache {
+    pub fn new(config: Arc<AuthConfig>, capacity: usize) -> Self {
+        let static_creds = config
+            .users
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    Credential {
+                        key: v.clone(),
+                        expires_at: u64::MAX,
+                        kind: CredentialKind::Static,
+                    },
+                )
+            })
+            .collect();
+        KeyCache {
+            config,
+            entries: AHashMap::default(),
+            negative: AHashMap::default(),
+            pending: AHashMap::default(),
+            capacity,
+            static_creds,
+        }
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    /// Replace the configuration (live reload). Cached entries derived from the old secrets
+    /// are dropped.
+    pub fn reconfigure(&mut self, config: Arc<AuthConfig>) {
+        *self = KeyCache::new(config, self.capacity);
+    }
+
+    fn make_room(&mut self) {
+        if self.entries.len() >= self.capacity {
+            self.entries.clear();
+        }
+        if self.negative.len() >= self.capacity {
+            self.negative.clear();
+        }
+    }
+
+    /// Find the key for `username` at `now_unix`. REST credentials are derived on a miss;
+    /// identity credentials return `Pending` the first time and are resolved by
+    /// [`KeyCache::handle_identity_answer`].
+    pub fn lookup(&mut self, username: &[u8], now_unix: u64) -> Lookup<'_> {
+        if self.static_creds.contains_key(username) {
+            return Lookup::Found(&self.static_creds[username]);
+        }
+        // Expiry is re-checked on every hit: a cached credential never outlives its expiry.
+        let hit = match self.entries.get(username) {
+            Some(c) if c.expires_at >= now_unix => true,
+            Some(_) => {
+                self.entries.remove(username);
+                return Lookup::Refused;
+            }
+            None => false,
+        };
+        if hit {
+            return Lookup::Found(&self.entries[username]);
+        }
+        if let Some(cred) = self.derive_rest(username, now_unix) {
+            self.make_room();
+            self.entries.insert(username.into(), cred);
+            return Lookup::Found(&self.entries[username]);
+        }
+        if !self.config.identities || looks_like_rest(username) {
+            return Lookup::Refused;
+        }
+        if let Some(&until) = self.negative.get(username) {
+            if until >= now_unix {
+                return Lookup::Refused;
+            }
+            self.negative.remove(username);
+        }
+        Lookup::Pending
+    }
+
+    /// Record that a resolution for `username` was requested at `now_unix`; returns false when
+    /// one is already outstanding (so the caller does not ask twice).
+    pub fn mark_pending(&mut self, username: &[u8], now_unix: u64) -> bool {
+        if let Some(&t) = self.pending.get(username) {
+            if now_unix.saturating_sub(t) < 5 {
+                return false;
+            }
+        }
+        if self.pending.len() >= 1024 {
+            self.pending.retain(|_, t| now_unix.saturating_sub(*t) < 5);
+            if self.pending.len() >= 1024 {
+                return false;
+            }
+        }
+        self.pending.insert(username.into(), now_unix);
+        true
+    }
+
+    pub fn handle_identity_answer(&mut self, a: IdentityAnswer, now_unix: u64) {
+        self.pending.remove(&a.username);
+        self.make_room();
+        match a.key_md5 {
+            Some(md5) if a.expires_at >= now_unix => {
+                self.entries.insert(
+                    a.username,
+                    Credential {
+                        key: UserKey { md5, sha256: None },
+                        expires_at: a.expires_at,
+                        kind: CredentialKind::Identity,
+                    },
+                );
+            }
+            _ => {
+                self.negative.insert(a.username, now_unix + 30);
+            }
+        }
+    }
+
+    fn derive_rest(&self, username: &[u8], now_unix: u64) -> Option<Credential> {
+        if self.config.rest_secrets.is_empty() {
+            return None;
+        }
+        let expiry = rest_expiry(username)?;
+        if expiry < now_unix {
+            return None;
+        }
+        // With several secrets we cannot know which one the client used without trying the
+        // MAC; the first secret is the current one and the usual match. Derive for the first
+        // here; `rest_keys` gives the others to the verifier.
+        let key = rest_key(
+            &self.config.rest_secrets[0],
+            username,
+            self.config.realm.as_bytes(),
+        );
+        Some(Credential {
+            key,
+            expires_at: expiry,
+            kind: CredentialKind::Rest,
+        })
+    }
+
+    /// Keys of a REST username under every configured secret after the first (rotation).
+    pub fn rest_alternates(&self, username: &[u8]) -> impl Iterator<Item = UserKey> + '_ {
+        let realm = self.config.realm.as_bytes();
+        let u: Box<[u8]> = username.into();
+        self.config
+            .rest_secrets
+            .iter()
+            .skip(1)
+            .map(move |s| rest_key(s, &u, realm))
+    }
+
+    /// Replace the cached REST key for `username` after an alternate secret matched.
+    pub fn promote_rest(&mut self, username: &[u8], key: UserKey) {
+        if let Some(c) = self.entries.get_mut(username) {
+            c.key = key;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// A REST username is `<unix expiry>:<user>` (coturn convention); `None` if not that shape.
+pub fn rest_expiry(username: &[u8]) -> Option<u64> {
+    let colon = username.iter().position(|&c| c == b':')?;
+    let ts = &username[..colon];
+    if ts.is_empty() || ts.len() > 20 || !ts.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(ts).ok()?.parse().ok()
+}
+
+fn looks_like_rest(username: &[u8]) -> bool {
+    rest_expiry(username).is_some()
+}
+
+/// The REST password: base64(HMAC-SHA1(secret, username)).
+pub fn rest_password(secret: &[u8], username: &[u8]) -> String {
+    let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(secret).expect("any key length");
+    mac.update(username);
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+fn rest_key(secret: &[u8], username: &[u8], realm: &[u8]) -> UserKey {
+    let pw = rest_password(secret, username);
+    UserKey::from_password(username, realm, pw.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> SocketAddr {
+        "192.0.2.10:5000".parse().unwrap()
+    }
+
+    #[test]
+    fn nonce_roundtrip_and_boundaries() {
+        let key = [7u8; 32];
+        let n = make_nonce(&key, 1000, client());
+        assert_eq!(
+            check_nonce(&key, 600, &n, 1000, client()),
+            NonceCheck::Valid
+        );
+        assert_eq!(
+            check_nonce(&key, 600, &n, 1600, client()),
+            NonceCheck::Valid,
+            "at exactly the lifetime"
+        );
+        assert_eq!(
+            check_nonce(&key, 600, &n, 1601, client()),
+            NonceCheck::Stale,
+            "one second later"
+        );
+        assert_eq!(
+            check_nonce(&key, 600, &n, 995, client()),
+            NonceCheck::Valid,
+            "5 s skew"
+        );
+        assert_eq!(
+            check_nonce(&key, 600, &n, 994, client()),
+            NonceCheck::Invalid,
+            "from the future"
+        );
+        let other_port: SocketAddr = "192.0.2.10:5001".parse().unwrap();
+        let other_ip: SocketAddr = "192.0.2.11:5000".parse().unwrap();
+        assert_eq!(
+            check_nonce(&key, 600, &n, 1000, other_port),
+            NonceCheck::Invalid
+        );
+        assert_eq!(
+            check_nonce(&key, 600, &n, 1000, other_ip),
+            NonceCheck::Invalid
+        );
+        assert_eq!(
+            check_nonce(&[8u8; 32], 600, &n, 1000, client()),
+            NonceCheck::Invalid
+        );
+        // One character tampered, uppercase, too short, too long.
+        let mut t = n;
+        t[40] = if t[40] == b'0' { b'1' } else { b'0' };
+        assert_eq!(
+            check_nonce(&key, 600, &t, 1000, client()),
+            NonceCheck::Invalid
+        );
+        let upper: Vec<u8> = n.iter().map(|c| c.to_ascii_uppercase()).collect();
+        assert_eq!(
+            check_nonce(&key, 600, &upper, 1000, client()),
+            NonceCheck::Invalid
+        );
+        assert_eq!(
+            check_nonce(&key, 600, &n[..NONCE_LEN - 1], 1000, client()),
+            NonceCheck::Invalid
+        );
+        let mut long = n.to_vec();
+        long.push(b'0');
+        assert_eq!(
+            check_nonce(&key, 600, &long, 1000, client()),
+            NonceCheck::Invalid
+        );
+        // Tampered timestamp (to make an old nonce look fresh) breaks the MAC.
+        let stale = make_nonce(&key, 100, client());
+        let mut forged = stale;
+        forged[13..29].copy_from_slice(&n[13..29]);
+        assert_eq!(
+            check_nonce(&key, 600, &forged, 1000, client()),
+            NonceCheck::Invalid
+        );
+    }
+
+    #[test]
+    fn rest_credentials_with_rotation_and_expiry() {
+        let mut cfg = AuthConfig::new("example.org", [1; 32]);
+        cfg.rest_secrets = vec![b"new-secret".to_vec().into(), b"old-secret".to_vec().into()];
+        let mut cache = KeyCache::new(Arc::new(cfg), 16);
+        let user = b"2000:alice";
+        let pw_new = rest_password(b"new-secret", user);
+        let want = UserKey::from_password(user, b"example.org", pw_new.as_bytes());
+        match cache.lookup(user, 1500) {
+            Lookup::Found(c) => assert_eq!(c.key, want),
+            other => panic!("{other:?}"),
+        }
+        let pw_old = rest_password(b"old-secret", user);
+        let alt: Vec<_> = cache.rest_alternates(user).collect();
+        assert_eq!(
+            alt,
+            vec![UserKey::from_password(
+                user,
+                b"example.org",
+                pw_old.as_bytes()
+            )]
+        );
+        // Expired usernames are refused, also on a cache hit.
+        assert!(matches!(cache.lookup(user, 2001), Lookup::Refused));
+        assert!(matches!(cache.lookup(b"1000:bob", 1500), Lookup::Refused));
+        assert!(matches!(cache.lookup(b"notrest", 1500), Lookup::Refused));
+    }
+
+    #[test]
+    fn identity_answers_fill_the_cache_and_expire() {
+        let mut cfg = AuthConfig::new("r", [1; 32]);
+        cfg.identities = true;
+        let mut cache = KeyCache::new(Arc::new(cfg), 16);
+        assert!(matches!(cache.lookup(b"opaque", 100), Lookup::Pending));
+        assert!(cache.mark_pending(b"opaque", 100));
+        assert!(
+            !cache.mark_pending(b"opaque", 101),
+            "one outstanding request per username"
+        );
+        cache.handle_identity_answer(
+            IdentityAnswer {
+                username: b"opaque".to_vec().into(),
+                key_md5: Some([9; 16]),
+                expires_at: 200,
+            },
+            100,
+        );
+        assert!(matches!(cache.lookup(b"opaque", 200), Lookup::Found(_)));
+        assert!(
+            matches!(cache.lookup(b"opaque", 201), Lookup::Refused),
+            "expiry re-checked on hit"
+        );
+        cache.handle_identity_answer(
+            IdentityAnswer {
+                username: b"bad".to_vec().into(),
+                key_md5: None,
+                expires_at: 0,
+            },
+            100,
+        );
+        assert!(
+            matches!(cache.lookup(b"bad", 110), Lookup::Refused),
+            "negative cache"
+        );
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let mut cfg = AuthConfig::new("r", [1; 32]);
+        cfg.rest_secrets = vec![b"s".to_vec().into()];
+        let mut cache = KeyCache::new(Arc::new(cfg), 8);
+        for i in 0..100 {
+            let u = format!("9999:user{i}");
+            assert!(matches!(cache.lookup(u.as_bytes(), 1), Lookup::Found(_)));
+        }
+        assert!(cache.len() <= 8);
+    }
+}

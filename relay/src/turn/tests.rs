@@ -1,0 +1,1417 @@
+//! Scenario tests of the TURN core on a virtual clock: every method, error code, expiry and
+//! quota, driven through the same `handle_*` entry points the shards use.
+
+use super::*;
+use crate::auth::{rest_password, AuthConfig};
+use crate::policy::{IpRange, PeerPolicy};
+use crate::stun::{decode_error_code, long_term_key_md5, long_term_key_sha256};
+use std::collections::BTreeSet;
+
+const REALM: &str = "example.org";
+const T0: u64 = 1_700_000_000;
+
+#[derive(Default)]
+struct FakeBinder {
+    bound: BTreeSet<(bool, u16)>,
+    refuse: BTreeSet<u16>,
+}
+
+impl RelayBinder for FakeBinder {
+    fn bind(&mut self, family: Family, port: RelayPort) -> bool {
+        if self.refuse.contains(&port.0) {
+            return false;
+        }
+        assert!(
+            self.bound.insert((family == Family::V6, port.0)),
+            "double bind {port:?}"
+        );
+        true
+    }
+    fn unbind(&mut self, family: Family, port: RelayPort) {
+        assert!(
+            self.bound.remove(&(family == Family::V6, port.0)),
+            "unbind of unbound {port:?}"
+        );
+    }
+}
+
+struct H {
+    s: Server,
+    b: FakeBinder,
+    now: Now,
+    policy: Arc<PeerPolicy>,
+}
+
+#[derive(Clone)]
+struct Client {
+    addr: SocketAddr,
+    user: String,
+    pass: String,
+    nonce: Vec<u8>,
+    tid: u32,
+    sha256: bool,
+}
+
+impl Client {
+    fn new(addr: &str, user: &str, pass: &str) -> Self {
+        Client {
+            addr: addr.parse().unwrap(),
+            user: user.into(),
+            pass: pass.into(),
+            nonce: Vec::new(),
+            tid: 0,
+            sha256: false,
+        }
+    }
+    fn next_tid(&mut self) -> [u8; 12] {
+        self.tid += 1;
+        let mut t = [0xAB; 12];
+        t[8..].copy_from_slice(&self.tid.to_be_bytes());
+        t[0..4].copy_from_slice(&(self.addr.port() as u32).to_be_bytes());
+        t
+    }
+    fn key(&self) -> Vec<u8> {
+        if self.sha256 {
+            long_term_key_sha256(self.user.as_bytes(), REALM.as_bytes(), self.pass.as_bytes())
+                .to_vec()
+        } else {
+            long_term_key_md5(self.user.as_bytes(), REALM.as_bytes(), self.pass.as_bytes()).to_vec()
+        }
+    }
+    /// Build a request; `attrs` go before the credentials, `after_mi` after MESSAGE-INTEGRITY.
+    fn request(&self, m: u16, tid: [u8; 12], attrs: &[(u16, Vec<u8>)], auth: bool) -> Vec<u8> {
+        let mut buf = [0u8; 1500];
+        let mut w = MessageWriter::new(&mut buf, m, Class::Request, &tid).unwrap();
+        for (t, v) in attrs {
+            w.add(*t, v).unwrap();
+        }
+        if auth {
+            w.add(attr::USERNAME, self.user.as_bytes()).unwrap();
+            w.add(attr::REALM, REALM.as_bytes()).unwrap();
+            w.add(attr::NONCE, &self.nonce).unwrap();
+            if self.sha256 {
+                w.add(attr::PASSWORD_ALGORITHM, &[0, 2, 0, 0]).unwrap();
+                w.add_integrity_sha256(&self.key()).unwrap();
+            } else {
+                w.add_integrity(&self.key()).unwrap();
+            }
+        }
+        w.add_fingerprint().unwrap();
+        let n = w.finish();
+        buf[..n].to_vec()
+    }
+}
+
+fn xor_attr(addr: SocketAddr, tid: &[u8; 12]) -> Vec<u8> {
+    let mut v = [0u8; 20];
+    let n = stun::encode_xor_addr(addr, tid, &mut v);
+    v[..n].to_vec()
+}
+
+fn udp() -> (u16, Vec<u8>) {
+    (attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])
+}
+
+#[derive(Debug)]
+struct Resp {
+    bytes: Vec<u8>,
+}
+
+impl Resp {
+    fn msg(&self) -> Message<'_> {
+        Message::parse(&self.bytes).expect("server output parses")
+    }
+    fn code(&self) -> Option<u16> {
+        let m = self.msg();
+        if m.class() != Class::Error {
+            return None;
+        }
+        decode_error_code(m.get(attr::ERROR_CODE).unwrap()).map(|(c, _)| c)
+    }
+    fn ok(&self) -> bool {
+        self.msg().class() == Class::Success
+    }
+}
+
+impl H {
+    fn new() -> Self {
+        Self::with(|_, _| {})
+    }
+
+    fn with(f: impl FnOnce(&mut TurnConfig, &mut AuthConfig)) -> Self {
+        let mut auth = AuthConfig::new(REALM, [42; 32]);
+        auth.add_user("alice", "secret");
+        auth.add_user("bob", "hunter2");
+        auth.rest_secrets = vec![
+            b"rest-secret".to_vec().into(),
+            b"old-rest-secret".to_vec().into(),
+        ];
+        let mut policy = PeerPolicy::new(vec![], vec![]);
+        policy.service_ports = vec![3478, 8080];
+        policy.relay_ips = vec!["127.0.0.1".parse().unwrap()];
+        let policy = Arc::new(policy);
+        let mut cfg = TurnConfig::new(
+            Arc::new(auth.clone()),
+            policy.clone(),
+            Arc::new(Quotas::new(100, 10)),
+        );
+        cfg.port_min = 50000;
+        cfg.port_max = 50099;
+        f(&mut cfg, &mut auth);
+        cfg.auth = Arc::new(auth);
+        let policy = cfg.policy.clone();
+        let now = Now {
+            ms: 1_000_000,
+            unix: T0,
+        };
+        H {
+            s: Server::new(cfg, now, 7),
+            b: FakeBinder::default(),
+            now,
+            policy,
+        }
+    }
+
+    fn advance(&mut self, secs: u64) {
+        self.now.ms += secs * 1000;
+        self.now.unix += secs;
+        self.s.handle_timeout(self.now, &mut self.b);
+    }
+
+    /// Feed a client datagram; returns the transmit and the bytes it names.
+    fn client_raw(&mut self, from: SocketAddr, bytes: &[u8]) -> Option<(Transmit, Vec<u8>)> {
+        let mut buf = vec![0u8; HEADROOM + bytes.len() + TAILROOM];
+        buf[HEADROOM..HEADROOM + bytes.len()].copy_from_slice(bytes);
+        let t = self.s.handle_client(
+            self.now,
+            0,
+            from,
+            &mut buf,
+            HEADROOM..HEADROOM + bytes.len(),
+            &mut self.b,
+        )?;
+        let out = match &t.data {
+            Data::Buf(r) => buf[r.clone()].to_vec(),
+            Data::Scratch(n) => self.s.scratch()[..*n].to_vec(),
+        };
+        Some((t, out))
+    }
+
+    fn send(&mut self, c: &Client, bytes: &[u8]) -> Option<Resp> {
+        let (t, out) = self.client_raw(c.addr, bytes)?;
+        assert_eq!(t.src, Src::Listener(0));
+        assert!(matches!(t.data, Data::Scratch(_)));
+        assert_eq!(t.dst, c.addr, "responses go back to the sender");
+        Some(Resp { bytes: out })
+    }
+
+    /// Send with authentication, doing the 401 round trip first when the client has no nonce.
+    fn call(&mut self, c: &mut Client, m: u16, attrs: &[(u16, Vec<u8>)]) -> Resp {
+        if c.nonce.is_empty() {
+            let tid = c.next_tid();
+            let r = self.send(c, &c.request(m, tid, attrs, false)).expect("401");
+            assert_eq!(r.code(), Some(401));
+            c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+            assert_eq!(r.msg().get(attr::REALM).unwrap(), REALM.as_bytes());
+        }
+        let tid = c.next_tid();
+        let r = self
+            .send(c, &c.request(m, tid, attrs, true))
+            .expect("response");
+        if r.code() != Some(401) && r.code() != Some(438) {
+            assert!(
+                r.msg().verify_integrity(&c.key()),
+                "responses to authenticated requests carry MI"
+            );
+        }
+        r
+    }
+
+    fn allocate(&mut self, c: &mut Client) -> SocketAddr {
+        let r = self.call(c, method::ALLOCATE, &[udp()]);
+        assert!(r.ok(), "allocate failed: {:?}", r.code());
+        r.msg()
+            .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn permit(&mut self, c: &mut Client, peer: SocketAddr) -> Resp {
+        let tid_peek = {
+            let mut t = c.clone();
+            t.next_tid()
+        };
+        // XOR encoding depends on the transaction id; `call` uses next_tid, so precompute.
+        let _ = tid_peek;
+        let mut cc = c.clone();
+        let tid = cc.next_tid();
+        let bytes = c.request(
+            method::CREATE_PERMISSION,
+            tid,
+            &[(attr::XOR_PEER_ADDRESS, xor_attr(peer, &tid))],
+            true,
+        );
+        c.tid = cc.tid;
+        self.send(c, &bytes).unwrap()
+    }
+
+    fn bind_channel(&mut self, c: &mut Client, ch: u16, peer: SocketAddr) -> Resp {
+        let tid = c.next_tid();
+        let bytes = c.request(
+            method::CHANNEL_BIND,
+            tid,
+            &[
+                (attr::CHANNEL_NUMBER, vec![(ch >> 8) as u8, ch as u8, 0, 0]),
+                (attr::XOR_PEER_ADDRESS, xor_attr(peer, &tid)),
+            ],
+            true,
+        );
+        self.send(c, &bytes).unwrap()
+    }
+
+    fn peer_send(
+        &mut self,
+        relay: SocketAddr,
+        from: SocketAddr,
+        payload: &[u8],
+    ) -> Option<(Transmit, Vec<u8>)> {
+        let mut buf = vec![0u8; HEADROOM + payload.len() + TAILROOM];
+        buf[HEADROOM..HEADROOM + payload.len()].copy_from_slice(payload);
+        // Garbage in the tailroom must not leak into padding.
+        for b in &mut buf[HEADROOM + payload.len()..] {
+            *b = 0xEE;
+        }
+        let fam = Family::of(&relay);
+        let t = self.s.handle_peer(
+            self.now,
+            fam,
+            RelayPort(relay.port()),
+            from,
+            &mut buf,
+            HEADROOM..HEADROOM + payload.len(),
+        )?;
+        let Data::Buf(r) = &t.data else {
+            panic!("peer data is framed in place")
+        };
+        let out = buf[r.clone()].to_vec();
+        Some((t, out))
+    }
+}
+
+fn send_indication(c: &mut Client, peer: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let tid = c.next_tid();
+    let mut buf = [0u8; 1500];
+    let mut w = MessageWriter::new(&mut buf, method::SEND, Class::Indication, &tid).unwrap();
+    w.add(attr::XOR_PEER_ADDRESS, &xor_attr(peer, &tid))
+        .unwrap();
+    w.add(attr::DATA, payload).unwrap();
+    let n = w.finish();
+    buf[..n].to_vec()
+}
+
+fn alice() -> Client {
+    Client::new("198.51.100.1:40000", "alice", "secret")
+}
+
+const PEER: &str = "203.0.113.50:6000";
+fn peer() -> SocketAddr {
+    // 203.0.113/24 is TEST-NET-3 and denied by default; tests allow it explicitly.
+    PEER.parse().unwrap()
+}
+
+fn h_allow_testnet() -> H {
+    H::with(|cfg, _| {
+        let mut p = (*cfg.policy).clone();
+        p.allow = vec![
+            "203.0.113.0/24".parse::<IpRange>().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        cfg.policy = Arc::new(p);
+    })
+}
+
+#[test]
+fn binding_answers_with_only_xor_mapped_address() {
+    let mut h = H::new();
+    let c = alice();
+    let mut buf = [0u8; 64];
+    let w = MessageWriter::new(&mut buf, method::BINDING, Class::Request, &[1; 12]).unwrap();
+    let n = w.finish();
+    let r = h.send(&c, &buf[..n]).unwrap();
+    let m = r.msg();
+    assert_eq!(m.class(), Class::Success);
+    assert_eq!(
+        m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(),
+        c.addr
+    );
+    assert_eq!(
+        m.attr_types().collect::<Vec<_>>(),
+        vec![attr::XOR_MAPPED_ADDRESS]
+    );
+    assert!(!m.has_fingerprint());
+    assert_eq!(r.bytes.len(), 32, "small: header + one attribute");
+    assert_eq!(h.s.allocation_count(), 0);
+
+    // The RFC 5769 sample request (PRIORITY, ICE-CONTROLLED, USERNAME, MI, FINGERPRINT) is
+    // answered, with FINGERPRINT because the request had one.
+    let v = hex::decode("000100582112a442b7e7a701bc34d686fa87dfae802200105354554e207465737420636c69656e74002400046e0001ff80290008932ff9b151263b36000600096576746a3a68367659202020000800149aeaa70cbfd8cb56781ef2b5b2d3f249c1b571a280280004e57a3bcf").unwrap();
+    let r = h.send(&c, &v).unwrap();
+    assert!(r.ok());
+    assert!(r.msg().has_fingerprint());
+}
+
+#[test]
+fn unknown_comprehension_required_attribute_gets_420_in_requests_and_drop_in_indications() {
+    let mut h = H::new();
+    let c = alice();
+    let mut buf = [0u8; 64];
+    let mut w = MessageWriter::new(&mut buf, method::BINDING, Class::Request, &[2; 12]).unwrap();
+    w.add(0x7777, b"x").unwrap();
+    w.add(0x8777, b"optional is ignored").unwrap();
+    let n = w.finish();
+    let r = h.send(&c, &buf[..n]).unwrap();
+    assert_eq!(r.code(), Some(420));
+    assert_eq!(
+        r.msg().get(attr::UNKNOWN_ATTRIBUTES).unwrap(),
+        &[0x77, 0x77]
+    );
+
+    let mut w = MessageWriter::new(&mut buf, method::BINDING, Class::Request, &[3; 12]).unwrap();
+    w.add(0x8777, b"optional is ignored").unwrap();
+    let n = w.finish();
+    assert!(h.send(&c, &buf[..n]).unwrap().ok());
+
+    let mut h = h_allow_testnet();
+    let mut c = alice();
+    h.allocate(&mut c);
+    assert!(h.permit(&mut c, peer()).ok());
+    let tid = c.next_tid();
+    let mut w = MessageWriter::new(&mut buf, method::SEND, Class::Indication, &tid).unwrap();
+    w.add(attr::XOR_PEER_ADDRESS, &xor_attr(peer(), &tid))
+        .unwrap();
+    w.add(attr::DATA, b"hi").unwrap();
+    w.add(0x7777, b"x").unwrap();
+    let n = w.finish();
+    assert!(h.client_raw(c.addr, &buf[..n]).is_none());
+    assert_eq!(h.s.counters.drops[DropReason::BadIndication as usize], 1);
+}
+
+#[test]
+fn unauthenticated_allocate_gets_401_with_realm_and_nonce_and_no_state() {
+    let mut h = H::new();
+    let mut c = alice();
+    let tid = c.next_tid();
+    let r = h
+        .send(&c, &c.request(method::ALLOCATE, tid, &[udp()], false))
+        .unwrap();
+    assert_eq!(r.code(), Some(401));
+    let m = r.msg();
+    assert!(m.get(attr::REALM).is_some() && m.get(attr::NONCE).is_some());
+    assert!(m.get(attr::MESSAGE_INTEGRITY).is_none());
+    assert_eq!(h.s.allocation_count(), 0);
+    assert!(h.b.bound.is_empty());
+    // No SOFTWARE and no reason phrase: the error is small.
+    assert!(r.bytes.len() <= 20 + 8 + 16 + 4 + 60 + 8);
+}
+
+#[test]
+fn allocate_success_and_idempotent_retransmission_and_437() {
+    let mut h = H::new();
+    let mut c = alice();
+    // First round trip to get a nonce.
+    let tid = c.next_tid();
+    let r = h
+        .send(&c, &c.request(method::ALLOCATE, tid, &[udp()], false))
+        .unwrap();
+    c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    let tid = c.next_tid();
+    let req = c.request(method::ALLOCATE, tid, &[udp()], true);
+    let r1 = h.send(&c, &req).unwrap();
+    assert!(r1.ok());
+    let m = r1.msg();
+    let relay = m.get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap();
+    assert_eq!(relay.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+    assert!((50000..=50099).contains(&relay.port()));
+    assert_eq!(m.get_u32(attr::LIFETIME), Some(600));
+    assert_eq!(
+        m.get_xor_addr(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(),
+        c.addr
+    );
+    assert!(m.verify_integrity(&c.key()));
+    assert!(h.b.bound.contains(&(false, relay.port())));
+    assert!(h.policy.relay_ports.contains(relay.port()));
+
+    // The same request again (a retransmission): the same allocation, no second bind.
+    let r2 = h.send(&c, &req).unwrap();
+    assert!(r2.ok());
+    assert_eq!(
+        r2.msg()
+            .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .unwrap(),
+        relay
+    );
+    assert_eq!(h.s.allocation_count(), 1);
+    // A new transaction on the same 5-tuple: 437.
+    let r3 = h.call(&mut c, method::ALLOCATE, &[udp()]);
+    assert_eq!(r3.code(), Some(437));
+}
+
+#[test]
+fn wrong_password_and_unknown_user_look_the_same() {
+    let mut h = H::new();
+    let mut wrong = Client::new("198.51.100.2:1", "alice", "not-it");
+    let mut unknown = Client::new("198.51.100.3:1", "mallory", "whatever");
+    for c in [&mut wrong, &mut unknown] {
+        let tid = c.next_tid();
+        let r = h
+            .send(c, &c.request(method::ALLOCATE, tid, &[udp()], false))
+            .unwrap();
+        c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    }
+    let ta = wrong.next_tid();
+    let a = h
+        .send(&wrong, &wrong.request(method::ALLOCATE, ta, &[udp()], true))
+        .unwrap();
+    let tb = unknown.next_tid();
+    let b = h
+        .send(
+            &unknown,
+            &unknown.request(method::ALLOCATE, tb, &[udp()], true),
+        )
+        .unwrap();
+    assert_eq!(a.code(), Some(401));
+    assert_eq!(b.code(), Some(401));
+    assert_eq!(a.bytes.len(), b.bytes.len());
+    assert_eq!(
+        a.msg().attr_types().collect::<Vec<_>>(),
+        b.msg().attr_types().collect::<Vec<_>>()
+    );
+    assert_eq!(h.s.allocation_count(), 0);
+}
+
+#[test]
+fn tampered_request_is_401_never_success() {
+    let mut h = H::new();
+    let mut c = alice();
+    let tid = c.next_tid();
+    let r = h
+        .send(&c, &c.request(method::ALLOCATE, tid, &[udp()], false))
+        .unwrap();
+    c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    let tid = c.next_tid();
+    // Without FINGERPRINT so the flip is only caught by MESSAGE-INTEGRITY.
+    let mut buf = [0u8; 512];
+    let mut w = MessageWriter::new(&mut buf, method::ALLOCATE, Class::Request, &tid).unwrap();
+    w.add(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]).unwrap();
+    w.add(attr::LIFETIME, &[0, 0, 0, 100]).unwrap();
+    w.add(attr::USERNAME, b"alice").unwrap();
+    w.add(attr::REALM, REALM.as_bytes()).unwrap();
+    w.add(attr::NONCE, &c.nonce).unwrap();
+    w.add_integrity(&c.key()).unwrap();
+    let n = w.finish();
+    buf[20 + 8 + 7] ^= 1; // LIFETIME value
+    let r = h.send(&c, &buf[..n]).unwrap();
+    assert_eq!(r.code(), Some(401));
+    assert_eq!(h.s.allocation_count(), 0);
+}
+
+#[test]
+fn stale_nonce_gets_438_with_a_fresh_nonce_and_forged_nonce_401() {
+    let mut h = H::new();
+    let mut c = alice();
+    let r = h.call(
+        &mut c,
+        method::ALLOCATE,
+        &[udp(), (attr::LIFETIME, 1200u32.to_be_bytes().to_vec())],
+    );
+    assert!(r.ok());
+    h.advance(601);
+    let r = h.call(&mut c, method::REFRESH, &[]);
+    assert_eq!(r.code(), Some(438));
+    let fresh = r.msg().get(attr::NONCE).unwrap().to_vec();
+    assert_ne!(fresh, c.nonce);
+    c.nonce = fresh;
+    assert!(h.call(&mut c, method::REFRESH, &[]).ok());
+    // A nonce issued to another client address is not accepted here.
+    let mut other = Client::new("198.51.100.9:1", "alice", "secret");
+    other.nonce = c.nonce.clone();
+    let tid = other.next_tid();
+    let r = h
+        .send(
+            &other,
+            &other.request(method::ALLOCATE, tid, &[udp()], true),
+        )
+        .unwrap();
+    assert_eq!(r.code(), Some(401));
+}
+
+#[test]
+fn allocate_parameter_errors() {
+    let mut h = H::new();
+    let mut c = alice();
+    assert_eq!(h.call(&mut c, method::ALLOCATE, &[]).code(), Some(400));
+    assert_eq!(
+        h.call(
+            &mut c,
+            method::ALLOCATE,
+            &[(attr::REQUESTED_TRANSPORT, vec![6, 0, 0, 0])]
+        )
+        .code(),
+        Some(442)
+    );
+    let r = h.call(
+        &mut c,
+        method::ALLOCATE,
+        &[udp(), (attr::DONT_FRAGMENT, vec![])],
+    );
+    assert_eq!(r.code(), Some(420));
+    assert_eq!(
+        r.msg().get(attr::UNKNOWN_ATTRIBUTES).unwrap(),
+        &[0x00, 0x1A]
+    );
+    // No IPv6 relay address configured.
+    assert_eq!(
+        h.call(
+            &mut c,
+            method::ALLOCATE,
+            &[udp(), (attr::REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0])]
+        )
+        .code(),
+        Some(440)
+    );
+    assert_eq!(
+        h.call(
+            &mut c,
+            method::ALLOCATE,
+            &[udp(), (attr::REQUESTED_ADDRESS_FAMILY, vec![9, 0, 0, 0])]
+        )
+        .code(),
+        Some(440)
+    );
+    assert_eq!(
+        h.call(
+            &mut c,
+            method::ALLOCATE,
+            &[
+                udp(),
+                (attr::RESERVATION_TOKEN, vec![0; 8]),
+                (attr::EVEN_PORT, vec![0])
+            ]
+        )
+        .code(),
+        Some(400)
+    );
+    assert_eq!(
+        h.call(
+            &mut c,
+            method::ALLOCATE,
+            &[
+                udp(),
+                (attr::RESERVATION_TOKEN, vec![0; 8]),
+                (attr::REQUESTED_ADDRESS_FAMILY, vec![1, 0, 0, 0])
+            ]
+        )
+        .code(),
+        Some(400)
+    );
+    assert_eq!(
+        h.call(
+            &mut c,
+            method::ALLOCATE,
+            &[udp(), (attr::ADDITIONAL_ADDRESS_FAMILY, vec![1, 0, 0, 0])]
+        )
+        .code(),
+        Some(400)
+    );
+    assert_eq!(h.s.allocation_count(), 0);
+    assert!(h.b.bound.is_empty());
+    // ADDITIONAL-ADDRESS-FAMILY IPv6 on a node without IPv6: IPv4 only, with ADDRESS-ERROR-CODE.
+    let r = h.call(
+        &mut c,
+        method::ALLOCATE,
+        &[udp(), (attr::ADDITIONAL_ADDRESS_FAMILY, vec![2, 0, 0, 0])],
+    );
+    assert!(r.ok());
+    assert_eq!(
+        r.msg().get(attr::ADDRESS_ERROR_CODE).unwrap(),
+        &[2, 0, 4, 40]
+    );
+    assert_eq!(r.msg().count(attr::XOR_RELAYED_ADDRESS), 1);
+}
+
+#[test]
+fn dual_stack_allocation_and_peer_family_checks() {
+    let mut h = H::with(|cfg, _| {
+        cfg.relay_v6 = Some("::1".parse().unwrap());
+        let mut p = (*cfg.policy).clone();
+        p.allow = vec![
+            "203.0.113.0/24".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        cfg.policy = Arc::new(p);
+    });
+    let mut c = alice();
+    let r = h.call(
+        &mut c,
+        method::ALLOCATE,
+        &[udp(), (attr::ADDITIONAL_ADDRESS_FAMILY, vec![2, 0, 0, 0])],
+    );
+    assert!(r.ok());
+    let relays: Vec<SocketAddr> = r
+        .msg()
+        .get_all(attr::XOR_RELAYED_ADDRESS)
+        .map(|v| stun::decode_xor_addr(v, r.msg().transaction_id()).unwrap())
+        .collect();
+    assert_eq!(relays.len(), 2);
+    assert!(relays[0].is_ipv4() && relays[1].is_ipv6());
+    assert_eq!(relays[0].port(), relays[1].port());
+    assert_eq!(h.b.bound.len(), 2);
+    assert!(h.permit(&mut c, peer()).ok());
+    assert!(h.permit(&mut c, "[2001:db8::7]:9".parse().unwrap()).ok());
+
+    // IPv6-only allocation: an IPv4 peer is 443.
+    let mut d = Client::new("198.51.100.77:2", "bob", "hunter2");
+    let r = h.call(
+        &mut d,
+        method::ALLOCATE,
+        &[udp(), (attr::REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0])],
+    );
+    assert!(r.ok());
+    assert_eq!(h.permit(&mut d, peer()).code(), Some(443));
+    assert_eq!(h.bind_channel(&mut d, 0x4000, peer()).code(), Some(443));
+    // Refresh asking for a family the allocation lacks: 443.
+    assert_eq!(
+        h.call(
+            &mut d,
+            method::REFRESH,
+            &[(attr::REQUESTED_ADDRESS_FAMILY, vec![1, 0, 0, 0])]
+        )
+        .code(),
+        Some(443)
+    );
+}
+
+#[test]
+fn lifetimes_are_clamped_and_refresh_zero_deletes() {
+    let mut h = H::new();
+    let mut c = alice();
+    let r = h.call(
+        &mut c,
+        method::ALLOCATE,
+        &[udp(), (attr::LIFETIME, 1u32.to_be_bytes().to_vec())],
+    );
+    assert_eq!(
+        r.msg().get_u32(attr::LIFETIME),
+        Some(600),
+        "below the default gets the default"
+    );
+    let r = h.call(
+        &mut c,
+        method::REFRESH,
+        &[(attr::LIFETIME, u32::MAX.to_be_bytes().to_vec())],
+    );
+    assert_eq!(
+        r.msg().get_u32(attr::LIFETIME),
+        Some(3600),
+        "clamped to the maximum"
+    );
+    assert_eq!(h.b.bound.len(), 1);
+    let r = h.call(
+        &mut c,
+        method::REFRESH,
+        &[(attr::LIFETIME, vec![0, 0, 0, 0])],
+    );
+    assert!(r.ok());
+    assert_eq!(r.msg().get_u32(attr::LIFETIME), Some(0));
+    assert_eq!(h.s.allocation_count(), 0);
+    assert!(h.b.bound.is_empty());
+    assert_eq!(h.s.config().quotas.total(), 0);
+    // Refresh without an allocation: 437.
+    assert_eq!(h.call(&mut c, method::REFRESH, &[]).code(), Some(437));
+}
+
+#[test]
+fn another_users_credentials_get_441_and_change_nothing() {
+    let mut h = h_allow_testnet();
+    let mut c = alice();
+    h.allocate(&mut c);
+    let mut mallory = Client::new(&c.addr.to_string(), "bob", "hunter2");
+    mallory.tid = 1000;
+    assert_eq!(
+        h.call(
+            &mut mallory,
+            method::REFRESH,
+            &[(attr::LIFETIME, vec![0, 0, 0, 0])]
+        )
+        .code(),
+        Some(441)
+    );
+    assert_eq!(h.permit(&mut mallory, peer()).code(), Some(441));
+    assert_eq!(
+        h.bind_channel(&mut mallory, 0x4001, peer()).code(),
+        Some(441)
+    );
+    assert_eq!(h.s.allocation_count(), 1);
+    // Alice's allocation has no permission for the peer.
+    let relay = SocketAddr::new(
+        "127.0.0.1".parse().unwrap(),
+        *h.b.bound.iter().next().map(|(_, p)| p).unwrap(),
+    );
+    assert!(h.peer_send(relay, peer(), b"x").is_none());
+}
+
+#[test]
+fn quotas_per_user_and_total_are_exact_and_released() {
+    let mut h = H::with(|cfg, _| cfg.quotas = Arc::new(Quotas::new(3, 2)));
+    let mut a1 = Client::new("198.51.100.1:1", "alice", "secret");
+    let mut a2 = Client::new("198.51.100.1:2", "alice", "secret");
+    let mut a3 = Client::new("198.51.100.99:3", "alice", "secret");
+    let mut b1 = Client::new("198.51.100.2:1", "bob", "hunter2");
+    let mut b2 = Client::new("198.51.100.2:2", "bob", "hunter2");
+    h.allocate(&mut a1);
+    h.allocate(&mut a2);
+    assert_eq!(
+        h.call(&mut a3, method::ALLOCATE, &[udp()]).code(),
+        Some(486),
+        "per user, not per IP"
+    );
+    h.allocate(&mut b1);
+    assert_eq!(
+        h.call(&mut b2, method::ALLOCATE, &[udp()]).code(),
+        Some(486),
+        "total"
+    );
+    assert_eq!(h.s.counters.allocations_refused_quota, 2);
+    h.call(&mut a1, method::REFRESH, &[(attr::LIFETIME, vec![0; 4])]);
+    h.allocate(&mut b2);
+}
+
+#[test]
+fn quotas_are_exact_under_concurrency() {
+    let q = Arc::new(Quotas::new(1000, 5));
+    let granted = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let q = q.clone();
+            let g = granted.clone();
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    if q.try_acquire(b"same-user") {
+                        g.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(granted.load(Ordering::SeqCst), 5);
+    assert_eq!(q.total(), 5);
+}
+
+#[test]
+fn every_deny_vector_peer_gets_403_on_permission_and_channel_and_nothing_is_installed() {
+    let mut h = H::new();
+    let mut c = alice();
+    h.allocate(&mut c);
+    let mut v6 = H::with(|cfg, _| {
+        cfg.relay_v6 = Some("2001:db8::1".parse().unwrap());
+        cfg.relay_v4 = None;
+    });
+    let mut c6 = alice();
+    v6.allocate(&mut c6);
+    for ip in [
+        "127.0.0.1",
+        "127.255.255.254",
+        "0.0.0.0",
+        "0.1.2.3",
+        "169.254.169.254",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "224.0.0.1",
+        "255.255.255.255",
+        "240.0.0.1",
+        "198.18.0.1",
+        "192.0.0.1",
+    ] {
+        let p = SocketAddr::new(ip.parse().unwrap(), 80);
+        assert_eq!(h.permit(&mut c, p).code(), Some(403), "{ip}");
+        assert_eq!(h.bind_channel(&mut c, 0x4000, p).code(), Some(403), "{ip}");
+    }
+    for ip in [
+        "::1",
+        "::",
+        "::ffff:127.0.0.1",
+        "::ffff:0.0.0.0",
+        "::127.0.0.1",
+        "64:ff9b::7f00:1",
+        "2002:7f00:1::1",
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+        "::ffff:169.254.169.254",
+        "fd00:ec2::254",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+    ] {
+        let p = SocketAddr::new(ip.parse().unwrap(), 80);
+        assert_eq!(v6.permit(&mut c6, p).code(), Some(403), "{ip}");
+        assert_eq!(
+            v6.bind_channel(&mut c6, 0x4000, p).code(),
+            Some(403),
+            "{ip}"
+        );
+    }
+    // A mixed request with one good and one bad peer installs nothing.
+    let mut h = h_allow_testnet();
+    let mut c = alice();
+    let relay = h.allocate(&mut c);
+    let tid = c.next_tid();
+    let bytes = c.request(
+        method::CREATE_PERMISSION,
+        tid,
+        &[
+            (attr::XOR_PEER_ADDRESS, xor_attr(peer(), &tid)),
+            (
+                attr::XOR_PEER_ADDRESS,
+                xor_attr("10.0.0.1:1".parse().unwrap(), &tid),
+            ),
+        ],
+        true,
+    );
+    assert_eq!(h.send(&c, &bytes).unwrap().code(), Some(403));
+    assert!(h.peer_send(relay, peer(), b"x").is_none());
+}
+
+#[test]
+fn send_indication_relays_only_with_permission_and_first_peer_wins() {
+    let mut h = h_allow_testnet();
+    let mut c = alice();
+    let relay = h.allocate(&mut c);
+    let ind = send_indication(&mut c, peer(), b"hello peer");
+    assert!(
+        h.client_raw(c.addr, &ind).is_none(),
+        "no permission: silent drop"
+    );
+    assert_eq!(h.s.counters.drops[DropReason::NoPermission as usize], 1);
+    assert!(h.permit(&mut c, peer()).ok());
+    let (t, out) = h.client_raw(c.addr, &ind).unwrap();
+    assert_eq!(t.src, Src::Relay(Family::V4, RelayPort(relay.port())));
+    assert_eq!(t.dst, peer());
+    assert_eq!(out, b"hello peer");
+
+    // Duplicate XOR-PEER-ADDRESS: the first (permitted) wins; the second (loopback:22) never.
+    let tid = c.next_tid();
+    let mut buf = [0u8; 200];
+    let mut w = MessageWriter::new(&mut buf, method::SEND, Class::Indication, &tid).unwrap();
+    w.add(attr::XOR_PEER_ADDRESS, &xor_attr(peer(), &tid))
+        .unwrap();
+    w.add(
+        attr::XOR_PEER_ADDRESS,
+        &xor_attr("127.0.0.1:22".parse().unwrap(), &tid),
+    )
+    .unwrap();
+    w.add(attr::DATA, b"hello").unwrap();
+    let n = w.finish();
+    let (t, _) = h.client_raw(c.addr, &buf[..n]).unwrap();
+    assert_eq!(t.dst, peer());
+
+    // Send without an allocation, or to a permitted IP but one of our service ports: dropped.
+    let mut stranger = Client::new("198.51.100.200:5", "bob", "hunter2");
+    let ind = send_indication(&mut stranger, peer(), b"x");
+    assert!(h.client_raw(stranger.addr, &ind).is_none());
+}
+
+#[test]
+fn peer_data_becomes_a_data_indication_framed_in_place() {
+    let mut h = h_allow_testnet();
+    let mut c = alice();
+    let relay = h.allocate(&mut c);
+    assert!(h.peer_send(relay, peer(), b"no permission yet").is_none());
+    assert!(h.permit(&mut c, peer()).ok());
+    for payload in [&b"x"[..], b"ab", b"abc", b"abcd", &[7u8; 1200][..]] {
+        let (t, out) = h.peer_send(relay, peer(), payload).unwrap();
+        assert_eq!(t.src, Src::Listener(0));
+        assert_eq!(t.dst, c.addr);
+        let m = Message::parse(&out).expect("valid Data indication");
+        assert_eq!((m.method(), m.class()), (method::DATA, Class::Indication));
+        assert_eq!(
+            m.get_xor_addr(attr::XOR_PEER_ADDRESS).unwrap().unwrap(),
+            peer()
+        );
+        assert_eq!(m.get(attr::DATA).unwrap(), payload);
+        assert_eq!(out.len() % 4, 0);
+        assert!(
+            out[20 + 12 + 4 + payload.len()..].iter().all(|&b| b == 0),
+            "zero padding"
+        );
+    }
+    // From a different IP: no permission.
+    assert!(h
+        .peer_send(relay, "203.0.113.51:6000".parse().unwrap(), b"x")
+        .is_none());
+    // Same IP, other port: permissions are per IP (RFC 8656 §9).
+    assert!(h
+        .peer_send(relay, "203.0.113.50:7".parse().unwrap(), b"x")
+        .is_some());
+}
+
+#[test]
+fn channel_bind_rules_and_channel_data_both_ways() {
+    let mut h = h_allow_testnet();
+    let mut c = alice();
+    let relay = h.allocate(&mut c);
+    for bad in [0x3FFFu16, 0x5000, 0xFFFF, 0x0000] {
+        assert_eq!(
+            h.bind_channel(&mut c, bad, peer()).code(),
+            Some(400),
+            "{bad:#x}"
+        );
+    }
+    assert!(h.bind_channel(&mut c, 0x4000, peer()).ok());
+    assert!(
+        h.bind_channel(&mut c, 0x4000, peer()).ok(),
+        "refreshing the same binding"
+    );
+    let other: SocketAddr = "203.0.113.60:1".parse().unwrap();
+    assert_eq!(
+        h.bind_channel(&mut c, 0x4000, other).code(),
+        Some(400),
+        "channel bound to another peer"
+    );
+    assert_eq!(
+        h.bind_channel(&mut c, 0x4001, peer()).code(),
+        Some(400),
+        "peer bound to another channel"
+    );
+    assert!(h.bind_channel(&mut c, 0x4FFF, other).ok());
+
+    // Client → peer.
+    let mut cd = vec![0x40, 0x00, 0x00, 0x05];
+    cd.extend_from_slice(b"hello\0\0\0");
+    let (t, out) = h.client_raw(c.addr, &cd).unwrap();
+    assert_eq!(t.dst, peer());
+    assert_eq!(t.src, Src::Relay(Family::V4, RelayPort(relay.port())));
+    assert_eq!(out, b"hello");
+    // Unbound channel, or a channel number outside the range: silent drop.
+    assert!(h.client_raw(c.addr, &[0x40, 0x02, 0, 1, 9]).is_none());
+    assert!(h.client_raw(c.addr, &[0x7F, 0xFF, 0, 1, 9]).is_none());
+    // Declared length beyond the datagram: drop.
+    assert!(h.client_raw(c.addr, &[0x40, 0x00, 0, 9, 1]).is_none());
+    // Peer → client as ChannelData.
+    let (t, out) = h.peer_send(relay, peer(), b"pong").unwrap();
+    assert_eq!(t.dst, c.addr);
+    assert_eq!(out, [0x40, 0x00, 0x00, 0x04, b'p', b'o', b'n', b'g']);
+}
+
+#[test]
+fn permissions_channels_and_allocations_expire_on_time() {
+    let mut h = h_allow_testnet();
+    let mut c = alice();
+    let relay = h.allocate(&mut c);
+    assert!(h.bind_channel(&mut c, 0x4000, peer()).ok());
+    let other: SocketAddr = "203.0.113.70:1".parse().unwrap();
+    assert!(h.permit(&mut c, other).ok());
+    h.advance(299);
+    assert!(h.peer_send(relay, other, b"x").is_some());
+    h.advance(1);
+    assert!(
+        h.peer_send(relay, other, b"x").is_none(),
+        "permission expired at 300 s"
+    );
+    // The channel's own permission also lapsed: channel traffic stops until refreshed.
+    assert!(h.peer_send(relay, peer(), b"x").is_none());
+    assert!(h.client_raw(c.addr, &[0x40, 0, 0, 1, 1, 0, 0, 0]).is_none());
+    // Refresh the channel binding (this refreshes its permission too).
+    c.nonce.clear();
+    assert!(h.bind_channel_fresh(&mut c, 0x4000, peer()));
+    assert!(h.peer_send(relay, peer(), b"x").is_some());
+    // Keep the allocation alive past its 600 s default with a Refresh.
+    h.advance(250);
+    assert!(h.call(&mut c, method::REFRESH, &[]).ok());
+    h.advance(350);
+    assert_eq!(
+        h.s.allocation_count(),
+        1,
+        "refreshed at 550 s for another 600 s"
+    );
+    h.advance(251);
+    assert_eq!(h.s.allocation_count(), 0);
+    assert!(h.b.bound.is_empty(), "relay socket closed");
+    assert_eq!(h.s.counters.allocations_expired, 1);
+    assert_eq!(h.s.config().quotas.total(), 0);
+    assert!(!h.policy.relay_ports.contains(relay.port()));
+    assert!(h.peer_send(relay, peer(), b"x").is_none());
+}
+
+impl H {
+    fn bind_channel_fresh(&mut self, c: &mut Client, ch: u16, p: SocketAddr) -> bool {
+        if c.nonce.is_empty() {
+            let tid = c.next_tid();
+            let r = self
+                .send(c, &c.request(method::BINDING, tid, &[], false))
+                .unwrap();
+            assert!(r.ok());
+            // Binding has no auth; get a nonce with a Refresh challenge instead.
+            let tid = c.next_tid();
+            let r = self
+                .send(c, &c.request(method::REFRESH, tid, &[], false))
+                .unwrap();
+            c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+        }
+        self.bind_channel(c, ch, p).ok()
+    }
+}
+
+#[test]
+fn even_port_reservation_token_and_its_expiry() {
+    let mut h = H::new();
+    let mut c = alice();
+    let r = h.call(
+        &mut c,
+        method::ALLOCATE,
+        &[udp(), (attr::EVEN_PORT, vec![0x80])],
+    );
+    assert!(r.ok());
+    let relay = r
+        .msg()
+        .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(relay.port() % 2, 0);
+    let token = r.msg().get(attr::RESERVATION_TOKEN).unwrap().to_vec();
+    assert_eq!(token.len(), 8);
+    // The odd port is held back from other allocations.
+    let mut many = Vec::new();
+    for i in 0..10 {
+        let mut x = Client::new(&format!("198.51.100.{}:9", 10 + i), "bob", "hunter2");
+        x.tid = 500;
+        let r = h.call(
+            &mut x,
+            method::ALLOCATE,
+            &[udp(), (attr::EVEN_PORT, vec![0])],
+        );
+        if r.ok() {
+            let p = r
+                .msg()
+                .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+                .unwrap()
+                .unwrap()
+                .port();
+            assert_eq!(p % 2, 0);
+            assert_ne!(p, relay.port() + 1);
+            many.push(p);
+        }
+    }
+    let mut d = Client::new("198.51.100.1:40001", "alice", "secret");
+    let r = h.call(
+        &mut d,
+        method::ALLOCATE,
+        &[udp(), (attr::RESERVATION_TOKEN, token.clone())],
+    );
+    assert!(r.ok());
+    assert_eq!(
+        r.msg()
+            .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .unwrap()
+            .port(),
+        relay.port() + 1
+    );
+    // Reuse of the token: 508.
+    let mut e = Client::new("198.51.100.1:40002", "alice", "secret");
+    assert_eq!(
+        h.call(
+            &mut e,
+            method::ALLOCATE,
+            &[udp(), (attr::RESERVATION_TOKEN, token)]
+        )
+        .code(),
+        Some(508)
+    );
+
+    // An unused reservation expires after 30 s and its port returns to the pool.
+    let mut f = Client::new("198.51.100.5:1", "alice", "secret");
+    let r = h.call(
+        &mut f,
+        method::ALLOCATE,
+        &[udp(), (attr::EVEN_PORT, vec![0x80])],
+    );
+    let token = r.msg().get(attr::RESERVATION_TOKEN).unwrap().to_vec();
+    h.advance(31);
+    let mut g = Client::new("198.51.100.5:2", "alice", "secret");
+    assert_eq!(
+        h.call(
+            &mut g,
+            method::ALLOCATE,
+            &[udp(), (attr::RESERVATION_TOKEN, token)]
+        )
+        .code(),
+        Some(508)
+    );
+}
+
+#[test]
+fn ports_exhausted_gives_508_and_unbindable_ports_are_skipped() {
+    let mut h = H::with(|cfg, _| {
+        cfg.port_min = 50000;
+        cfg.port_max = 50003;
+        cfg.quotas = Arc::new(Quotas::new(100, 100));
+    });
+    h.b.refuse.insert(50001);
+    let mut got = BTreeSet::new();
+    for i in 0..3 {
+        let mut x = Client::new(&format!("198.51.100.1:{}", 100 + i), "alice", "secret");
+        got.insert(h.allocate(&mut x).port());
+    }
+    assert_eq!(got, BTreeSet::from([50000, 50002, 50003]));
+    let mut x = Client::new("198.51.100.1:999", "alice", "secret");
+    assert_eq!(h.call(&mut x, method::ALLOCATE, &[udp()]).code(), Some(508));
+    assert_eq!(
+        h.s.config().quotas.total(),
+        3,
+        "a refused allocation gives its quota back"
+    );
+}
+
+#[test]
+fn two_clients_relay_to_each_other_through_one_node_but_not_to_service_ports() {
+    let mut h = H::new();
+    let mut a = alice();
+    let mut b = Client::new("198.51.100.2:40000", "bob", "hunter2");
+    let ra = h.allocate(&mut a);
+    let rb = h.allocate(&mut b);
+    // Loopback is denied by default, but an allocated relay address of this node is a peer.
+    assert!(h.permit(&mut a, rb).ok());
+    assert!(h.permit(&mut b, ra).ok());
+    assert!(h.bind_channel(&mut a, 0x4000, rb).ok());
+    // Other loopback ports, and our own service ports, are not.
+    assert_eq!(
+        h.permit(&mut a, "127.0.0.1:3478".parse().unwrap()).code(),
+        Some(403)
+    );
+    assert_eq!(
+        h.permit(&mut a, "127.0.0.1:22".parse().unwrap()).code(),
+        Some(403)
+    );
+    // The IP is permitted now (permission is per IP) but a Send to a service port on it is
+    // still refused.
+    let ind = send_indication(
+        &mut a,
+        "127.0.0.1:8080".parse().unwrap(),
+        b"GET / HTTP/1.0\r\n\r\n",
+    );
+    assert!(h.client_raw(a.addr, &ind).is_none());
+    let ind = send_indication(&mut a, rb, b"to bob");
+    assert_eq!(h.client_raw(a.addr, &ind).unwrap().0.dst, rb);
+}
+
+#[test]
+fn service_ports_denied_even_when_loopback_is_allowed() {
+    let mut h = H::with(|cfg, _| {
+        let mut p = (*cfg.policy).clone();
+        p.allow = vec!["127.0.0.0/8".parse().unwrap()];
+        cfg.policy = Arc::new(p);
+    });
+    let mut c = alice();
+    h.allocate(&mut c);
+    assert!(h.permit(&mut c, "127.0.0.1:9999".parse().unwrap()).ok());
+    assert_eq!(
+        h.permit(&mut c, "127.0.0.1:3478".parse().unwrap()).code(),
+        Some(403)
+    );
+    assert_eq!(
+        h.bind_channel(&mut c, 0x4000, "127.0.0.1:8080".parse().unwrap())
+            .code(),
+        Some(403)
+    );
+}
+
+#[test]
+fn rest_credentials_with_rotation_and_expiry() {
+    let mut h = H::new();
+    let user = format!("{}:carol", T0 + 3600);
+    let mut c = Client::new(
+        "198.51.100.8:1",
+        &user,
+        &rest_password(b"rest-secret", user.as_bytes()),
+    );
+    h.allocate(&mut c);
+    let mut old = Client::new(
+        "198.51.100.8:2",
+        &user,
+        &rest_password(b"old-rest-secret", user.as_bytes()),
+    );
+    h.allocate(&mut old);
+    let mut wrong = Client::new(
+        "198.51.100.8:3",
+        &user,
+        &rest_password(b"nope", user.as_bytes()),
+    );
+    assert_eq!(
+        h.call(&mut wrong, method::ALLOCATE, &[udp()]).code(),
+        Some(401)
+    );
+    let expired_user = format!("{}:carol", T0 - 1);
+    let mut e = Client::new(
+        "198.51.100.8:4",
+        &expired_user,
+        &rest_password(b"rest-secret", expired_user.as_bytes()),
+    );
+    assert_eq!(h.call(&mut e, method::ALLOCATE, &[udp()]).code(), Some(401));
+    // After expiry even a cached credential is refused.
+    h.advance(3601);
+    c.nonce.clear();
+    assert_eq!(h.call(&mut c, method::REFRESH, &[]).code(), Some(401));
+}
+
+#[test]
+fn sha256_password_algorithm_and_integrity() {
+    let mut h = H::new();
+    let mut c = alice();
+    c.sha256 = true;
+    let r = h.call(&mut c, method::ALLOCATE, &[udp()]);
+    assert!(r.ok());
+    assert_eq!(r.msg().integrity_kind(), Some(IntegrityKind::Sha256));
+    assert!(r.msg().verify_integrity(&c.key()));
+    // An unknown algorithm is 400.
+    let tid = c.next_tid();
+    let mut buf = [0u8; 512];
+    let mut w = MessageWriter::new(&mut buf, method::REFRESH, Class::Request, &tid).unwrap();
+    w.add(attr::USERNAME, b"alice").unwrap();
+    w.add(attr::REALM, REALM.as_bytes()).unwrap();
+    w.add(attr::NONCE, &c.nonce).unwrap();
+    w.add(attr::PASSWORD_ALGORITHM, &[0, 9, 0, 0]).unwrap();
+    w.add_integrity_sha256(&c.key()).unwrap();
+    let n = w.finish();
+    assert_eq!(h.send(&c, &buf[..n]).unwrap().code(), Some(400));
+}
+
+#[test]
+fn attributes_after_integrity_are_not_acted_on() {
+    let mut h = H::new();
+    let mut c = alice();
+    h.allocate(&mut c);
+    // A Refresh whose LIFETIME 0 sits after MESSAGE-INTEGRITY must not delete.
+    let tid = c.next_tid();
+    let mut buf = [0u8; 512];
+    let mut w = MessageWriter::new(&mut buf, method::REFRESH, Class::Request, &tid).unwrap();
+    w.add(attr::USERNAME, b"alice").unwrap();
+    w.add(attr::REALM, REALM.as_bytes()).unwrap();
+    w.add(attr::NONCE, &c.nonce).unwrap();
+    w.add_integrity(&c.key()).unwrap();
+    w.add(attr::LIFETIME, &[0, 0, 0, 0]).unwrap();
+    let n = w.finish();
+    let r = h.send(&c, &buf[..n]).unwrap();
+    assert!(r.ok());
+    assert_eq!(r.msg().get_u32(attr::LIFETIME), Some(600));
+    assert_eq!(h.s.allocation_count(), 1);
+}
+
+#[test]
+fn oversized_text_attributes_get_400() {
+    let mut h = H::new();
+    let mut c = alice();
+    h.allocate(&mut c);
+    let mut big = c.clone();
+    big.user = "u".repeat(1100);
+    let tid = big.next_tid();
+    let r = h
+        .send(&big, &big.request(method::REFRESH, tid, &[], true))
+        .unwrap();
+    assert_eq!(r.code(), Some(400));
+}
+
+#[test]
+fn draining_refuses_new_allocations_but_keeps_relaying() {
+    let mut h = h_allow_testnet();
+    let mut c = alice();
+    let relay = h.allocate(&mut c);
+    assert!(h.permit(&mut c, peer()).ok());
+    h.s.set_draining(true);
+    let mut d = Client::new("198.51.100.3:3", "bob", "hunter2");
+    assert_eq!(h.call(&mut d, method::ALLOCATE, &[udp()]).code(), Some(508));
+    assert!(h.peer_send(relay, peer(), b"still relaying").is_some());
+    assert!(h.call(&mut c, method::REFRESH, &[]).ok());
+}
+
+#[test]
+fn identity_usernames_are_resolved_once_off_the_core() {
+    let mut h = H::with(|_, auth| auth.identities = true);
+    let mut c = Client::new("198.51.100.4:4", "opaque-identity", "00ff");
+    let tid = c.next_tid();
+    let r = h
+        .send(&c, &c.request(method::ALLOCATE, tid, &[udp()], false))
+        .unwrap();
+    c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    let tid = c.next_tid();
+    let req = c.request(method::ALLOCATE, tid, &[udp()], true);
+    assert!(
+        h.send(&c, &req).is_none(),
+        "dropped while the control thread resolves it"
+    );
+    assert!(h.send(&c, &req).is_none());
+    assert_eq!(
+        h.s.poll_event(),
+        Some(Event::ResolveIdentity(b"opaque-identity".to_vec().into()))
+    );
+    assert_eq!(h.s.poll_event(), None, "asked once, not per retransmission");
+    let key = long_term_key_md5(b"opaque-identity", REALM.as_bytes(), b"00ff");
+    h.s.handle_identity_answer(
+        auth::IdentityAnswer {
+            username: b"opaque-identity".to_vec().into(),
+            key_md5: Some(key),
+            expires_at: T0 + 100,
+        },
+        h.now,
+    );
+    assert!(
+        h.send(&c, &req).unwrap().ok(),
+        "the retransmission succeeds from the cache"
+    );
+    // A refused identity gets 401.
+    let mut bad = Client::new("198.51.100.4:5", "forged", "00");
+    let tid = bad.next_tid();
+    let r = h
+        .send(&bad, &bad.request(method::ALLOCATE, tid, &[udp()], false))
+        .unwrap();
+    bad.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    let tid = bad.next_tid();
+    let req = bad.request(method::ALLOCATE, tid, &[udp()], true);
+    assert!(h.send(&bad, &req).is_none());
+    h.s.handle_identity_answer(
+        auth::IdentityAnswer {
+            username: b"forged".to_vec().into(),
+            key_md5: None,
+            expires_at: 0,
+        },
+        h.now,
+    );
+    assert_eq!(h.send(&bad, &req).unwrap().code(), Some(401));
+}
+
+#[test]
+fn garbage_is_dropped_and_counted() {
+    let mut h = H::new();
+    let from: SocketAddr = "198.51.100.1:1".parse().unwrap();
+    for g in [
+        &b""[..],
+        b"\xff\xff",
+        &[0u8; 20],
+        b"GET / HTTP/1.1\r\n",
+        &[0x40, 0x00],
+    ] {
+        assert!(h.client_raw(from, g).is_none());
+    }
+    let dropped: u64 = h.s.counters.drops.iter().sum();
+    assert_eq!(dropped, 5);
+    // A response or an indication other than Send from a client: dropped.
+    let mut buf = [0u8; 64];
+    let n = MessageWriter::new(&mut buf, method::BINDING, Class::Success, &[1; 12])
+        .unwrap()
+        .finish();
+    assert!(h.client_raw(from, &buf[..n]).is_none());
+}

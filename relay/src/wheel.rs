@@ -1,0 +1,97 @@
+//! A hashed timer wheel with one-second slots.
+//!
+//! TURN lifetimes are whole seconds (permissions 300 s, channels 600 s, allocations up to an
+//! hour), so a wheel of second slots gives O(1) insert and O(expired) expiry without ever
+//! scanning all allocations. Entries are not removed when a deadline moves: the owner keeps
+//! the tick it is armed for and ignores stale firings, which keeps insert allocation-free in
+//! the steady state (slot vectors keep their capacity).
+
+/// What a timer refers to. The generation guards against a slot reused by a newer allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKey {
+    Allocation { slot: u32, generation: u32 },
+    Reservation { token: u64 },
+}
+
+pub struct Wheel {
+    slots: Vec<Vec<TimerKey>>,
+    /// The last tick (second) processed.
+    tick: u64,
+}
+
+impl Wheel {
+    /// A wheel covering `horizon_secs` seconds (deadlines further out are clamped and simply
+    /// fire early; the owner re-arms).
+    pub fn new(horizon_secs: usize, now_ms: u64) -> Self {
+        Wheel {
+            slots: (0..horizon_secs.max(8)).map(|_| Vec::new()).collect(),
+            tick: now_ms / 1000,
+        }
+    }
+
+    /// Tick at which a deadline will fire: the first whole second at or after it, and never
+    /// the current (already processed) tick.
+    pub fn tick_for(&self, deadline_ms: u64) -> u64 {
+        let t = deadline_ms.div_ceil(1000).max(self.tick + 1);
+        t.min(self.tick + self.slots.len() as u64 - 1)
+    }
+
+    /// Arm `key` for `deadline_ms`; returns the tick it will fire at.
+    pub fn insert(&mut self, deadline_ms: u64, key: TimerKey) -> u64 {
+        let t = self.tick_for(deadline_ms);
+        let n = self.slots.len() as u64;
+        self.slots[(t % n) as usize].push(key);
+        t
+    }
+
+    /// Advance to `now_ms`, appending every fired key with its tick to `out`.
+    pub fn advance(&mut self, now_ms: u64, out: &mut Vec<(u64, TimerKey)>) {
+        let target = now_ms / 1000;
+        let n = self.slots.len() as u64;
+        // After a long stall, a full turn of the wheel covers every slot once.
+        if target > self.tick + n {
+            self.tick = target - n;
+        }
+        while self.tick < target {
+            self.tick += 1;
+            let t = self.tick;
+            out.extend(self.slots[(t % n) as usize].drain(..).map(|k| (t, k)));
+        }
+    }
+
+    /// Milliseconds timestamp of the next tick, for the event loop's wait.
+    pub fn next_tick_ms(&self) -> u64 {
+        (self.tick + 1) * 1000
+    }
+
+    pub fn current_tick(&self) -> u64 {
+        self.tick
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fires_at_the_first_second_at_or_after_the_deadline() {
+        let mut w = Wheel::new(64, 10_000);
+        let k = TimerKey::Reservation { token: 1 };
+        assert_eq!(w.insert(12_500, k), 13);
+        let mut out = Vec::new();
+        w.advance(12_999, &mut out);
+        assert!(out.is_empty());
+        w.advance(13_000, &mut out);
+        assert_eq!(out, vec![(13, k)]);
+    }
+
+    #[test]
+    fn far_deadlines_are_clamped_and_long_stalls_cover_every_slot() {
+        let mut w = Wheel::new(16, 0);
+        let k = TimerKey::Reservation { token: 2 };
+        assert_eq!(w.insert(1_000_000, k), 15);
+        let mut out = Vec::new();
+        w.advance(1_000_000, &mut out);
+        assert_eq!(out.len(), 1);
+    }
+}
