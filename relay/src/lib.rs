@@ -10,6 +10,8 @@
 //! to the shards by message only.
 
 pub mod auth;
+pub mod config;
+pub mod dataplane;
 pub mod policy;
 pub mod stun;
 pub mod turn;

@@ -207,13 +207,9 @@ pub fn embedded_v4(ip: IpAddr) -> Option<Ipv4Addr> {
         IpAddr::V6(v6) => {
             let s = v6.segments();
             let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-            if s[..5] == [0; 5] && s[5] == 0xffff {
-                Some(tail)
-            } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                Some(tail)
-            } else {
-                None
-            }
+            let mapped = s[..5] == [0; 5] && s[5] == 0xffff;
+            let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+            (mapped || nat64).then_some(tail)
         }
         IpAddr::V4(_) => None,
     }

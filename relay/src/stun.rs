@@ -210,7 +210,7 @@ impl<'a> Message<'a> {
         let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
         // RFC 8489 §5: the length is a multiple of 4 and excludes the header. A datagram holds
         // exactly one message, so the length must account for every byte present.
-        if len % 4 != 0 || HEADER_LEN + len != buf.len() {
+        if !len.is_multiple_of(4) || HEADER_LEN + len != buf.len() {
             return Err(DecodeError::BadLength);
         }
         let (method, class) = split_type(u16::from_be_bytes([buf[0], buf[1]]));
@@ -368,7 +368,7 @@ impl<'a> Message<'a> {
     }
 
     /// Decode an XOR-*-ADDRESS attribute. `None` when absent or malformed.
-    pub fn get_xor_addr(&self, typ: u16) -> Option<Result<SocketAddr, ()>> {
+    pub fn get_xor_addr(&self, typ: u16) -> Option<Result<SocketAddr, BadAddress>> {
         self.get(typ)
             .map(|v| decode_xor_addr(v, self.transaction_id()))
     }
@@ -379,7 +379,7 @@ impl<'a> Message<'a> {
         if let Some(p) = self.mi256 {
             let len = p.len as usize;
             // RFC 8489 §14.6: at least 16 bytes, a multiple of 4, at most 32.
-            if !(16..=32).contains(&len) || len % 4 != 0 {
+            if !(16..=32).contains(&len) || !len.is_multiple_of(4) {
                 return false;
             }
             let mac = hmac_sha256_prefix(
@@ -431,10 +431,14 @@ fn hmac_sha256_prefix(msg: &[u8], upto: usize, covered_end: usize, key: &[u8]) -
     mac.finalize().into_bytes().into()
 }
 
+/// An address attribute with an unknown family or the wrong length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadAddress;
+
 /// Decode an XOR-MAPPED/XOR-PEER/XOR-RELAYED-ADDRESS value (RFC 8489 §14.2).
-pub fn decode_xor_addr(v: &[u8], tid: &[u8; 12]) -> Result<SocketAddr, ()> {
+pub fn decode_xor_addr(v: &[u8], tid: &[u8; 12]) -> Result<SocketAddr, BadAddress> {
     if v.len() < 4 {
-        return Err(());
+        return Err(BadAddress);
     }
     let port = u16::from_be_bytes([v[2], v[3]]) ^ (MAGIC_COOKIE >> 16) as u16;
     match v[1] {
@@ -452,7 +456,7 @@ pub fn decode_xor_addr(v: &[u8], tid: &[u8; 12]) -> Result<SocketAddr, ()> {
             }
             Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port))
         }
-        _ => Err(()),
+        _ => Err(BadAddress),
     }
 }
 
@@ -681,11 +685,16 @@ pub mod channel {
     /// Parse a ChannelData header. Returns the channel number and the payload length. Over
     /// UDP the datagram may carry up to 3 padding bytes after the payload (RFC 8656 §12.5).
     pub fn parse(buf: &[u8]) -> Result<(u16, usize), ChannelError> {
+        parse_range(buf, MAX)
+    }
+
+    /// As [`parse`], accepting channel numbers up to `max` (0x7FFF for the RFC 5766 range).
+    pub fn parse_range(buf: &[u8], max: u16) -> Result<(u16, usize), ChannelError> {
         if buf.len() < 4 {
             return Err(ChannelError::TooShort);
         }
         let ch = u16::from_be_bytes([buf[0], buf[1]]);
-        if !(MIN..=MAX).contains(&ch) {
+        if !(MIN..=max.min(0x7FFF)).contains(&ch) {
             return Err(ChannelError::BadChannel);
         }
         let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;

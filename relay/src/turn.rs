@@ -245,6 +245,10 @@ pub struct TurnConfig {
     pub reservation_lifetime: u32,
     pub max_permissions: usize,
     pub key_cache_capacity: usize,
+    /// Highest channel number accepted: 0x4FFF per RFC 8656 §12, or 0x7FFF to accept the
+    /// RFC 5766 range that older clients (coturn 4.6's own test client among them) still pick
+    /// from.
+    pub channel_max: u16,
 }
 
 impl TurnConfig {
@@ -264,6 +268,7 @@ impl TurnConfig {
             reservation_lifetime: 30,
             max_permissions: 256,
             key_cache_capacity: 4096,
+            channel_max: channel::MAX,
         }
     }
 }
@@ -529,7 +534,7 @@ impl Server {
         data: &[u8],
         start: usize,
     ) -> Option<Transmit> {
-        let (ch, len) = match channel::parse(data) {
+        let (ch, len) = match channel::parse_range(data, self.cfg.channel_max) {
             Ok(v) => v,
             Err(_) => return self.drop(DropReason::Malformed),
         };
@@ -1129,7 +1134,7 @@ impl Server {
         for i in 0..span {
             let idx = (self.port_cursor + i) % span;
             let p = self.cfg.port_min as usize + idx;
-            if self.port_used[idx] || (even && p % 2 != 0) {
+            if self.port_used[idx] || (even && !p.is_multiple_of(2)) {
                 continue;
             }
             if reserve_next && (idx + 1 >= span || self.port_used[idx + 1]) {
@@ -1330,7 +1335,7 @@ impl Server {
             Some(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
             _ => return self.error_reply(msg, code::BAD_REQUEST, Some(ok)),
         };
-        if !(channel::MIN..=channel::MAX).contains(&number) {
+        if !(channel::MIN..=self.cfg.channel_max).contains(&number) {
             return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
         }
         let peer = match msg.get_xor_addr(attr::XOR_PEER_ADDRESS) {

@@ -1,0 +1,714 @@
+//! Appliance configuration: the TOML schema, the embedded default, and validation that lists
+//! every problem at once.
+//!
+//! Addresses, ranges and sizes are kept as text in the raw schema and parsed by
+//! [`Config::validate`], so one bad value does not hide the next: `actrix check` reports all of
+//! them, each with the key that holds it.
+
+use crate::policy::IpRange;
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub log: LogConfig,
+    pub cores: CoresConfig,
+    pub stun: StunConfig,
+    pub turn: TurnSection,
+    pub io: IoConfig,
+    pub http: actrix_control::HttpConfig,
+    pub services: actrix_control::ServicesConfig,
+    pub ks: actrix_control::KsConfig,
+    pub ais: actrix_control::AisConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct NodeConfig {
+    /// Name of this node in logs and metrics.
+    pub id: String,
+    /// Where keys, databases and generated secrets live.
+    pub data_dir: PathBuf,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: "actrix".into(),
+            data_dir: "/var/lib/actrix".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// trace, debug, info, warn or error (or a tracing filter directive).
+    pub level: String,
+    /// text or json.
+    pub format: String,
+    /// Repeated warnings allowed per shard per second before they are only counted.
+    pub warn_per_sec: u32,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+            warn_per_sec: 5,
+        }
+    }
+}
+
+/// Core pinning. `auto` means: all cores but one run shards, the remaining one runs the
+/// control thread; on a 2-core machine that is one shard and the control thread.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct CoresConfig {
+    pub shards: CoreList,
+    pub control: CoreChoice,
+    /// Pin threads at all (turn off inside containers with a restricted cpuset).
+    pub pin: bool,
+}
+
+impl Default for CoresConfig {
+    fn default() -> Self {
+        CoresConfig {
+            shards: CoreList::Auto("auto".into()),
+            control: CoreChoice::Auto("auto".into()),
+            pin: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CoreList {
+    List(Vec<usize>),
+    Auto(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CoreChoice {
+    Core(usize),
+    Auto(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct StunConfig {
+    /// STUN/TURN UDP listeners; every shard opens each with SO_REUSEPORT.
+    pub listen: Vec<String>,
+}
+
+impl Default for StunConfig {
+    fn default() -> Self {
+        StunConfig {
+            listen: vec!["127.0.0.1:3478".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct StaticUser {
+    pub name: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TurnSection {
+    pub enabled: bool,
+    pub realm: String,
+    /// Local addresses relay sockets bind to (at most one per family).
+    pub relay_addresses: Vec<String>,
+    /// Addresses announced in XOR-RELAYED-ADDRESS when behind 1:1 NAT (one per family, same
+    /// order of families as `relay_addresses`); empty means the relay addresses themselves.
+    pub advertised_addresses: Vec<String>,
+    /// Inclusive `MIN-MAX`.
+    pub relay_port_range: String,
+    pub default_lifetime: u32,
+    pub max_lifetime: u32,
+    pub permission_lifetime: u32,
+    pub channel_lifetime: u32,
+    pub nonce_lifetime: u32,
+    pub max_allocations: usize,
+    pub max_allocations_per_user: usize,
+    pub max_permissions_per_allocation: usize,
+    /// Peer ranges allowed in spite of the default deny list (`CIDR`, `ADDR` or `START-END`).
+    pub allow_peers: Vec<String>,
+    /// Peer ranges always denied.
+    pub deny_peers: Vec<String>,
+    pub users: Vec<StaticUser>,
+    /// TURN REST shared secrets (the first is current; the others still accepted).
+    pub rest_secrets: Vec<String>,
+    /// Accept Actrix identity credentials (resolved by the control thread).
+    pub identity_credentials: bool,
+    /// Seconds to let allocations drain after SIGTERM before exiting.
+    pub shutdown_grace_secs: u64,
+    /// Accept channel numbers 0x5000-0x7FFF (the RFC 5766 range) from older clients. RFC 8656
+    /// reserves them; off by default.
+    pub rfc5766_channel_range: bool,
+}
+
+impl Default for TurnSection {
+    fn default() -> Self {
+        TurnSection {
+            enabled: true,
+            realm: "actor-rtc.local".into(),
+            relay_addresses: vec!["127.0.0.1".into()],
+            advertised_addresses: vec![],
+            relay_port_range: "49152-65535".into(),
+            default_lifetime: 600,
+            max_lifetime: 3600,
+            permission_lifetime: 300,
+            channel_lifetime: 600,
+            nonce_lifetime: 600,
+            max_allocations: 100_000,
+            max_allocations_per_user: 1_000,
+            max_permissions_per_allocation: 256,
+            allow_peers: vec![],
+            deny_peers: vec![],
+            users: vec![],
+            rest_secrets: vec![],
+            identity_credentials: true,
+            shutdown_grace_secs: 30,
+            rfc5766_channel_range: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct IoConfig {
+    /// Datagrams per recvmmsg/sendmmsg call.
+    pub batch: usize,
+    /// SO_RCVBUF/SO_SNDBUF of listener sockets, bytes.
+    pub socket_buffer: usize,
+    /// `cbpf` (steer clients to shards by address, stable) or `kernel` (reuseport hash).
+    pub steering: String,
+}
+
+impl Default for IoConfig {
+    fn default() -> Self {
+        IoConfig {
+            batch: 32,
+            socket_buffer: 4 << 20,
+            steering: "cbpf".into(),
+        }
+    }
+}
+
+/// The configuration `actrix run` uses without `-c`: everything on loopback, a demo user
+/// whose password is generated at start.
+pub const EMBEDDED_DEFAULT: &str = r#"
+[node]
+id = "actrix-dev"
+data_dir = "actrix-data"
+
+[stun]
+listen = ["127.0.0.1:3478"]
+
+[turn]
+realm = "actor-rtc.local"
+relay_addresses = ["127.0.0.1"]
+relay_port_range = "49152-65535"
+
+[http]
+listen = "127.0.0.1:8080"
+"#;
+
+/// A validated, parsed view of the parts the data plane needs.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub listen: Vec<SocketAddr>,
+    pub relay_v4: Option<(IpAddr, IpAddr)>,
+    pub relay_v6: Option<(IpAddr, IpAddr)>,
+    pub port_min: u16,
+    pub port_max: u16,
+    pub allow: Vec<IpRange>,
+    pub deny: Vec<IpRange>,
+    pub shard_cores: Vec<usize>,
+    pub control_core: Option<usize>,
+}
+
+/// Parse TOML text; unknown keys are collected (not fatal here, reported by validation).
+pub fn parse(text: &str) -> Result<(Config, Vec<String>), Vec<String>> {
+    let mut unknown = Vec::new();
+    let de = toml::Deserializer::new(text);
+    let cfg: Config = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
+        .map_err(|e| vec![format!("{}", e.to_string().trim_end())])?;
+    Ok((cfg, unknown))
+}
+
+/// Load a file (or the embedded default) and validate it; every problem is returned at once.
+pub fn load(path: Option<&std::path::Path>) -> Result<(Config, Resolved), Vec<String>> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| vec![format!("{}: {e}", p.display())])?,
+        None => EMBEDDED_DEFAULT.to_string(),
+    };
+    let (cfg, unknown) = parse(&text)?;
+    let mut errors: Vec<String> = unknown
+        .into_iter()
+        .map(|k| format!("{k}: unknown key"))
+        .collect();
+    let resolved = cfg.validate(&mut errors, available_cores());
+    if errors.is_empty() {
+        Ok((cfg, resolved.expect("no errors means resolved")))
+    } else {
+        Err(errors)
+    }
+}
+
+pub fn available_cores() -> Vec<usize> {
+    match core_affinity::get_core_ids() {
+        Some(ids) if !ids.is_empty() => ids.into_iter().map(|c| c.id).collect(),
+        _ => (0..std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1))
+            .collect(),
+    }
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("'{s}' is not MIN-MAX"))?;
+    let a: u16 = a.trim().parse().map_err(|_| format!("bad port '{a}'"))?;
+    let b: u16 = b.trim().parse().map_err(|_| format!("bad port '{b}'"))?;
+    if a == 0 || a > b {
+        return Err(format!("'{s}': need 1 <= MIN <= MAX"));
+    }
+    Ok((a, b))
+}
+
+impl Config {
+    /// Check everything; push one message per problem to `errors`. Returns the parsed view
+    /// when there were no errors.
+    pub fn validate(&self, errors: &mut Vec<String>, cores: Vec<usize>) -> Option<Resolved> {
+        let start = errors.len();
+        let mut err = |m: String| errors.push(m);
+
+        match self.log.level.as_str() {
+            "trace" | "debug" | "info" | "warn" | "error" => {}
+            other
+                if tracing_subscriber::EnvFilter::try_new(other).is_ok() && other.contains('=') => {
+            }
+            other => err(format!(
+                "log.level: '{other}' is not trace, debug, info, warn or error"
+            )),
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            err(format!(
+                "log.format: '{}' is not text or json",
+                self.log.format
+            ));
+        }
+        if !matches!(self.io.steering.as_str(), "cbpf" | "kernel") {
+            err(format!(
+                "io.steering: '{}' is not cbpf or kernel",
+                self.io.steering
+            ));
+        }
+        if !(1..=1024).contains(&self.io.batch) {
+            err(format!(
+                "io.batch: {} is not between 1 and 1024",
+                self.io.batch
+            ));
+        }
+
+        let mut listen = Vec::new();
+        if self.stun.listen.is_empty() {
+            err("stun.listen: at least one listener is needed".into());
+        }
+        for (i, l) in self.stun.listen.iter().enumerate() {
+            match l.parse::<SocketAddr>() {
+                Ok(a) if a.port() == 0 => err(format!("stun.listen[{i}]: '{l}' needs a port")),
+                Ok(a) => {
+                    if listen.contains(&a) {
+                        err(format!("stun.listen[{i}]: '{l}' is listed twice"));
+                    }
+                    listen.push(a)
+                }
+                Err(_) => err(format!("stun.listen[{i}]: '{l}' is not an IP:port address")),
+            }
+        }
+
+        let t = &self.turn;
+        if t.realm.is_empty() || t.realm.len() > 763 {
+            err("turn.realm: must be 1 to 763 bytes".into());
+        }
+        let mut relay_v4 = None;
+        let mut relay_v6 = None;
+        let mut relay_ips = Vec::new();
+        for (i, a) in t.relay_addresses.iter().enumerate() {
+            match a.parse::<IpAddr>() {
+                Ok(ip) => relay_ips.push(ip),
+                Err(_) => err(format!(
+                    "turn.relay_addresses[{i}]: '{a}' is not an IP address"
+                )),
+            }
+        }
+        let mut adv_ips = Vec::new();
+        for (i, a) in t.advertised_addresses.iter().enumerate() {
+            match a.parse::<IpAddr>() {
+                Ok(ip) if ip.is_unspecified() => err(format!(
+                    "turn.advertised_addresses[{i}]: '{a}' cannot be unspecified"
+                )),
+                Ok(ip) => adv_ips.push(ip),
+                Err(_) => err(format!(
+                    "turn.advertised_addresses[{i}]: '{a}' is not an IP address"
+                )),
+            }
+        }
+        for ip in &relay_ips {
+            let adv = adv_ips
+                .iter()
+                .find(|a| a.is_ipv4() == ip.is_ipv4())
+                .copied();
+            let slot = if ip.is_ipv4() {
+                &mut relay_v4
+            } else {
+                &mut relay_v6
+            };
+            if slot.is_some() {
+                err(format!(
+                    "turn.relay_addresses: more than one {} address",
+                    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+                ));
+                continue;
+            }
+            if ip.is_unspecified() && adv.is_none() {
+                err(format!("turn.relay_addresses: '{ip}' is unspecified; set turn.advertised_addresses for that family"));
+            }
+            *slot = Some((*ip, adv.unwrap_or(*ip)));
+        }
+        for a in &adv_ips {
+            if !relay_ips.iter().any(|r| r.is_ipv4() == a.is_ipv4()) {
+                err(format!(
+                    "turn.advertised_addresses: '{a}' has no relay address of its family"
+                ));
+            }
+        }
+        if t.enabled && relay_ips.is_empty() {
+            err(
+                "turn.relay_addresses: at least one relay address is needed when TURN is enabled"
+                    .into(),
+            );
+        }
+        let (mut port_min, mut port_max) = (0, 0);
+        match parse_port_range(&t.relay_port_range) {
+            Ok((a, b)) => {
+                port_min = a;
+                port_max = b;
+                for l in &listen {
+                    if (a..=b).contains(&l.port()) {
+                        err(format!(
+                            "turn.relay_port_range: {a}-{b} overlaps the listener port {}",
+                            l.port()
+                        ));
+                    }
+                }
+                if let Ok(h) = self.http.listen.to_string().parse::<SocketAddr>() {
+                    if (a..=b).contains(&h.port()) {
+                        err(format!(
+                            "turn.relay_port_range: {a}-{b} overlaps the HTTP port {}",
+                            h.port()
+                        ));
+                    }
+                }
+            }
+            Err(e) => err(format!("turn.relay_port_range: {e}")),
+        }
+        if t.default_lifetime == 0 || t.max_lifetime == 0 {
+            err("turn.default_lifetime and turn.max_lifetime must be positive".into());
+        }
+        if t.default_lifetime > t.max_lifetime {
+            err(format!(
+                "turn.default_lifetime: {} exceeds turn.max_lifetime {}",
+                t.default_lifetime, t.max_lifetime
+            ));
+        }
+        if t.max_lifetime > 86_400 {
+            err(format!(
+                "turn.max_lifetime: {} exceeds one day",
+                t.max_lifetime
+            ));
+        }
+        if t.permission_lifetime == 0 || t.channel_lifetime == 0 || t.nonce_lifetime == 0 {
+            err(
+                "turn.permission_lifetime, channel_lifetime and nonce_lifetime must be positive"
+                    .into(),
+            );
+        }
+        if t.max_allocations == 0
+            || t.max_allocations_per_user == 0
+            || t.max_permissions_per_allocation == 0
+        {
+            err("turn.max_allocations, max_allocations_per_user and max_permissions_per_allocation must be positive".into());
+        }
+        let mut names = BTreeSet::new();
+        for (i, u) in t.users.iter().enumerate() {
+            if u.name.is_empty() || u.name.len() > 513 {
+                err(format!("turn.users[{i}].name: must be 1 to 513 bytes"));
+            }
+            if u.password.len() < 8 {
+                err(format!(
+                    "turn.users[{i}].password: shorter than 8 characters"
+                ));
+            }
+            if !names.insert(&u.name) {
+                err(format!(
+                    "turn.users[{i}].name: '{}' is defined twice",
+                    u.name
+                ));
+            }
+        }
+        for (i, s) in t.rest_secrets.iter().enumerate() {
+            if s.len() < 16 {
+                err(format!(
+                    "turn.rest_secrets[{i}]: shorter than 16 characters"
+                ));
+            }
+        }
+        let parse_ranges = |key: &str, v: &[String], errs: &mut Vec<String>| -> Vec<IpRange> {
+            let mut out = Vec::new();
+            for (i, r) in v.iter().enumerate() {
+                match r.parse::<IpRange>() {
+                    Ok(x) => out.push(x),
+                    Err(e) => errs.push(format!("turn.{key}[{i}]: {e}")),
+                }
+            }
+            out
+        };
+        let allow = parse_ranges("allow_peers", &t.allow_peers, errors);
+        let deny = parse_ranges("deny_peers", &t.deny_peers, errors);
+        let mut err = |m: String| errors.push(m);
+
+        // Cores.
+        let auto = core_plan(&cores);
+        let shard_cores = match &self.cores.shards {
+            CoreList::List(v) => {
+                if v.is_empty() {
+                    err("cores.shards: empty list".into());
+                }
+                let mut seen = BTreeSet::new();
+                for c in v {
+                    if !cores.contains(c) {
+                        err(format!(
+                            "cores.shards: core {c} does not exist (available: {cores:?})"
+                        ));
+                    }
+                    if !seen.insert(c) {
+                        err(format!("cores.shards: core {c} listed twice"));
+                    }
+                }
+                v.clone()
+            }
+            CoreList::Auto(s) if s == "auto" => auto.0.clone(),
+            CoreList::Auto(s) => {
+                err(format!(
+                    "cores.shards: '{s}' is neither a list of cores nor \"auto\""
+                ));
+                vec![]
+            }
+        };
+        let control_core = match &self.cores.control {
+            CoreChoice::Core(c) => {
+                if !cores.contains(c) {
+                    err(format!(
+                        "cores.control: core {c} does not exist (available: {cores:?})"
+                    ));
+                }
+                if shard_cores.contains(c) && cores.len() > 1 {
+                    err(format!("cores.control: core {c} also runs a shard"));
+                }
+                Some(*c)
+            }
+            CoreChoice::Auto(s) if s == "auto" => auto
+                .1
+                .filter(|c| !shard_cores.contains(c))
+                .or_else(|| cores.iter().copied().find(|c| !shard_cores.contains(c))),
+            CoreChoice::Auto(s) => {
+                err(format!(
+                    "cores.control: '{s}' is neither a core number nor \"auto\""
+                ));
+                None
+            }
+        };
+        if shard_cores.len() > (port_max as usize).saturating_sub(port_min as usize) + 1 {
+            err("turn.relay_port_range: fewer ports than shards".into());
+        }
+
+        // The control plane's own sections.
+        for e in self.control_errors() {
+            err(e);
+        }
+
+        if errors.len() > start {
+            return None;
+        }
+        Some(Resolved {
+            listen,
+            relay_v4,
+            relay_v6,
+            port_min,
+            port_max,
+            allow,
+            deny,
+            shard_cores,
+            control_core,
+        })
+    }
+
+    /// The control plane configuration derived from this file.
+    pub fn control(&self) -> actrix_control::ControlConfig {
+        actrix_control::ControlConfig {
+            node_id: self.node.id.clone(),
+            data_dir: self.node.data_dir.clone(),
+            turn_realm: self.turn.realm.clone(),
+            http: self.http.clone(),
+            services: self.services.clone(),
+            ks: self.ks.clone(),
+            ais: self.ais.clone(),
+        }
+    }
+
+    fn control_errors(&self) -> Vec<String> {
+        self.control().validate()
+    }
+}
+
+/// Automatic core plan: all cores but one for shards, the first core for the control thread;
+/// a single-core machine shares it.
+pub fn core_plan(cores: &[usize]) -> (Vec<usize>, Option<usize>) {
+    match cores {
+        [] => (vec![0], None),
+        [only] => (vec![*only], Some(*only)),
+        [first, rest @ ..] => (rest.to_vec(), Some(*first)),
+    }
+}
+
+/// Split the relay port range among `shards` contiguous slices. Port-to-shard is then a pure
+/// function ([`shard_of_port`]).
+pub fn port_slices(min: u16, max: u16, shards: usize) -> Vec<(u16, u16)> {
+    let span = max as usize - min as usize + 1;
+    (0..shards)
+        .map(|i| {
+            let lo = min as usize + i * span / shards;
+            let hi = min as usize + (i + 1) * span / shards - 1;
+            (lo as u16, hi as u16)
+        })
+        .collect()
+}
+
+pub fn shard_of_port(min: u16, max: u16, shards: usize, port: u16) -> Option<usize> {
+    if port < min || port > max || shards == 0 {
+        return None;
+    }
+    let span = max as usize - min as usize + 1;
+    // Inverse of `port_slices`: the largest i with min + i*span/shards <= port.
+    let off = (port - min) as usize;
+    let mut i = off * shards / span;
+    while i + 1 < shards && (i + 1) * span / shards <= off {
+        i += 1;
+    }
+    while i > 0 && i * span / shards > off {
+        i -= 1;
+    }
+    Some(i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let (cfg, unknown) = parse(EMBEDDED_DEFAULT).unwrap();
+        assert!(unknown.is_empty());
+        let mut errors = vec![];
+        let r = cfg
+            .validate(&mut errors, vec![0, 1])
+            .unwrap_or_else(|| panic!("{errors:?}"));
+        assert_eq!(r.listen, vec!["127.0.0.1:3478".parse().unwrap()]);
+        assert_eq!(r.shard_cores, vec![1]);
+        assert_eq!(r.control_core, Some(0));
+    }
+
+    #[test]
+    fn every_error_is_listed_at_once() {
+        let text = r#"
+            bogus_top = 1
+            [stun]
+            listen = ["127.0.0.1:3478", "not-an-address", "127.0.0.1:0"]
+            whatever = true
+            [turn]
+            relay_addresses = ["10.0.0.300"]
+            relay_port_range = "3000-4000"
+            default_lifetime = 7200
+            allow_peers = ["10.0.0.0/99"]
+            rest_secrets = ["short"]
+            users = [{ name = "a", password = "x" }]
+            [cores]
+            shards = [0, 7]
+            control = 0
+            [stun.extra]
+        "#;
+        let (cfg, unknown) = parse(text).unwrap();
+        let mut errors: Vec<String> = unknown
+            .into_iter()
+            .map(|k| format!("{k}: unknown key"))
+            .collect();
+        assert!(cfg.validate(&mut errors, vec![0, 1]).is_none());
+        let all = errors.join("\n");
+        for needle in [
+            "bogus_top: unknown key",
+            "stun.whatever: unknown key",
+            "stun.extra: unknown key",
+            "stun.listen[1]",
+            "stun.listen[2]",
+            "turn.relay_addresses[0]",
+            "overlaps the listener port 3478",
+            "turn.default_lifetime",
+            "turn.allow_peers[0]",
+            "turn.rest_secrets[0]",
+            "turn.users[0].password",
+            "core 7 does not exist",
+            "cores.control: core 0 also runs a shard",
+        ] {
+            assert!(all.contains(needle), "missing '{needle}' in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn port_slices_and_inverse_agree() {
+        for shards in 1..7 {
+            let s = port_slices(49152, 65535, shards);
+            assert_eq!(s[0].0, 49152);
+            assert_eq!(s[shards - 1].1, 65535);
+            for (i, (lo, hi)) in s.iter().enumerate() {
+                assert_eq!(shard_of_port(49152, 65535, shards, *lo), Some(i));
+                assert_eq!(shard_of_port(49152, 65535, shards, *hi), Some(i));
+                if i > 0 {
+                    assert_eq!(*lo, s[i - 1].1 + 1);
+                }
+            }
+        }
+        assert_eq!(shard_of_port(100, 200, 2, 99), None);
+    }
+
+    #[test]
+    fn auto_core_plan() {
+        assert_eq!(core_plan(&[0, 1]), (vec![1], Some(0)));
+        assert_eq!(core_plan(&[0, 1, 2, 3]), (vec![1, 2, 3], Some(0)));
+        assert_eq!(core_plan(&[0]), (vec![0], Some(0)));
+    }
+}

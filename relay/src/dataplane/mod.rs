@@ -1,0 +1,271 @@
+//! The data plane: one pinned shard thread per configured core.
+//!
+//! Each shard owns a socket on every listen address (all shards' sockets form one
+//! SO_REUSEPORT group per address, steered by [`steer`]), a contiguous slice of the relay port
+//! range (port → shard is [`crate::config::shard_of_port`]), its relay sockets, and its TURN
+//! core. Shards share nothing mutable on the per-packet path; the only cross-shard state is
+//! the allocation quota counters and the relay-port bitmap, both touched on allocate/free.
+
+pub mod io;
+pub mod shard;
+pub mod stats;
+pub mod steer;
+
+use crate::auth::AuthConfig;
+use crate::config::{port_slices, Config, Resolved};
+use crate::policy::PeerPolicy;
+use crate::turn::{Quotas, TurnConfig};
+use shard::{IdentityResolver, ShardMsg, ShardSetup};
+use socket2::{Domain, Protocol, Socket, Type};
+use stats::ShardStats;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+struct ShardHandle {
+    tx: crossbeam_channel::Sender<ShardMsg>,
+    waker: Arc<io::Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The running data plane.
+pub struct DataPlane {
+    shards: Vec<ShardHandle>,
+    pub stats: Vec<Arc<ShardStats>>,
+    pub listen: Vec<SocketAddr>,
+}
+
+/// Open one listener socket of a reuseport group.
+fn listener(addr: SocketAddr, buffer: usize) -> std::io::Result<Socket> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    if buffer > 0 {
+        // The forced variants ignore rmem_max/wmem_max but need CAP_NET_ADMIN; fall back.
+        if s.set_recv_buffer_size(buffer).is_ok() {
+            force_buffer(&s, libc::SO_RCVBUFFORCE, buffer);
+        }
+        if s.set_send_buffer_size(buffer).is_ok() {
+            force_buffer(&s, libc::SO_SNDBUFFORCE, buffer);
+        }
+    }
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+fn force_buffer(s: &Socket, opt: libc::c_int, size: usize) {
+    let v = size as libc::c_int;
+    // SAFETY: setting an int socket option from a local.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &v as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Addresses configured on this host's interfaces (for the own-address policy rule).
+pub fn interface_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifa: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a linked list we walk and free.
+    unsafe {
+        if libc::getifaddrs(&mut ifa) != 0 {
+            return out;
+        }
+        let mut p = ifa;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() {
+                let fam = (*a).sa_family as i32;
+                if fam == libc::AF_INET || fam == libc::AF_INET6 {
+                    let ss = &*(a as *const libc::sockaddr_storage);
+                    if let Some(sa) = io::sockaddr_to_std(ss) {
+                        out.push(sa.ip());
+                    }
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(ifa);
+    }
+    out
+}
+
+/// The immutable pieces shared by every shard, built from the configuration.
+pub fn build_shared(
+    cfg: &Config,
+    r: &Resolved,
+    identities: bool,
+) -> (Arc<AuthConfig>, Arc<PeerPolicy>, Arc<Quotas>) {
+    let mut auth = AuthConfig::new(&cfg.turn.realm, rand::random());
+    for u in &cfg.turn.users {
+        auth.add_user(&u.name, &u.password);
+    }
+    auth.rest_secrets = cfg
+        .turn
+        .rest_secrets
+        .iter()
+        .map(|s| s.as_bytes().into())
+        .collect();
+    auth.identities = identities && cfg.turn.identity_credentials;
+    auth.nonce_lifetime = cfg.turn.nonce_lifetime as u64;
+
+    let mut policy = PeerPolicy::new(r.allow.clone(), r.deny.clone());
+    let mut own: Vec<IpAddr> = interface_addresses();
+    own.extend(r.listen.iter().map(|a| a.ip()));
+    for (bind, adv) in r.relay_v4.iter().chain(r.relay_v6.iter()) {
+        own.push(*bind);
+        own.push(*adv);
+        policy.relay_ips.push(*adv);
+        if bind != adv {
+            policy.relay_ips.push(*bind);
+        }
+    }
+    own.sort();
+    own.dedup();
+    policy.own_ips = own;
+    let mut ports: Vec<u16> = r.listen.iter().map(|a| a.port()).collect();
+    ports.push(cfg.http.listen.port());
+    ports.sort();
+    ports.dedup();
+    policy.service_ports = ports;
+    let quotas = Quotas::new(cfg.turn.max_allocations, cfg.turn.max_allocations_per_user);
+    (Arc::new(auth), Arc::new(policy), Arc::new(quotas))
+}
+
+impl DataPlane {
+    /// Open every socket and start the shards. Sockets are bound here, on the calling thread,
+    /// so that errors (address in use, permission) are reported before anything runs.
+    pub fn start(
+        cfg: &Config,
+        r: &Resolved,
+        resolver: Option<Arc<dyn IdentityResolver>>,
+    ) -> anyhow::Result<DataPlane> {
+        let n = r.shard_cores.len().max(1);
+        let (auth, policy, quotas) = build_shared(cfg, r, resolver.is_some());
+        let slices = port_slices(r.port_min, r.port_max, n);
+        let mut per_shard: Vec<Vec<Socket>> = (0..n).map(|_| Vec::new()).collect();
+        for addr in &r.listen {
+            for (i, sockets) in per_shard.iter_mut().enumerate() {
+                let s = listener(*addr, cfg.io.socket_buffer)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+                if i == 0 && n > 1 && cfg.io.steering == "cbpf" {
+                    if let Err(e) = steer::attach(s.as_raw_fd(), n as u32, addr.is_ipv6()) {
+                        tracing::warn!(%addr, error = %e, "reuseport steering program not attached; using the kernel hash");
+                    }
+                }
+                sockets.push(s);
+            }
+        }
+        let mut shards = Vec::new();
+        let mut all_stats = Vec::new();
+        for (i, listeners) in per_shard.into_iter().enumerate() {
+            let mut turn = TurnConfig::new(auth.clone(), policy.clone(), quotas.clone());
+            turn.relay_v4 = r.relay_v4.map(|(_, adv)| adv);
+            turn.relay_v6 = r.relay_v6.map(|(_, adv)| adv);
+            turn.port_min = slices[i].0;
+            turn.port_max = slices[i].1;
+            turn.default_lifetime = cfg.turn.default_lifetime;
+            turn.max_lifetime = cfg.turn.max_lifetime;
+            turn.permission_lifetime = cfg.turn.permission_lifetime;
+            turn.channel_lifetime = cfg.turn.channel_lifetime;
+            turn.max_permissions = cfg.turn.max_permissions_per_allocation;
+            turn.channel_max = if cfg.turn.rfc5766_channel_range {
+                0x7FFF
+            } else {
+                crate::stun::channel::MAX
+            };
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let waker = Arc::new(io::Waker::new()?);
+            let stats = Arc::new(ShardStats::default());
+            let setup = ShardSetup {
+                id: i,
+                core: if cfg.cores.pin {
+                    r.shard_cores.get(i).copied()
+                } else {
+                    None
+                },
+                listeners,
+                turn,
+                bind_v4: r.relay_v4.map(|(b, _)| b),
+                bind_v6: r.relay_v6.map(|(b, _)| b),
+                batch: cfg.io.batch,
+                socket_buffer: cfg.io.socket_buffer,
+                rx,
+                self_tx: tx.clone(),
+                waker: waker.clone(),
+                stats: stats.clone(),
+                resolver: resolver.clone(),
+                warn_per_sec: cfg.log.warn_per_sec,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("actrix-shard-{i}"))
+                .spawn(move || shard::run(setup))?;
+            shards.push(ShardHandle {
+                tx,
+                waker,
+                thread: Some(thread),
+            });
+            all_stats.push(stats);
+        }
+        Ok(DataPlane {
+            shards,
+            stats: all_stats,
+            listen: r.listen.clone(),
+        })
+    }
+
+    fn send(&self, f: impl Fn() -> ShardMsg) {
+        for s in &self.shards {
+            if s.tx.send(f()).is_ok() {
+                s.waker.wake();
+            }
+        }
+    }
+
+    /// Stop granting allocations on every shard.
+    pub fn drain(&self) {
+        self.send(|| ShardMsg::Drain);
+    }
+
+    pub fn reconfigure(&self, make: impl Fn(usize) -> TurnConfig) {
+        for (i, s) in self.shards.iter().enumerate() {
+            if s.tx.send(ShardMsg::Reconfigure(Box::new(make(i)))).is_ok() {
+                s.waker.wake();
+            }
+        }
+    }
+
+    /// Allocations currently active across shards (as last published).
+    pub fn allocations(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| {
+                s.allocations_active
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum()
+    }
+
+    /// Stop every shard and wait for the threads.
+    pub fn stop(mut self) {
+        self.send(|| ShardMsg::Stop);
+        for s in &mut self.shards {
+            if let Some(t) = s.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! One data-plane shard: a pinned thread that owns its listener sockets (one per listen
+//! address, in the SO_REUSEPORT group), its relay sockets, and a [`Server`] core.
+//!
+//! The loop: wait on epoll (timeout = the core's next timer), read the clock once, drain each
+//! ready socket with recvmmsg, feed every datagram to the core, queue what it returns into a
+//! sendmmsg batch that points into the receive slots, flush, repeat.
+
+use super::io::{self, Epoll, RecvBatch, SendBatch, Waker, SLOT_HEADROOM};
+use super::stats::ShardStats;
+use crate::auth::IdentityAnswer;
+use crate::turn::{Data, Family, RelayBinder, RelayPort, Server, Src, TurnConfig};
+use crossbeam_channel::{Receiver, Sender};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+/// Messages to a shard. They arrive on a channel and the shard is woken by its eventfd.
+pub enum ShardMsg {
+    /// Stop granting allocations; keep relaying.
+    Drain,
+    /// Close everything and exit the loop.
+    Stop,
+    IdentityAnswer(IdentityAnswer),
+    Reconfigure(Box<TurnConfig>),
+}
+
+/// Resolves Actrix identity usernames off the shard (on the control thread). The callback is
+/// invoked later, on another thread, with the answer.
+pub trait IdentityResolver: Send + Sync {
+    /// Returns false when the request could not be queued (the client will retransmit).
+    fn resolve(&self, username: Box<[u8]>, reply: Box<dyn FnOnce(IdentityAnswer) + Send>) -> bool;
+}
+
+const TOKEN_WAKER: u64 = 1 << 40;
+const TOKEN_LISTENER: u64 = 2 << 40;
+const TOKEN_RELAY_V4: u64 = 3 << 40;
+const TOKEN_RELAY_V6: u64 = 4 << 40;
+const TOKEN_KIND: u64 = 0xFF << 40;
+
+/// Relay sockets of this shard, indexed by port offset.
+struct Relays {
+    bind_v4: Option<IpAddr>,
+    bind_v6: Option<IpAddr>,
+    port_min: u16,
+    v4: Vec<Option<Socket>>,
+    v6: Vec<Option<Socket>>,
+    epoll: std::rc::Rc<Epoll>,
+    socket_buffer: usize,
+    bind_errors: u64,
+}
+
+impl RelayBinder for Relays {
+    fn bind(&mut self, family: Family, port: RelayPort) -> bool {
+        let (ip, token, domain) = match family {
+            Family::V4 => (self.bind_v4, TOKEN_RELAY_V4, Domain::IPV4),
+            Family::V6 => (self.bind_v6, TOKEN_RELAY_V6, Domain::IPV6),
+        };
+        let Some(ip) = ip else { return false };
+        let idx = (port.0 - self.port_min) as usize;
+        let s = (|| -> std::io::Result<Socket> {
+            let s = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+            if family == Family::V6 {
+                s.set_only_v6(true)?;
+            }
+            s.set_nonblocking(true)?;
+            if self.socket_buffer > 0 {
+                let _ = s.set_recv_buffer_size(self.socket_buffer / 4);
+            }
+            s.bind(&SocketAddr::new(ip, port.0).into())?;
+            self.epoll.add(s.as_raw_fd(), token | idx as u64)?;
+            Ok(s)
+        })();
+        match s {
+            Ok(s) => {
+                let slot = match family {
+                    Family::V4 => &mut self.v4[idx],
+                    Family::V6 => &mut self.v6[idx],
+                };
+                *slot = Some(s);
+                true
+            }
+            Err(_) => {
+                self.bind_errors += 1;
+                false
+            }
+        }
+    }
+
+    fn unbind(&mut self, family: Family, port: RelayPort) {
+        let idx = (port.0 - self.port_min) as usize;
+        let slot = match family {
+            Family::V4 => &mut self.v4[idx],
+            Family::V6 => &mut self.v6[idx],
+        };
+        if let Some(s) = slot.take() {
+            self.epoll.del(s.as_raw_fd());
+        }
+    }
+}
+
+impl Relays {
+    fn fd(&self, family: Family, port: RelayPort) -> Option<RawFd> {
+        let idx = port.0.checked_sub(self.port_min)? as usize;
+        let v = match family {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        };
+        v.get(idx)?.as_ref().map(|s| s.as_raw_fd())
+    }
+}
+
+/// Everything a shard needs, built on the main thread.
+pub struct ShardSetup {
+    pub id: usize,
+    pub core: Option<usize>,
+    pub listeners: Vec<Socket>,
+    pub turn: TurnConfig,
+    pub bind_v4: Option<IpAddr>,
+    pub bind_v6: Option<IpAddr>,
+    pub batch: usize,
+    pub socket_buffer: usize,
+    pub rx: Receiver<ShardMsg>,
+    pub self_tx: Sender<ShardMsg>,
+    pub waker: Arc<Waker>,
+    pub stats: Arc<ShardStats>,
+    pub resolver: Option<Arc<dyn IdentityResolver>>,
+    pub warn_per_sec: u32,
+}
+
+/// Counts warnings per second and lets only a few through to the log.
+struct WarnLimiter {
+    second: u64,
+    count: u32,
+    limit: u32,
+    suppressed: u64,
+}
+
+impl WarnLimiter {
+    fn allow(&mut self, now_ms: u64) -> bool {
+        let s = now_ms / 1000;
+        if s != self.second {
+            if self.suppressed > 0 {
+                tracing::warn!(suppressed = self.suppressed, "repeated warnings suppressed");
+            }
+            self.second = s;
+            self.count = 0;
+            self.suppressed = 0;
+        }
+        self.count += 1;
+        if self.count > self.limit {
+            self.suppressed += 1;
+            false
+        } else {
+            true
+        }
+    }
+}
+
+/// Run the shard loop on the current thread until [`ShardMsg::Stop`].
+pub fn run(setup: ShardSetup) {
+    let ShardSetup {
+        id,
+        core,
+        listeners,
+        turn,
+        bind_v4,
+        bind_v6,
+        batch,
+        socket_buffer,
+        rx,
+        self_tx,
+        waker,
+        stats,
+        resolver,
+        warn_per_sec,
+    } = setup;
+    if let Some(c) = core {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: c }) {
+            tracing::warn!(shard = id, core = c, "could not pin shard thread");
+        }
+    }
+    let span = (turn.port_max - turn.port_min) as usize + 1;
+    let epoll = match Epoll::new() {
+        Ok(e) => std::rc::Rc::new(e),
+        Err(e) => {
+            tracing::error!(shard = id, error = %e, "epoll_create failed");
+            return;
+        }
+    };
+    let mut relays = Relays {
+        bind_v4,
+        bind_v6,
+        port_min: turn.port_min,
+        v4: (0..span).map(|_| None).collect(),
+        v6: (0..span).map(|_| None).collect(),
+        epoll: epoll.clone(),
+        socket_buffer,
+        bind_errors: 0,
+    };
+    for (i, l) in listeners.iter().enumerate() {
+        if let Err(e) = epoll.add(l.as_raw_fd(), TOKEN_LISTENER | i as u64) {
+            tracing::error!(shard = id, error = %e, "epoll add failed");
+            return;
+        }
+    }
+    if let Err(e) = epoll.add(waker.fd(), TOKEN_WAKER) {
+        tracing::error!(shard = id, error = %e, "epoll add failed");
+        return;
+    }
+    let listener_fds: Vec<RawFd> = listeners.iter().map(|l| l.as_raw_fd()).collect();
+    let mut now = io::now();
+    let seed = rand::random::<u64>();
+    let mut server = Server::new(turn, now, seed);
+    let mut rb = RecvBatch::new(batch);
+    let mut sb = SendBatch::new(batch);
+    let mut warn = WarnLimiter {
+        second: 0,
+        count: 0,
+        limit: warn_per_sec,
+        suppressed: 0,
+    };
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut ready: Vec<u64> = Vec::with_capacity(256);
+    let mut stopping = false;
+    tracing::info!(shard = id, core = ?core, ports = %format!("{}-{}", server.config().port_min, server.config().port_max), "shard running");
+
+    while !stopping {
+        let timeout = server.poll_timeout().saturating_sub(now.ms).min(1000) as i32;
+        ready.clear();
+        let n = epoll.wait(&mut events, timeout.max(0));
+        ready.extend(events[..n].iter().map(|e| e.u64));
+        now = io::now();
+        for &token in &ready {
+            match token & TOKEN_KIND {
+                TOKEN_WAKER => {
+                    waker.drain();
+                    while let Ok(m) = rx.try_recv() {
+                        match m {
+                            ShardMsg::Drain => {
+                                tracing::info!(
+                                    shard = id,
+                                    allocations = server.allocation_count(),
+                                    "draining"
+                                );
+                                server.set_draining(true);
+                            }
+                            ShardMsg::Stop => stopping = true,
+                            ShardMsg::IdentityAnswer(a) => server.handle_identity_answer(a, now),
+                            ShardMsg::Reconfigure(c) => server.reconfigure(*c),
+                        }
+                    }
+                }
+                TOKEN_LISTENER => {
+                    let li = (token & 0xFFFF) as usize;
+                    let fd = listener_fds[li];
+                    // A budget per readiness event keeps one busy socket from starving others.
+                    for _ in 0..8 {
+                        let n = match rb.recv(fd, batch) {
+                            Ok(0) => break,
+                            Ok(n) => n,
+                            Err(e) => {
+                                if warn.allow(now.ms) {
+                                    tracing::warn!(shard = id, error = %e, "recvmmsg on listener failed");
+                                }
+                                break;
+                            }
+                        };
+                        for i in 0..n {
+                            let (from, len, trunc) = rb.meta(i);
+                            let Some(from) = from else { continue };
+                            if trunc {
+                                stats
+                                    .truncated
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                continue;
+                            }
+                            let slot = rb.slot_mut(i);
+                            let range = SLOT_HEADROOM..SLOT_HEADROOM + len;
+                            if let Some(t) =
+                                server.handle_client(now, li as u8, from, slot, range, &mut relays)
+                            {
+                                queue(&mut sb, &server, &relays, &listener_fds, slot, t);
+                            }
+                        }
+                        let f = sb.flush();
+                        account(&stats, f, &mut warn, now.ms, id);
+                        if n < batch {
+                            break;
+                        }
+                    }
+                }
+                TOKEN_RELAY_V4 | TOKEN_RELAY_V6 => {
+                    let family = if token & TOKEN_KIND == TOKEN_RELAY_V4 {
+                        Family::V4
+                    } else {
+                        Family::V6
+                    };
+                    let idx = (token & 0xFFFF) as u16;
+                    let port = RelayPort(server.config().port_min + idx);
+                    let Some(fd) = relays.fd(family, port) else {
+                        continue;
+                    };
+                    for _ in 0..8 {
+                        let n = match rb.recv(fd, batch) {
+                            Ok(0) => break,
+                            Ok(n) => n,
+                            Err(_) => break, // ICMP errors surface here; nothing to do
+                        };
+                        for i in 0..n {
+                            let (from, len, trunc) = rb.meta(i);
+                            let Some(from) = from else { continue };
+                            if trunc {
+                                stats
+                                    .truncated
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                continue;
+                            }
+                            let slot = rb.slot_mut(i);
+                            let range = SLOT_HEADROOM..SLOT_HEADROOM + len;
+                            if let Some(t) =
+                                server.handle_peer(now, family, port, from, slot, range)
+                            {
+                                queue(&mut sb, &server, &relays, &listener_fds, slot, t);
+                            }
+                        }
+                        let f = sb.flush();
+                        account(&stats, f, &mut warn, now.ms, id);
+                        if n < batch {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if now.ms >= server.poll_timeout() {
+            server.handle_timeout(now, &mut relays);
+        }
+        while let Some(ev) = server.poll_event() {
+            match ev {
+                crate::turn::Event::ResolveIdentity(username) => {
+                    let Some(r) = resolver.as_ref() else { continue };
+                    let tx = self_tx.clone();
+                    let w = waker.clone();
+                    let queued = r.resolve(
+                        username,
+                        Box::new(move |answer| {
+                            if tx.send(ShardMsg::IdentityAnswer(answer)).is_ok() {
+                                w.wake();
+                            }
+                        }),
+                    );
+                    if !queued && warn.allow(now.ms) {
+                        tracing::warn!(shard = id, "identity resolution queue full");
+                    }
+                }
+            }
+        }
+        stats.publish(&server, relays.bind_errors);
+    }
+    server.close_all(&mut relays);
+    stats.publish(&server, relays.bind_errors);
+    tracing::info!(shard = id, "shard stopped");
+}
+
+/// Queue a transmit. Responses are copied from the core's scratch buffer into the slot the
+/// request came in (the request is fully handled by then); relayed data already sits in the
+/// slot, framed in place.
+fn queue(
+    sb: &mut SendBatch,
+    server: &Server,
+    relays: &Relays,
+    listeners: &[RawFd],
+    slot: &mut [u8],
+    t: crate::turn::Transmit,
+) {
+    let fd = match t.src {
+        Src::Listener(i) => listeners[i as usize],
+        Src::Relay(f, p) => match relays.fd(f, p) {
+            Some(fd) => fd,
+            None => return,
+        },
+    };
+    // `slot` lives in the RecvBatch buffer, which is neither moved nor reused until the
+    // SendBatch is flushed at the end of this batch, so the pointer the batch keeps stays valid.
+    let data: &[u8] = match t.data {
+        Data::Buf(r) => &slot[r],
+        Data::Scratch(n) => {
+            if n == 0 || n > slot.len() {
+                return;
+            }
+            slot[..n].copy_from_slice(&server.scratch()[..n]);
+            &slot[..n]
+        }
+    };
+    if sb.is_full() {
+        return;
+    }
+    sb.push(fd, &t.dst, data);
+}
+
+fn account(stats: &ShardStats, f: io::Flushed, warn: &mut WarnLimiter, now_ms: u64, id: usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    stats.sent.fetch_add(f.sent, Relaxed);
+    stats.send_errors.fetch_add(f.failed, Relaxed);
+    stats.send_syscalls.fetch_add(f.syscalls, Relaxed);
+    if let Some(e) = f.last_error {
+        if warn.allow(now_ms) {
+            tracing::warn!(shard = id, errno = e, "sendmmsg failed for some datagrams");
+        }
+    }
+}
