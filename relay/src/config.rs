@@ -644,6 +644,40 @@ mod tests {
     }
 
     #[test]
+    fn documented_example_parses_validates_and_has_no_unknown_keys() {
+        let text = include_str!("../actrix.example.toml");
+        let (cfg, unknown) = parse(text).unwrap();
+        assert!(
+            unknown.is_empty(),
+            "unknown keys in the example: {unknown:?}"
+        );
+        let mut errors = vec![];
+        cfg.validate(&mut errors, vec![0, 1])
+            .unwrap_or_else(|| panic!("{errors:?}"));
+        // The example states the defaults: spot-check that it agrees with the code.
+        let d = Config::default();
+        assert_eq!(cfg.turn.default_lifetime, d.turn.default_lifetime);
+        assert_eq!(cfg.turn.max_lifetime, d.turn.max_lifetime);
+        assert_eq!(cfg.turn.relay_port_range, d.turn.relay_port_range);
+        assert_eq!(
+            cfg.turn.max_allocations_per_user,
+            d.turn.max_allocations_per_user
+        );
+        assert_eq!(cfg.io.batch, d.io.batch);
+        assert_eq!(cfg.io.socket_buffer, d.io.socket_buffer);
+        assert_eq!(cfg.stun.listen, d.stun.listen);
+        assert_eq!(cfg.ks.key_ttl_seconds, d.ks.key_ttl_seconds);
+        assert_eq!(cfg.ais.token_ttl_secs, d.ais.token_ttl_secs);
+        // Every top-level key of the example is a section of the schema and vice versa.
+        let doc: toml::Table = text.parse().unwrap();
+        let sections: Vec<&str> = doc.keys().map(|k| k.as_str()).collect();
+        assert_eq!(
+            sections,
+            ["ais", "cores", "http", "io", "ks", "log", "node", "services", "stun", "turn"]
+        );
+    }
+
+    #[test]
     fn every_error_is_listed_at_once() {
         let text = r#"
             bogus_top = 1

@@ -12,6 +12,8 @@
 pub mod auth;
 pub mod config;
 pub mod dataplane;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod policy;
 pub mod stun;
 pub mod turn;

@@ -1,0 +1,586 @@
+//! The control thread: one OS thread, one current-thread tokio runtime, one HTTP server.
+//!
+//! Everything that can fail because of configuration or the environment (bad config, wrong KEK,
+//! address in use, unreadable certificate) happens in [`ControlBuilder::spawn`] on the caller's
+//! thread, so it is returned rather than logged from inside the thread.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::{mpsc, oneshot};
+use tower_http::cors::CorsLayer;
+
+use crate::ais::{self, AisService};
+use crate::clock::{system_clock, SharedClock};
+use crate::config::{ControlConfig, CONTROL_DB_FILE, KS_DB_FILE};
+use crate::error::ControlError;
+use crate::identity::{IdentityError, IdentityQuery, IdentityVerifier, Readiness};
+use crate::ks::client::KsClient;
+use crate::ks::store::{KeyId, KeyStore, SecretRecord};
+use crate::ks::{self, KeySource, KeySourceError, KsService};
+use crate::nonce_auth::{NonceAuthenticator, NonceStore};
+use crate::realms::RealmStore;
+
+/// Capacity of the data plane → control thread identity channel.
+pub const IDENTITY_QUEUE: usize = 4096;
+/// Most identity queries parked while their key is fetched from a remote KS.
+const MAX_PENDING_QUERIES: usize = 4096;
+/// How long a graceful shutdown waits for open connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What route factories can use to build routes that talk to the control plane in-process
+/// (for example signaling calling the AIS without going through HTTP and its rate limit).
+#[derive(Clone, Debug)]
+pub struct ControlContext {
+    /// The AIS, when enabled. [`AisService::register`] is blocking: call it from
+    /// `spawn_blocking`.
+    pub ais: Option<Arc<AisService>>,
+    /// Where keys come from (local store or remote KS). Blocking.
+    pub keys: KeySource,
+    /// The realms table.
+    pub realms: RealmStore,
+    /// The nonce-auth verifier over the shared key (context strings keep callers apart).
+    pub auth: NonceAuthenticator,
+    /// The clock everything uses.
+    pub clock: SharedClock,
+}
+
+type RouteFactory = Box<dyn FnOnce(&ControlContext) -> Router + Send>;
+
+/// Builder for the control thread.
+pub struct ControlBuilder {
+    config: ControlConfig,
+    pin_core: Option<usize>,
+    extra: Router,
+    factories: Vec<RouteFactory>,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for ControlBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlBuilder")
+            .field("config", &self.config)
+            .field("pin_core", &self.pin_core)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlBuilder {
+    /// Start from a configuration whose secrets were resolved
+    /// ([`ControlConfig::resolve_secrets`]).
+    pub fn new(config: ControlConfig) -> Self {
+        ControlBuilder {
+            config,
+            pin_core: None,
+            extra: Router::new(),
+            factories: Vec::new(),
+            clock: system_clock(),
+        }
+    }
+
+    /// Pin the control thread to this core id.
+    pub fn pin_core(mut self, core: Option<usize>) -> Self {
+        self.pin_core = core;
+        self
+    }
+
+    /// Merge extra routes (signaling, `/metrics`, ...) into the same server.
+    pub fn routes(mut self, extra: Router) -> Self {
+        self.extra = self.extra.merge(extra);
+        self
+    }
+
+    /// Merge routes built from the running control plane's services (called once, during
+    /// [`ControlBuilder::spawn`], before the listener starts).
+    pub fn routes_with(
+        mut self,
+        factory: impl FnOnce(&ControlContext) -> Router + Send + 'static,
+    ) -> Self {
+        self.factories.push(Box::new(factory));
+        self
+    }
+
+    /// Use this clock instead of the system clock (tests).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Open the stores, bind the listener and start the thread.
+    pub fn spawn(self) -> Result<ControlHandle, ControlError> {
+        spawn_inner(self)
+    }
+}
+
+/// Start the control thread with the default routes.
+pub fn spawn(
+    config: ControlConfig,
+    pin_core: Option<usize>,
+) -> Result<ControlHandle, ControlError> {
+    ControlBuilder::new(config).pin_core(pin_core).spawn()
+}
+
+/// Start the control thread with extra routes merged into the server.
+pub fn spawn_with_routes(
+    config: ControlConfig,
+    pin_core: Option<usize>,
+    extra: Router,
+) -> Result<ControlHandle, ControlError> {
+    ControlBuilder::new(config)
+        .pin_core(pin_core)
+        .routes(extra)
+        .spawn()
+}
+
+/// Handle to the running control thread.
+pub struct ControlHandle {
+    local_addr: SocketAddr,
+    identity_tx: Sender<IdentityQuery>,
+    realms: RealmStore,
+    shutdown_tx: Option<oneshot::Sender<()>>,
+    forwarder_stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<Result<(), ControlError>>>,
+    forwarder: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ControlHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlHandle")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlHandle {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Sender of identity queries for the data plane. Bounded: a failed `try_send` means the
+    /// control thread is saturated and the client should be left to retransmit.
+    pub fn identity_sender(&self) -> Sender<IdentityQuery> {
+        self.identity_tx.clone()
+    }
+
+    /// The realms table (provisioning).
+    pub fn realms(&self) -> &RealmStore {
+        &self.realms
+    }
+
+    /// Stop serving (open connections get a grace period) and join the thread.
+    pub fn shutdown(mut self) -> Result<(), ControlError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), ControlError> {
+        if let Some(tx) = self.shutdown_tx.take() {
+            let _ = tx.send(());
+        }
+        if let Some(tx) = self.forwarder_stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(f) = self.forwarder.take() {
+            let _ = f.join();
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| ControlError::Thread("control thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ControlHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!(error = %e, "control thread stopped with an error");
+        }
+    }
+}
+
+enum Tls {
+    Plain,
+    Rustls(axum_server::tls_rustls::RustlsConfig),
+}
+
+fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls, ControlError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| ControlError::Tls(format!("{}: {e}", cert.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| ControlError::Tls(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(ControlError::Tls(format!(
+            "{}: no certificate found",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| ControlError::Tls(format!("{}: {e}", key.display())))?;
+    // Explicit provider: never depend on which rustls provider other crates enable.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ControlError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ControlError::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Tls::Rustls(
+        axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(cfg)),
+    ))
+}
+
+fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
+    let ControlBuilder {
+        config,
+        pin_core,
+        extra,
+        factories,
+        clock,
+    } = b;
+    let problems = config.validate();
+    if !problems.is_empty() {
+        return Err(ControlError::Config(problems));
+    }
+    let shared_key = config
+        .ks
+        .shared_key
+        .as_ref()
+        .ok_or_else(|| {
+            ControlError::Config(vec![
+                "ks.shared_key: not resolved (call ControlConfig::resolve_secrets first)".into(),
+            ])
+        })?
+        .expose()
+        .to_owned();
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| ControlError::io(&config.data_dir, e))?;
+
+    if let Some(core) = pin_core {
+        let known = core_affinity::get_core_ids().unwrap_or_default();
+        if !known.iter().any(|c| c.id == core) {
+            return Err(ControlError::Config(vec![format!(
+                "control core {core}: no such CPU (available: {:?})",
+                known.iter().map(|c| c.id).collect::<Vec<_>>()
+            )]));
+        }
+    }
+
+    // Stores. Opening the key store checks the KEK before anything is served.
+    let control_db = config.data_dir.join(CONTROL_DB_FILE);
+    let nonce_store = Arc::new(NonceStore::open(
+        &control_db,
+        config.ks.nonce_store_capacity,
+    )?);
+    let auth = NonceAuthenticator::new(shared_key.as_bytes(), nonce_store, clock.clone());
+    let realms = RealmStore::open(&control_db)?;
+
+    let mut key_store = None;
+    let key_source = if config.ks_is_local() {
+        let kek = config
+            .kek()
+            .map_err(|e| ControlError::Secret(format!("ks.kek: {e}")))?;
+        let store = Arc::new(KeyStore::open(
+            &config.data_dir.join(KS_DB_FILE),
+            kek.as_ref(),
+            config.ks.key_ttl_seconds,
+            config.ks.tolerance_seconds,
+        )?);
+        key_store = Some(store.clone());
+        KeySource::Local {
+            store,
+            clock: clock.clone(),
+        }
+    } else if let Some(url) = &config.ks.remote_url {
+        KeySource::Remote(KsClient::with_clock(
+            url,
+            &shared_key,
+            clock.clone(),
+            Duration::from_secs(5),
+        ))
+    } else {
+        KeySource::Unconfigured
+    };
+
+    let ais_service = if config.services.ais_enabled() {
+        Some(Arc::new(AisService::new(
+            config.ais.clone(),
+            key_source.clone(),
+            &control_db,
+            ais::snowflake::process_worker_id(&config.node_id),
+            auth.clone(),
+            realms.clone(),
+        )?))
+    } else {
+        None
+    };
+
+    // Routes.
+    let services = serde_json::json!({
+        "ks": key_store.is_some(),
+        "ks_remote": config.ks.remote_url.is_some(),
+        "ais": ais_service.is_some(),
+        "signaling": config.services.signaling_enabled(),
+    });
+    let node_id = config.node_id.clone();
+    let mut app = Router::new().route(
+        "/healthz",
+        get(move || {
+            let body = serde_json::json!({
+                "status": "ok",
+                "node_id": node_id,
+                "services": services,
+            });
+            async move { Json(body).into_response() }
+        }),
+    );
+    if let Some(store) = &key_store {
+        app = app.nest(
+            "/ks",
+            ks::router(Arc::new(KsService::new(store.clone(), auth.clone()))),
+        );
+    }
+    if let Some(svc) = &ais_service {
+        app = app.nest("/ais", ais::router(svc.clone()));
+    }
+    let ctx = ControlContext {
+        ais: ais_service.clone(),
+        keys: key_source.clone(),
+        realms: realms.clone(),
+        auth: auth.clone(),
+        clock: clock.clone(),
+    };
+    for factory in factories {
+        app = app.merge(factory(&ctx));
+    }
+    let app = app.merge(extra).layer(CorsLayer::permissive());
+
+    // Listener and TLS, synchronously, so failures are returned.
+    let listener =
+        std::net::TcpListener::bind(config.http.listen).map_err(|e| ControlError::Bind {
+            addr: config.http.listen,
+            source: e,
+        })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| ControlError::Bind {
+            addr: config.http.listen,
+            source: e,
+        })?;
+    let local_addr = listener.local_addr().map_err(|e| ControlError::Bind {
+        addr: config.http.listen,
+        source: e,
+    })?;
+    let tls = match (&config.http.tls_cert, &config.http.tls_key) {
+        (Some(c), Some(k)) => load_tls(c, k)?,
+        _ => Tls::Plain,
+    };
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .thread_name("actrix-ctl-blocking")
+        .build()
+        .map_err(|e| ControlError::Thread(format!("cannot build the runtime: {e}")))?;
+
+    // Identity queries: a bounded crossbeam channel for the data plane, forwarded into the
+    // runtime by a small thread (crossbeam receivers cannot be awaited).
+    let (identity_tx, identity_rx) = crossbeam_channel::bounded::<IdentityQuery>(IDENTITY_QUEUE);
+    let (fwd_stop_tx, fwd_stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let (async_tx, async_rx) = mpsc::channel::<IdentityQuery>(256);
+    let forwarder = std::thread::Builder::new()
+        .name("actrix-ctl-identity".into())
+        .spawn(move || forward_queries(identity_rx, fwd_stop_rx, async_tx))
+        .map_err(|e| ControlError::Thread(e.to_string()))?;
+
+    let verifier = IdentityVerifier::new(key_source, realms.clone(), config.turn_realm.clone());
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let identity_clock = clock.clone();
+
+    let thread = std::thread::Builder::new()
+        .name("actrix-control".into())
+        .spawn(move || {
+            if let Some(core) = pin_core {
+                if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                    tracing::warn!(core, "could not pin the control thread");
+                }
+            }
+            runtime.block_on(async move {
+                let (identity_stop_tx, identity_stop_rx) = oneshot::channel::<()>();
+                let identity = tokio::spawn(identity_loop(
+                    verifier,
+                    async_rx,
+                    identity_clock,
+                    identity_stop_rx,
+                ));
+                let refresher = ais_service.map(|svc| tokio::spawn(svc.refresh_loop()));
+                let res = serve(listener, tls, app, shutdown_rx).await;
+                if let Some(r) = refresher {
+                    r.abort();
+                }
+                // Let the identity loop answer what it still holds before the runtime ends.
+                let _ = identity_stop_tx.send(());
+                let _ = identity.await;
+                res
+            })
+        })
+        .map_err(|e| ControlError::Thread(e.to_string()))?;
+
+    tracing::info!(addr = %local_addr, "control plane listening");
+    Ok(ControlHandle {
+        local_addr,
+        identity_tx,
+        realms,
+        shutdown_tx: Some(shutdown_tx),
+        forwarder_stop: Some(fwd_stop_tx),
+        thread: Some(thread),
+        forwarder: Some(forwarder),
+    })
+}
+
+async fn serve(
+    listener: std::net::TcpListener,
+    tls: Tls,
+    app: Router,
+    shutdown_rx: oneshot::Receiver<()>,
+) -> Result<(), ControlError> {
+    let make = app.into_make_service_with_connect_info::<SocketAddr>();
+    match tls {
+        Tls::Plain => {
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| ControlError::Thread(format!("listener: {e}")))?;
+            let (grace_tx, grace_rx) = oneshot::channel::<()>();
+            let server = axum::serve(listener, make).with_graceful_shutdown(async move {
+                let _ = shutdown_rx.await;
+                let _ = grace_tx.send(());
+            });
+            // Graceful shutdown waits for open connections; cap the wait so a stuck client
+            // (or a long-lived WebSocket) cannot hold the process.
+            tokio::select! {
+                r = server => r.map_err(|e| ControlError::Thread(format!("server: {e}"))),
+                _ = async {
+                    let _ = grace_rx.await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => Ok(()),
+            }
+        }
+        Tls::Rustls(cfg) => {
+            let handle = axum_server::Handle::new();
+            let h2 = handle.clone();
+            tokio::spawn(async move {
+                let _ = shutdown_rx.await;
+                h2.graceful_shutdown(Some(SHUTDOWN_GRACE));
+            });
+            axum_server::from_tcp_rustls(listener, cfg)
+                .handle(handle)
+                .serve(make)
+                .await
+                .map_err(|e| ControlError::Thread(format!("server: {e}")))
+        }
+    }
+}
+
+fn forward_queries(
+    rx: Receiver<IdentityQuery>,
+    stop: Receiver<()>,
+    tx: mpsc::Sender<IdentityQuery>,
+) {
+    loop {
+        crossbeam_channel::select! {
+            recv(rx) -> q => match q {
+                Ok(q) => {
+                    if let Err(e) = tx.blocking_send(q) {
+                        // The control thread is gone: answer instead of dropping silently.
+                        (e.0.reply)(Err(IdentityError::Internal));
+                        return;
+                    }
+                }
+                Err(_) => return,
+            },
+            recv(stop) -> _ => {
+                // Every query gets exactly one reply, also at shutdown.
+                for q in rx.try_iter() {
+                    (q.reply)(Err(IdentityError::Internal));
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Answer identity queries on the control thread. Queries whose key must come from a remote KS
+/// are parked while one fetch per key id runs on the blocking pool.
+async fn identity_loop(
+    mut verifier: IdentityVerifier,
+    mut rx: mpsc::Receiver<IdentityQuery>,
+    clock: SharedClock,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let (done_tx, mut done_rx) =
+        mpsc::unbounded_channel::<(KeyId, Result<SecretRecord, KeySourceError>)>();
+    let mut pending: std::collections::HashMap<KeyId, Vec<IdentityQuery>> = Default::default();
+    let mut pending_count = 0usize;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            q = rx.recv() => {
+                let Some(q) = q else { break };
+                let now = clock.now_unix();
+                match verifier.readiness(&q.username, now) {
+                    Readiness::Ready => {
+                        let r = verifier.verify(&q.username, now);
+                        (q.reply)(r);
+                    }
+                    Readiness::NeedsKey(key_id) => {
+                        if pending_count >= MAX_PENDING_QUERIES {
+                            (q.reply)(Err(IdentityError::Overloaded));
+                            continue;
+                        }
+                        pending_count += 1;
+                        let waiting = pending.entry(key_id).or_default();
+                        waiting.push(q);
+                        if waiting.len() == 1 {
+                            let source = verifier.key_source().clone();
+                            let done = done_tx.clone();
+                            tokio::task::spawn_blocking(move || {
+                                let _ = done.send((key_id, source.secret(key_id)));
+                            });
+                        }
+                    }
+                }
+            }
+            Some((key_id, result)) = done_rx.recv() => {
+                let now = clock.now_unix();
+                verifier.insert_fetched(key_id, &result, now);
+                for q in pending.remove(&key_id).unwrap_or_default() {
+                    pending_count -= 1;
+                    let r = match &result {
+                        Err(KeySourceError::Unavailable(_)) => Err(IdentityError::KeyUnavailable),
+                        Err(KeySourceError::Internal(_)) => Err(IdentityError::Internal),
+                        _ => verifier.verify(&q.username, now),
+                    };
+                    (q.reply)(r);
+                }
+            }
+        }
+    }
+    // Shutdown: refuse what is queued or parked, so no reply is lost.
+    rx.close();
+    while let Some(q) = rx.recv().await {
+        (q.reply)(Err(IdentityError::Internal));
+    }
+    for (_, queries) in pending.drain() {
+        for q in queries {
+            (q.reply)(Err(IdentityError::Internal));
+        }
+    }
+}

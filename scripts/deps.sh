@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install what the test suite needs on a fresh Debian machine: coturn's test clients
+# (turnutils_uclient, turnutils_stunclient, turnutils_peer), iproute2 for network namespaces,
+# and the Python packages of the end-to-end tests (aioice, pytest). Idempotent and quiet.
+set -euo pipefail
+
+need_apt=()
+command -v turnutils_uclient >/dev/null 2>&1 || need_apt+=(coturn)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "deps: need root to install: ${need_apt[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# coturn's package enables a system service on some images; the tests never use it.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet coturn 2>/dev/null; then
+  systemctl stop coturn || true
+fi
+pkill -x turnserver 2>/dev/null || true
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import aioice, pytest' >/dev/null 2>&1; then
+  "$PY" -m pip install -q --disable-pip-version-check -r "$(dirname "$0")/requirements-test.txt"
+fi

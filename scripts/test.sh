@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI and people run it: formatting, lints with warnings denied, unit
+# and integration tests of every crate, end-to-end tests against real third-party clients,
+# and a short fuzz-corpus replay.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== dependencies"
+scripts/deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy (warnings denied)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== cargo build (release binary for the end-to-end tests)"
+cargo build --release -p actrix -p actrix-bench
+
+echo "== cargo test"
+cargo test --workspace
+
+echo "== end-to-end tests (coturn clients, aioice)"
+ACTRIX_BIN="$PWD/target/release/actrix" ACTRIX_BENCH="$PWD/target/release/actrix-bench" \
+  python3 -m pytest -q relay/tests/e2e
