@@ -583,3 +583,56 @@ mod tests {
         assert!(cache.len() <= 8);
     }
 }
+
+/// Per-source rate limits with fixed memory: a hashed table of one-second counters.
+///
+/// Used where an unauthenticated source can make the shard work or answer (401/438 challenges,
+/// identity resolutions). Two sources that share a slot reset each other's counter, which errs
+/// on the side of letting traffic through; spoofing many sources cannot grow memory.
+pub struct RateTable {
+    slots: Box<[(u64, u64, u32)]>,
+    limit: u32,
+    hasher: ahash::RandomState,
+}
+
+impl RateTable {
+    pub fn new(slots: usize, per_second: u32) -> Self {
+        RateTable {
+            slots: vec![(0, u64::MAX, 0); slots.max(1)].into_boxed_slice(),
+            limit: per_second,
+            hasher: ahash::RandomState::new(),
+        }
+    }
+
+    /// Count one event from `ip` in second `now_unix`; false when over the limit.
+    pub fn allow(&mut self, ip: IpAddr, now_unix: u64) -> bool {
+        let key = self.hasher.hash_one(ip);
+        let n = self.slots.len();
+        let slot = &mut self.slots[(key % n as u64) as usize];
+        if slot.0 != key || slot.1 != now_unix {
+            *slot = (key, now_unix, 1);
+            return true;
+        }
+        slot.2 = slot.2.saturating_add(1);
+        slot.2 <= self.limit
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[test]
+    fn per_source_per_second() {
+        let mut t = RateTable::new(64, 3);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!((0..3).all(|_| t.allow(a, 10)));
+        assert!(!t.allow(a, 10));
+        assert!(
+            t.allow(b, 10) || t.allow(b, 10),
+            "another source is not throttled by a"
+        );
+        assert!(t.allow(a, 11), "a new second");
+    }
+}

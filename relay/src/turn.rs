@@ -408,6 +408,11 @@ pub struct Server {
     scratch: Box<[u8; SCRATCH_LEN]>,
     rng: u64,
     draining: bool,
+    /// 401/438 challenges per source IP per second (reliability checklist A4).
+    challenge_limit: auth::RateTable,
+    /// Identity resolutions (an ECIES decryption on the control thread) per source IP per
+    /// second.
+    identity_limit: auth::RateTable,
     /// Time of the datagram being handled (set on entry, never read from a clock).
     now: Now,
     pub counters: Counters,
@@ -433,6 +438,8 @@ impl Server {
             scratch: Box::new([0u8; SCRATCH_LEN]),
             rng: seed | 1,
             draining: false,
+            challenge_limit: auth::RateTable::new(4096, 50),
+            identity_limit: auth::RateTable::new(4096, 10),
             now,
             counters: Counters::default(),
             cfg,
@@ -604,6 +611,7 @@ impl Server {
             }
         };
         match reply {
+            Ok(0) => None,
             Ok(n) => Some(Transmit {
                 src: Src::Listener(client.listener),
                 dst: client.addr,
@@ -749,6 +757,9 @@ impl Server {
                 return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
             }
             Lookup::Pending => {
+                if !self.identity_limit.allow(client.addr.ip(), now.unix) {
+                    return Authn::Drop(DropReason::RateLimited);
+                }
                 if self.keys.mark_pending(username, now.unix) && self.events.len() < 1024 {
                     self.events
                         .push_back(Event::ResolveIdentity(username.into()));
@@ -817,7 +828,12 @@ impl Server {
     }
 
     /// 401 or 438 with REALM and a fresh NONCE (no MESSAGE-INTEGRITY: we have no key yet).
+    /// Over the per-source limit nothing is sent (length 0 means "drop").
     fn challenge(&mut self, msg: &Message<'_>, client: ClientKey, code: u16) -> usize {
+        if !self.challenge_limit.allow(client.addr.ip(), self.now.unix) {
+            self.counters.drops[DropReason::RateLimited as usize] += 1;
+            return 0;
+        }
         let cfg = self.keys.config();
         let nonce = auth::make_nonce(&cfg.nonce_key, self.now.unix, client.addr);
         let realm_len = cfg.realm.len().min(MAX_REALM_NONCE);

@@ -1415,3 +1415,33 @@ fn garbage_is_dropped_and_counted() {
         .finish();
     assert!(h.client_raw(from, &buf[..n]).is_none());
 }
+
+#[test]
+fn challenges_are_rate_limited_per_source_with_fixed_memory() {
+    let mut h = H::new();
+    let c = alice();
+    let mut answered = 0;
+    for i in 0..200u32 {
+        let mut t = [0u8; 12];
+        t[..4].copy_from_slice(&i.to_be_bytes());
+        if h.send(&c, &c.request(method::ALLOCATE, t, &[udp()], false))
+            .is_some()
+        {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 50, "50 challenges per source per second");
+    assert_eq!(h.s.counters.drops[DropReason::RateLimited as usize], 150);
+    // Another source is still answered, and a new second resets the budget.
+    let other = Client::new("198.51.100.250:1", "bob", "hunter2");
+    assert!(h
+        .send(
+            &other,
+            &other.request(method::ALLOCATE, [9; 12], &[udp()], false)
+        )
+        .is_some());
+    h.advance(1);
+    assert!(h
+        .send(&c, &c.request(method::ALLOCATE, [8; 12], &[udp()], false))
+        .is_some());
+}

@@ -1,0 +1,215 @@
+//! Helpers for integration tests that run the real `actrix` binary on loopback.
+#![allow(dead_code)]
+
+use actrix::stun::{self, attr, method, Class, Message, MessageWriter};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running appliance; killed on drop.
+pub struct Appliance {
+    pub child: Child,
+    pub stun: SocketAddr,
+    pub http: SocketAddr,
+    pub dir: PathBuf,
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Appliance {
+    /// Start `actrix run -c <dir>/actrix.toml` with `extra` appended to a loopback config.
+    pub fn start(dir: &Path, extra: &str) -> Appliance {
+        let port = free_udp_port();
+        let http = free_tcp_port();
+        let base = (port as u32 % 50) * 200 + 50000;
+        let text = format!(
+            "[node]\ndata_dir = \"{}\"\n[cores]\npin = false\n[stun]\nlisten = [\"127.0.0.1:{port}\"]\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
+            dir.join("data").display()
+        );
+        let text = if text.contains("relay_port_range") {
+            text
+        } else {
+            text.replace(
+                "[turn]\n",
+                &format!("[turn]\nrelay_port_range = \"{}-{}\"\n", base, base + 199),
+            )
+        };
+        let cfg = dir.join("actrix.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_actrix"))
+            .args(["run", "-c"])
+            .arg(&cfg)
+            .env("ACTRIX_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start actrix");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) if l.contains("actrix ready") => break,
+                Ok(_) => {}
+                Err(_) => {
+                    if let Ok(Some(st)) = child.try_wait() {
+                        panic!("actrix exited early: {st}");
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "actrix did not become ready");
+        }
+        Appliance {
+            child,
+            stun: SocketAddr::from(([127, 0, 0, 1], port)),
+            http: SocketAddr::from(([127, 0, 0, 1], http)),
+            dir: dir.to_path_buf(),
+            log: rx,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal blocking TURN client over UDP built on the appliance's own codec.
+pub struct TurnClient {
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    pub username: Vec<u8>,
+    pub key: [u8; 16],
+    pub realm: Vec<u8>,
+    pub nonce: Vec<u8>,
+    tid: u32,
+}
+
+pub struct Reply {
+    pub bytes: Vec<u8>,
+}
+
+impl Reply {
+    pub fn msg(&self) -> Message<'_> {
+        Message::parse(&self.bytes).expect("reply parses")
+    }
+    pub fn code(&self) -> Option<u16> {
+        let m = self.msg();
+        m.get(attr::ERROR_CODE)
+            .and_then(stun::decode_error_code)
+            .map(|(c, _)| c)
+    }
+}
+
+impl TurnClient {
+    pub fn new(server: SocketAddr, username: &[u8], password: &[u8], realm: &str) -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        TurnClient {
+            sock,
+            server,
+            username: username.to_vec(),
+            key: stun::long_term_key_md5(username, realm.as_bytes(), password),
+            realm: realm.as_bytes().to_vec(),
+            nonce: Vec::new(),
+            tid: 0,
+        }
+    }
+
+    fn next_tid(&mut self) -> [u8; 12] {
+        self.tid += 1;
+        let mut t = [0x5A; 12];
+        t[8..].copy_from_slice(&self.tid.to_be_bytes());
+        t
+    }
+
+    pub fn build(&mut self, m: u16, attrs: &[(u16, Vec<u8>)], auth: bool) -> ([u8; 12], Vec<u8>) {
+        let tid = self.next_tid();
+        let mut buf = vec![0u8; 2048];
+        let mut w = MessageWriter::new(&mut buf, m, Class::Request, &tid).unwrap();
+        for (t, v) in attrs {
+            w.add(*t, v).unwrap();
+        }
+        if auth {
+            w.add(attr::USERNAME, &self.username).unwrap();
+            w.add(attr::REALM, &self.realm).unwrap();
+            w.add(attr::NONCE, &self.nonce).unwrap();
+            w.add_integrity(&self.key).unwrap();
+        }
+        w.add_fingerprint().unwrap();
+        let n = w.finish();
+        buf.truncate(n);
+        (tid, buf)
+    }
+
+    /// Send `bytes` up to `tries` times until a response with `tid` arrives.
+    pub fn transact(&self, tid: &[u8; 12], bytes: &[u8], tries: usize) -> Option<Reply> {
+        let mut buf = [0u8; 2048];
+        for _ in 0..tries {
+            self.sock.send_to(bytes, self.server).unwrap();
+            let until = Instant::now() + Duration::from_millis(300);
+            while Instant::now() < until {
+                if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                    if let Ok(m) = Message::parse(&buf[..n]) {
+                        if m.transaction_id() == tid {
+                            return Some(Reply {
+                                bytes: buf[..n].to_vec(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Authenticated request with the 401 round trip when there is no nonce yet.
+    pub fn call(&mut self, m: u16, attrs: &[(u16, Vec<u8>)], tries: usize) -> Option<Reply> {
+        if self.nonce.is_empty() {
+            let (tid, bytes) = self.build(m, attrs, false);
+            let r = self.transact(&tid, &bytes, 3)?;
+            assert_eq!(r.code(), Some(401));
+            self.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+        }
+        let (tid, bytes) = self.build(m, attrs, true);
+        self.transact(&tid, &bytes, tries)
+    }
+
+    pub fn allocate(&mut self, tries: usize) -> Option<Reply> {
+        self.call(
+            method::ALLOCATE,
+            &[(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
+            tries,
+        )
+    }
+}
