@@ -14,6 +14,7 @@ pub mod config;
 pub mod dataplane;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
 pub mod policy;
 pub mod stun;
 pub mod turn;

@@ -170,14 +170,19 @@ fn run(path: Option<PathBuf>) -> i32 {
             return 1;
         }
     }
-    let control =
-        match actrix_control::spawn(control_cfg, resolved.control_core.filter(|_| cfg.cores.pin)) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("actrix: control plane failed to start: {e}");
-                return 1;
-            }
-        };
+    let stats = DataPlane::new_stats(&resolved);
+    let registry = Arc::new(actrix::metrics::registry(stats.clone()));
+    let control = match actrix_control::ControlBuilder::new(control_cfg)
+        .pin_core(resolved.control_core.filter(|_| cfg.cores.pin))
+        .routes(actrix::metrics::router(registry))
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("actrix: control plane failed to start: {e}");
+            return 1;
+        }
+    };
     let resolver: Option<Arc<dyn IdentityResolver>> = if cfg.turn.identity_credentials {
         Some(Arc::new(ControlResolver {
             tx: control.identity_sender(),
@@ -187,7 +192,7 @@ fn run(path: Option<PathBuf>) -> i32 {
     };
 
     let dp = if cfg.turn.enabled {
-        match DataPlane::start(&cfg, &resolved, resolver) {
+        match DataPlane::start(&cfg, &resolved, resolver, stats) {
             Ok(dp) => Some(dp),
             Err(e) => {
                 eprintln!("actrix: {e:#}");
@@ -213,7 +218,7 @@ fn run(path: Option<PathBuf>) -> i32 {
         for l in &resolved.listen {
             println!("  STUN/TURN  udp://{l}   realm {}", cfg.turn.realm);
         }
-        println!("  HTTP       http://{http}  (/healthz, /ks, /ais)");
+        println!("  HTTP       http://{http}  (/healthz, /metrics, /ks, /ais)");
         println!("  demo user  demo / {pw}");
         println!(
             "  try: turnutils_uclient -u demo -w {pw} -r {} -e 127.0.0.1 -X 127.0.0.1",

@@ -148,12 +148,16 @@ pub fn build_shared(
 impl DataPlane {
     /// Open every socket and start the shards. Sockets are bound here, on the calling thread,
     /// so that errors (address in use, permission) are reported before anything runs.
+    /// `shard_stats` holds one entry per shard (see [`DataPlane::new_stats`]); they are
+    /// created before the data plane so the control thread can export them from the start.
     pub fn start(
         cfg: &Config,
         r: &Resolved,
         resolver: Option<Arc<dyn IdentityResolver>>,
+        shard_stats: Vec<Arc<ShardStats>>,
     ) -> anyhow::Result<DataPlane> {
         let n = r.shard_cores.len().max(1);
+        anyhow::ensure!(shard_stats.len() == n, "one stats block per shard");
         let (auth, policy, quotas) = build_shared(cfg, r, resolver.is_some());
         let slices = port_slices(r.port_min, r.port_max, n);
         let mut per_shard: Vec<Vec<Socket>> = (0..n).map(|_| Vec::new()).collect();
@@ -189,7 +193,7 @@ impl DataPlane {
             };
             let (tx, rx) = crossbeam_channel::unbounded();
             let waker = Arc::new(io::Waker::new()?);
-            let stats = Arc::new(ShardStats::default());
+            let stats = shard_stats[i].clone();
             let setup = ShardSetup {
                 id: i,
                 core: if cfg.cores.pin {
@@ -225,6 +229,13 @@ impl DataPlane {
             stats: all_stats,
             listen: r.listen.clone(),
         })
+    }
+
+    /// Counters for `r`'s shards, to pass to [`DataPlane::start`] and to the metrics exporter.
+    pub fn new_stats(r: &Resolved) -> Vec<Arc<ShardStats>> {
+        (0..r.shard_cores.len().max(1))
+            .map(|_| Arc::new(ShardStats::default()))
+            .collect()
     }
 
     fn send(&self, f: impl Fn() -> ShardMsg) {

@@ -1,0 +1,363 @@
+//! Prometheus exposition of the appliance's figures (`GET /metrics` on the control server).
+//!
+//! Shards publish their counters into [`ShardStats`] atomics; a scrape reads those with
+//! relaxed loads and never touches a shard, so it cannot stall the data plane. Labels carry only
+//! bounded values (shard number, drop reason, direction); never a username or an address.
+
+use crate::dataplane::stats::ShardStats;
+use crate::turn::DROP_REASONS;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+/// Collects the data plane's per-shard figures and process figures at scrape time.
+#[derive(Debug)]
+pub struct DataPlaneCollector {
+    pub shards: Vec<Arc<ShardStats>>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(0u64);
+    let mut m = enc.encode_descriptor(name, help, None, c.metric_type())?;
+    if let [(labels, v)] = series {
+        if labels.is_empty() {
+            return ConstCounter::new(*v).encode(m);
+        }
+    }
+    for (labels, v) in series {
+        let f = m.encode_family(labels)?;
+        ConstCounter::new(*v).encode(f)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, i64)],
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(0i64);
+    let mut m = enc.encode_descriptor(name, help, None, g.metric_type())?;
+    if let [(labels, v)] = series {
+        if labels.is_empty() {
+            return ConstGauge::new(*v).encode(m);
+        }
+    }
+    for (labels, v) in series {
+        let f = m.encode_family(labels)?;
+        ConstGauge::new(*v).encode(f)?;
+    }
+    Ok(())
+}
+
+impl DataPlaneCollector {
+    fn per_shard(&self, f: impl Fn(&ShardStats) -> u64) -> Vec<(Labels, u64)> {
+        self.shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (vec![("shard", i.to_string())], f(s)))
+            .collect()
+    }
+}
+
+impl Collector for DataPlaneCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut packets = Vec::new();
+        let mut bytes = Vec::new();
+        let mut relayed = Vec::new();
+        let mut drops = Vec::new();
+        for (i, s) in self.shards.iter().enumerate() {
+            let sh = i.to_string();
+            packets.push((
+                vec![("shard", sh.clone()), ("side", "client".into())],
+                s.client_packets.load(Relaxed),
+            ));
+            packets.push((
+                vec![("shard", sh.clone()), ("side", "peer".into())],
+                s.peer_packets.load(Relaxed),
+            ));
+            bytes.push((
+                vec![("shard", sh.clone()), ("side", "client".into())],
+                s.client_bytes.load(Relaxed),
+            ));
+            bytes.push((
+                vec![("shard", sh.clone()), ("side", "peer".into())],
+                s.peer_bytes.load(Relaxed),
+            ));
+            relayed.push((
+                vec![("shard", sh.clone()), ("direction", "to_peer".into())],
+                s.relayed_to_peer.load(Relaxed),
+            ));
+            relayed.push((
+                vec![("shard", sh.clone()), ("direction", "to_client".into())],
+                s.relayed_to_client.load(Relaxed),
+            ));
+            for (r, d) in DROP_REASONS.iter().zip(s.drops.iter()) {
+                drops.push((
+                    vec![("shard", sh.clone()), ("reason", r.to_string())],
+                    d.load(Relaxed),
+                ));
+            }
+            drops.push((
+                vec![("shard", sh.clone()), ("reason", "truncated".into())],
+                s.truncated.load(Relaxed),
+            ));
+        }
+        counter(
+            &mut enc,
+            "actrix_packets_received",
+            "Datagrams received by side",
+            &packets,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_bytes_received",
+            "Bytes received by side",
+            &bytes,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_packets_sent",
+            "Datagrams sent",
+            &self.per_shard(|s| s.sent.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_send_errors",
+            "Datagrams the kernel refused to send",
+            &self.per_shard(|s| s.send_errors.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_send_syscalls",
+            "sendmmsg calls",
+            &self.per_shard(|s| s.send_syscalls.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_relayed_packets",
+            "Datagrams relayed by direction",
+            &relayed,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_drops",
+            "Datagrams dropped without an answer, by reason",
+            &drops,
+        )?;
+        gauge(
+            &mut enc,
+            "actrix_allocations_active",
+            "Allocations currently active",
+            &self
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    (
+                        vec![("shard", i.to_string())],
+                        s.allocations_active.load(Relaxed) as i64,
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_allocations_created",
+            "Allocations granted",
+            &self.per_shard(|s| s.allocations_created.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_allocations_expired",
+            "Allocations that reached their lifetime",
+            &self.per_shard(|s| s.allocations_expired.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_allocations_deleted",
+            "Allocations deleted by Refresh 0",
+            &self.per_shard(|s| s.allocations_deleted.load(Relaxed)),
+        )?;
+        let mut refused = Vec::new();
+        for (i, s) in self.shards.iter().enumerate() {
+            refused.push((
+                vec![("shard", i.to_string()), ("reason", "quota".into())],
+                s.allocations_refused_quota.load(Relaxed),
+            ));
+            refused.push((
+                vec![("shard", i.to_string()), ("reason", "capacity".into())],
+                s.allocations_refused_capacity.load(Relaxed),
+            ));
+        }
+        counter(
+            &mut enc,
+            "actrix_allocations_refused",
+            "Allocations refused (486 quota, 508 capacity or draining)",
+            &refused,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_permissions_created",
+            "Permissions installed or refreshed",
+            &self.per_shard(|s| s.permissions_created.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_channels_bound",
+            "Channel bindings made or refreshed",
+            &self.per_shard(|s| s.channels_bound.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_peers_denied",
+            "Peer addresses refused by policy (403)",
+            &self.per_shard(|s| s.peers_denied.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_binding_requests",
+            "STUN Binding requests answered",
+            &self.per_shard(|s| s.binding_requests.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_auth_challenges",
+            "401 challenges to requests without credentials",
+            &self.per_shard(|s| s.auth_challenges.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_auth_failures",
+            "Requests with bad credentials, nonce or realm (401)",
+            &self.per_shard(|s| s.auth_failures.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_stale_nonces",
+            "Requests with an expired nonce (438)",
+            &self.per_shard(|s| s.stale_nonces.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_error_responses",
+            "STUN error responses sent",
+            &self.per_shard(|s| s.error_responses.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_relay_bind_errors",
+            "Relay ports that could not be bound",
+            &self.per_shard(|s| s.relay_bind_errors.load(Relaxed)),
+        )?;
+
+        let p = process_figures();
+        gauge(
+            &mut enc,
+            "process_resident_memory_bytes",
+            "Resident memory",
+            &[(vec![], p.rss as i64)],
+        )?;
+        gauge(
+            &mut enc,
+            "process_open_fds",
+            "Open file descriptors",
+            &[(vec![], p.fds as i64)],
+        )?;
+        gauge(
+            &mut enc,
+            "process_threads",
+            "Threads",
+            &[(vec![], p.threads as i64)],
+        )?;
+        counter(
+            &mut enc,
+            "process_cpu_ticks",
+            "User+system CPU time in clock ticks (USER_HZ)",
+            &[(vec![], p.cpu_ticks)],
+        )?;
+        Ok(())
+    }
+}
+
+struct Process {
+    rss: u64,
+    fds: u64,
+    threads: u64,
+    cpu_ticks: u64,
+}
+
+fn process_figures() -> Process {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let tick = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Process {
+        rss: field("VmRSS:") * 1024,
+        fds: std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count() as u64)
+            .unwrap_or(0),
+        threads: field("Threads:"),
+        cpu_ticks: tick(11) + tick(12),
+    }
+}
+
+/// Build the registry for `/metrics`.
+pub fn registry(shards: Vec<Arc<ShardStats>>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(DataPlaneCollector { shards }));
+    r
+}
+
+/// Text exposition of `registry`.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// The `/metrics` route.
+pub fn router(registry: Arc<Registry>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let r = registry.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    render(&r),
+                )
+            }
+        }),
+    )
+}

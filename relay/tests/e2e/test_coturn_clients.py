@@ -1,0 +1,181 @@
+"""coturn's own test clients against the appliance: STUN Binding and TURN relaying."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+
+import pytest
+
+import turnwire as tw
+from conftest import PASSWORD, REST_SECRET, USER, client, has_ipv6_loopback, run_uclient
+
+REFLEXIVE_RE = re.compile(r"UDP reflexive addr: (\S+):(\d+)")
+
+
+def ephemeral_range() -> tuple[int, int]:
+    lo, hi = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+    return int(lo), int(hi)
+
+
+@pytest.mark.parametrize("local", ["127.0.0.1", "127.0.0.3"])
+def test_stunclient_gets_its_reflexive_address(appliance, local):
+    r = subprocess.run(
+        ["turnutils_stunclient", "-p", str(appliance.port), "-L", local, "127.0.0.1"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    found = REFLEXIVE_RE.findall(r.stdout + r.stderr)
+    assert found, r.stdout + r.stderr
+    lo, hi = ephemeral_range()
+    for ip, port in found:
+        # The source address the client really used (the -L address), not a constant.
+        assert ip == local
+        assert lo <= int(port) <= hi, f"reflexive port {port} is not a kernel-chosen port"
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="host has no ::1")
+def test_stunclient_ipv6_listener(appliance_factory):
+    app = appliance_factory(listen_host="::1")
+    r = subprocess.run(
+        ["turnutils_stunclient", "-p", str(app.port), "::1"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"UDP reflexive addr: \[?([0-9a-f:]+)\]?:(\d+)", r.stdout + r.stderr)
+    assert m, r.stdout + r.stderr
+    assert m.group(1) == "::1"
+
+
+def test_binding_reflexive_address_exact(appliance):
+    """Our own Binding from a socket whose port we know: XOR-MAPPED-ADDRESS is exactly it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(2)
+        req = tw.Msg(tw.BINDING, tw.REQUEST)
+        s.sendto(req.encode(fingerprint=True), appliance.addr)
+        data, src = s.recvfrom(2048)
+        assert src == appliance.addr
+        resp = tw.parse(data)
+        assert resp is not None and resp.cls == tw.SUCCESS and resp.tid == req.tid
+        assert resp.xor_addr(tw.XOR_MAPPED_ADDRESS) == s.getsockname()
+        assert tw.verify_fingerprint(data)
+
+
+# ------------------------------------------------------------------------------------------
+# turnutils_uclient: relaying through the appliance
+# ------------------------------------------------------------------------------------------
+
+LOAD = ["-n", "100", "-m", "10", "-l", "100"]
+TOTALS_RE = re.compile(r"start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
+
+
+def totals(out: str) -> tuple[int, int] | None:
+    """The final message counters uclient prints (sent, received)."""
+    m = TOTALS_RE.findall(out)
+    return (int(m[-1][0]), int(m[-1][1])) if m else None
+
+
+def uclient_args(app, peer_port: int | None, *flags: str, user=USER, password=PASSWORD):
+    args = list(flags) + LOAD + ["-p", str(app.port)]
+    if user is not None:
+        args += ["-u", user]
+    if password is not None:
+        args += ["-w", password]
+    if peer_port is not None:
+        args += ["-e", "127.0.0.1", "-r", str(peer_port)]
+    return args + ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param([], id="channels"),
+        pytest.param(["-s"], id="send-indications"),
+        pytest.param(["-c"], id="no-rtcp"),
+        pytest.param(["-s", "-c"], id="send-no-rtcp"),
+    ],
+)
+def test_uclient_relays_to_peer_without_loss(appliance, turnutils_peer, flags):
+    peer = turnutils_peer()
+    r, lost = run_uclient(uclient_args(appliance, peer, *flags))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert lost == 0, out[-3000:]
+    # It did relay: 10 clients x 100 messages went out and came back.
+    assert totals(out) == (1000, 1000), out[-2000:]
+
+
+def test_uclient_client_to_client_under_default_policy(appliance_factory):
+    """-y: pairs of clients relay to each other's relay addresses. No allow_peers: a relay
+    address currently allocated on this appliance is a valid peer by default."""
+    app = appliance_factory()
+    assert "allow_peers" not in app.config["turn"]
+    r, lost = run_uclient(uclient_args(app, None, "-y"))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert lost == 0, out[-3000:]
+    assert totals(out) == (1000, 1000), out[-2000:]
+
+
+def test_uclient_client_to_client_send_indications(appliance_factory):
+    app = appliance_factory()
+    r, lost = run_uclient(uclient_args(app, None, "-y", "-s", "-c"))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert lost == 0, out[-3000:]
+
+
+def test_uclient_rest_credentials(appliance, turnutils_peer):
+    peer = turnutils_peer()
+    args = uclient_args(appliance, peer, "-W", REST_SECRET, user="rest-user", password=None)
+    r, lost = run_uclient(args)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert lost == 0, out[-3000:]
+
+
+def test_uclient_wrong_rest_secret_fails(appliance, turnutils_peer):
+    peer = turnutils_peer()
+    args = uclient_args(
+        appliance, peer, "-W", "not-the-secret-at-all", user="rest-user", password=None
+    )
+    args[args.index("-n") + 1] = "5"
+    args[args.index("-m") + 1] = "1"
+    r, lost = run_uclient(args, timeout=60)
+    assert r.returncode != 0
+    assert lost is None, "no relaying may happen with a wrong REST secret"
+
+
+def test_uclient_wrong_password_fails(appliance, turnutils_peer):
+    peer = turnutils_peer()
+    args = uclient_args(appliance, peer, password="wrong-password")
+    args[args.index("-n") + 1] = "5"
+    args[args.index("-m") + 1] = "1"
+    r, lost = run_uclient(args, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-2000:]
+    assert lost is None, out[-2000:]
+    assert "Cannot complete Allocation" in out, out[-2000:]
+
+
+def test_wrong_password_and_unknown_user_get_the_same_401(appliance):
+    """A3: 401 with REALM and a fresh NONCE for both; never an allocation."""
+    answers = []
+    for user, pw in ((USER, "wrong-password"), ("nobody-here", "whatever-pass")):
+        with client(appliance, user, pw) as c:
+            resp = c.allocate(check=False)
+            assert resp.cls == tw.ERROR and resp.error_code() == 401, resp
+            assert resp.get(tw.REALM) == b"actor-rtc.local"
+            assert resp.get(tw.NONCE)
+            assert resp.get(tw.XOR_RELAYED_ADDRESS) is None
+            answers.append(sorted(t for t, _ in resp.attrs))
+    assert answers[0] == answers[1]
+    with client(appliance) as c:
+        ok = c.allocate()
+        assert ok.cls == tw.SUCCESS and c.relayed[0] == "127.0.0.1"
