@@ -78,19 +78,29 @@ fn check(path: &std::path::Path) -> i32 {
     }
 }
 
-fn init_logging(cfg: &Config) {
-    let filter = std::env::var("ACTRIX_LOG").unwrap_or_else(|_| cfg.log.level.clone());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into());
+type LogHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    let filter = std::env::var("ACTRIX_LOG").unwrap_or_else(|_| level.to_string());
+    tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into())
+}
+
+fn init_logging(cfg: &Config) -> LogHandle {
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(log_filter(&cfg.log.level));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     if cfg.log.format == "json" {
-        builder.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
+    handle
 }
 
 /// Bridges shard identity requests to the control thread's bounded channel.
@@ -132,7 +142,7 @@ fn run(path: Option<PathBuf>) -> i32 {
             return 1;
         }
     };
-    init_logging(&cfg);
+    let log_handle = init_logging(&cfg);
     let mut demo = None;
     if embedded {
         // The embedded configuration has a demo user with a password made fresh at each start.
@@ -172,9 +182,12 @@ fn run(path: Option<PathBuf>) -> i32 {
     }
     let stats = DataPlane::new_stats(&resolved);
     let registry = Arc::new(actrix::metrics::registry(stats.clone()));
+    let (events_tx, events_rx) = crossbeam_channel::unbounded::<Event>();
+    let reload_tx = events_tx.clone();
     let control = match actrix_control::ControlBuilder::new(control_cfg)
         .pin_core(resolved.control_core.filter(|_| cfg.cores.pin))
         .routes(actrix::metrics::router(registry))
+        .routes_with(move |ctx| reload_router(ctx.auth.clone(), reload_tx))
         .spawn()
     {
         Ok(c) => c,
@@ -220,15 +233,20 @@ fn run(path: Option<PathBuf>) -> i32 {
         }
         println!("  HTTP       http://{http}  (/healthz, /metrics, /ks, /ais)");
         println!("  demo user  demo / {pw}");
-        println!(
-            "  try: turnutils_uclient -u demo -w {pw} -r {} -e 127.0.0.1 -X 127.0.0.1",
-            cfg.turn.realm
-        );
+        println!("  try: turnutils_uclient -y -s -u demo -w {pw} -n 100 127.0.0.1");
         println!("Ctrl-C stops it.");
     }
 
-    wait_for_shutdown(
+    let reloader = Reloader {
+        path: path.clone(),
+        current: (cfg.clone(), resolved.clone()),
+        log: log_handle,
+    };
+    forward_signals(events_tx);
+    run_until_shutdown(
         dp.as_ref(),
+        reloader,
+        &events_rx,
         Duration::from_secs(cfg.turn.shutdown_grace_secs),
     );
     if let Some(dp) = dp {
@@ -241,19 +259,196 @@ fn run(path: Option<PathBuf>) -> i32 {
     0
 }
 
-/// Block until SIGTERM or SIGINT; then drain (no new allocations) until no allocation is left
-/// or the grace period ends. A second signal ends the drain at once.
-fn wait_for_shutdown(dp: Option<&DataPlane>, grace: Duration) {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install signal handlers");
-            return;
+/// What wakes the main thread.
+enum Event {
+    Signal(i32),
+    /// A reload asked for over HTTP; the answer goes back on the channel.
+    Reload(crossbeam_channel::Sender<Result<Vec<String>, Vec<String>>>),
+}
+
+fn forward_signals(tx: crossbeam_channel::Sender<Event>) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(mut signals) => {
+            std::thread::Builder::new()
+                .name("actrix-signals".into())
+                .spawn(move || {
+                    for sig in signals.forever() {
+                        if tx.send(Event::Signal(sig)).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .ok();
         }
-    };
-    let sig = signals.forever().next();
-    tracing::info!(signal = ?sig, "shutting down: no new allocations");
+        Err(e) => tracing::error!(error = %e, "cannot install signal handlers"),
+    }
+}
+
+/// `POST /admin/reload`, signed with the shared key like the AIS admin routes (payload
+/// `admin_reload`, headers `X-Actrix-Timestamp`, `X-Actrix-Nonce`, `X-Actrix-Signature`).
+fn reload_router(
+    auth: actrix_control::nonce_auth::NonceAuthenticator,
+    tx: crossbeam_channel::Sender<Event>,
+) -> axum::Router {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    axum::Router::new().route(
+        "/admin/reload",
+        axum::routing::post(move |headers: HeaderMap| {
+            let auth = auth.clone();
+            let tx = tx.clone();
+            async move {
+                if let Err(r) = actrix_control::ais::verify_signed_headers(
+                    auth,
+                    &headers,
+                    "admin",
+                    "admin_reload".into(),
+                )
+                .await
+                {
+                    return r;
+                }
+                let (rtx, rrx) = crossbeam_channel::bounded(1);
+                if tx.send(Event::Reload(rtx)).is_err() {
+                    return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+                }
+                let answer =
+                    tokio_blocking(move || rrx.recv_timeout(Duration::from_secs(10))).await;
+                let json = |status: &str, key: &str, v: Vec<String>| {
+                    let items: Vec<String> = v.iter().map(|e| format!("{e:?}")).collect();
+                    format!(
+                        "{{\"status\":\"{status}\",\"{key}\":[{}]}}",
+                        items.join(",")
+                    )
+                };
+                match answer {
+                    Some(Ok(Ok(notes))) => (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        json("ok", "notes", notes),
+                    )
+                        .into_response(),
+                    Some(Ok(Err(errors))) => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        json("refused", "errors", errors),
+                    )
+                        .into_response(),
+                    _ => (StatusCode::SERVICE_UNAVAILABLE, "reload timed out").into_response(),
+                }
+            }
+        }),
+    )
+}
+
+/// Run a blocking closure off the control thread's event loop.
+async fn tokio_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.await.ok()
+}
+
+/// Live reload: re-read the file, validate, apply what can change without a restart.
+struct Reloader {
+    path: Option<PathBuf>,
+    current: (Config, Resolved),
+    log: LogHandle,
+}
+
+impl Reloader {
+    fn reload(&mut self, dp: Option<&DataPlane>) -> Result<Vec<String>, Vec<String>> {
+        let Some(path) = &self.path else {
+            return Err(vec![
+                "running on the embedded configuration: nothing to reload".into(),
+            ]);
+        };
+        let (cfg, r) = config::load(Some(path))?;
+        let mut notes = Vec::new();
+        if let Some(dp) = dp {
+            notes.extend(dp.reload((&self.current.0, &self.current.1), &cfg, &r));
+        }
+        if cfg.log.level != self.current.0.log.level {
+            match self.log.reload(log_filter(&cfg.log.level)) {
+                Ok(()) => notes.push(format!("log.level: now {}", cfg.log.level)),
+                Err(e) => notes.push(format!("log.level: not changed ({e})")),
+            }
+        }
+        for (key, changed) in [
+            (
+                "ks",
+                format!("{:?}", cfg.ks) != format!("{:?}", self.current.0.ks),
+            ),
+            (
+                "ais",
+                format!("{:?}", cfg.ais) != format!("{:?}", self.current.0.ais),
+            ),
+            (
+                "services",
+                format!("{:?}", cfg.services) != format!("{:?}", self.current.0.services),
+            ),
+            (
+                "http.tls",
+                cfg.http.tls_cert != self.current.0.http.tls_cert
+                    || cfg.http.tls_key != self.current.0.http.tls_key,
+            ),
+        ] {
+            if changed {
+                notes.push(format!("{key}: changed, takes effect after a restart"));
+            }
+        }
+        self.current = (cfg, r);
+        Ok(notes)
+    }
+}
+
+/// Serve until SIGTERM or SIGINT (SIGHUP and `/admin/reload` reload the configuration); then
+/// drain: no new allocations until none is left or the grace period ends. A second signal ends
+/// the drain at once.
+fn run_until_shutdown(
+    dp: Option<&DataPlane>,
+    mut reloader: Reloader,
+    events: &crossbeam_channel::Receiver<Event>,
+    grace: Duration,
+) {
+    use signal_hook::consts::SIGHUP;
+    loop {
+        match events.recv() {
+            Ok(Event::Signal(SIGHUP)) => match reloader.reload(dp) {
+                Ok(notes) => {
+                    tracing::info!("configuration reloaded");
+                    for n in notes {
+                        tracing::info!("{n}");
+                    }
+                }
+                Err(errors) => {
+                    tracing::error!(
+                        count = errors.len(),
+                        "new configuration refused; the old one stays in force"
+                    );
+                    for e in errors {
+                        tracing::error!("{e}");
+                    }
+                }
+            },
+            Ok(Event::Reload(reply)) => {
+                let r = reloader.reload(dp);
+                match &r {
+                    Ok(_) => tracing::info!("configuration reloaded (admin endpoint)"),
+                    Err(e) => {
+                        tracing::error!(errors = ?e, "new configuration refused; the old one stays in force")
+                    }
+                }
+                let _ = reply.send(r);
+            }
+            Ok(Event::Signal(sig)) => {
+                tracing::info!(signal = sig, "shutting down: no new allocations");
+                break;
+            }
+            Err(_) => return,
+        }
+    }
     let Some(dp) = dp else { return };
     dp.drain();
     let deadline = Instant::now() + grace;
@@ -270,13 +465,14 @@ fn wait_for_shutdown(dp: Option<&DataPlane>, grace: Duration) {
             );
             return;
         }
-        if signals.pending().next().is_some() {
-            tracing::info!(
-                allocations = left,
-                "second signal; closing remaining allocations"
-            );
-            return;
+        if let Ok(Event::Signal(s)) = events.recv_timeout(Duration::from_millis(100)) {
+            if s != SIGHUP {
+                tracing::info!(
+                    allocations = left,
+                    "second signal; closing remaining allocations"
+                );
+                return;
+            }
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }

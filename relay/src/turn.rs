@@ -165,8 +165,8 @@ pub struct Counters {
 /// count is updated under its map entry.
 #[derive(Debug)]
 pub struct Quotas {
-    pub max_total: usize,
-    pub max_per_user: usize,
+    max_total: AtomicUsize,
+    max_per_user: AtomicUsize,
     total: AtomicUsize,
     users: DashMap<Box<[u8]>, usize, ahash::RandomState>,
 }
@@ -174,17 +174,26 @@ pub struct Quotas {
 impl Quotas {
     pub fn new(max_total: usize, max_per_user: usize) -> Self {
         Quotas {
-            max_total,
-            max_per_user,
+            max_total: AtomicUsize::new(max_total),
+            max_per_user: AtomicUsize::new(max_per_user),
             total: AtomicUsize::new(0),
             users: DashMap::with_hasher(ahash::RandomState::new()),
         }
     }
 
+    /// Change the limits (live reload). Allocations above a lowered limit are kept; new ones
+    /// are refused until the count falls below it.
+    pub fn set_limits(&self, max_total: usize, max_per_user: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_user.store(max_per_user, Ordering::Relaxed);
+    }
+
     pub fn try_acquire(&self, user: &[u8]) -> bool {
+        let max_total = self.max_total.load(Ordering::Relaxed);
+        let max_per_user = self.max_per_user.load(Ordering::Relaxed);
         let mut cur = self.total.load(Ordering::Relaxed);
         loop {
-            if cur >= self.max_total {
+            if cur >= max_total {
                 return false;
             }
             match self.total.compare_exchange_weak(
@@ -198,7 +207,7 @@ impl Quotas {
             }
         }
         let mut entry = self.users.entry(user.into()).or_insert(0);
-        if *entry >= self.max_per_user {
+        if *entry >= max_per_user {
             drop(entry);
             self.total.fetch_sub(1, Ordering::AcqRel);
             return false;

@@ -515,6 +515,42 @@ fn json_error(status: StatusCode, message: &str) -> Response {
 }
 
 /// Verify a signed admin request on the blocking pool, then run `f` there too.
+/// Verify a request signed with the shared key in the `X-Actrix-*` headers, for admin routes
+/// mounted outside this module (the appliance's reload endpoint, for one). `context` keeps the
+/// nonce spaces of different callers apart.
+pub async fn verify_signed_headers(
+    auth: crate::nonce_auth::NonceAuthenticator,
+    headers: &HeaderMap,
+    context: &'static str,
+    payload: String,
+) -> Result<(), Response> {
+    let cred = match header_credential(headers) {
+        None => {
+            return Err(json_error(
+                StatusCode::UNAUTHORIZED,
+                "Authentication required: sign with X-Actrix-Timestamp, X-Actrix-Nonce, X-Actrix-Signature",
+            ))
+        }
+        Some(Err(e)) => {
+            let (s, m) = auth_status(&e);
+            return Err(json_error(s, m));
+        }
+        Some(Ok(c)) => c,
+    };
+    let res = tokio::task::spawn_blocking(move || auth.verify(context, &cred, &payload)).await;
+    match res {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            let (s, m) = auth_status(&e);
+            Err(json_error(s, m))
+        }
+        Err(_) => Err(json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal server error",
+        )),
+    }
+}
+
 async fn signed_admin<T, F>(
     svc: Arc<AisService>,
     headers: &HeaderMap,

@@ -23,6 +23,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crate::policy::RelayPortSet;
+
 struct ShardHandle {
     tx: crossbeam_channel::Sender<ShardMsg>,
     waker: Arc<io::Waker>,
@@ -32,6 +34,7 @@ struct ShardHandle {
 /// The running data plane.
 pub struct DataPlane {
     shards: Vec<ShardHandle>,
+    shared: Shared,
     pub stats: Vec<Arc<ShardStats>>,
     pub listen: Vec<SocketAddr>,
 }
@@ -103,13 +106,10 @@ pub fn interface_addresses() -> Vec<IpAddr> {
     out
 }
 
-/// The immutable pieces shared by every shard, built from the configuration.
-pub fn build_shared(
-    cfg: &Config,
-    r: &Resolved,
-    identities: bool,
-) -> (Arc<AuthConfig>, Arc<PeerPolicy>, Arc<Quotas>) {
-    let mut auth = AuthConfig::new(&cfg.turn.realm, rand::random());
+/// Authentication settings for every shard. The nonce key is kept across reloads so that
+/// outstanding nonces stay valid.
+pub fn build_auth(cfg: &Config, nonce_key: [u8; 32], identities: bool) -> Arc<AuthConfig> {
+    let mut auth = AuthConfig::new(&cfg.turn.realm, nonce_key);
     for u in &cfg.turn.users {
         auth.add_user(&u.name, &u.password);
     }
@@ -121,8 +121,14 @@ pub fn build_shared(
         .collect();
     auth.identities = identities && cfg.turn.identity_credentials;
     auth.nonce_lifetime = cfg.turn.nonce_lifetime as u64;
+    Arc::new(auth)
+}
 
+/// The peer policy. `relay_ports` is the live bitmap of allocated relay ports, shared with the
+/// previous policy across reloads.
+pub fn build_policy(cfg: &Config, r: &Resolved, relay_ports: Arc<RelayPortSet>) -> Arc<PeerPolicy> {
     let mut policy = PeerPolicy::new(r.allow.clone(), r.deny.clone());
+    policy.relay_ports = relay_ports;
     let mut own: Vec<IpAddr> = interface_addresses();
     own.extend(r.listen.iter().map(|a| a.ip()));
     for (bind, adv) in r.relay_v4.iter().chain(r.relay_v6.iter()) {
@@ -141,8 +147,44 @@ pub fn build_shared(
     ports.sort();
     ports.dedup();
     policy.service_ports = ports;
-    let quotas = Quotas::new(cfg.turn.max_allocations, cfg.turn.max_allocations_per_user);
-    (Arc::new(auth), Arc::new(policy), Arc::new(quotas))
+    Arc::new(policy)
+}
+
+/// Everything that survives a live reload.
+struct Shared {
+    nonce_key: [u8; 32],
+    identities: bool,
+    relay_ports: Arc<RelayPortSet>,
+    quotas: Arc<Quotas>,
+    slices: Vec<(u16, u16)>,
+}
+
+impl Shared {
+    fn turn_config(
+        &self,
+        cfg: &Config,
+        r: &Resolved,
+        shard: usize,
+        auth: &Arc<AuthConfig>,
+        policy: &Arc<PeerPolicy>,
+    ) -> TurnConfig {
+        let mut turn = TurnConfig::new(auth.clone(), policy.clone(), self.quotas.clone());
+        turn.relay_v4 = r.relay_v4.map(|(_, adv)| adv);
+        turn.relay_v6 = r.relay_v6.map(|(_, adv)| adv);
+        turn.port_min = self.slices[shard].0;
+        turn.port_max = self.slices[shard].1;
+        turn.default_lifetime = cfg.turn.default_lifetime;
+        turn.max_lifetime = cfg.turn.max_lifetime;
+        turn.permission_lifetime = cfg.turn.permission_lifetime;
+        turn.channel_lifetime = cfg.turn.channel_lifetime;
+        turn.max_permissions = cfg.turn.max_permissions_per_allocation;
+        turn.channel_max = if cfg.turn.rfc5766_channel_range {
+            0x7FFF
+        } else {
+            crate::stun::channel::MAX
+        };
+        turn
+    }
 }
 
 impl DataPlane {
@@ -158,8 +200,18 @@ impl DataPlane {
     ) -> anyhow::Result<DataPlane> {
         let n = r.shard_cores.len().max(1);
         anyhow::ensure!(shard_stats.len() == n, "one stats block per shard");
-        let (auth, policy, quotas) = build_shared(cfg, r, resolver.is_some());
-        let slices = port_slices(r.port_min, r.port_max, n);
+        let shared = Shared {
+            nonce_key: rand::random(),
+            identities: resolver.is_some(),
+            relay_ports: Arc::new(RelayPortSet::default()),
+            quotas: Arc::new(Quotas::new(
+                cfg.turn.max_allocations,
+                cfg.turn.max_allocations_per_user,
+            )),
+            slices: port_slices(r.port_min, r.port_max, n),
+        };
+        let auth = build_auth(cfg, shared.nonce_key, shared.identities);
+        let policy = build_policy(cfg, r, shared.relay_ports.clone());
         let mut per_shard: Vec<Vec<Socket>> = (0..n).map(|_| Vec::new()).collect();
         for addr in &r.listen {
             for (i, sockets) in per_shard.iter_mut().enumerate() {
@@ -176,21 +228,7 @@ impl DataPlane {
         let mut shards = Vec::new();
         let mut all_stats = Vec::new();
         for (i, listeners) in per_shard.into_iter().enumerate() {
-            let mut turn = TurnConfig::new(auth.clone(), policy.clone(), quotas.clone());
-            turn.relay_v4 = r.relay_v4.map(|(_, adv)| adv);
-            turn.relay_v6 = r.relay_v6.map(|(_, adv)| adv);
-            turn.port_min = slices[i].0;
-            turn.port_max = slices[i].1;
-            turn.default_lifetime = cfg.turn.default_lifetime;
-            turn.max_lifetime = cfg.turn.max_lifetime;
-            turn.permission_lifetime = cfg.turn.permission_lifetime;
-            turn.channel_lifetime = cfg.turn.channel_lifetime;
-            turn.max_permissions = cfg.turn.max_permissions_per_allocation;
-            turn.channel_max = if cfg.turn.rfc5766_channel_range {
-                0x7FFF
-            } else {
-                crate::stun::channel::MAX
-            };
+            let turn = shared.turn_config(cfg, r, i, &auth, &policy);
             let (tx, rx) = crossbeam_channel::unbounded();
             let waker = Arc::new(io::Waker::new()?);
             let stats = shard_stats[i].clone();
@@ -226,6 +264,7 @@ impl DataPlane {
         }
         Ok(DataPlane {
             shards,
+            shared,
             stats: all_stats,
             listen: r.listen.clone(),
         })
@@ -251,12 +290,60 @@ impl DataPlane {
         self.send(|| ShardMsg::Drain);
     }
 
-    pub fn reconfigure(&self, make: impl Fn(usize) -> TurnConfig) {
+    /// Apply a new, validated configuration to every shard without dropping allocations:
+    /// users, REST secrets, quotas, peer ranges, lifetimes. Settings that need new sockets or
+    /// threads (listeners, relay addresses, port range, cores) are returned as notes and keep
+    /// their old values.
+    pub fn reload(&self, old: (&Config, &Resolved), cfg: &Config, r: &Resolved) -> Vec<String> {
+        let mut needs_restart = Vec::new();
+        if old.1.listen != r.listen {
+            needs_restart.push("stun.listen");
+        }
+        if old.1.relay_v4 != r.relay_v4 || old.1.relay_v6 != r.relay_v6 {
+            needs_restart.push("turn.relay_addresses/advertised_addresses");
+        }
+        if (old.1.port_min, old.1.port_max) != (r.port_min, r.port_max) {
+            needs_restart.push("turn.relay_port_range");
+        }
+        if old.1.shard_cores != r.shard_cores || old.1.control_core != r.control_core {
+            needs_restart.push("cores");
+        }
+        if old.0.http.listen != cfg.http.listen {
+            needs_restart.push("http.listen");
+        }
+        if old.0.turn.realm != cfg.turn.realm {
+            needs_restart.push("turn.realm");
+        }
+        // Values that need new sockets keep the running ones.
+        let effective = Resolved {
+            listen: old.1.listen.clone(),
+            relay_v4: old.1.relay_v4,
+            relay_v6: old.1.relay_v6,
+            port_min: old.1.port_min,
+            port_max: old.1.port_max,
+            shard_cores: old.1.shard_cores.clone(),
+            control_core: old.1.control_core,
+            allow: r.allow.clone(),
+            deny: r.deny.clone(),
+        };
+        let mut cfg = cfg.clone();
+        cfg.turn.realm = old.0.turn.realm.clone();
+        cfg.http.listen = old.0.http.listen;
+        self.shared
+            .quotas
+            .set_limits(cfg.turn.max_allocations, cfg.turn.max_allocations_per_user);
+        let auth = build_auth(&cfg, self.shared.nonce_key, self.shared.identities);
+        let policy = build_policy(&cfg, &effective, self.shared.relay_ports.clone());
         for (i, s) in self.shards.iter().enumerate() {
-            if s.tx.send(ShardMsg::Reconfigure(Box::new(make(i)))).is_ok() {
+            let turn = self.shared.turn_config(&cfg, &effective, i, &auth, &policy);
+            if s.tx.send(ShardMsg::Reconfigure(Box::new(turn))).is_ok() {
                 s.waker.wake();
             }
         }
+        needs_restart
+            .into_iter()
+            .map(|k| format!("{k}: changed, takes effect after a restart"))
+            .collect()
     }
 
     /// Allocations currently active across shards (as last published).

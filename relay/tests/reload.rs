@@ -1,0 +1,188 @@
+//! Live reload: SIGHUP and the signed admin endpoint apply new users and peer ranges without
+//! dropping allocations; an invalid file is refused with every error and the old settings stay.
+
+mod common;
+
+use actrix::stun::{attr, method};
+use common::{Appliance, TurnClient};
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+const BASE: &str = "[turn]\nusers = [{ name = \"alice\", password = \"secret-pass\" }]\nallow_peers = [\"127.0.0.0/8\"]\nidentity_credentials = false\n";
+
+fn rewrite(app: &Appliance, turn: &str) {
+    let path = app.dir.join("actrix.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let head = text.split("[turn]").next().unwrap().to_string();
+    let range = text
+        .lines()
+        .find(|l| l.starts_with("relay_port_range"))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &path,
+        format!(
+            "{head}{}",
+            turn.replace("[turn]\n", &format!("[turn]\n{range}\n"))
+        ),
+    )
+    .unwrap();
+}
+
+fn wait_log(app: &Appliance, needle: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(l) = app.log.recv_timeout(Duration::from_millis(100)) {
+            let hit = l.contains(needle);
+            seen.push(l);
+            if hit {
+                return seen;
+            }
+        }
+    }
+    panic!("no log line with {needle:?}; saw {seen:#?}");
+}
+
+fn hup(app: &Appliance) {
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(app.child.id() as i32, libc::SIGHUP) };
+}
+
+fn permit_and_echo(c: &mut TurnClient, relay: std::net::SocketAddr) -> bool {
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (tid, bytes) = {
+        let (tid, _) = c.build(
+            method::CREATE_PERMISSION,
+            &[(attr::XOR_PEER_ADDRESS, vec![0; 8])],
+            true,
+        );
+        let mut v = [0u8; 20];
+        let n = actrix::stun::encode_xor_addr(peer.local_addr().unwrap(), &tid, &mut v);
+        let mut buf = vec![0u8; 512];
+        let mut w = actrix::stun::MessageWriter::new(
+            &mut buf,
+            method::CREATE_PERMISSION,
+            actrix::stun::Class::Request,
+            &tid,
+        )
+        .unwrap();
+        w.add(attr::XOR_PEER_ADDRESS, &v[..n]).unwrap();
+        w.add(attr::USERNAME, &c.username).unwrap();
+        w.add(attr::REALM, &c.realm).unwrap();
+        w.add(attr::NONCE, &c.nonce).unwrap();
+        w.add_integrity(&c.key).unwrap();
+        let len = w.finish();
+        buf.truncate(len);
+        (tid, buf)
+    };
+    if c.transact(&tid, &bytes, 3).and_then(|r| r.code()).is_some() {
+        return false;
+    }
+    peer.send_to(b"still here", relay).unwrap();
+    let mut buf = [0u8; 512];
+    c.sock
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    matches!(c.sock.recv_from(&mut buf), Ok((n, _)) if n > 20)
+}
+
+#[test]
+fn sighup_applies_new_users_keeps_allocations_and_refuses_bad_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = Appliance::start(tmp.path(), BASE);
+    let mut alice = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
+    let r = alice.allocate(3).unwrap();
+    assert_eq!(r.code(), None);
+    let relay = r
+        .msg()
+        .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    let mut bob = TurnClient::new(app.stun, b"bob", b"bob-password", "actor-rtc.local");
+    assert_eq!(bob.allocate(3).unwrap().code(), Some(401));
+
+    rewrite(
+        &app,
+        &BASE.replace(
+            "users = [",
+            "users = [{ name = \"bob\", password = \"bob-password\" }, ",
+        ),
+    );
+    hup(&app);
+    wait_log(&app, "configuration reloaded");
+    let mut bob = TurnClient::new(app.stun, b"bob", b"bob-password", "actor-rtc.local");
+    assert_eq!(
+        bob.allocate(3).unwrap().code(),
+        None,
+        "bob exists after the reload"
+    );
+    assert!(
+        permit_and_echo(&mut alice, relay),
+        "alice's allocation survived the reload"
+    );
+
+    // An invalid file: every error logged, old configuration in force.
+    rewrite(&app, "[turn]\nusers = [{ name = \"carol\", password = \"x\" }]\nrelay_port_range = \"9-1\"\nbogus = 1\n");
+    hup(&app);
+    wait_log(&app, "new configuration refused");
+    let mut carol = TurnClient::new(app.stun, b"carol", b"x", "actor-rtc.local");
+    assert_eq!(carol.allocate(3).unwrap().code(), Some(401));
+    let mut bob2 = TurnClient::new(app.stun, b"bob", b"bob-password", "actor-rtc.local");
+    assert_eq!(
+        bob2.allocate(3).unwrap().code(),
+        None,
+        "old configuration still in force"
+    );
+}
+
+#[test]
+fn admin_reload_endpoint_requires_a_signature() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = Appliance::start(tmp.path(), BASE);
+    let url = format!("http://{}/admin/reload", app.http);
+    let unsigned = ureq::post(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_empty()
+        .unwrap();
+    assert_eq!(unsigned.status(), 401);
+
+    rewrite(
+        &app,
+        &BASE.replace(
+            "users = [",
+            "users = [{ name = \"dave\", password = \"dave-password\" }, ",
+        ),
+    );
+    let key = std::fs::read_to_string(app.data_dir().join("shared_key")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let cred =
+        actrix_control::nonce_auth::make_credential(key.trim().as_bytes(), now, "admin_reload");
+    let mut resp = ureq::post(&url)
+        .header("x-actrix-timestamp", &cred.timestamp.to_string())
+        .header("x-actrix-nonce", &cred.nonce)
+        .header("x-actrix-signature", &cred.signature)
+        .send_empty()
+        .expect("signed reload");
+    assert_eq!(resp.status(), 200);
+    let body = resp.body_mut().read_to_string().unwrap();
+    assert!(body.contains("\"status\":\"ok\""), "{body}");
+    let mut dave = TurnClient::new(app.stun, b"dave", b"dave-password", "actor-rtc.local");
+    assert_eq!(dave.allocate(3).unwrap().code(), None);
+    // Replaying the same signed request is refused.
+    let replay = ureq::post(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("x-actrix-timestamp", &cred.timestamp.to_string())
+        .header("x-actrix-nonce", &cred.nonce)
+        .header("x-actrix-signature", &cred.signature)
+        .send_empty()
+        .unwrap();
+    assert_eq!(replay.status(), 403);
+}
