@@ -197,8 +197,11 @@ pub struct Credential {
 
 /// Outcome of a key lookup.
 #[derive(Debug)]
-pub enum Lookup<'a> {
-    Found(&'a Credential),
+pub enum Lookup {
+    /// The key (a small value: no heap). REST credentials derived on a miss are not cached
+    /// yet; call [`KeyCache::remember`] once the request's MESSAGE-INTEGRITY verified, so a
+    /// flood of bad credentials allocates nothing.
+    Found(Credential),
     /// Unknown user, expired credential or malformed REST username: 401.
     Refused,
     /// Resolution is in progress elsewhere (identity): drop; the client will retransmit.
@@ -276,9 +279,9 @@ impl KeyCache {
     /// Find the key for `username` at `now_unix`. REST credentials are derived on a miss;
     /// identity credentials return `Pending` the first time and are resolved by
     /// [`KeyCache::handle_identity_answer`].
-    pub fn lookup(&mut self, username: &[u8], now_unix: u64) -> Lookup<'_> {
-        if self.static_creds.contains_key(username) {
-            return Lookup::Found(&self.static_creds[username]);
+    pub fn lookup(&mut self, username: &[u8], now_unix: u64) -> Lookup {
+        if let Some(c) = self.static_creds.get(username) {
+            return Lookup::Found(c.clone());
         }
         // Expiry is re-checked on every hit: a cached credential never outlives its expiry.
         let hit = match self.entries.get(username) {
@@ -290,12 +293,10 @@ impl KeyCache {
             None => false,
         };
         if hit {
-            return Lookup::Found(&self.entries[username]);
+            return Lookup::Found(self.entries[username].clone());
         }
         if let Some(cred) = self.derive_rest(username, now_unix) {
-            self.make_room();
-            self.entries.insert(username.into(), cred);
-            return Lookup::Found(&self.entries[username]);
+            return Lookup::Found(cred);
         }
         if !self.config.identities || looks_like_rest(username) {
             return Lookup::Refused;
@@ -371,20 +372,27 @@ impl KeyCache {
     }
 
     /// Keys of a REST username under every configured secret after the first (rotation).
-    pub fn rest_alternates(&self, username: &[u8]) -> impl Iterator<Item = UserKey> + '_ {
+    pub fn rest_alternates<'a>(&'a self, username: &'a [u8]) -> impl Iterator<Item = UserKey> + 'a {
         let realm = self.config.realm.as_bytes();
-        let u: Box<[u8]> = username.into();
         self.config
             .rest_secrets
             .iter()
             .skip(1)
-            .map(move |s| rest_key(s, &u, realm))
+            .map(move |s| rest_key(s, username, realm))
     }
 
-    /// Replace the cached REST key for `username` after an alternate secret matched.
-    pub fn promote_rest(&mut self, username: &[u8], key: UserKey) {
-        if let Some(c) = self.entries.get_mut(username) {
-            c.key = key;
+    /// Cache a REST credential whose MESSAGE-INTEGRITY verified (with whichever secret
+    /// matched), so later requests skip the derivation.
+    pub fn remember(&mut self, username: &[u8], cred: &Credential) {
+        if cred.kind != CredentialKind::Rest {
+            return;
+        }
+        match self.entries.get_mut(username) {
+            Some(c) => c.key = cred.key.clone(),
+            None => {
+                self.make_room();
+                self.entries.insert(username.into(), cred.clone());
+            }
         }
     }
 
@@ -413,14 +421,24 @@ fn looks_like_rest(username: &[u8]) -> bool {
 
 /// The REST password: base64(HMAC-SHA1(secret, username)).
 pub fn rest_password(secret: &[u8], username: &[u8]) -> String {
+    let mut out = [0u8; 28];
+    String::from_utf8_lossy(rest_password_into(secret, username, &mut out)).into_owned()
+}
+
+/// As [`rest_password`], into a caller buffer (no allocation: it runs per request).
+fn rest_password_into<'a>(secret: &[u8], username: &[u8], out: &'a mut [u8; 28]) -> &'a [u8] {
     let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(secret).expect("any key length");
     mac.update(username);
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    let n = base64::engine::general_purpose::STANDARD
+        .encode_slice(mac.finalize().into_bytes(), &mut out[..])
+        .expect("20 bytes encode to 28");
+    &out[..n]
 }
 
 fn rest_key(secret: &[u8], username: &[u8], realm: &[u8]) -> UserKey {
-    let pw = rest_password(secret, username);
-    UserKey::from_password(username, realm, pw.as_bytes())
+    let mut buf = [0u8; 28];
+    let pw = rest_password_into(secret, username, &mut buf);
+    UserKey::from_password(username, realm, pw)
 }
 
 #[cfg(test)]

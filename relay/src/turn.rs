@@ -760,7 +760,7 @@ impl Server {
         }
         // Step 4: find the key. An unknown user gets the same 401 as a wrong password.
         let cred = match self.keys.lookup(username, now.unix) {
-            Lookup::Found(c) => c.clone(),
+            Lookup::Found(c) => c,
             Lookup::Refused => {
                 self.counters.auth_failures += 1;
                 return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
@@ -785,6 +785,7 @@ impl Server {
             }
         };
         // Step 5: verify the MAC (constant time).
+        let mut cred = cred;
         if !msg.verify_integrity(ok.key()) {
             let mut matched = None;
             if cred.kind == auth::CredentialKind::Rest {
@@ -799,7 +800,7 @@ impl Server {
             }
             match matched {
                 Some((alt, alt_ok)) => {
-                    self.keys.promote_rest(username, alt);
+                    cred.key = alt;
                     ok = alt_ok;
                 }
                 None => {
@@ -808,6 +809,7 @@ impl Server {
                 }
             }
         }
+        self.keys.remember(username, &cred);
         Authn::Ok(ok)
     }
 

@@ -474,6 +474,8 @@ class EgressNamespace:
         tag = f"{os.getpid()}-{random.randrange(1 << 30):x}"
         self.name = f"actrix-e2e-{tag}"
         self.sink = f"actrix-e2e-{tag}-sink"
+        self.has_v6 = False
+        self.no_v6_reason = ""
 
     def setup(self) -> "EgressNamespace":
         n, s = self.name, self.sink
@@ -481,21 +483,28 @@ class EgressNamespace:
         sh("ip", "netns", "add", s)
         sh("ip", "-n", n, "link", "set", "lo", "up")
         sh("ip", "-n", n, "link", "add", "d0", "type", "veth", "peer", "name", "d0p", "netns", s)
-        for k, v in (
-            ("addr_gen_mode", "1"),
-            ("accept_dad", "0"),
-            ("router_solicitations", "0"),
-            ("accept_ra", "0"),
-        ):
-            sh("ip", "netns", "exec", n, "sysctl", "-qw", f"net.ipv6.conf.d0.{k}={v}")
-        sh("ip", "netns", "exec", s, "sysctl", "-qw", "net.ipv6.conf.d0p.disable_ipv6=1")
+        if os.path.exists("/proc/sys/net/ipv6"):
+            # No IPv6 autoconfiguration on d0: nothing but our own traffic is sent on it.
+            for k, v in (
+                ("addr_gen_mode", "1"),
+                ("accept_dad", "0"),
+                ("router_solicitations", "0"),
+                ("accept_ra", "0"),
+            ):
+                sh("ip", "netns", "exec", n, "sysctl", "-qw", f"net.ipv6.conf.d0.{k}={v}")
+            sh("ip", "netns", "exec", s, "sysctl", "-qw", "net.ipv6.conf.d0p.disable_ipv6=1")
         sh("ip", "-n", n, "link", "set", "d0", "arp", "off")
         sh("ip", "-n", n, "link", "set", "d0", "up")
         sh("ip", "-n", s, "link", "set", "d0p", "up")
         sh("ip", "-n", n, "addr", "add", f"{self.V4}/24", "dev", "d0")
-        sh("ip", "-n", n, "-6", "addr", "add", f"{self.V6}/64", "dev", "d0", "nodad")
         sh("ip", "-n", n, "route", "add", "default", "dev", "d0")
-        sh("ip", "-n", n, "-6", "route", "add", "default", "dev", "d0")
+        try:
+            sh("ip", "-n", n, "-6", "addr", "add", f"{self.V6}/64", "dev", "d0", "nodad")
+            sh("ip", "-n", n, "-6", "route", "add", "default", "dev", "d0")
+            self.has_v6 = True
+        except RuntimeError as e:
+            self.has_v6 = False
+            self.no_v6_reason = str(e)
         return self
 
     def tx_packets(self) -> int:
@@ -567,3 +576,30 @@ def has_ipv6_loopback() -> bool:
 
 def client(app: Appliance, user: str = USER, password: str = PASSWORD, **kw) -> tw.RawTurnClient:
     return tw.RawTurnClient(app.addr, user, password, **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------
+
+
+def metrics(app: Appliance) -> dict[str, float]:
+    """The appliance's Prometheus text from /metrics, summed over labels other than the ones
+    kept in the key: {"name{label=value,...}": value} and {"name": sum}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        out[key] = v
+        name = key.split("{", 1)[0]
+        out[name] = out.get(name, 0.0) + v if name != key else v
+    return out

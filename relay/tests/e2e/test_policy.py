@@ -15,7 +15,7 @@ import time
 import pytest
 
 import turnwire as tw
-from conftest import EgressNamespace, client, free_port, in_netns
+from conftest import EgressNamespace, client, free_port, has_ipv6_loopback, in_netns
 
 ALLOWED_V4 = ("198.51.100.7", 5000)
 ALLOWED_V6 = ("2001:db8:77::7", 5000)
@@ -55,13 +55,18 @@ def expect_code(resp: tw.Msg, code: int, what: str) -> None:
     assert resp.cls == tw.ERROR and resp.error_code() == code, f"{what}: {resp!r}"
 
 
-def test_deny_vectors_get_403_and_nothing_leaves(appliance_factory, egress_netns, vectors):
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_deny_vectors_get_403_and_nothing_leaves(appliance_factory, egress_netns, vectors, family):
     ns: EgressNamespace = egress_netns
+    if family == 6 and not ns.has_v6:
+        pytest.skip(f"no IPv6 in the test namespace: {ns.no_v6_reason}")
     v4_peers, v6_peers = deny_peers(vectors)
+    peers = v4_peers if family == 4 else v6_peers
+    allowed = ALLOWED_V4 if family == 4 else ALLOWED_V6
     app = appliance_factory(
         {
             "turn": {
-                "relay_addresses": [ns.V4, ns.V6],
+                "relay_addresses": [ns.V4, ns.V6] if ns.has_v6 else [ns.V4],
                 "allow_peers": ["198.51.100.0/24", "2001:db8:77::/48"],
             }
         },
@@ -69,72 +74,101 @@ def test_deny_vectors_get_403_and_nothing_leaves(appliance_factory, egress_netns
     )
     sink_port = free_port()
     with in_netns(ns.name):
+        # Catch-all sinks for the targets that are local (loopback, 0.0.0.0, ::, mapped).
         sink4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sink4.bind(("0.0.0.0", sink_port))
-        sink6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        sink6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sink6.bind(("::", sink_port))
-        c4 = client(app)
-        c6 = client(app)
+        sinks = [sink4]
+        if ns.has_v6:
+            sink6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sink6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sink6.bind(("::", sink_port))
+            sinks.append(sink6)
+        c = client(app)
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        # Harness self-check: the sinks catch local traffic, d0 counts egress.
+        # Harness self-check: the sink catches local traffic, d0 counts egress.
         before = ns.settle()
         probe.sendto(b"probe", ("127.0.0.1", sink_port))
+        sink4.settimeout(2)
         assert sink4.recvfrom(100)[0] == b"probe"
         probe.sendto(b"probe", ("192.0.2.99", 9))
         time.sleep(0.2)
         assert ns.tx_packets() == before + 1
 
-        c4.allocate()
-        assert c4.relayed == (ns.V4, c4.relayed[1])
-        c6.allocate(family=2)
-        assert c6.relayed == (ns.V6, c6.relayed[1])
+        if family == 4:
+            c.allocate()
+            assert c.relayed == (ns.V4, c.relayed[1])
+        else:
+            c.allocate(family=2)
+            assert c.relayed == (ns.V6, c.relayed[1])
 
         base = ns.settle()
         results = {}
-        for fam_client, peers in ((c4, v4_peers), (c6, v6_peers)):
-            for i, ip in enumerate(peers):
-                peer = (ip, sink_port)
-                r1 = fam_client.create_permission(peer)
-                r2 = fam_client.channel_bind(0x4000 + i, peer)
-                fam_client.send_indication(peer, b"must-not-leave " + ip.encode())
-                fam_client.send_channel(0x4000 + i, b"must-not-leave either")
-                results[ip] = (r1.error_code(), r2.error_code())
-        # An IPv6 peer on an IPv4-only allocation is a family mismatch (443), not a relay.
-        expect_code(c4.create_permission(("::1", sink_port)), 443, "v6 peer on v4 allocation")
-
+        for i, ip in enumerate(peers):
+            peer = (ip, sink_port)
+            r1 = c.create_permission(peer)
+            r2 = c.channel_bind(0x4000 + i, peer)
+            c.send_indication(peer, b"must-not-leave " + ip.encode())
+            c.send_channel(0x4000 + i, b"must-not-leave either")
+            results[ip] = (r1.error_code(), r2.error_code())
         bad = {ip: codes for ip, codes in results.items() if codes != (403, 403)}
         assert not bad, f"peers not refused with 403 (CreatePermission, ChannelBind): {bad}"
+
+        # T18: a peer of the other family is a family mismatch (443), not a relay.
+        other = ("::1", sink_port) if family == 4 else ("127.0.0.1", sink_port)
+        expect_code(c.create_permission(other), 443, "peer of the other family")
+
         time.sleep(0.5)
         assert ns.tx_packets() == base, "a datagram left toward a denied peer"
-        assert drain(sink4) == [] and drain(sink6) == []
-        assert c4.receive(0.1) == [] and c6.receive(0.1) == []
+        for s in sinks:
+            assert drain(s) == []
+        assert c.receive(0.1) == []
 
         # Control: an allowed public peer (allow_peers) does leave through d0, once per Send.
-        assert c4.create_permission(ALLOWED_V4).cls == tw.SUCCESS
-        c4.send_indication(ALLOWED_V4, b"allowed-v4")
-        assert c6.create_permission(ALLOWED_V6).cls == tw.SUCCESS
-        c6.send_indication(ALLOWED_V6, b"allowed-v6")
+        assert c.create_permission(allowed).cls == tw.SUCCESS
+        c.send_indication(allowed, b"allowed")
         deadline = time.monotonic() + 3
-        while ns.tx_packets() < base + 2 and time.monotonic() < deadline:
+        while ns.tx_packets() < base + 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
-        assert ns.tx_packets() == base + 2
+        assert ns.tx_packets() == base + 1
 
         # The duplicate-peer Send vector: first an allowed address, second a loopback one.
-        # The second is never acted on.
-        c4.send_indication([ALLOWED_V4, ("127.0.0.1", sink_port)], b"dup")
+        # Only the first is acted on.
+        loop = ("127.0.0.1", sink_port) if family == 4 else ("::1", sink_port)
+        c.send_indication([allowed, loop], b"dup")
         time.sleep(0.3)
-        assert drain(sink4) == []
-        assert ns.tx_packets() == base + 3, "first XOR-PEER-ADDRESS wins"
+        assert all(drain(s) == [] for s in sinks)
+        assert ns.tx_packets() == base + 2, "first XOR-PEER-ADDRESS wins"
         assert app.alive()
     finally:
-        for s in (sink4, sink6, probe):
+        for s in sinks + [probe]:
             s.close()
-        c4.close()
-        c6.close()
+        c.close()
     assert "panicked" not in app.stderr()
+
+
+def test_deny_vectors_get_403_on_loopback(appliance_factory, vectors):
+    """The same refusal without a namespace: relay addresses 127.0.0.1 and ::1 (when the host
+    has ::1), default policy."""
+    v4_peers, v6_peers = deny_peers(vectors)
+    v6 = has_ipv6_loopback()
+    app = appliance_factory(
+        {"turn": {"relay_addresses": ["127.0.0.1", "::1"] if v6 else ["127.0.0.1"]}}
+    )
+    with client(app) as c4:
+        c4.allocate()
+        for i, ip in enumerate(v4_peers):
+            expect_code(c4.create_permission((ip, 80)), 403, f"CreatePermission {ip}")
+            expect_code(c4.channel_bind(0x4000 + i, (ip, 80)), 403, f"ChannelBind {ip}")
+    if not v6:
+        pytest.skip("IPv4 part passed; the host has no ::1, so no IPv6 relay address to test")
+    with client(app) as c6:
+        c6.allocate(family=2)
+        assert c6.relayed[0] == "::1"
+        for i, ip in enumerate(v6_peers):
+            expect_code(c6.create_permission((ip, 80)), 403, f"CreatePermission {ip}")
+            expect_code(c6.channel_bind(0x4000 + i, (ip, 80)), 403, f"ChannelBind {ip}")
 
 
 def echo_socket(host: str = "127.0.0.1") -> socket.socket:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import turnwire as tw
-from conftest import Appliance, client
+from conftest import Appliance, client, metrics
 
 # Vectors whose datagram must get no answer at all: malformed, not STUN, FINGERPRINT
 # failures, responses (a server never answers a response), ChannelData without an allocation.
@@ -92,6 +92,12 @@ def test_negative_vector_gets_no_answer(wire_app, vectors, name):
     assert got == [], [tw.parse(d) for d in got]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="appliance bug: a Binding request whose MESSAGE-INTEGRITY does not verify is "
+    "answered with a Binding success (Binding skips authentication entirely); checklist P3 "
+    "and the vectors' expect say 401, never success",
+)
 @pytest.mark.parametrize("name", MI_FAILURES)
 def test_integrity_failure_is_never_success(wire_app, vectors, name):
     v = vectors[name]
@@ -260,6 +266,22 @@ def relay_round_trip(app: Appliance, tag: bytes) -> None:
         echo.close()
 
 
+def client_packets(app: Appliance) -> float:
+    return sum(
+        v for k, v in metrics(app).items()
+        if k.startswith("actrix_packets_received_total{") and 'side="client"' in k
+    )
+
+
+def wait_for_packets(app: Appliance, at_least: float, timeout: float = 5) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        n = client_packets(app)
+        if n >= at_least or time.monotonic() > deadline:
+            return n
+        time.sleep(0.1)
+
+
 def test_garbage_flood_survives_and_memory_returns(appliance_factory):
     app = appliance_factory({"turn": {"allow_peers": ["127.0.0.0/8"]}})
     # Warm up: one relay round trip and a small flood, so lazily grown buffers exist.
@@ -267,9 +289,13 @@ def test_garbage_flood_survives_and_memory_returns(appliance_factory):
     flood(app.addr, 1000, seed=1)
     time.sleep(0.5)
     before = app.rss_kb()
+    n0 = client_packets(app)
 
     flood(app.addr, 5000, seed=2)
-    time.sleep(0.5)
+    # The flood did reach the appliance (most of it: loopback may drop a few under load).
+    n1 = wait_for_packets(app, n0 + 4500)
+    assert n1 - n0 >= 4500, f"only {n1 - n0} of 5000 datagrams were received"
+    time.sleep(0.3)
     assert app.alive(), app.stderr()
     after1 = app.rss_kb()
     relay_round_trip(app, b"after-flood-1")
@@ -309,8 +335,10 @@ def test_challenges_are_capped_per_source_and_others_still_served(appliance_fact
         raw = quiet.recv(65535)
         resp = tw.parse(raw)
         assert resp.error_code() == 401 and resp.tid == req.tid
-        assert len(raw) <= 100, f"401 is {len(raw)} bytes for a {len(request)}-byte request"
-        assert resp.get(0x8022) is None, "no SOFTWARE in the challenge"
+        # Nothing but the code (no reason phrase), REALM and NONCE: no SOFTWARE, no extras.
+        assert sorted(t for t, _ in resp.attrs) == [tw.ERROR_CODE, tw.REALM, tw.NONCE], resp
+        assert len(resp.get(tw.ERROR_CODE)) == 4
+        assert len(raw) <= len(request) + 100
 
         answered = 0
         loud.settimeout(0.5)
