@@ -34,6 +34,12 @@ pub struct NodeConfig {
     pub id: String,
     /// Where keys, databases and generated secrets live.
     pub data_dir: PathBuf,
+    /// When started as root: the user (and group) to switch to once every socket is bound.
+    /// Empty: keep running as the starting user.
+    pub user: String,
+    pub group: String,
+    /// Write the process id here at start (removed at exit). Empty: no PID file.
+    pub pid_file: String,
 }
 
 impl Default for NodeConfig {
@@ -41,6 +47,9 @@ impl Default for NodeConfig {
         NodeConfig {
             id: "actrix".into(),
             data_dir: "/var/lib/actrix".into(),
+            user: String::new(),
+            group: String::new(),
+            pid_file: String::new(),
         }
     }
 }
@@ -54,6 +63,12 @@ pub struct LogConfig {
     pub format: String,
     /// Repeated warnings allowed per shard per second before they are only counted.
     pub warn_per_sec: u32,
+    /// Log to this file instead of stderr. Empty: stderr (journald under systemd).
+    pub file: String,
+    /// Rotation of `file`: daily, hourly or never.
+    pub rotation: String,
+    /// Rotated files kept.
+    pub keep: usize,
 }
 
 impl Default for LogConfig {
@@ -62,6 +77,9 @@ impl Default for LogConfig {
             level: "info".into(),
             format: "text".into(),
             warn_per_sec: 5,
+            file: String::new(),
+            rotation: "daily".into(),
+            keep: 7,
         }
     }
 }
@@ -304,6 +322,23 @@ impl Config {
             other => err(format!(
                 "log.level: '{other}' is not trace, debug, info, warn or error"
             )),
+        }
+        if !matches!(self.log.rotation.as_str(), "daily" | "hourly" | "never") {
+            err(format!(
+                "log.rotation: '{}' is not daily, hourly or never",
+                self.log.rotation
+            ));
+        }
+        if !self.log.file.is_empty() && std::path::Path::new(&self.log.file).file_name().is_none() {
+            err(format!("log.file: '{}' names no file", self.log.file));
+        }
+        if !self.node.user.is_empty() && crate::privileges::lookup_user(&self.node.user).is_none() {
+            err(format!("node.user: no user named '{}'", self.node.user));
+        }
+        if !self.node.group.is_empty()
+            && crate::privileges::lookup_group(&self.node.group).is_none()
+        {
+            err(format!("node.group: no group named '{}'", self.node.group));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             err(format!(

@@ -16,6 +16,7 @@ pub mod dataplane;
 pub mod fuzzing;
 pub mod metrics;
 pub mod policy;
+pub mod privileges;
 pub mod stun;
 pub mod turn;
 pub mod wheel;

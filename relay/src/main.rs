@@ -86,21 +86,63 @@ fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
     tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into())
 }
 
-fn init_logging(cfg: &Config) -> LogHandle {
+/// Logging to stderr, or to a rotated file through a background writer (log lines are never
+/// written from a shard's hot path; warnings there are rate limited).
+fn init_logging(
+    cfg: &Config,
+) -> Result<
+    (
+        LogHandle,
+        Option<tracing_appender::non_blocking::WorkerGuard>,
+    ),
+    String,
+> {
     use std::io::IsTerminal;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let (filter, handle) = tracing_subscriber::reload::Layer::new(log_filter(&cfg.log.level));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
     let registry = tracing_subscriber::registry().with(filter);
+    if cfg.log.file.is_empty() {
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr);
+        if cfg.log.format == "json" {
+            registry.with(fmt.json()).init();
+        } else {
+            registry.with(fmt).init();
+        }
+        return Ok((handle, None));
+    }
+    let path = std::path::Path::new(&cfg.log.file);
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("actrix.log");
+    let rotation = match cfg.log.rotation.as_str() {
+        "hourly" => tracing_appender::rolling::Rotation::HOURLY,
+        "never" => tracing_appender::rolling::Rotation::NEVER,
+        _ => tracing_appender::rolling::Rotation::DAILY,
+    };
+    let appender = tracing_appender::rolling::Builder::new()
+        .rotation(rotation)
+        .filename_prefix(name)
+        .max_log_files(cfg.log.keep.max(1))
+        .build(dir)
+        .map_err(|e| format!("log.file: {e}"))?;
+    let (writer, guard) = tracing_appender::non_blocking(appender);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(writer);
     if cfg.log.format == "json" {
         registry.with(fmt.json()).init();
     } else {
         registry.with(fmt).init();
     }
-    handle
+    Ok((handle, Some(guard)))
 }
 
 /// Bridges shard identity requests to the control thread's bounded channel.
@@ -142,7 +184,20 @@ fn run(path: Option<PathBuf>) -> i32 {
             return 1;
         }
     };
-    let log_handle = init_logging(&cfg);
+    let (log_handle, _log_guard) = match init_logging(&cfg) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("actrix: {e}");
+            return 1;
+        }
+    };
+    let _pid_file = match actrix::privileges::PidFile::create(&cfg.node.pid_file) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("actrix: node.pid_file {}: {e}", cfg.node.pid_file);
+            return 1;
+        }
+    };
     let mut demo = None;
     if embedded {
         // The embedded configuration has a demo user with a password made fresh at each start.
@@ -216,6 +271,34 @@ fn run(path: Option<PathBuf>) -> i32 {
     } else {
         None
     };
+
+    // Every privileged step is done (listeners and the HTTP port are bound, files opened):
+    // switch to the configured user, handing it the data directory first.
+    if !cfg.node.user.is_empty() {
+        if let Some((uid, gid)) = actrix::privileges::lookup_user(&cfg.node.user) {
+            let gid = actrix::privileges::lookup_group(&cfg.node.group).unwrap_or(gid);
+            // SAFETY: plain syscall.
+            if unsafe { libc::geteuid() } == 0 {
+                if let Err(e) = actrix::privileges::chown_tree(&cfg.node.data_dir, uid, gid) {
+                    tracing::warn!(error = %e, "could not hand the data directory to {}", cfg.node.user);
+                }
+            }
+        }
+        match actrix::privileges::drop_to(&cfg.node.user, &cfg.node.group) {
+            Ok(Some((uid, gid))) => {
+                tracing::info!(uid, gid, user = %cfg.node.user, "dropped root privileges")
+            }
+            Ok(None) => tracing::info!("not running as root; node.user ignored"),
+            Err(e) => {
+                eprintln!("actrix: cannot switch to user {}: {e}", cfg.node.user);
+                if let Some(dp) = dp {
+                    dp.stop();
+                }
+                let _ = control.shutdown();
+                return 1;
+            }
+        }
+    }
 
     let http = control.local_addr();
     tracing::info!(
