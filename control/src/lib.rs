@@ -32,6 +32,7 @@ pub mod config;
 pub mod crypto;
 mod db;
 pub mod error;
+pub mod http_stats;
 pub mod identity;
 pub mod ks;
 pub mod nonce_auth;

@@ -60,6 +60,7 @@ pub struct ControlBuilder {
     extra: Router,
     factories: Vec<RouteFactory>,
     clock: SharedClock,
+    http_stats: Option<Arc<crate::http_stats::HttpStats>>,
 }
 
 impl std::fmt::Debug for ControlBuilder {
@@ -79,6 +80,7 @@ impl ControlBuilder {
             config,
             pin_core: None,
             extra: Router::new(),
+            http_stats: None,
             factories: Vec::new(),
             clock: system_clock(),
         }
@@ -91,6 +93,12 @@ impl ControlBuilder {
     }
 
     /// Merge extra routes (signaling, `/metrics`, ...) into the same server.
+    /// Record request counts and latencies by route and status into `stats`.
+    pub fn http_stats(mut self, stats: Arc<crate::http_stats::HttpStats>) -> Self {
+        self.http_stats = Some(stats);
+        self
+    }
+
     pub fn routes(mut self, extra: Router) -> Self {
         self.extra = self.extra.merge(extra);
         self
@@ -247,6 +255,7 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
         extra,
         factories,
         clock,
+        http_stats,
     } = b;
     let problems = config.validate();
     if !problems.is_empty() {
@@ -362,7 +371,14 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
     for factory in factories {
         app = app.merge(factory(&ctx));
     }
-    let app = app.merge(extra).layer(CorsLayer::permissive());
+    let mut app = app.merge(extra);
+    if let Some(stats) = http_stats {
+        app = app.layer(axum::middleware::from_fn_with_state(
+            stats,
+            crate::http_stats::track,
+        ));
+    }
+    let app = app.layer(CorsLayer::permissive());
 
     // Listener and TLS, synchronously, so failures are returned.
     let listener =

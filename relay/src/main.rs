@@ -236,12 +236,14 @@ fn run(path: Option<PathBuf>) -> i32 {
         }
     }
     let stats = DataPlane::new_stats(&resolved);
-    let registry = Arc::new(actrix::metrics::registry(stats.clone()));
+    let http_stats = actrix_control::http_stats::HttpStats::new();
+    let registry = Arc::new(actrix::metrics::registry(stats.clone(), http_stats.clone()));
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<Event>();
     let reload_tx = events_tx.clone();
     let control = match actrix_control::ControlBuilder::new(control_cfg)
         .pin_core(resolved.control_core.filter(|_| cfg.cores.pin))
         .routes(actrix::metrics::router(registry))
+        .http_stats(http_stats)
         .routes_with(move |ctx| reload_router(ctx.auth.clone(), reload_tx))
         .spawn()
     {

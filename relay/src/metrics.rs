@@ -326,10 +326,69 @@ fn process_figures() -> Process {
     }
 }
 
+/// Request counts and latencies of the control HTTP server (KS, AIS, signaling, metrics),
+/// labelled by service, method, route pattern and status.
+#[derive(Debug)]
+pub struct HttpCollector {
+    pub stats: Arc<actrix_control::http_stats::HttpStats>,
+}
+
+impl Collector for HttpCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use actrix_control::http_stats::BUCKETS;
+        use prometheus_client::metrics::exemplar::Exemplar;
+        use prometheus_client::metrics::MetricType;
+        let snap = self.stats.snapshot();
+        let labels = |k: &actrix_control::http_stats::Key| -> Labels {
+            vec![
+                ("service", k.0.to_string()),
+                ("method", k.1.clone()),
+                ("route", k.2.clone()),
+                ("status", k.3.to_string()),
+            ]
+        };
+        let series: Vec<(Labels, u64)> = snap.iter().map(|(k, v)| (labels(k), v.count)).collect();
+        counter(
+            &mut enc,
+            "actrix_http_requests",
+            "HTTP requests by service, route and status",
+            &series,
+        )?;
+        let mut m = enc.encode_descriptor(
+            "actrix_http_request_duration_seconds",
+            "HTTP request latency by service, route and status",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (k, v) in &snap {
+            let mut buckets: Vec<(f64, u64)> = BUCKETS
+                .iter()
+                .copied()
+                .zip(v.buckets.iter().copied())
+                .collect();
+            let inside: u64 = v.buckets.iter().sum();
+            buckets.push((f64::MAX, v.count - inside));
+            let l = labels(k);
+            let mut f = m.encode_family(&l)?;
+            f.encode_histogram::<Labels>(
+                v.sum_seconds,
+                v.count,
+                &buckets,
+                None::<&std::collections::HashMap<usize, Exemplar<Labels, f64>>>,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Build the registry for `/metrics`.
-pub fn registry(shards: Vec<Arc<ShardStats>>) -> Registry {
+pub fn registry(
+    shards: Vec<Arc<ShardStats>>,
+    http: Arc<actrix_control::http_stats::HttpStats>,
+) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(DataPlaneCollector { shards }));
+    r.register_collector(Box::new(HttpCollector { stats: http }));
     r
 }
 

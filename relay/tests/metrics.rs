@@ -64,6 +64,18 @@ fn scraped_values_match_the_traffic_sent() {
     let mut bad = TurnClient::new(app.stun, b"alice", b"wrong-pass", "actor-rtc.local");
     assert_eq!(bad.allocate(3).unwrap().code(), Some(401));
     std::thread::sleep(Duration::from_millis(300));
+    for path in [
+        "/ks/health",
+        "/ks/health",
+        "/ais/health",
+        "/no/such/path/12345",
+    ] {
+        let _ = ureq::get(&format!("http://{}{path}", app.http))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call();
+    }
 
     let (body, m) = scrape(&app);
     let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("missing {k} in\n{body}"));

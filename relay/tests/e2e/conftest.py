@@ -412,11 +412,14 @@ LOST_RE = re.compile(r"Total lost packets (\d+)")
 SENT_RE = re.compile(r"Total send dropped (\d+)")
 
 
-def run_uclient(args: list[str], timeout: float = 90) -> tuple[subprocess.CompletedProcess, int | None]:
-    """Run turnutils_uclient; returns the process result and the "Total lost packets" count
-    (None when the line is missing, i.e. the run did not get to relaying)."""
+def run_uclient(
+    args: list[str], timeout: float = 90, netns: str | None = None
+) -> tuple[subprocess.CompletedProcess, int | None]:
+    """Run turnutils_uclient (inside `netns` if given); returns the process result and the
+    "Total lost packets" count (None when the line is missing, i.e. it never relayed)."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     r = subprocess.run(
-        ["turnutils_uclient"] + args,
+        prefix + ["turnutils_uclient"] + args,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -527,6 +530,21 @@ class EgressNamespace:
     def cleanup(self) -> None:
         for ns in (self.name, self.sink):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def loopback_netns(request) -> str | None:
+    """A private namespace with only `lo` up (None when namespaces cannot be made here)."""
+    name = f"actrix-e2e-{os.getpid()}-{random.randrange(1 << 30):x}-lo"
+    try:
+        sh("ip", "netns", "add", name)
+    except (RuntimeError, FileNotFoundError):
+        return None
+    request.addfinalizer(
+        lambda: subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
+    )
+    sh("ip", "-n", name, "link", "set", "lo", "up")
+    return name
 
 
 @pytest.fixture

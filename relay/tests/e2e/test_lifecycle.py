@@ -240,13 +240,17 @@ def port_busy(kind: int, port: int) -> bool:
 
 
 DEMO_RE = re.compile(r"demo user\s+demo / (\S+)")
+TRY_RE = re.compile(r"try: (turnutils_uclient .*)")
 
 
-def test_embedded_default_demo_user_relays(actrix_bin, tmp_path):
-    if port_busy(socket.SOCK_DGRAM, 3478) or port_busy(socket.SOCK_STREAM, 8080):
-        pytest.skip("127.0.0.1:3478/udp or 127.0.0.1:8080/tcp is busy: the embedded default "
-                    "configuration binds exactly those")
-    app = Appliance(actrix_bin, tmp_path, embedded=True, cwd=tmp_path)
+def test_embedded_default_demo_user_relays(actrix_bin, tmp_path, loopback_netns):
+    """`actrix run` without -c: loopback only, 127.0.0.1:3478 and :8080, a demo user whose
+    printed password works. Run inside a private namespace so the fixed ports are ours."""
+    ns = loopback_netns
+    if ns is None and (port_busy(socket.SOCK_DGRAM, 3478) or port_busy(socket.SOCK_STREAM, 8080)):
+        pytest.skip("no network namespace available and 127.0.0.1:3478/udp or "
+                    "127.0.0.1:8080/tcp is busy: the embedded default binds exactly those")
+    app = Appliance(actrix_bin, tmp_path, embedded=True, cwd=tmp_path, netns=ns)
     with app:
         deadline = time.monotonic() + 5
         while not DEMO_RE.search(app.stdout()) and time.monotonic() < deadline:
@@ -259,9 +263,23 @@ def test_embedded_default_demo_user_relays(actrix_bin, tmp_path):
         # Its data directory is relative to the working directory.
         assert (tmp_path / "actrix-data").is_dir()
 
+        # The command it suggests works as printed.
+        hint = TRY_RE.search(app.stdout())
+        assert hint, app.stdout()
+        argv = hint.group(1).split()
+        assert argv[0] == "turnutils_uclient" and password in argv, argv
+        r, lost = run_uclient(argv[1:], netns=ns)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, f"{argv}: {out[-2000:]}"
+        assert lost == 0, out[-2000:]
+
+        # Client to client (-y) with several clients. Send indications (-s): the embedded
+        # configuration keeps RFC 8656's channel range, and coturn 4.6's client picks channel
+        # numbers up to 0x7FFF.
         r, lost = run_uclient(
-            ["-y", "-u", "demo", "-w", password, "-p", "3478",
-             "-n", "30", "-m", "2", "-l", "100", "127.0.0.1"]
+            ["-y", "-s", "-u", "demo", "-w", password, "-p", "3478",
+             "-n", "30", "-m", "2", "-l", "100", "127.0.0.1"],
+            netns=ns,
         )
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-2000:]
@@ -270,7 +288,9 @@ def test_embedded_default_demo_user_relays(actrix_bin, tmp_path):
         # Only the printed password works.
         bad, lost_bad = run_uclient(
             ["-y", "-u", "demo", "-w", password[::-1] + "x", "-p", "3478",
-             "-n", "3", "-m", "1", "127.0.0.1"], timeout=60
+             "-n", "3", "-m", "1", "127.0.0.1"],
+            timeout=60,
+            netns=ns,
         )
         assert bad.returncode != 0 and lost_bad is None
 
