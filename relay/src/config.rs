@@ -212,6 +212,9 @@ pub struct IoConfig {
     pub socket_buffer: usize,
     /// `cbpf` (steer clients to shards by address, stable) or `kernel` (reuseport hash).
     pub steering: String,
+    /// `io_uring` (multishot receives and batched sends across all sockets; falls back when
+    /// the kernel refuses) or `mmsg` (epoll with recvmmsg/sendmmsg).
+    pub backend: String,
 }
 
 impl Default for IoConfig {
@@ -220,6 +223,7 @@ impl Default for IoConfig {
             batch: 32,
             socket_buffer: 4 << 20,
             steering: "cbpf".into(),
+            backend: "io_uring".into(),
         }
     }
 }
@@ -350,6 +354,12 @@ impl Config {
             err(format!(
                 "io.steering: '{}' is not cbpf or kernel",
                 self.io.steering
+            ));
+        }
+        if !matches!(self.io.backend.as_str(), "io_uring" | "mmsg") {
+            err(format!(
+                "io.backend: '{}' is not io_uring or mmsg",
+                self.io.backend
             ));
         }
         if !(1..=1024).contains(&self.io.batch) {

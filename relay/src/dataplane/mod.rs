@@ -10,6 +10,7 @@ pub mod io;
 pub mod shard;
 pub mod stats;
 pub mod steer;
+mod uring;
 
 use crate::auth::AuthConfig;
 use crate::config::{port_slices, Config, Resolved};
@@ -251,6 +252,7 @@ impl DataPlane {
                 stats: stats.clone(),
                 resolver: resolver.clone(),
                 warn_per_sec: cfg.log.warn_per_sec,
+                uring: cfg.io.backend == "io_uring",
             };
             let thread = std::thread::Builder::new()
                 .name(format!("actrix-shard-{i}"))

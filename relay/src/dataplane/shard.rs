@@ -126,10 +126,12 @@ pub struct ShardSetup {
     pub stats: Arc<ShardStats>,
     pub resolver: Option<Arc<dyn IdentityResolver>>,
     pub warn_per_sec: u32,
+    /// Use io_uring (falls back to recvmmsg/sendmmsg when the kernel refuses it).
+    pub uring: bool,
 }
 
 /// Counts warnings per second and lets only a few through to the log.
-struct WarnLimiter {
+pub(super) struct WarnLimiter {
     second: u64,
     count: u32,
     limit: u32,
@@ -137,7 +139,16 @@ struct WarnLimiter {
 }
 
 impl WarnLimiter {
-    fn allow(&mut self, now_ms: u64) -> bool {
+    pub(super) fn new(limit: u32) -> Self {
+        WarnLimiter {
+            second: 0,
+            count: 0,
+            limit,
+            suppressed: 0,
+        }
+    }
+
+    pub(super) fn allow(&mut self, now_ms: u64) -> bool {
         let s = now_ms / 1000;
         if s != self.second {
             if self.suppressed > 0 {
@@ -159,6 +170,57 @@ impl WarnLimiter {
 
 /// Run the shard loop on the current thread until [`ShardMsg::Stop`].
 pub fn run(setup: ShardSetup) {
+    if let Some(c) = setup.core {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: c }) {
+            tracing::warn!(shard = setup.id, core = c, "could not pin shard thread");
+        }
+    }
+    let setup = if setup.uring {
+        let u = super::uring::Setup {
+            id: setup.id,
+            listeners: setup.listeners,
+            turn: setup.turn,
+            bind_v4: setup.bind_v4,
+            bind_v6: setup.bind_v6,
+            socket_buffer: setup.socket_buffer,
+            rx: setup.rx,
+            self_tx: setup.self_tx,
+            waker: setup.waker,
+            stats: setup.stats,
+            resolver: setup.resolver,
+            warn: WarnLimiter::new(setup.warn_per_sec),
+        };
+        match super::uring::run(u) {
+            Ok(()) => return,
+            Err(b) => {
+                let (e, u) = *b;
+                tracing::warn!(shard = u.id, error = %e, "io_uring unavailable; using recvmmsg/sendmmsg");
+                ShardSetup {
+                    id: u.id,
+                    core: None,
+                    listeners: u.listeners,
+                    turn: u.turn,
+                    bind_v4: u.bind_v4,
+                    bind_v6: u.bind_v6,
+                    batch: setup.batch,
+                    socket_buffer: u.socket_buffer,
+                    rx: u.rx,
+                    self_tx: u.self_tx,
+                    waker: u.waker,
+                    stats: u.stats,
+                    resolver: u.resolver,
+                    warn_per_sec: u.warn.limit,
+                    uring: false,
+                }
+            }
+        }
+    } else {
+        setup
+    };
+    run_mmsg(setup)
+}
+
+fn run_mmsg(setup: ShardSetup) {
     let ShardSetup {
         id,
         core,
@@ -174,12 +236,8 @@ pub fn run(setup: ShardSetup) {
         stats,
         resolver,
         warn_per_sec,
+        uring: _,
     } = setup;
-    if let Some(c) = core {
-        if !core_affinity::set_for_current(core_affinity::CoreId { id: c }) {
-            tracing::warn!(shard = id, core = c, "could not pin shard thread");
-        }
-    }
     let span = (turn.port_max - turn.port_min) as usize + 1;
     let epoll = match Epoll::new() {
         Ok(e) => std::rc::Rc::new(e),
@@ -214,12 +272,7 @@ pub fn run(setup: ShardSetup) {
     let mut server = Server::new(turn, now, seed);
     let mut rb = RecvBatch::new(batch);
     let mut sb = SendBatch::new(batch);
-    let mut warn = WarnLimiter {
-        second: 0,
-        count: 0,
-        limit: warn_per_sec,
-        suppressed: 0,
-    };
+    let mut warn = WarnLimiter::new(warn_per_sec);
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut ready: Vec<u64> = Vec::with_capacity(256);
     let mut stopping = false;

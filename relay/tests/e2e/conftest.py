@@ -409,7 +409,6 @@ def turnutils_peer():
 
 
 LOST_RE = re.compile(r"Total lost packets (\d+)")
-SENT_RE = re.compile(r"Total send dropped (\d+)")
 
 
 def run_uclient(
