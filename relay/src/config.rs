@@ -174,6 +174,9 @@ pub struct TurnSection {
     /// Accept channel numbers 0x5000-0x7FFF (the RFC 5766 range) from older clients. RFC 8656
     /// reserves them; off by default.
     pub rfc5766_channel_range: bool,
+    /// Per-allocation bandwidth cap in bytes per second, in each direction (payload bytes);
+    /// excess datagrams are dropped and counted. 0: no cap.
+    pub max_bytes_per_sec: u64,
 }
 
 impl Default for TurnSection {
@@ -199,6 +202,7 @@ impl Default for TurnSection {
             identity_credentials: true,
             shutdown_grace_secs: 30,
             rfc5766_channel_range: false,
+            max_bytes_per_sec: 0,
         }
     }
 }

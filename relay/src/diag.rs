@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const PAGE_HTML: &str = include_str!("diag/index.html");
@@ -227,19 +227,61 @@ fn asset(ctype: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
+/// What the routes serve: the rendered page and the options it was made from.
+struct State {
+    page: String,
+    opts: DiagOptions,
+}
+
+impl State {
+    fn new(opts: DiagOptions) -> Arc<State> {
+        Arc::new(State {
+            page: PAGE_HTML.replace("{{CONFIG}}", &page_config(&opts)),
+            opts,
+        })
+    }
+}
+
+/// Changes what a running [`router`] serves (after a configuration reload: rotated REST
+/// secrets, minting switched on or off). Cheap to clone.
+#[derive(Clone)]
+pub struct DiagHandle(Arc<RwLock<Arc<State>>>);
+
+impl DiagHandle {
+    /// Serve `opts` from now on.
+    pub fn update(&self, opts: DiagOptions) {
+        let state = State::new(opts);
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    fn get(&self) -> Arc<State> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl std::fmt::Debug for DiagHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiagHandle").finish_non_exhaustive()
+    }
+}
+
 /// The `/`, `/diag`, `/diag/diag.js`, `/diag/diag.css` and `/diag/credential` routes.
 pub fn router(opts: DiagOptions) -> Router {
-    let page: Arc<str> = PAGE_HTML
-        .replace("{{CONFIG}}", &page_config(&opts))
-        .into();
-    let opts = Arc::new(opts);
-    Router::new()
+    router_with_handle(opts).0
+}
+
+/// [`router`], and a handle that changes its options while it runs.
+pub fn router_with_handle(opts: DiagOptions) -> (Router, DiagHandle) {
+    let handle = DiagHandle(Arc::new(RwLock::new(State::new(opts))));
+    let page_h = handle.clone();
+    let cred_h = handle.clone();
+    let router = Router::new()
         .route("/", get(|| async { Redirect::temporary("/diag") }))
         .route("/diag/", get(|| async { Redirect::temporary("/diag") }))
         .route(
             "/diag",
             get(move || {
-                let page = page.clone();
+                let state = page_h.get();
                 async move {
                     (
                         [
@@ -259,7 +301,7 @@ pub fn router(opts: DiagOptions) -> Router {
                             (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
                             (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
                         ],
-                        page.to_string(),
+                        state.page.clone(),
                     )
                 }
             }),
@@ -275,9 +317,9 @@ pub fn router(opts: DiagOptions) -> Router {
         .route(
             "/diag/credential",
             get(move |headers: HeaderMap| {
-                let opts = opts.clone();
+                let state = cred_h.get();
                 async move {
-                    let (status, body) = credential_answer(&opts, &headers, now_unix());
+                    let (status, body) = credential_answer(&state.opts, &headers, now_unix());
                     let ctype = if status == StatusCode::OK {
                         "application/json"
                     } else {
@@ -293,7 +335,8 @@ pub fn router(opts: DiagOptions) -> Router {
                     )
                 }
             }),
-        )
+        );
+    (router, handle)
 }
 
 #[cfg(test)]
@@ -519,12 +562,32 @@ mod tests {
         cfg.services.ks = false;
         cfg.services.ais = false;
         cfg.services.signaling = false;
-        let h = actrix_control::spawn_with_routes(cfg, None, router(opts(None))).unwrap();
-        let r = agent
-            .get(format!("http://{}/diag/credential", h.local_addr()))
-            .call()
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 404);
+        let (routes, handle) = router_with_handle(opts(None));
+        let h = actrix_control::spawn_with_routes(cfg, None, routes).unwrap();
+        let url = format!("http://{}/diag/credential", h.local_addr());
+        assert_eq!(agent.get(&url).call().unwrap().status().as_u16(), 404);
+        let page = |agent: &ureq::Agent| {
+            agent
+                .get(format!("http://{}/diag", h.local_addr()))
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+        };
+        assert!(page(&agent).contains("\"credential\":false"));
+        // A reload turns minting on (or rotates the secret) without a restart.
+        handle.update(opts(Some("another-secret-0123456789")));
+        let mut r = agent.get(&url).call().unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let v: serde_json::Value =
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        let user = v["username"].as_str().unwrap();
+        assert_eq!(
+            v["password"],
+            crate::auth::rest_password(b"another-secret-0123456789", user.as_bytes())
+        );
+        assert!(page(&agent).contains("\"credential\":true"));
         h.shutdown().unwrap();
     }
 }

@@ -118,9 +118,13 @@ pub enum DropReason {
     AuthPending,
     Draining,
     RateLimited,
+    /// Over the allocation's bandwidth cap (`turn.max_bytes_per_sec`).
+    Bandwidth,
 }
 
-pub const DROP_REASONS: [&str; 12] = [
+pub const N_DROP_REASONS: usize = 13;
+
+pub const DROP_REASONS: [&str; N_DROP_REASONS] = [
     "not_stun",
     "malformed",
     "bad_fingerprint",
@@ -133,6 +137,7 @@ pub const DROP_REASONS: [&str; 12] = [
     "auth_pending",
     "draining",
     "rate_limited",
+    "bandwidth",
 ];
 
 /// Shard-local counters. Plain integers: one owner, published by copying.
@@ -144,7 +149,7 @@ pub struct Counters {
     pub peer_bytes: u64,
     pub relayed_to_peer: u64,
     pub relayed_to_client: u64,
-    pub drops: [u64; 12],
+    pub drops: [u64; N_DROP_REASONS],
     pub binding_requests: u64,
     pub allocations_created: u64,
     pub allocations_expired: u64,
@@ -258,6 +263,9 @@ pub struct TurnConfig {
     /// RFC 5766 range that older clients (coturn 4.6's own test client among them) still pick
     /// from.
     pub channel_max: u16,
+    /// Per-allocation cap in bytes per second, per direction (client→peer and peer→client);
+    /// 0 means no cap. Bursts up to one second's worth are allowed.
+    pub max_bytes_per_sec: u64,
 }
 
 impl TurnConfig {
@@ -278,6 +286,7 @@ impl TurnConfig {
             max_permissions: 256,
             key_cache_capacity: 4096,
             channel_max: channel::MAX,
+            max_bytes_per_sec: 0,
         }
     }
 }
@@ -313,6 +322,35 @@ struct Allocation {
     channels: Vec<Channel>,
     /// The wheel tick this allocation's timer is armed for.
     armed: u64,
+    /// Bandwidth token buckets (bytes), toward the peer and toward the client.
+    to_peer: Bucket,
+    to_client: Bucket,
+}
+
+/// A token bucket refilled from the batch time passed in (no clock read per datagram).
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    tokens: u64,
+    last_ms: u64,
+}
+
+impl Bucket {
+    fn take(&mut self, rate: u64, now_ms: u64, n: usize) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let elapsed = now_ms.saturating_sub(self.last_ms);
+        if elapsed > 0 {
+            self.tokens = (self.tokens + elapsed.saturating_mul(rate) / 1000).min(rate);
+            self.last_ms = now_ms;
+        }
+        if self.tokens >= n as u64 {
+            self.tokens -= n as u64;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Allocation {
@@ -557,8 +595,9 @@ impl Server {
         let Some(&slot) = self.by_client.get(&client) else {
             return self.drop(DropReason::NoAllocation);
         };
+        let rate = self.cfg.max_bytes_per_sec;
         let a = self.allocs[slot as usize]
-            .as_ref()
+            .as_mut()
             .expect("indexed slot is live");
         let Some(c) = a
             .channels
@@ -570,6 +609,9 @@ impl Server {
         let peer = c.peer;
         if !a.permitted(peer.ip(), now.ms) {
             return self.drop(DropReason::NoPermission);
+        }
+        if !a.to_peer.take(rate, now.ms, len) {
+            return self.drop(DropReason::Bandwidth);
         }
         let port = a.port;
         self.counters.relayed_to_peer += 1;
@@ -1072,6 +1114,14 @@ impl Server {
             permissions: Vec::new(),
             channels: Vec::new(),
             armed: 0,
+            to_peer: Bucket {
+                tokens: self.cfg.max_bytes_per_sec,
+                last_ms: now.ms,
+            },
+            to_client: Bucket {
+                tokens: self.cfg.max_bytes_per_sec,
+                last_ms: now.ms,
+            },
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {
@@ -1443,6 +1493,11 @@ impl Server {
             self.counters.peers_denied += 1;
             return self.drop(DropReason::PeerDenied);
         }
+        let rate = self.cfg.max_bytes_per_sec;
+        let a = self.allocs[slot as usize].as_mut().expect("live");
+        if !a.to_peer.take(rate, now.ms, range.len()) {
+            return self.drop(DropReason::Bandwidth);
+        }
         let port = a.port;
         self.counters.relayed_to_peer += 1;
         // `range` is relative to the message, which starts at `start` in the caller's buffer.
@@ -1475,13 +1530,17 @@ impl Server {
             Some(&s) if s != u32::MAX => s,
             _ => return self.drop(DropReason::NoAllocation),
         };
+        let rate = self.cfg.max_bytes_per_sec;
         let a = self.allocs[slot as usize]
-            .as_ref()
+            .as_mut()
             .expect("indexed slot is live");
         if !a.has_family(family) || !a.permitted(from.ip(), now.ms) {
             return self.drop(DropReason::NoPermission);
         }
         let n = range.len();
+        if !a.to_client.take(rate, now.ms, n) {
+            return self.drop(DropReason::Bandwidth);
+        }
         let client = a.client;
         if let Some(c) = a
             .channels

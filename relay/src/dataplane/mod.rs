@@ -179,6 +179,7 @@ impl Shared {
         turn.permission_lifetime = cfg.turn.permission_lifetime;
         turn.channel_lifetime = cfg.turn.channel_lifetime;
         turn.max_permissions = cfg.turn.max_permissions_per_allocation;
+        turn.max_bytes_per_sec = cfg.turn.max_bytes_per_sec;
         turn.channel_max = if cfg.turn.rfc5766_channel_range {
             0x7FFF
         } else {

@@ -11,7 +11,7 @@ macro_rules! stats {
         #[derive(Default, Debug)]
         pub struct ShardStats {
             $(pub $field: AtomicU64,)*
-            pub drops: [AtomicU64; 12],
+            pub drops: [AtomicU64; crate::turn::N_DROP_REASONS],
             pub allocations_active: AtomicU64,
             pub truncated: AtomicU64,
             pub sent: AtomicU64,

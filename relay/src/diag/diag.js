@@ -419,7 +419,11 @@
       result.gather.all = await gather('all', [...stun, ...turn], 10000);
       if (turn.length) {
         result.gather.relay = await gather('relay', turn, 10000);
-        result.echo = await echo(turn, pings);
+        if (result.gather.relay.candidates.some((c) => c.type === 'relay')) {
+          result.echo = await echo(turn, pings);
+        } else {
+          result.errors.push('no relay candidate (see the ICE errors): the echo test was skipped');
+        }
       } else {
         result.errors.push('no TURN credential: relay gathering and the echo test were skipped');
       }

@@ -1445,3 +1445,35 @@ fn challenges_are_rate_limited_per_source_with_fixed_memory() {
         .send(&c, &c.request(method::ALLOCATE, [8; 12], &[udp()], false))
         .is_some());
 }
+
+#[test]
+fn bandwidth_cap_per_allocation_and_direction() {
+    let mut h = H::with(|cfg, _| {
+        cfg.max_bytes_per_sec = 1000;
+        let mut p = (*cfg.policy).clone();
+        p.allow = vec!["203.0.113.0/24".parse().unwrap()];
+        cfg.policy = Arc::new(p);
+    });
+    let mut c = alice();
+    let relay = h.allocate(&mut c);
+    assert!(h.bind_channel(&mut c, 0x4000, peer()).ok());
+    let mut cd = vec![0x40, 0x00, 0x00, 100];
+    cd.extend_from_slice(&[7u8; 100]);
+    // One second's worth (1000 bytes = 10 datagrams of 100) passes, the 11th is dropped.
+    let sent = (0..15)
+        .filter(|_| h.client_raw(c.addr, &cd).is_some())
+        .count();
+    assert_eq!(sent, 10);
+    assert_eq!(h.s.counters.drops[DropReason::Bandwidth as usize], 5);
+    // The other direction has its own budget.
+    let back = (0..15)
+        .filter(|_| h.peer_send(relay, peer(), &[1u8; 100]).is_some())
+        .count();
+    assert_eq!(back, 10);
+    // Half a second later, half the budget is back.
+    h.now.ms += 500;
+    let sent = (0..15)
+        .filter(|_| h.client_raw(c.addr, &cd).is_some())
+        .count();
+    assert_eq!(sent, 5);
+}
