@@ -23,3 +23,9 @@ cargo test --workspace
 echo "== end-to-end tests (coturn clients, aioice)"
 ACTRIX_BIN="$PWD/target/release/actrix" ACTRIX_BENCH="$PWD/target/release/actrix-bench" \
   python3 -m pytest -q relay/tests/e2e
+
+echo "== bench smoke run against the appliance"
+scripts/bench-smoke.sh
+
+echo "== short fuzz runs"
+scripts/fuzz.sh

@@ -179,7 +179,11 @@ fn cross_site(headers: &HeaderMap) -> bool {
 }
 
 /// The answer of `GET /diag/credential`: status and body (JSON or a short text).
-fn credential_answer(opts: &DiagOptions, headers: &HeaderMap, now_unix: u64) -> (StatusCode, String) {
+fn credential_answer(
+    opts: &DiagOptions,
+    headers: &HeaderMap,
+    now_unix: u64,
+) -> (StatusCode, String) {
     let Some(secret) = &opts.rest_secret else {
         return (
             StatusCode::NOT_FOUND,
@@ -298,7 +302,10 @@ pub fn router_with_handle(opts: DiagOptions) -> (Router, DiagHandle) {
                                 header::X_CONTENT_TYPE_OPTIONS,
                                 HeaderValue::from_static("nosniff"),
                             ),
-                            (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+                            (
+                                header::REFERRER_POLICY,
+                                HeaderValue::from_static("no-referrer"),
+                            ),
                             (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
                         ],
                         state.page.clone(),
@@ -374,7 +381,10 @@ mod tests {
         );
         // A fixed vector (Python: base64(hmac.new(secret, user, sha1).digest())).
         assert_eq!(c.password, "+dWbS9vAIXHJVG5mBTVyYrScMn8=");
-        assert_eq!(crate::auth::rest_expiry(c.username.as_bytes()), Some(1_700_000_120));
+        assert_eq!(
+            crate::auth::rest_expiry(c.username.as_bytes()),
+            Some(1_700_000_120)
+        );
         // ttl 0 means the default.
         assert_eq!(
             mint_credential(SECRET, 0, 1000).username,
@@ -427,7 +437,10 @@ mod tests {
         // Same-origin fetches are served; cross-site ones are not.
         let mut h = HeaderMap::new();
         h.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
-        assert_eq!(credential_answer(&opts(Some(SECRET)), &h, 1000).0, StatusCode::OK);
+        assert_eq!(
+            credential_answer(&opts(Some(SECRET)), &h, 1000).0,
+            StatusCode::OK
+        );
         h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
         assert_eq!(
             credential_answer(&opts(Some(SECRET)), &h, 1000).0,
@@ -435,9 +448,18 @@ mod tests {
         );
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("192.0.2.1:8080"));
-        h.insert(header::ORIGIN, HeaderValue::from_static("http://192.0.2.1:8080"));
-        assert_eq!(credential_answer(&opts(Some(SECRET)), &h, 1000).0, StatusCode::OK);
-        h.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://192.0.2.1:8080"),
+        );
+        assert_eq!(
+            credential_answer(&opts(Some(SECRET)), &h, 1000).0,
+            StatusCode::OK
+        );
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
         assert_eq!(
             credential_answer(&opts(Some(SECRET)), &h, 1000).0,
             StatusCode::FORBIDDEN
@@ -518,7 +540,11 @@ mod tests {
                     .map(|v| v.to_str().unwrap().to_string())
                     .unwrap_or_default()
             };
-            let (ct, loc, csp) = (hdr("content-type"), hdr("location"), hdr("content-security-policy"));
+            let (ct, loc, csp) = (
+                hdr("content-type"),
+                hdr("location"),
+                hdr("content-security-policy"),
+            );
             let body = r.body_mut().read_to_string().unwrap();
             (status, ct, loc, csp, body)
         };

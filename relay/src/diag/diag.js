@@ -96,10 +96,10 @@
         {},
         el('td', {}, policy),
         el('td', { class: `t-${d.type}` }, d.type),
-        el('td', { class: 'mono' }, d.address || '?'),
+        el('td', { class: 'mono addr' }, d.address || '?'),
         el('td', { class: 'mono' }, String(d.port)),
         el('td', {}, d.relay_protocol ? `${d.protocol} (relay over ${d.relay_protocol})` : d.protocol),
-        el('td', { class: 'mono' }, d.url || ''),
+        el('td', { title: d.url || '' }, d.url ? d.url.split(':')[0] : ''),
         el('td', {}, `${d.ms} ms`),
       ),
     );

@@ -21,6 +21,7 @@ import math
 import os
 import select
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
@@ -396,5 +397,20 @@ def test_diag_page_with_a_minted_credential(actrix_bin, diag_net, browser, tmp_p
         assert r["credential"] == "minted"
         assert any(c["address"] == SERVER_IP for c in candidates(r, "relay", "relay"))
         assert len(r["echo"]["rtts_ms"]) >= 4 and r["ok"] is True
+
+        # A reload that rotates the secret: the page mints with the new one at once.
+        rotated = "rotated-rest-secret-0123456789"
+        app.config["turn"]["rest_secrets"] = [rotated, REST_SECRET]
+        app.config_path.write_text(toml_text(app.config))
+        app.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            c = json.loads(http_get(diag_net, "/diag/credential")[2])
+            mac = hmac.new(rotated.encode(), c["username"].encode(), hashlib.sha1).digest()
+            if c["password"] == base64.b64encode(mac).decode():
+                break
+            assert time.monotonic() < deadline, f"still minting with the old secret:\n{app.stderr()}"
+            time.sleep(0.2)
+        assert app.alive()
     finally:
         app.stop(timeout=app.grace + 10)

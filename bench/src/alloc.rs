@@ -1,0 +1,257 @@
+//! Allocation scenarios: churn (allocate, permission, channel bind, refresh 0, again) and
+//! idle (many allocations held open: server memory per allocation).
+
+use crate::load::{Ctx, Probe, Progress, Window};
+use crate::report::ScenarioReport;
+use crate::scenario::{ChurnSpec, IdleSpec};
+use crate::stats::{cpu_us_per_packet, rate};
+use crate::target::{unix_now, Target, TargetKind};
+use crate::turn_client::{drive, DriveConfig, Op, Session};
+use actrix::stun::channel;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+fn credentials(target: &Target, rep: &mut ScenarioReport) -> Option<(String, String)> {
+    if target.kind == TargetKind::Reference {
+        rep.skipped = true;
+        rep.notes
+            .push("not applicable to the reference forwarder (it has no allocations)".into());
+        return None;
+    }
+    match &target.creds {
+        Some(c) => Some(c.resolve(unix_now())),
+        None => {
+            rep.fail("TURN scenarios need --user/--password or --rest-secret");
+            None
+        }
+    }
+}
+
+fn top_reasons(reasons: &std::collections::BTreeMap<String, u64>) -> String {
+    let mut v: Vec<_> = reasons.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    v.iter()
+        .take(4)
+        .map(|(k, n)| format!("{k} x{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn churn(target: &Target, spec: &ChurnSpec, ctx: &Ctx, rep: &mut ScenarioReport) {
+    let Some((user, pass)) = credentials(target, rep) else {
+        return;
+    };
+    let max_failure = ctx.max_loss.unwrap_or(spec.max_failure);
+    // Validated when the scenario was parsed.
+    let peer: SocketAddr = spec
+        .peer
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9)));
+    let plan = vec![
+        Op::Allocate,
+        Op::Permission(vec![peer]),
+        Op::ChannelBind(channel::MIN, peer),
+        Op::Refresh(0),
+    ];
+    let mut sessions = Vec::with_capacity(spec.concurrency);
+    for i in 0..spec.concurrency {
+        let bind = crate::sys::client_bind(target.addr, i, spec.source_ips);
+        match Session::new(i as u32, target.addr, bind, &user, &pass, plan.clone()) {
+            Ok(mut s) => {
+                s.rotate_sources(i, spec.concurrency, spec.source_ips);
+                sessions.push(s)
+            }
+            Err(e) => {
+                rep.fail(format!("client socket: {e}"));
+                return;
+            }
+        }
+    }
+    let probe = Probe { pid: target.pid };
+    let cfg = DriveConfig {
+        concurrency: spec.concurrency,
+        rto: Duration::from_millis(spec.rto_ms),
+        attempts: spec.attempts,
+        deadline: Instant::now() + Duration::from_secs_f64(spec.duration_secs),
+        repeat: true,
+        new_socket_per_cycle: spec.new_socket_per_cycle,
+    };
+    let mut progress = Progress::new(ctx.progress);
+    let t0 = Instant::now();
+    let name = rep.name.clone();
+    let win = Window::open(probe);
+    let res = drive(&mut sessions, &cfg, &mut |ok, bad| {
+        progress.tick(true, || {
+            let e = t0.elapsed().as_secs_f64();
+            format!(
+                "[{name}] {e:.1}s cycles {ok} ({:.0}/s) failed {bad}",
+                rate(ok, e)
+            )
+        })
+    });
+    progress.done();
+    let m = win.close();
+    let res = match res {
+        Ok(r) => r,
+        Err(e) => {
+            rep.fail(format!("driver: {e}"));
+            return;
+        }
+    };
+    let secs = res.elapsed.as_secs_f64();
+    let total = res.completed + res.failed;
+    let failure = if total == 0 {
+        0.0
+    } else {
+        res.failed as f64 / total as f64
+    };
+    rep.server = m.server_usage(probe);
+    rep.generator = m.generator_usage(ctx);
+    rep.set("cycles_ok", res.completed as f64);
+    rep.set("cycles_failed", res.failed as f64);
+    rep.set("allocs_per_s", rate(res.completed, secs));
+    rep.set("transactions_per_s", rate(res.completed * 4, secs));
+    rep.set("failure_fraction", failure);
+    rep.set_opt(
+        "cpu_us_per_alloc_cycle",
+        cpu_us_per_packet(m.server_cpu, res.completed),
+    );
+    rep.latency = Some(res.latency.summary());
+    rep.notes
+        .push("latency is per cycle: 4 transactions (5 on a nonce challenge)".into());
+    if !res.reasons.is_empty() {
+        rep.notes
+            .push(format!("failures: {}", top_reasons(&res.reasons)));
+    }
+    if res.completed == 0 {
+        rep.fail(format!(
+            "zero successful allocation cycles ({})",
+            top_reasons(&res.reasons)
+        ));
+    } else if failure > max_failure {
+        rep.fail(format!(
+            "{:.2}% of cycles failed, above the {:.2}% allowed",
+            failure * 100.0,
+            max_failure * 100.0
+        ));
+    }
+    // Sessions still mid-cycle hold allocations; delete them.
+    release(&mut sessions);
+}
+
+/// Refresh 0 for every session, best effort, bounded in time.
+fn release(sessions: &mut [Session]) {
+    for s in sessions.iter_mut() {
+        s.set_plan(vec![Op::Refresh(0)]);
+    }
+    let cfg = DriveConfig {
+        concurrency: 128,
+        rto: Duration::from_millis(300),
+        attempts: 2,
+        deadline: Instant::now() + Duration::from_secs(10),
+        repeat: false,
+        new_socket_per_cycle: false,
+    };
+    let _ = drive(sessions, &cfg, &mut |_, _| {});
+}
+
+pub fn idle(target: &Target, spec: &IdleSpec, ctx: &Ctx, rep: &mut ScenarioReport) {
+    let Some((user, pass)) = credentials(target, rep) else {
+        return;
+    };
+    let probe = Probe { pid: target.pid };
+    if probe.pid.is_none() {
+        rep.notes
+            .push("no server pid: memory per allocation cannot be measured".into());
+    }
+    let limit = crate::sys::raise_fd_limit();
+    if limit > 0 && (spec.allocations as u64 + 256) > limit {
+        rep.fail(format!(
+            "{} allocations need as many sockets; the open-file limit is {limit}",
+            spec.allocations
+        ));
+        return;
+    }
+    let rss_before = probe.rss();
+    let mut sessions = Vec::with_capacity(spec.allocations);
+    for i in 0..spec.allocations {
+        let bind = crate::sys::client_bind(target.addr, i, spec.source_ips);
+        match Session::new(
+            i as u32,
+            target.addr,
+            bind,
+            &user,
+            &pass,
+            vec![Op::Allocate],
+        ) {
+            Ok(s) => sessions.push(s),
+            Err(e) => {
+                rep.fail(format!("client socket {i}: {e}"));
+                return;
+            }
+        }
+    }
+    let cfg = DriveConfig {
+        concurrency: spec.concurrency,
+        rto: Duration::from_millis(spec.rto_ms),
+        attempts: spec.attempts,
+        // Generous but bounded: at least 100 allocations/s.
+        deadline: Instant::now() + Duration::from_secs(10 + spec.allocations as u64 / 100),
+        repeat: false,
+        new_socket_per_cycle: false,
+    };
+    let mut progress = Progress::new(ctx.progress);
+    let name = rep.name.clone();
+    let win = Window::open(probe);
+    let res = drive(&mut sessions, &cfg, &mut |ok, bad| {
+        progress.tick(true, || {
+            format!("[{name}] allocations {ok} ok, {bad} failed")
+        })
+    });
+    progress.done();
+    let res = match res {
+        Ok(r) => r,
+        Err(e) => {
+            rep.fail(format!("driver: {e}"));
+            return;
+        }
+    };
+    let setup_secs = res.elapsed.as_secs_f64();
+    std::thread::sleep(Duration::from_secs_f64(spec.hold_secs));
+    let m = win.close();
+    let rss_after = probe.rss();
+    let ok = res.completed;
+    rep.server = m.server_usage(probe);
+    rep.server.rss_before = rss_before;
+    rep.server.rss_after = rss_after;
+    rep.generator = m.generator_usage(ctx);
+    rep.set("allocations_ok", ok as f64);
+    rep.set("allocations_failed", res.failed as f64);
+    rep.set("setup_allocs_per_s", rate(ok, setup_secs));
+    if let (Some(a), Some(b)) = (rss_before, rss_after) {
+        rep.set("rss_before_bytes", a as f64);
+        rep.set("rss_after_bytes", b as f64);
+        if ok > 0 {
+            rep.set(
+                "rss_bytes_per_alloc",
+                (b as f64 - a as f64).max(0.0) / ok as f64,
+            );
+        }
+    }
+    rep.latency = Some(res.latency.summary());
+    let success = ok as f64 / spec.allocations as f64;
+    if success < spec.min_success {
+        rep.fail(format!(
+            "{ok} of {} allocations succeeded ({})",
+            spec.allocations,
+            top_reasons(&res.reasons)
+        ));
+    }
+    let mut held: Vec<Session> = sessions
+        .into_iter()
+        .zip(res.done.iter())
+        .filter(|(_, d)| **d)
+        .map(|(s, _)| s)
+        .collect();
+    release(&mut held);
+}

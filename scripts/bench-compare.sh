@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Compare our appliance with coturn and the bare reference forwarder, same scenarios, same
+# machine, alternating runs, fixed cores. Writes one comparison report (markdown + JSON).
+#
+#   scripts/bench-compare.sh [--quick] [--rounds N] [--out DIR] [--scenarios "a b ..."]
+#                            [--no-build]
+#
+# Defaults: 3 rounds, every scenario of bench/scenarios/ used for comparisons (under 10
+# minutes on a 2-core VM). --quick: 1 round, durations scaled by 0.25 (under a minute once
+# the binaries are built). Cores: the servers on SERVER_CORE (1), the load generator on
+# GEN_CORE (0); override through the environment. Nothing else should run meanwhile: each
+# scenario reports how much CPU other processes took ("contended" notes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+ROUNDS=3
+TIME_SCALE=1
+OUT=""
+SCENARIOS="binding churn relay-channel relay-send relay-max idle"
+BUILD=1
+SERVER_CORE=${SERVER_CORE:-1}
+GEN_CORE=${GEN_CORE:-0}
+ACTRIX_PORT=${ACTRIX_PORT:-34780}
+COTURN_PORT=${COTURN_PORT:-34790}
+REF_PORT=${REF_PORT:-34800}
+HTTP_PORT=${HTTP_PORT:-34880}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) ROUNDS=1; TIME_SCALE=0.25; shift ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --scenarios) SCENARIOS=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    *) echo "bench-compare: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+OUT=${OUT:-$ROOT/target/bench-compare/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+START=$(date +%s)
+log() { echo "[bench-compare +$(( $(date +%s) - START ))s] $*" >&2; }
+
+# --- prerequisites -------------------------------------------------------------------
+if ! command -v turnserver >/dev/null 2>&1; then
+  log "installing coturn"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq coturn >/dev/null
+fi
+command -v taskset >/dev/null || { echo "bench-compare: taskset (util-linux) is required" >&2; exit 2; }
+
+if [ "$BUILD" = 1 ]; then
+  log "building release binaries"
+  cargo build --release -q -p actrix -p actrix-bench
+fi
+ACTRIX=$ROOT/target/release/actrix
+BENCH=$ROOT/target/release/actrix-bench
+for b in "$ACTRIX" "$BENCH"; do
+  [ -x "$b" ] || { echo "bench-compare: $b is missing (build it or drop --no-build)" >&2; exit 2; }
+done
+
+SCEN_ARGS=()
+for s in $SCENARIOS; do
+  f=$ROOT/bench/scenarios/$s.toml
+  [ -f "$f" ] || { echo "bench-compare: no scenario $f" >&2; exit 2; }
+  SCEN_ARGS+=(-s "$f")
+done
+
+# --- servers ---------------------------------------------------------------------------
+SERVER_PID=""
+cleanup() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+trap cleanup EXIT INT TERM
+
+port_free() { ! "$BENCH" find-pid --port "$1" >/dev/null 2>&1; }
+
+# Wait until a process holds UDP port $1 (at most 10 s); prints its pid.
+wait_port() {
+  for _ in $(seq 1 100); do
+    if pid=$("$BENCH" find-pid --port "$1" 2>/dev/null); then echo "$pid"; return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+
+write_actrix_config() {
+  cat > "$OUT/actrix.toml" <<EOF
+[node]
+data_dir = "$OUT/actrix-data"
+[cores]
+shards = [$SERVER_CORE]
+control = $GEN_CORE
+[stun]
+listen = ["127.0.0.1:$ACTRIX_PORT"]
+[turn]
+relay_addresses = ["127.0.0.1"]
+allow_peers = ["127.0.0.0/8"]
+users = [{ name = "bench", password = "bench-password" }]
+rest_secrets = ["bench-rest-secret-0123456789"]
+max_allocations_per_user = 1000000
+[http]
+listen = "127.0.0.1:$HTTP_PORT"
+EOF
+  mkdir -p "$OUT/actrix-data"
+  "$ACTRIX" check -c "$OUT/actrix.toml" >/dev/null
+}
+
+# start_server NAME LOGFILE: starts it pinned, sets SERVER_PID and PORT.
+start_server() {
+  local name=$1 logf=$2
+  case "$name" in
+    reference)
+      PORT=$REF_PORT
+      port_free "$PORT" || { echo "bench-compare: UDP $PORT is in use" >&2; exit 2; }
+      taskset -c "$SERVER_CORE" "$BENCH" reference --listen "127.0.0.1:$PORT" --core "$SERVER_CORE" \
+        >"$logf" 2>&1 &
+      SERVER_PID=$! ;;
+    coturn)
+      PORT=$COTURN_PORT
+      port_free "$PORT" || { echo "bench-compare: UDP $PORT is in use" >&2; exit 2; }
+      taskset -c "$SERVER_CORE" turnserver -n --no-cli --listening-ip=127.0.0.1 \
+        --listening-port="$PORT" --relay-ip=127.0.0.1 --min-port=40000 --max-port=48000 \
+        --lt-cred-mech --user=bench:bench-password --realm=actor-rtc.local \
+        --allow-loopback-peers --no-tls --no-dtls --no-stdout-log --simple-log \
+        --log-file="$logf" --pidfile="$OUT/coturn.pid" >/dev/null 2>&1 &
+      SERVER_PID=$! ;;
+    actrix)
+      PORT=$ACTRIX_PORT
+      port_free "$PORT" || { echo "bench-compare: UDP $PORT is in use" >&2; exit 2; }
+      RUST_LOG=warn "$ACTRIX" run -c "$OUT/actrix.toml" >"$logf" 2>&1 &
+      SERVER_PID=$! ;;
+  esac
+  local found
+  if ! found=$(wait_port "$PORT"); then
+    echo "bench-compare: $name did not open UDP $PORT; log:" >&2
+    tail -20 "$logf" >&2 || true
+    exit 1
+  fi
+  # The process holding the port is the one measured (it may differ from $! if it forks).
+  SERVER_PID=$found
+}
+
+# --- rounds: A/B/C, rotated every round -----------------------------------------------
+write_actrix_config
+TARGETS=(reference coturn actrix)
+FAILED_OURS=0
+COMPARE_ARGS=()
+for round in $(seq 1 "$ROUNDS"); do
+  for i in 0 1 2; do
+    name=${TARGETS[$(( (i + round - 1) % 3 ))]}
+    dir=$OUT/round$round/$name
+    mkdir -p "$dir"
+    log "round $round/$ROUNDS: $name"
+    start_server "$name" "$dir/server.log"
+    sleep 0.5
+    AUTH=(--user bench --password bench-password)
+    KIND=turn
+    [ "$name" = reference ] && { AUTH=(); KIND=reference; }
+    set +e
+    "$BENCH" run "${SCEN_ARGS[@]}" --server "127.0.0.1:$PORT" --target "$KIND" --label "$name" \
+      "${AUTH[@]}" --server-pid "$SERVER_PID" --core "$GEN_CORE" --time-scale "$TIME_SCALE" \
+      --out "$dir" -q >"$dir/summary.stdout" 2>"$dir/bench.stderr"
+    rc=$?
+    set -e
+    cat "$dir/summary.stdout"
+    if [ $rc -ne 0 ]; then
+      log "$name: some scenario failed (exit $rc); see $dir/bench.stderr"
+      grep FAILED "$dir/bench.stderr" >&2 || true
+      [ "$name" = actrix ] && FAILED_OURS=1
+    fi
+    cleanup
+    sleep 0.5
+    [ -f "$dir/results.json" ] && COMPARE_ARGS+=("--run=$name=$dir")
+  done
+done
+
+log "writing the comparison"
+"$BENCH" compare "${COMPARE_ARGS[@]}" --ours actrix --reference reference --coturn coturn \
+  --out "$OUT" >/dev/null
+cat "$OUT/comparison.md"
+log "done in $(( $(date +%s) - START ))s: $OUT/comparison.md, $OUT/comparison.json"
+if grep -q "contended" "$OUT"/round*/*/summary.txt 2>/dev/null; then
+  log "WARNING: other processes competed for the CPU during some scenarios (see the notes)"
+fi
+exit $FAILED_OURS
