@@ -145,10 +145,11 @@ pub struct StaticUser {
 pub struct TurnSection {
     pub enabled: bool,
     pub realm: String,
-    /// Local addresses relay sockets bind to (at most one per family).
+    /// Local addresses relay sockets bind to. Several per family multiply the allocation
+    /// capacity (one allocation per address and port).
     pub relay_addresses: Vec<String>,
-    /// Addresses announced in XOR-RELAYED-ADDRESS when behind 1:1 NAT (one per family, same
-    /// order of families as `relay_addresses`); empty means the relay addresses themselves.
+    /// Addresses announced in XOR-RELAYED-ADDRESS when behind 1:1 NAT: one per relay address,
+    /// paired in order within each family; empty means the relay addresses themselves.
     pub advertised_addresses: Vec<String>,
     /// Inclusive `MIN-MAX`.
     pub relay_port_range: String,
@@ -255,8 +256,9 @@ listen = "127.0.0.1:8080"
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub listen: Vec<SocketAddr>,
-    pub relay_v4: Option<(IpAddr, IpAddr)>,
-    pub relay_v6: Option<(IpAddr, IpAddr)>,
+    /// (bind, advertised) relay addresses of each family.
+    pub relay_v4: Vec<(IpAddr, IpAddr)>,
+    pub relay_v6: Vec<(IpAddr, IpAddr)>,
     pub port_min: u16,
     pub port_max: u16,
     pub allow: Vec<IpRange>,
@@ -394,8 +396,8 @@ impl Config {
         if t.realm.is_empty() || t.realm.len() > 763 {
             err("turn.realm: must be 1 to 763 bytes".into());
         }
-        let mut relay_v4 = None;
-        let mut relay_v6 = None;
+        let mut relay_v4: Vec<(IpAddr, IpAddr)> = Vec::new();
+        let mut relay_v6: Vec<(IpAddr, IpAddr)> = Vec::new();
         let mut relay_ips = Vec::new();
         for (i, a) in t.relay_addresses.iter().enumerate() {
             match a.parse::<IpAddr>() {
@@ -417,33 +419,41 @@ impl Config {
                 )),
             }
         }
-        for ip in &relay_ips {
-            let adv = adv_ips
+        // Addresses pair with advertised addresses of the same family, in order.
+        for v6 in [false, true] {
+            let fam = if v6 { "IPv6" } else { "IPv4" };
+            let binds: Vec<IpAddr> = relay_ips
                 .iter()
-                .find(|a| a.is_ipv4() == ip.is_ipv4())
-                .copied();
-            let slot = if ip.is_ipv4() {
-                &mut relay_v4
-            } else {
-                &mut relay_v6
-            };
-            if slot.is_some() {
+                .copied()
+                .filter(|ip| ip.is_ipv6() == v6)
+                .collect();
+            let advs: Vec<IpAddr> = adv_ips
+                .iter()
+                .copied()
+                .filter(|ip| ip.is_ipv6() == v6)
+                .collect();
+            if !advs.is_empty() && advs.len() != binds.len() {
                 err(format!(
-                    "turn.relay_addresses: more than one {} address",
-                    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+                    "turn.advertised_addresses: {} {fam} address(es) for {} {fam} relay address(es); give one per relay address, in the same order",
+                    advs.len(),
+                    binds.len()
                 ));
-                continue;
             }
-            if ip.is_unspecified() && adv.is_none() {
-                err(format!("turn.relay_addresses: '{ip}' is unspecified; set turn.advertised_addresses for that family"));
-            }
-            *slot = Some((*ip, adv.unwrap_or(*ip)));
-        }
-        for a in &adv_ips {
-            if !relay_ips.iter().any(|r| r.is_ipv4() == a.is_ipv4()) {
+            if binds.len() > 64 {
                 err(format!(
-                    "turn.advertised_addresses: '{a}' has no relay address of its family"
+                    "turn.relay_addresses: more than 64 {fam} addresses"
                 ));
+            }
+            let slot = if v6 { &mut relay_v6 } else { &mut relay_v4 };
+            for (i, ip) in binds.iter().enumerate() {
+                let adv = advs.get(i).copied();
+                if ip.is_unspecified() && adv.is_none() {
+                    err(format!("turn.relay_addresses: '{ip}' is unspecified; set turn.advertised_addresses for it"));
+                }
+                if slot.iter().any(|(b, _): &(IpAddr, IpAddr)| b == ip) {
+                    err(format!("turn.relay_addresses: '{ip}' is listed twice"));
+                }
+                slot.push((*ip, adv.unwrap_or(*ip)));
             }
         }
         if t.enabled && relay_ips.is_empty() {
@@ -769,6 +779,40 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing '{needle}' in:\n{all}");
         }
+    }
+
+    #[test]
+    fn several_relay_addresses_pair_with_advertised_ones() {
+        let ok = r#"
+            [turn]
+            relay_addresses = ["10.0.0.1", "10.0.0.2", "fd00::1"]
+            advertised_addresses = ["203.0.113.1", "203.0.113.2", "2001:db8::1"]
+        "#;
+        let (cfg, _) = parse(ok).unwrap();
+        let mut errors = vec![];
+        let r = cfg
+            .validate(&mut errors, vec![0, 1])
+            .unwrap_or_else(|| panic!("{errors:?}"));
+        assert_eq!(r.relay_v4.len(), 2);
+        assert_eq!(
+            r.relay_v4[1],
+            ("10.0.0.2".parse().unwrap(), "203.0.113.2".parse().unwrap())
+        );
+        assert_eq!(r.relay_v6.len(), 1);
+        let bad = r#"
+            [turn]
+            relay_addresses = ["10.0.0.1", "10.0.0.2", "10.0.0.1"]
+            advertised_addresses = ["203.0.113.1"]
+        "#;
+        let (cfg, _) = parse(bad).unwrap();
+        let mut errors = vec![];
+        assert!(cfg.validate(&mut errors, vec![0, 1]).is_none());
+        let all = errors.join("\n");
+        assert!(all.contains("listed twice"), "{all}");
+        assert!(
+            all.contains("1 IPv4 address(es) for 3 IPv4 relay address(es)"),
+            "{all}"
+        );
     }
 
     #[test]

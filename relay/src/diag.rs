@@ -510,18 +510,27 @@ mod tests {
         );
     }
 
-    /// The routes on the real control server, over HTTP.
-    #[test]
-    fn routes_over_http() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A control server with no service of its own, on 127.0.0.1:0.
+    fn control_config(dir: &std::path::Path) -> actrix_control::ControlConfig {
         let mut cfg = actrix_control::ControlConfig {
-            data_dir: dir.path().to_owned(),
+            data_dir: dir.to_owned(),
             ..Default::default()
         };
         cfg.http.listen = "127.0.0.1:0".parse().unwrap();
         cfg.services.ks = false;
         cfg.services.ais = false;
         cfg.services.signaling = false;
+        cfg.ks.shared_key = Some(actrix_control::SecretString::from(
+            "diag-test-shared-key-0123456789",
+        ));
+        cfg
+    }
+
+    /// The routes on the real control server, over HTTP.
+    #[test]
+    fn routes_over_http() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = control_config(dir.path());
         let h = actrix_control::spawn_with_routes(cfg, None, router(opts(Some(SECRET))))
             .expect("control server starts");
         let base = format!("http://{}", h.local_addr());
@@ -580,14 +589,7 @@ mod tests {
 
         // Without a secret: no minting, and the page says so.
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = actrix_control::ControlConfig {
-            data_dir: dir.path().to_owned(),
-            ..Default::default()
-        };
-        cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-        cfg.services.ks = false;
-        cfg.services.ais = false;
-        cfg.services.signaling = false;
+        let cfg = control_config(dir.path());
         let (routes, handle) = router_with_handle(opts(None));
         let h = actrix_control::spawn_with_routes(cfg, None, routes).unwrap();
         let url = format!("http://{}/diag/credential", h.local_addr());

@@ -77,7 +77,7 @@ fn server(now: Now) -> Server {
     );
     cfg.port_min = 50000;
     cfg.port_max = 50031;
-    cfg.relay_v6 = Some("::1".parse().expect("literal"));
+    cfg.relay_v6 = vec!["::1".parse().expect("literal")];
     Server::new(cfg, now, 1)
 }
 
@@ -133,7 +133,7 @@ pub fn turn_core(data: &[u8], authenticated: bool) -> Outcome {
             s.handle_peer(
                 now,
                 Family::V4,
-                RelayPort(50000 + (kind as u16 >> 1) % 32),
+                RelayPort::new(0, 50000 + (kind as u16 >> 1) % 32),
                 src,
                 &mut buf,
                 range,

@@ -107,10 +107,12 @@ pub enum Denied {
     PortZero,
 }
 
-/// Ports currently allocated as relay addresses on this appliance, shared by all shards.
+/// Relay (address index, port) pairs currently allocated on this appliance, shared by all
+/// shards.
 ///
 /// Written only by the shard that owns a port (on allocate and free), read when a permission or
-/// channel is created: never on the per-packet path. 65536 bits, lock-free.
+/// channel is created or a Send is checked: never where ChannelData flows. 65536 bits per relay
+/// address, lock-free.
 #[derive(Debug)]
 pub struct RelayPortSet {
     words: Box<[AtomicU64]>,
@@ -118,15 +120,28 @@ pub struct RelayPortSet {
 
 impl Default for RelayPortSet {
     fn default() -> Self {
-        RelayPortSet {
-            words: (0..1024).map(|_| AtomicU64::new(0)).collect(),
-        }
+        Self::new(1)
     }
 }
 
 impl RelayPortSet {
-    pub fn set(&self, port: u16, on: bool) {
-        let (w, b) = ((port / 64) as usize, port % 64);
+    pub fn new(addresses: usize) -> Self {
+        RelayPortSet {
+            words: (0..1024 * addresses.max(1))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    fn at(&self, addr: u8, port: u16) -> Option<(usize, u16)> {
+        let w = addr as usize * 1024 + (port / 64) as usize;
+        (w < self.words.len()).then_some((w, port % 64))
+    }
+
+    pub fn set(&self, addr: u8, port: u16, on: bool) {
+        let Some((w, b)) = self.at(addr, port) else {
+            return;
+        };
         if on {
             self.words[w].fetch_or(1 << b, Ordering::Release);
         } else {
@@ -134,9 +149,9 @@ impl RelayPortSet {
         }
     }
 
-    pub fn contains(&self, port: u16) -> bool {
-        let (w, b) = ((port / 64) as usize, port % 64);
-        self.words[w].load(Ordering::Acquire) & (1 << b) != 0
+    pub fn contains(&self, addr: u8, port: u16) -> bool {
+        self.at(addr, port)
+            .is_some_and(|(w, b)| self.words[w].load(Ordering::Acquire) & (1 << b) != 0)
     }
 }
 
@@ -149,8 +164,9 @@ pub struct PeerPolicy {
     pub own_ips: Vec<IpAddr>,
     /// Ports of the appliance's own services (STUN/TURN listeners, HTTP control server).
     pub service_ports: Vec<u16>,
-    /// Relay addresses (as seen by peers) of this appliance, for the relay-to-relay rule.
-    pub relay_ips: Vec<IpAddr>,
+    /// Relay addresses of this appliance (advertised and bound) with their address index, for
+    /// the relay-to-relay rule.
+    pub relay_ips: Vec<(IpAddr, u8)>,
     pub relay_ports: Arc<RelayPortSet>,
 }
 
@@ -177,8 +193,10 @@ impl PeerPolicy {
         if self.service_ports.contains(&peer.port()) && (is_own(ip) || is_own(effective)) {
             return Err(Denied::ServicePort);
         }
-        if (self.relay_ips.contains(&ip) || self.relay_ips.contains(&effective))
-            && self.relay_ports.contains(peer.port())
+        if self
+            .relay_ips
+            .iter()
+            .any(|&(r, i)| (r == ip || r == effective) && self.relay_ports.contains(i, peer.port()))
         {
             return Ok(());
         }
@@ -407,7 +425,7 @@ mod tests {
         let mut p = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]);
         p.service_ports = vec![3478, 8080];
         p.own_ips = vec!["203.0.113.7".parse().unwrap()];
-        p.relay_ips = vec!["127.0.0.1".parse().unwrap()];
+        p.relay_ips = vec![("127.0.0.1".parse().unwrap(), 0)];
         assert_eq!(p.check(sa("127.0.0.1:3478")), Err(Denied::ServicePort));
         assert_eq!(p.check(sa("127.0.0.2:8080")), Err(Denied::ServicePort));
         assert_eq!(
@@ -420,19 +438,30 @@ mod tests {
 
         let strict = {
             let mut q = PeerPolicy::new(vec![], vec![]);
-            q.relay_ips = vec!["127.0.0.1".parse().unwrap()];
+            q.relay_ips = vec![
+                ("127.0.0.1".parse().unwrap(), 0),
+                ("127.0.0.2".parse().unwrap(), 1),
+            ];
+            q.relay_ports = Arc::new(RelayPortSet::new(2));
             q.service_ports = vec![3478];
             q
         };
         assert_eq!(strict.check(sa("127.0.0.1:50000")), Err(Denied::Special));
-        strict.relay_ports.set(50000, true);
+        strict.relay_ports.set(0, 50000, true);
         assert_eq!(
             strict.check(sa("127.0.0.1:50000")),
             Ok(()),
             "allocated relay address"
         );
-        assert_eq!(strict.check(sa("127.0.0.2:50000")), Err(Denied::Special));
-        strict.relay_ports.set(50000, false);
+        assert_eq!(
+            strict.check(sa("127.0.0.2:50000")),
+            Err(Denied::Special),
+            "same port on the other relay address is not allocated"
+        );
+        assert_eq!(strict.check(sa("127.0.0.3:50000")), Err(Denied::Special));
+        strict.relay_ports.set(1, 50000, true);
+        assert_eq!(strict.check(sa("127.0.0.2:50000")), Ok(()));
+        strict.relay_ports.set(0, 50000, false);
         assert_eq!(strict.check(sa("127.0.0.1:50000")), Err(Denied::Special));
     }
 }

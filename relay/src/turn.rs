@@ -63,7 +63,17 @@ pub struct ClientKey {
 
 /// A relay port number of this shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RelayPort(pub u16);
+pub struct RelayPort {
+    /// Index into the configured relay addresses of each family.
+    pub addr: u8,
+    pub port: u16,
+}
+
+impl RelayPort {
+    pub fn new(addr: u8, port: u16) -> Self {
+        RelayPort { addr, port }
+    }
+}
 
 /// Which socket a datagram leaves from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,8 +257,11 @@ pub struct TurnConfig {
     pub policy: Arc<PeerPolicy>,
     pub quotas: Arc<Quotas>,
     /// Advertised relay addresses (what XOR-RELAYED-ADDRESS says), one per family available.
-    pub relay_v4: Option<IpAddr>,
-    pub relay_v6: Option<IpAddr>,
+    /// Several addresses per family lift the limit of one allocation per port: allocations are
+    /// spread over (address, port) pairs, each shard owning the same port slice on every
+    /// address.
+    pub relay_v4: Vec<IpAddr>,
+    pub relay_v6: Vec<IpAddr>,
     /// This shard's slice of the relay port range, inclusive.
     pub port_min: u16,
     pub port_max: u16,
@@ -274,8 +287,8 @@ impl TurnConfig {
             auth,
             policy,
             quotas,
-            relay_v4: Some(IpAddr::from([127, 0, 0, 1])),
-            relay_v6: None,
+            relay_v4: vec![IpAddr::from([127, 0, 0, 1])],
+            relay_v6: Vec::new(),
             port_min: 49152,
             port_max: 65535,
             default_lifetime: 600,
@@ -467,7 +480,8 @@ pub struct Server {
 
 impl Server {
     pub fn new(cfg: TurnConfig, now: Now, seed: u64) -> Self {
-        let span = (cfg.port_max as usize).saturating_sub(cfg.port_min as usize) + 1;
+        let span = ((cfg.port_max as usize).saturating_sub(cfg.port_min as usize) + 1)
+            * cfg.relay_v4.len().max(cfg.relay_v6.len()).max(1);
         let horizon = (cfg.max_lifetime.max(cfg.channel_lifetime) as usize + 64).min(1 << 16);
         let mut s = Server {
             keys: KeyCache::new(cfg.auth.clone(), cfg.key_cache_capacity),
@@ -1026,7 +1040,8 @@ impl Server {
                 }
                 _ => return self.error_reply(msg, code::ADDRESS_FAMILY_NOT_SUPPORTED, Some(ok)),
             }
-            if (want_v4 && self.cfg.relay_v4.is_none()) || (want_v6 && self.cfg.relay_v6.is_none())
+            if (want_v4 && self.cfg.relay_v4.is_empty())
+                || (want_v6 && self.cfg.relay_v6.is_empty())
             {
                 return self.error_reply(msg, code::ADDRESS_FAMILY_NOT_SUPPORTED, Some(ok));
             }
@@ -1037,15 +1052,15 @@ impl Server {
             if a != [2, 0, 0, 0] {
                 return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
             }
-            if self.cfg.relay_v6.is_some() {
+            if !self.cfg.relay_v6.is_empty() {
                 want_v6 = true;
             } else {
                 v6_error = true;
             }
         }
-        if want_v4 && self.cfg.relay_v4.is_none() {
+        if want_v4 && self.cfg.relay_v4.is_empty() {
             // No IPv4 relay address on this node: default to IPv6 when available.
-            if self.cfg.relay_v6.is_some() && requested.is_none() {
+            if !self.cfg.relay_v6.is_empty() && requested.is_none() {
                 want_v4 = false;
                 want_v6 = true;
             } else {
@@ -1083,8 +1098,9 @@ impl Server {
             let p = self.find_port(even.is_some(), reserve, want_v4, want_v6, binder);
             if let (Some(p), true) = (p, reserve) {
                 let t = self.next_random();
-                let next = RelayPort(p.0 + 1);
-                self.port_used[(next.0 - self.cfg.port_min) as usize] = true;
+                let next = RelayPort::new(p.addr, p.port + 1);
+                let i = self.port_index(next);
+                self.port_used[i] = true;
                 let exp = now.ms + self.cfg.reservation_lifetime as u64 * 1000;
                 self.reservations.insert(t, (next, exp));
                 self.wheel.insert(exp, TimerKey::Reservation { token: t });
@@ -1134,8 +1150,9 @@ impl Server {
             }
         };
         self.by_client.insert(client, slot);
-        self.by_port[(port.0 - self.cfg.port_min) as usize] = slot;
-        self.cfg.policy.relay_ports.set(port.0, true);
+        let pi = self.port_index(port);
+        self.by_port[pi] = slot;
+        self.cfg.policy.relay_ports.set(port.addr, port.port, true);
         self.arm(slot);
         self.counters.allocations_created += 1;
         self.allocate_success_ext(now, msg, ok, slot, v6_error)
@@ -1154,15 +1171,15 @@ impl Server {
         v6_error: bool,
     ) -> usize {
         let a = self.allocs[slot as usize].as_ref().expect("live");
-        let port = a.port.0;
+        let (ai, port) = (a.port.addr as usize, a.port.port);
         let v4 =
-            a.v4.then_some(())
-                .and(self.cfg.relay_v4)
-                .map(|ip| SocketAddr::new(ip, port));
+            a.v4.then(|| self.cfg.relay_v4.get(ai))
+                .flatten()
+                .map(|ip| SocketAddr::new(*ip, port));
         let v6 =
-            a.v6.then_some(())
-                .and(self.cfg.relay_v6)
-                .map(|ip| SocketAddr::new(ip, port));
+            a.v6.then(|| self.cfg.relay_v6.get(ai))
+                .flatten()
+                .map(|ip| SocketAddr::new(*ip, port));
         let remaining = (a.expires_ms.saturating_sub(now.ms) / 1000) as u32;
         let token = a.reservation;
         let mapped = a.client.addr;
@@ -1206,21 +1223,30 @@ impl Server {
         v6: bool,
         binder: &mut dyn RelayBinder,
     ) -> Option<RelayPort> {
-        let span = self.port_used.len();
+        let total = self.port_used.len();
+        let span = self.port_span();
+        // Addresses usable for this family mix: dual-stack allocations need index i in both.
+        let n_addr = match (v4, v6) {
+            (true, true) => self.cfg.relay_v4.len().min(self.cfg.relay_v6.len()),
+            (true, false) => self.cfg.relay_v4.len(),
+            (false, true) => self.cfg.relay_v6.len(),
+            (false, false) => 0,
+        };
         let mut bind_failures = 0;
-        for i in 0..span {
-            let idx = (self.port_cursor + i) % span;
-            let p = self.cfg.port_min as usize + idx;
-            if self.port_used[idx] || (even && !p.is_multiple_of(2)) {
+        for i in 0..total {
+            let idx = (self.port_cursor + i) % total;
+            let (ai, off) = (idx / span, idx % span);
+            let p = self.cfg.port_min as usize + off;
+            if ai >= n_addr || self.port_used[idx] || (even && !p.is_multiple_of(2)) {
                 continue;
             }
-            if reserve_next && (idx + 1 >= span || self.port_used[idx + 1]) {
+            if reserve_next && (off + 1 >= span || self.port_used[idx + 1]) {
                 continue;
             }
-            let port = RelayPort(p as u16);
+            let port = RelayPort::new(ai as u8, p as u16);
             self.port_used[idx] = true;
             if self.bind_port(port, v4, v6, binder) {
-                self.port_cursor = (idx + 1) % span;
+                self.port_cursor = (idx + 1) % total;
                 return Some(port);
             }
             self.port_used[idx] = false;
@@ -1252,12 +1278,19 @@ impl Server {
     }
 
     fn release_port(&mut self, port: RelayPort) {
-        if let Some(u) = self
-            .port_used
-            .get_mut((port.0 - self.cfg.port_min) as usize)
-        {
+        let i = self.port_index(port);
+        if let Some(u) = self.port_used.get_mut(i) {
             *u = false;
         }
+    }
+
+    fn port_span(&self) -> usize {
+        (self.cfg.port_max - self.cfg.port_min) as usize + 1
+    }
+
+    /// Position of a relay (address, port) in the per-shard tables.
+    fn port_index(&self, p: RelayPort) -> usize {
+        p.addr as usize * self.port_span() + p.port.wrapping_sub(self.cfg.port_min) as usize
     }
 
     // ----------------------------------------------------------------------------------------
@@ -1525,7 +1558,10 @@ impl Server {
     ) -> Option<Transmit> {
         self.counters.peer_packets += 1;
         self.counters.peer_bytes += range.len() as u64;
-        let idx = port.0.wrapping_sub(self.cfg.port_min) as usize;
+        if port.port < self.cfg.port_min || port.port > self.cfg.port_max {
+            return self.drop(DropReason::NoAllocation);
+        }
+        let idx = self.port_index(port);
         let slot = match self.by_port.get(idx) {
             Some(&s) if s != u32::MAX => s,
             _ => return self.drop(DropReason::NoAllocation),
@@ -1670,9 +1706,13 @@ impl Server {
             binder.unbind(Family::V6, a.port);
         }
         self.by_client.remove(&a.client);
-        self.by_port[(a.port.0 - self.cfg.port_min) as usize] = u32::MAX;
+        let pi = self.port_index(a.port);
+        self.by_port[pi] = u32::MAX;
         self.release_port(a.port);
-        self.cfg.policy.relay_ports.set(a.port.0, false);
+        self.cfg
+            .policy
+            .relay_ports
+            .set(a.port.addr, a.port.port, false);
         self.cfg.quotas.release(&a.username);
         self.free_slots.push(slot);
     }

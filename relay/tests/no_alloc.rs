@@ -215,7 +215,7 @@ fn relay_and_error_paths_do_not_allocate() {
                 .handle_peer(
                     now,
                     Family::V4,
-                    RelayPort(p.port()),
+                    RelayPort::new(0, p.port()),
                     from,
                     &mut buf,
                     HEADROOM..HEADROOM + payload.len(),

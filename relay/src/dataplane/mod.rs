@@ -132,12 +132,14 @@ pub fn build_policy(cfg: &Config, r: &Resolved, relay_ports: Arc<RelayPortSet>) 
     policy.relay_ports = relay_ports;
     let mut own: Vec<IpAddr> = interface_addresses();
     own.extend(r.listen.iter().map(|a| a.ip()));
-    for (bind, adv) in r.relay_v4.iter().chain(r.relay_v6.iter()) {
-        own.push(*bind);
-        own.push(*adv);
-        policy.relay_ips.push(*adv);
-        if bind != adv {
-            policy.relay_ips.push(*bind);
+    for list in [&r.relay_v4, &r.relay_v6] {
+        for (i, (bind, adv)) in list.iter().enumerate() {
+            own.push(*bind);
+            own.push(*adv);
+            policy.relay_ips.push((*adv, i as u8));
+            if bind != adv {
+                policy.relay_ips.push((*bind, i as u8));
+            }
         }
     }
     own.sort();
@@ -170,8 +172,8 @@ impl Shared {
         policy: &Arc<PeerPolicy>,
     ) -> TurnConfig {
         let mut turn = TurnConfig::new(auth.clone(), policy.clone(), self.quotas.clone());
-        turn.relay_v4 = r.relay_v4.map(|(_, adv)| adv);
-        turn.relay_v6 = r.relay_v6.map(|(_, adv)| adv);
+        turn.relay_v4 = r.relay_v4.iter().map(|(_, adv)| *adv).collect();
+        turn.relay_v6 = r.relay_v6.iter().map(|(_, adv)| *adv).collect();
         turn.port_min = self.slices[shard].0;
         turn.port_max = self.slices[shard].1;
         turn.default_lifetime = cfg.turn.default_lifetime;
@@ -205,7 +207,7 @@ impl DataPlane {
         let shared = Shared {
             nonce_key: rand::random(),
             identities: resolver.is_some(),
-            relay_ports: Arc::new(RelayPortSet::default()),
+            relay_ports: Arc::new(RelayPortSet::new(r.relay_v4.len().max(r.relay_v6.len()))),
             quotas: Arc::new(Quotas::new(
                 cfg.turn.max_allocations,
                 cfg.turn.max_allocations_per_user,
@@ -243,8 +245,8 @@ impl DataPlane {
                 },
                 listeners,
                 turn,
-                bind_v4: r.relay_v4.map(|(b, _)| b),
-                bind_v6: r.relay_v6.map(|(b, _)| b),
+                bind_v4: r.relay_v4.iter().map(|(b, _)| *b).collect(),
+                bind_v6: r.relay_v6.iter().map(|(b, _)| *b).collect(),
                 batch: cfg.io.batch,
                 socket_buffer: cfg.io.socket_buffer,
                 rx,
@@ -320,8 +322,8 @@ impl DataPlane {
         // Values that need new sockets keep the running ones.
         let effective = Resolved {
             listen: old.1.listen.clone(),
-            relay_v4: old.1.relay_v4,
-            relay_v6: old.1.relay_v6,
+            relay_v4: old.1.relay_v4.clone(),
+            relay_v6: old.1.relay_v6.clone(),
             port_min: old.1.port_min,
             port_max: old.1.port_max,
             shard_cores: old.1.shard_cores.clone(),

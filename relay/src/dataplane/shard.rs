@@ -40,9 +40,10 @@ const TOKEN_KIND: u64 = 0xFF << 40;
 
 /// Relay sockets of this shard, indexed by port offset.
 struct Relays {
-    bind_v4: Option<IpAddr>,
-    bind_v6: Option<IpAddr>,
+    bind_v4: Vec<IpAddr>,
+    bind_v6: Vec<IpAddr>,
     port_min: u16,
+    span: usize,
     v4: Vec<Option<Socket>>,
     v6: Vec<Option<Socket>>,
     epoll: std::rc::Rc<Epoll>,
@@ -53,11 +54,21 @@ struct Relays {
 impl RelayBinder for Relays {
     fn bind(&mut self, family: Family, port: RelayPort) -> bool {
         let (ip, token, domain) = match family {
-            Family::V4 => (self.bind_v4, TOKEN_RELAY_V4, Domain::IPV4),
-            Family::V6 => (self.bind_v6, TOKEN_RELAY_V6, Domain::IPV6),
+            Family::V4 => (
+                self.bind_v4.get(port.addr as usize),
+                TOKEN_RELAY_V4,
+                Domain::IPV4,
+            ),
+            Family::V6 => (
+                self.bind_v6.get(port.addr as usize),
+                TOKEN_RELAY_V6,
+                Domain::IPV6,
+            ),
         };
-        let Some(ip) = ip else { return false };
-        let idx = (port.0 - self.port_min) as usize;
+        let Some(&ip) = ip else { return false };
+        let Some(idx) = self.index(port) else {
+            return false;
+        };
         let s = (|| -> std::io::Result<Socket> {
             let s = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
             if family == Family::V6 {
@@ -67,7 +78,7 @@ impl RelayBinder for Relays {
             if self.socket_buffer > 0 {
                 let _ = s.set_recv_buffer_size(self.socket_buffer / 4);
             }
-            s.bind(&SocketAddr::new(ip, port.0).into())?;
+            s.bind(&SocketAddr::new(ip, port.port).into())?;
             self.epoll.add(s.as_raw_fd(), token | idx as u64)?;
             Ok(s)
         })();
@@ -88,7 +99,7 @@ impl RelayBinder for Relays {
     }
 
     fn unbind(&mut self, family: Family, port: RelayPort) {
-        let idx = (port.0 - self.port_min) as usize;
+        let Some(idx) = self.index(port) else { return };
         let slot = match family {
             Family::V4 => &mut self.v4[idx],
             Family::V6 => &mut self.v6[idx],
@@ -100,8 +111,21 @@ impl RelayBinder for Relays {
 }
 
 impl Relays {
+    /// Position of a relay (address, port) in `v4`/`v6`.
+    fn index(&self, port: RelayPort) -> Option<usize> {
+        let off = port.port.checked_sub(self.port_min)? as usize;
+        (off < self.span).then_some(port.addr as usize * self.span + off)
+    }
+
+    fn from_index(&self, idx: usize) -> RelayPort {
+        RelayPort::new(
+            (idx / self.span) as u8,
+            self.port_min + (idx % self.span) as u16,
+        )
+    }
+
     fn fd(&self, family: Family, port: RelayPort) -> Option<RawFd> {
-        let idx = port.0.checked_sub(self.port_min)? as usize;
+        let idx = self.index(port)?;
         let v = match family {
             Family::V4 => &self.v4,
             Family::V6 => &self.v6,
@@ -116,8 +140,8 @@ pub struct ShardSetup {
     pub core: Option<usize>,
     pub listeners: Vec<Socket>,
     pub turn: TurnConfig,
-    pub bind_v4: Option<IpAddr>,
-    pub bind_v6: Option<IpAddr>,
+    pub bind_v4: Vec<IpAddr>,
+    pub bind_v6: Vec<IpAddr>,
     pub batch: usize,
     pub socket_buffer: usize,
     pub rx: Receiver<ShardMsg>,
@@ -239,6 +263,7 @@ fn run_mmsg(setup: ShardSetup) {
         uring: _,
     } = setup;
     let span = (turn.port_max - turn.port_min) as usize + 1;
+    let n_addr = bind_v4.len().max(bind_v6.len()).max(1);
     let epoll = match Epoll::new() {
         Ok(e) => std::rc::Rc::new(e),
         Err(e) => {
@@ -250,8 +275,9 @@ fn run_mmsg(setup: ShardSetup) {
         bind_v4,
         bind_v6,
         port_min: turn.port_min,
-        v4: (0..span).map(|_| None).collect(),
-        v6: (0..span).map(|_| None).collect(),
+        span,
+        v4: (0..span * n_addr).map(|_| None).collect(),
+        v6: (0..span * n_addr).map(|_| None).collect(),
         epoll: epoll.clone(),
         socket_buffer,
         bind_errors: 0,
@@ -349,8 +375,7 @@ fn run_mmsg(setup: ShardSetup) {
                     } else {
                         Family::V6
                     };
-                    let idx = (token & 0xFFFF) as u16;
-                    let port = RelayPort(server.config().port_min + idx);
+                    let port = relays.from_index((token & !TOKEN_KIND) as usize);
                     let Some(fd) = relays.fd(family, port) else {
                         continue;
                     };

@@ -37,12 +37,13 @@ const K_SEND: u64 = 4;
 const K_WAKER: u64 = 5;
 const K_CANCEL: u64 = 6;
 
-fn ud(kind: u64, gen: u16, index: u16) -> u64 {
+/// user_data layout: kind (8 bits) | generation (16 bits) | index (32 bits).
+fn ud(kind: u64, gen: u16, index: u32) -> u64 {
     (kind << 56) | ((gen as u64) << 32) | index as u64
 }
 
-fn ud_parts(u: u64) -> (u64, u16, u16) {
-    (u >> 56, (u >> 32) as u16, u as u16)
+fn ud_parts(u: u64) -> (u64, u16, u32) {
+    (u >> 56, (u >> 32) as u16, u as u32)
 }
 
 /// The provided-buffer ring: `entries` buffers of [`BUF_SIZE`] bytes, registered as group 0.
@@ -130,9 +131,10 @@ impl Drop for BufRing {
 
 /// Relay sockets of the shard; sockets to arm or cancel are queued for the loop.
 struct Relays {
-    bind_v4: Option<IpAddr>,
-    bind_v6: Option<IpAddr>,
+    bind_v4: Vec<IpAddr>,
+    bind_v6: Vec<IpAddr>,
     port_min: u16,
+    span: usize,
     v4: Vec<Option<(Socket, u16)>>,
     v6: Vec<Option<(Socket, u16)>>,
     generation: u16,
@@ -146,11 +148,21 @@ struct Relays {
 impl RelayBinder for Relays {
     fn bind(&mut self, family: Family, port: RelayPort) -> bool {
         let (ip, kind, domain) = match family {
-            Family::V4 => (self.bind_v4, K_RELAY_V4, Domain::IPV4),
-            Family::V6 => (self.bind_v6, K_RELAY_V6, Domain::IPV6),
+            Family::V4 => (
+                self.bind_v4.get(port.addr as usize),
+                K_RELAY_V4,
+                Domain::IPV4,
+            ),
+            Family::V6 => (
+                self.bind_v6.get(port.addr as usize),
+                K_RELAY_V6,
+                Domain::IPV6,
+            ),
         };
-        let Some(ip) = ip else { return false };
-        let idx = (port.0 - self.port_min) as usize;
+        let Some(&ip) = ip else { return false };
+        let Some(idx) = self.index(port) else {
+            return false;
+        };
         let s = (|| -> std::io::Result<Socket> {
             let s = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
             if family == Family::V6 {
@@ -160,14 +172,14 @@ impl RelayBinder for Relays {
             if self.socket_buffer > 0 {
                 let _ = s.set_recv_buffer_size(self.socket_buffer / 4);
             }
-            s.bind(&SocketAddr::new(ip, port.0).into())?;
+            s.bind(&SocketAddr::new(ip, port.port).into())?;
             Ok(s)
         })();
         match s {
             Ok(s) => {
                 self.generation = self.generation.wrapping_add(1);
                 let g = self.generation;
-                self.arm.push((s.as_raw_fd(), ud(kind, g, idx as u16)));
+                self.arm.push((s.as_raw_fd(), ud(kind, g, idx as u32)));
                 let slot = match family {
                     Family::V4 => &mut self.v4[idx],
                     Family::V6 => &mut self.v6[idx],
@@ -183,21 +195,34 @@ impl RelayBinder for Relays {
     }
 
     fn unbind(&mut self, family: Family, port: RelayPort) {
-        let idx = (port.0 - self.port_min) as usize;
+        let Some(idx) = self.index(port) else { return };
         let (slot, kind) = match family {
             Family::V4 => (&mut self.v4[idx], K_RELAY_V4),
             Family::V6 => (&mut self.v6[idx], K_RELAY_V6),
         };
         if let Some((s, g)) = slot.take() {
             // The multishot receive holds a reference to the file: cancel it, then close.
-            self.cancel.push(ud(kind, g, idx as u16));
+            self.cancel.push(ud(kind, g, idx as u32));
             self.closing.push(s);
         }
     }
 }
 
 impl Relays {
-    fn current(&self, kind: u64, gen: u16, idx: u16) -> Option<RawFd> {
+    fn index(&self, port: RelayPort) -> Option<usize> {
+        let off = port.port.checked_sub(self.port_min)? as usize;
+        (off < self.span).then_some(port.addr as usize * self.span + off)
+    }
+
+    fn from_index(&self, idx: u32) -> RelayPort {
+        let idx = idx as usize;
+        RelayPort::new(
+            (idx / self.span) as u8,
+            self.port_min + (idx % self.span) as u16,
+        )
+    }
+
+    fn current(&self, kind: u64, gen: u16, idx: u32) -> Option<RawFd> {
         let v = if kind == K_RELAY_V4 {
             &self.v4
         } else {
@@ -210,7 +235,7 @@ impl Relays {
     }
 
     fn fd(&self, family: Family, port: RelayPort) -> Option<RawFd> {
-        let idx = port.0.checked_sub(self.port_min)? as usize;
+        let idx = self.index(port)?;
         let v = match family {
             Family::V4 => &self.v4,
             Family::V6 => &self.v6,
@@ -230,8 +255,8 @@ pub(super) struct Setup {
     pub id: usize,
     pub listeners: Vec<Socket>,
     pub turn: TurnConfig,
-    pub bind_v4: Option<IpAddr>,
-    pub bind_v6: Option<IpAddr>,
+    pub bind_v4: Vec<IpAddr>,
+    pub bind_v6: Vec<IpAddr>,
     pub socket_buffer: usize,
     pub rx: Receiver<ShardMsg>,
     pub self_tx: Sender<ShardMsg>,
@@ -281,12 +306,14 @@ pub(super) fn run(s: Setup) -> Result<(), Box<(std::io::Error, Setup)>> {
         mut warn,
     } = s;
     let span = (turn.port_max - turn.port_min) as usize + 1;
+    let n_addr = bind_v4.len().max(bind_v6.len()).max(1);
     let mut relays = Relays {
         bind_v4,
         bind_v6,
         port_min: turn.port_min,
-        v4: (0..span).map(|_| None).collect(),
-        v6: (0..span).map(|_| None).collect(),
+        span,
+        v4: (0..span * n_addr).map(|_| None).collect(),
+        v6: (0..span * n_addr).map(|_| None).collect(),
         generation: 0,
         arm: Vec::with_capacity(64),
         cancel: Vec::with_capacity(64),
@@ -306,7 +333,7 @@ pub(super) fn run(s: Setup) -> Result<(), Box<(std::io::Error, Setup)>> {
     for (i, fd) in listener_fds.iter().enumerate() {
         let e = opcode::RecvMsgMulti::new(types::Fd(*fd), &recv_hdr, 0)
             .build()
-            .user_data(ud(K_LISTENER, 0, i as u16));
+            .user_data(ud(K_LISTENER, 0, i as u32));
         push_sqe(&mut ring, &e);
     }
     let mut waker_buf = [0u8; 8];
@@ -350,7 +377,7 @@ pub(super) fn run(s: Setup) -> Result<(), Box<(std::io::Error, Setup)>> {
             let (kind, gen, idx) = ud_parts(user);
             match kind {
                 K_SEND => {
-                    bufs.push(idx);
+                    bufs.push(idx as u16);
                     if res < 0 {
                         send_errors += 1;
                     } else {
@@ -413,7 +440,7 @@ pub(super) fn run(s: Setup) -> Result<(), Box<(std::io::Error, Setup)>> {
                                 h.msg_iovlen = 1;
                                 let e = opcode::SendMsg::new(types::Fd(fd), &slots.hdrs[b])
                                     .build()
-                                    .user_data(ud(K_SEND, 0, bid));
+                                    .user_data(ud(K_SEND, 0, bid as u32));
                                 push_sqe(&mut ring, &e);
                             }
                             None => bufs.push(bid),
@@ -505,7 +532,7 @@ fn on_datagram(
     listener_fds: &[RawFd],
     now: crate::turn::Now,
     kind: u64,
-    idx: u16,
+    idx: u32,
     bid: u16,
     len: usize,
     recv_hdr: &libc::msghdr,
@@ -537,7 +564,7 @@ fn on_datagram(
         } else {
             Family::V6
         };
-        let port = RelayPort(relays.port_min + idx);
+        let port = relays.from_index(idx);
         server.handle_peer(now, family, port, from, buf, range)?
     };
     let fd = match t.src {

@@ -12,24 +12,26 @@ const T0: u64 = 1_700_000_000;
 
 #[derive(Default)]
 struct FakeBinder {
-    bound: BTreeSet<(bool, u16)>,
+    bound: BTreeSet<(bool, u8, u16)>,
     refuse: BTreeSet<u16>,
 }
 
 impl RelayBinder for FakeBinder {
     fn bind(&mut self, family: Family, port: RelayPort) -> bool {
-        if self.refuse.contains(&port.0) {
+        if self.refuse.contains(&port.port) {
             return false;
         }
         assert!(
-            self.bound.insert((family == Family::V6, port.0)),
+            self.bound
+                .insert((family == Family::V6, port.addr, port.port)),
             "double bind {port:?}"
         );
         true
     }
     fn unbind(&mut self, family: Family, port: RelayPort) {
         assert!(
-            self.bound.remove(&(family == Family::V6, port.0)),
+            self.bound
+                .remove(&(family == Family::V6, port.addr, port.port)),
             "unbind of unbound {port:?}"
         );
     }
@@ -148,7 +150,7 @@ impl H {
         ];
         let mut policy = PeerPolicy::new(vec![], vec![]);
         policy.service_ports = vec![3478, 8080];
-        policy.relay_ips = vec!["127.0.0.1".parse().unwrap()];
+        policy.relay_ips = vec![("127.0.0.1".parse().unwrap(), 0)];
         let policy = Arc::new(policy);
         let mut cfg = TurnConfig::new(
             Arc::new(auth.clone()),
@@ -285,7 +287,7 @@ impl H {
         let t = self.s.handle_peer(
             self.now,
             fam,
-            RelayPort(relay.port()),
+            RelayPort::new(0, relay.port()),
             from,
             &mut buf,
             HEADROOM..HEADROOM + payload.len(),
@@ -438,8 +440,8 @@ fn allocate_success_and_idempotent_retransmission_and_437() {
         c.addr
     );
     assert!(m.verify_integrity(&c.key()));
-    assert!(h.b.bound.contains(&(false, relay.port())));
-    assert!(h.policy.relay_ports.contains(relay.port()));
+    assert!(h.b.bound.contains(&(false, 0, relay.port())));
+    assert!(h.policy.relay_ports.contains(0, relay.port()));
 
     // The same request again (a retransmission): the same allocation, no second bind.
     let r2 = h.send(&c, &req).unwrap();
@@ -643,7 +645,7 @@ fn allocate_parameter_errors() {
 #[test]
 fn dual_stack_allocation_and_peer_family_checks() {
     let mut h = H::with(|cfg, _| {
-        cfg.relay_v6 = Some("::1".parse().unwrap());
+        cfg.relay_v6 = vec!["::1".parse().unwrap()];
         let mut p = (*cfg.policy).clone();
         p.allow = vec![
             "203.0.113.0/24".parse().unwrap(),
@@ -756,7 +758,7 @@ fn another_users_credentials_get_441_and_change_nothing() {
     // Alice's allocation has no permission for the peer.
     let relay = SocketAddr::new(
         "127.0.0.1".parse().unwrap(),
-        *h.b.bound.iter().next().map(|(_, p)| p).unwrap(),
+        *h.b.bound.iter().next().map(|(_, _, p)| p).unwrap(),
     );
     assert!(h.peer_send(relay, peer(), b"x").is_none());
 }
@@ -817,8 +819,8 @@ fn every_deny_vector_peer_gets_403_on_permission_and_channel_and_nothing_is_inst
     let mut c = alice();
     h.allocate(&mut c);
     let mut v6 = H::with(|cfg, _| {
-        cfg.relay_v6 = Some("2001:db8::1".parse().unwrap());
-        cfg.relay_v4 = None;
+        cfg.relay_v6 = vec!["2001:db8::1".parse().unwrap()];
+        cfg.relay_v4 = Vec::new();
     });
     let mut c6 = alice();
     v6.allocate(&mut c6);
@@ -899,7 +901,10 @@ fn send_indication_relays_only_with_permission_and_first_peer_wins() {
     assert_eq!(h.s.counters.drops[DropReason::NoPermission as usize], 1);
     assert!(h.permit(&mut c, peer()).ok());
     let (t, out) = h.client_raw(c.addr, &ind).unwrap();
-    assert_eq!(t.src, Src::Relay(Family::V4, RelayPort(relay.port())));
+    assert_eq!(
+        t.src,
+        Src::Relay(Family::V4, RelayPort::new(0, relay.port()))
+    );
     assert_eq!(t.dst, peer());
     assert_eq!(out, b"hello peer");
 
@@ -994,7 +999,10 @@ fn channel_bind_rules_and_channel_data_both_ways() {
     cd.extend_from_slice(b"hello\0\0\0");
     let (t, out) = h.client_raw(c.addr, &cd).unwrap();
     assert_eq!(t.dst, peer());
-    assert_eq!(t.src, Src::Relay(Family::V4, RelayPort(relay.port())));
+    assert_eq!(
+        t.src,
+        Src::Relay(Family::V4, RelayPort::new(0, relay.port()))
+    );
     assert_eq!(out, b"hello");
     // Unbound channel, or a channel number outside the range: silent drop.
     assert!(h.client_raw(c.addr, &[0x40, 0x02, 0, 1, 9]).is_none());
@@ -1043,7 +1051,7 @@ fn permissions_channels_and_allocations_expire_on_time() {
     assert!(h.b.bound.is_empty(), "relay socket closed");
     assert_eq!(h.s.counters.allocations_expired, 1);
     assert_eq!(h.s.config().quotas.total(), 0);
-    assert!(!h.policy.relay_ports.contains(relay.port()));
+    assert!(!h.policy.relay_ports.contains(0, relay.port()));
     assert!(h.peer_send(relay, peer(), b"x").is_none());
 }
 
@@ -1476,4 +1484,63 @@ fn bandwidth_cap_per_allocation_and_direction() {
         .filter(|_| h.client_raw(c.addr, &cd).is_some())
         .count();
     assert_eq!(sent, 5);
+}
+
+#[test]
+fn several_relay_addresses_multiply_capacity_and_route_by_address_and_port() {
+    let mut h = H::with(|cfg, _| {
+        cfg.relay_v4 = vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()];
+        cfg.port_min = 50000;
+        cfg.port_max = 50001;
+        let mut p = (*cfg.policy).clone();
+        p.allow = vec!["203.0.113.0/24".parse().unwrap()];
+        p.relay_ports = Arc::new(crate::policy::RelayPortSet::new(2));
+        cfg.policy = Arc::new(p);
+    });
+    let mut relays = BTreeSet::new();
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let mut c = Client::new(&format!("198.51.100.1:{}", 100 + i), "alice", "secret");
+        let r = h.allocate(&mut c);
+        relays.insert(r);
+        clients.push((c, r));
+    }
+    assert_eq!(relays.len(), 4, "two ports on each of two addresses");
+    let ips: BTreeSet<IpAddr> = relays.iter().map(|r| r.ip()).collect();
+    assert_eq!(ips.len(), 2);
+    let mut extra = Client::new("198.51.100.1:999", "alice", "secret");
+    assert_eq!(
+        h.call(&mut extra, method::ALLOCATE, &[udp()]).code(),
+        Some(508)
+    );
+    // Peer data reaches the allocation owning that exact (address, port).
+    for (c, r) in clients.iter_mut() {
+        assert!(h.permit(c, peer()).ok());
+        let idx = if r.ip() == "127.0.0.1".parse::<IpAddr>().unwrap() {
+            0
+        } else {
+            1
+        };
+        let mut buf = vec![0u8; HEADROOM + 8 + TAILROOM];
+        let t =
+            h.s.handle_peer(
+                h.now,
+                Family::V4,
+                RelayPort::new(idx, r.port()),
+                peer(),
+                &mut buf,
+                HEADROOM..HEADROOM + 8,
+            )
+            .expect("relayed");
+        assert_eq!(t.dst, c.addr);
+    }
+    // Relay-to-relay across the two addresses is allowed by the default policy.
+    let (a, _) = &clients[0];
+    let mut a = a.clone();
+    let other = clients
+        .iter()
+        .map(|(_, r)| *r)
+        .find(|r| r.ip() != clients[0].1.ip())
+        .unwrap();
+    assert!(h.permit(&mut a, other).ok());
 }
