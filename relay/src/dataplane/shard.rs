@@ -117,7 +117,7 @@ impl Relays {
         (off < self.span).then_some(port.addr as usize * self.span + off)
     }
 
-    fn from_index(&self, idx: usize) -> RelayPort {
+    fn port_at(&self, idx: usize) -> RelayPort {
         RelayPort::new(
             (idx / self.span) as u8,
             self.port_min + (idx % self.span) as u16,
@@ -375,7 +375,7 @@ fn run_mmsg(setup: ShardSetup) {
                     } else {
                         Family::V6
                     };
-                    let port = relays.from_index((token & !TOKEN_KIND) as usize);
+                    let port = relays.port_at((token & !TOKEN_KIND) as usize);
                     let Some(fd) = relays.fd(family, port) else {
                         continue;
                     };

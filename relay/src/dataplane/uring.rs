@@ -214,7 +214,7 @@ impl Relays {
         (off < self.span).then_some(port.addr as usize * self.span + off)
     }
 
-    fn from_index(&self, idx: u32) -> RelayPort {
+    fn port_at(&self, idx: u32) -> RelayPort {
         let idx = idx as usize;
         RelayPort::new(
             (idx / self.span) as u8,
@@ -564,7 +564,7 @@ fn on_datagram(
         } else {
             Family::V6
         };
-        let port = relays.from_index(idx);
+        let port = relays.port_at(idx);
         server.handle_peer(now, family, port, from, buf, range)?
     };
     let fd = match t.src {
