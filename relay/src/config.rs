@@ -25,6 +25,7 @@ pub struct Config {
     pub services: actrix_control::ServicesConfig,
     pub ks: actrix_control::KsConfig,
     pub ais: actrix_control::AisConfig,
+    pub signaling: actrix_signaling::SignalingConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -641,7 +642,9 @@ impl Config {
     }
 
     fn control_errors(&self) -> Vec<String> {
-        self.control().validate()
+        let mut e = self.control().validate();
+        e.extend(self.signaling.validate());
+        e
     }
 }
 
@@ -732,7 +735,19 @@ mod tests {
         let sections: Vec<&str> = doc.keys().map(|k| k.as_str()).collect();
         assert_eq!(
             sections,
-            ["ais", "cores", "http", "io", "ks", "log", "node", "services", "stun", "turn"]
+            [
+                "ais",
+                "cores",
+                "http",
+                "io",
+                "ks",
+                "log",
+                "node",
+                "services",
+                "signaling",
+                "stun",
+                "turn"
+            ]
         );
     }
 

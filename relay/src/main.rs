@@ -237,16 +237,52 @@ fn run(path: Option<PathBuf>) -> i32 {
     }
     let stats = DataPlane::new_stats(&resolved);
     let http_stats = actrix_control::http_stats::HttpStats::new();
-    let registry = Arc::new(actrix::metrics::registry(stats.clone(), http_stats.clone()));
+    let signaling_on = cfg.services.signaling_enabled();
+    let signaling_stats =
+        signaling_on.then(|| Arc::new(actrix_signaling::SignalingStats::default()));
+    let registry = Arc::new(actrix::metrics::registry(
+        stats.clone(),
+        http_stats.clone(),
+        signaling_stats.clone(),
+    ));
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<Event>();
     let reload_tx = events_tx.clone();
+    // The signaling hub is built inside the control thread's route factory; a failure there
+    // (its database cannot be opened, say) is reported back here and stops the start.
+    let signaling_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let signaling_err = signaling_error.clone();
+    let signaling_cfg = cfg.signaling.clone();
+    let data_dir = cfg.node.data_dir.clone();
     let control = match actrix_control::ControlBuilder::new(control_cfg)
         .pin_core(resolved.control_core.filter(|_| cfg.cores.pin))
         .routes(actrix::metrics::router(registry))
         .http_stats(http_stats)
         .routes_with(move |ctx| reload_router(ctx.auth.clone(), reload_tx))
+        .routes_with(move |ctx| match signaling_stats {
+            Some(st) => {
+                match actrix_signaling::router_with_stats(ctx, signaling_cfg, &data_dir, st) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        *signaling_err.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(e.to_string());
+                        axum::Router::new()
+                    }
+                }
+            }
+            None => axum::Router::new(),
+        })
         .spawn()
     {
+        Ok(c) if signaling_error.lock().map(|e| e.is_some()).unwrap_or(false) => {
+            let e = signaling_error
+                .lock()
+                .ok()
+                .and_then(|mut e| e.take())
+                .unwrap_or_default();
+            eprintln!("actrix: signaling failed to start: {e}");
+            let _ = c.shutdown();
+            return 1;
+        }
         Ok(c) => c,
         Err(e) => {
             eprintln!("actrix: control plane failed to start: {e}");
@@ -316,7 +352,7 @@ fn run(path: Option<PathBuf>) -> i32 {
         for l in &resolved.listen {
             println!("  STUN/TURN  udp://{l}   realm {}", cfg.turn.realm);
         }
-        println!("  HTTP       http://{http}  (/healthz, /metrics, /ks, /ais)");
+        println!("  HTTP       http://{http}  (/healthz, /metrics, /ks, /ais, /signaling/ws)");
         println!("  demo user  demo / {pw}");
         println!("  try: turnutils_uclient -y -s -u demo -w {pw} -n 100 127.0.0.1");
         println!("Ctrl-C stops it.");

@@ -381,14 +381,138 @@ impl Collector for HttpCollector {
     }
 }
 
+/// The signaling hub's counters.
+#[derive(Debug)]
+pub struct SignalingCollector {
+    pub stats: Arc<actrix_signaling::SignalingStats>,
+}
+
+impl Collector for SignalingCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.stats;
+        let one = |v: &std::sync::atomic::AtomicU64| vec![(Labels::new(), v.load(Relaxed))];
+        gauge(
+            &mut enc,
+            "actrix_signaling_connections_open",
+            "WebSocket connections open",
+            &[(vec![], s.connections_open.load(Relaxed) as i64)],
+        )?;
+        gauge(
+            &mut enc,
+            "actrix_signaling_registry_entries",
+            "Actors in the in-memory registry",
+            &[(vec![], s.registry_entries.load(Relaxed) as i64)],
+        )?;
+        for (name, help, v) in [
+            (
+                "actrix_signaling_connections",
+                "WebSocket connections accepted",
+                &s.connections_total,
+            ),
+            (
+                "actrix_signaling_connections_rejected_rate",
+                "Upgrades refused by the per-IP rate (429)",
+                &s.connections_rejected_rate,
+            ),
+            (
+                "actrix_signaling_connections_rejected_concurrency",
+                "Upgrades refused by concurrency limits (429)",
+                &s.connections_rejected_concurrency,
+            ),
+            (
+                "actrix_signaling_frames_in",
+                "Binary frames received",
+                &s.frames_in,
+            ),
+            (
+                "actrix_signaling_envelopes_out",
+                "Envelopes sent",
+                &s.envelopes_out,
+            ),
+            (
+                "actrix_signaling_envelopes_relayed",
+                "Envelopes relayed between actors",
+                &s.envelopes_relayed,
+            ),
+            (
+                "actrix_signaling_relays_no_target",
+                "Relays dropped: target not connected",
+                &s.relays_no_target,
+            ),
+            (
+                "actrix_signaling_decode_errors",
+                "Undecodable frames",
+                &s.decode_errors,
+            ),
+            (
+                "actrix_signaling_oversize_closes",
+                "Connections closed with 1009",
+                &s.oversize_closes,
+            ),
+            (
+                "actrix_signaling_slow_consumer_drops",
+                "Connections dropped for not reading",
+                &s.slow_consumer_drops,
+            ),
+            (
+                "actrix_signaling_timeout_closes",
+                "Connections closed by idle or auth timeouts",
+                &s.timeout_closes,
+            ),
+            (
+                "actrix_signaling_registrations",
+                "Successful registrations",
+                &s.registrations,
+            ),
+            (
+                "actrix_signaling_url_identity_refused",
+                "Reconnect identities refused",
+                &s.url_identity_refused,
+            ),
+            (
+                "actrix_signaling_registry_evictions",
+                "Registry entries evicted after the heartbeat timeout",
+                &s.registry_evictions,
+            ),
+            (
+                "actrix_signaling_registry_restores",
+                "Registry entries restored from storage by a Ping",
+                &s.registry_restores,
+            ),
+            (
+                "actrix_signaling_persist_failures",
+                "Registry writes that failed",
+                &s.persist_failures,
+            ),
+        ] {
+            counter(&mut enc, name, help, &one(v))?;
+        }
+        let mut by_code: Vec<(Labels, u64)> = actrix_signaling::stats::ERROR_CODES
+            .iter()
+            .map(|c| (vec![("code", c.to_string())], s.errors(*c)))
+            .collect();
+        by_code.push((vec![("code", "other".into())], s.errors(0)));
+        counter(
+            &mut enc,
+            "actrix_signaling_errors",
+            "Error responses sent, by code",
+            &by_code,
+        )
+    }
+}
+
 /// Build the registry for `/metrics`.
 pub fn registry(
     shards: Vec<Arc<ShardStats>>,
     http: Arc<actrix_control::http_stats::HttpStats>,
+    signaling: Option<Arc<actrix_signaling::SignalingStats>>,
 ) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(DataPlaneCollector { shards }));
     r.register_collector(Box::new(HttpCollector { stats: http }));
+    if let Some(stats) = signaling {
+        r.register_collector(Box::new(SignalingCollector { stats }));
+    }
     r
 }
 

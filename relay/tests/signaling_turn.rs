@@ -1,0 +1,101 @@
+//! The appliance as a whole: an actor registers over the signaling WebSocket, and the
+//! credential it gets back allocates and relays on the TURN data plane; /metrics counts the
+//! registration.
+
+mod common;
+
+use actrix::stun::attr;
+use actrix_control::{provision_realm, Realm, RealmStatus};
+use actrix_signaling::proto::{
+    peer_to_signaling, register_response, signaling_envelope, signaling_to_actr, ActrType,
+    PeerToSignaling, RegisterRequest, SignalingEnvelope, Timestamp,
+};
+use common::{Appliance, TurnClient};
+use prost::Message as _;
+
+#[test]
+fn register_over_websocket_then_allocate_with_the_credential() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    provision_realm(
+        &data,
+        &Realm {
+            realm_id: 7,
+            name: "edge".into(),
+            status: RealmStatus::Normal,
+            expires_at: None,
+        },
+    )
+    .unwrap();
+    let app = Appliance::start(tmp.path(), "[turn]\nallow_peers = [\"127.0.0.0/8\"]\n");
+
+    let (mut ws, _) =
+        tungstenite::connect(format!("ws://{}/signaling/ws", app.http)).expect("upgrade");
+    let env = SignalingEnvelope {
+        envelope_version: 1,
+        envelope_id: "req-1".into(),
+        timestamp: Timestamp {
+            seconds: 0,
+            nanos: 0,
+        },
+        flow: Some(signaling_envelope::Flow::PeerToServer(PeerToSignaling {
+            payload: Some(peer_to_signaling::Payload::RegisterRequest(
+                RegisterRequest {
+                    actr_type: ActrType {
+                        manufacturer: "acme".into(),
+                        name: "echo".into(),
+                        version: Some("1.0.0".into()),
+                    },
+                    realm: actrix_signaling::proto::Realm { realm_id: 7 },
+                    ..Default::default()
+                },
+            )),
+        })),
+        ..Default::default()
+    };
+    ws.send(tungstenite::Message::Binary(env.encode_to_vec().into()))
+        .unwrap();
+    let reply = loop {
+        match ws.read().expect("reply") {
+            tungstenite::Message::Binary(b) => break SignalingEnvelope::decode(&b[..]).unwrap(),
+            _ => continue,
+        }
+    };
+    assert_eq!(reply.reply_for.as_deref(), Some("req-1"));
+    let Some(signaling_envelope::Flow::ServerToActr(to)) = reply.flow else {
+        panic!("{reply:?}")
+    };
+    let Some(signaling_to_actr::Payload::RegisterResponse(resp)) = to.payload else {
+        panic!()
+    };
+    let Some(register_response::Result::Success(ok)) = resp.result else {
+        panic!("{resp:?}")
+    };
+
+    let mut raw = Vec::new();
+    raw.extend_from_slice(&7u32.to_be_bytes());
+    raw.extend_from_slice(&ok.credential.token_key_id.to_be_bytes());
+    raw.extend_from_slice(&ok.credential.encrypted_token);
+    let username = actrix_control::crypto::base122_encode(&raw);
+    let password = hex::encode(ok.psk.expect("psk"));
+    let mut c = TurnClient::new(app.stun, &username, password.as_bytes(), "actor-rtc.local");
+    let r = c.allocate(10).expect("allocate answered");
+    assert_eq!(r.code(), None, "the signaling credential allocates on TURN");
+    assert!(r.msg().get_xor_addr(attr::XOR_RELAYED_ADDRESS).is_some());
+
+    let body = ureq::get(&format!("http://{}/metrics", app.http))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        body.contains("actrix_signaling_registrations_total 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("actrix_signaling_connections_open 1"),
+        "{body}"
+    );
+}

@@ -1,0 +1,852 @@
+//! The WebSocket I/O layer around the [`Hub`]: admission (per-IP rate and concurrency, HTTP
+//! 429 before the upgrade), URL identity validation, one reader and one writer task per
+//! connection, bounded send queues, timers, and the blocking work (AIS, KS, SQLite).
+//!
+//! The hub and the connection table sit behind one `std::sync::Mutex`. The control thread's
+//! runtime is current-thread, so the lock is never contended; it exists because axum needs
+//! `Send` futures. It is never held across an `.await`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use actrix_control::ais::AisService;
+use actrix_control::server::ControlContext;
+use actrix_control::{RealmStore, SharedClock};
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::config::SignalingConfig;
+use crate::hub::{AisCall, ConnId, CredentialVerdict, Hub, Output, RealmCheck, VerifiedCredential};
+use crate::proto::{
+    actr_id_string, parse_actr_id, signaling_envelope, AIdCredential, ActrId, SignalingEnvelope,
+};
+use crate::stats::{self, SignalingStats};
+use crate::store::{self, DbOp, Store, StoreError};
+use crate::verify::{self, KeyCache};
+
+/// Why the signaling routes could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalingError {
+    /// The configuration is invalid (one line per problem).
+    #[error("invalid signaling configuration: {}", .0.join("; "))]
+    Config(Vec<String>),
+    /// The signaling database could not be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How often expired database rows are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(300);
+/// Frames written before a flush.
+const WRITE_BATCH: usize = 64;
+
+enum Out {
+    Frame(Bytes),
+    Close(u16, &'static str),
+}
+
+struct ConnHandle {
+    tx: mpsc::Sender<Out>,
+    kill: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct IpState {
+    tokens: f64,
+    last_ms: u64,
+    open: u32,
+}
+
+struct RealmCache {
+    store: RealmStore,
+    ttl_ms: u64,
+    map: HashMap<u32, (Result<(), String>, u64)>,
+}
+
+impl RealmCheck for RealmCache {
+    fn check_realm(&mut self, realm_id: u32, now_ms: u64) -> Result<(), String> {
+        if let Some((r, at)) = self.map.get(&realm_id) {
+            if now_ms.saturating_sub(*at) < self.ttl_ms {
+                return r.clone();
+            }
+        }
+        let r = self
+            .store
+            .check(realm_id, now_ms / 1000)
+            .map_err(|e| e.to_string());
+        if self.map.len() >= 65_536 {
+            self.map.clear();
+        }
+        self.map.insert(realm_id, (r.clone(), now_ms));
+        r
+    }
+}
+
+struct Core {
+    hub: Hub,
+    conns: HashMap<ConnId, ConnHandle>,
+    realms: RealmCache,
+    ips: HashMap<IpAddr, IpState>,
+    open_total: u32,
+}
+
+struct Shared {
+    cfg: SignalingConfig,
+    stats: Arc<SignalingStats>,
+    core: Mutex<Core>,
+    keys: Arc<KeyCache>,
+    ais: Option<Arc<AisService>>,
+    store: Store,
+    clock: SharedClock,
+    next_conn: AtomicU64,
+    sweeper_started: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_unix_ms()
+    }
+}
+
+/// The signaling service: build it once, mount [`Signaling::router`], export
+/// [`Signaling::stats`].
+#[derive(Clone)]
+pub struct Signaling {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Signaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signaling")
+            .field("cfg", &self.shared.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signaling {
+    /// Open `<data_dir>/signaling.db`, load the ACL and specs, and build the hub.
+    pub fn new(
+        ctx: &ControlContext,
+        cfg: SignalingConfig,
+        data_dir: &Path,
+        stats: Arc<SignalingStats>,
+    ) -> Result<Self, SignalingError> {
+        let problems = cfg.validate();
+        if !problems.is_empty() {
+            return Err(SignalingError::Config(problems));
+        }
+        let now = ctx.clock.now_unix();
+        let (store, loaded) = store::start(data_dir, stats.clone(), now, cfg.spec_ttl_secs)?;
+        let hub = Hub::new(
+            cfg.clone(),
+            stats.clone(),
+            ctx.ais.is_some(),
+            Box::new(|| uuid::Uuid::new_v4().to_string()),
+            loaded,
+        );
+        let core = Core {
+            hub,
+            conns: HashMap::new(),
+            realms: RealmCache {
+                store: ctx.realms.clone(),
+                ttl_ms: cfg.realm_cache_ms,
+                map: HashMap::new(),
+            },
+            ips: HashMap::new(),
+            open_total: 0,
+        };
+        Ok(Signaling {
+            shared: Arc::new(Shared {
+                cfg,
+                stats,
+                core: Mutex::new(core),
+                keys: KeyCache::new(ctx.keys.clone()),
+                ais: ctx.ais.clone(),
+                store,
+                clock: ctx.clock.clone(),
+                next_conn: AtomicU64::new(1),
+                sweeper_started: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<SignalingStats> {
+        self.shared.stats.clone()
+    }
+
+    /// `GET /signaling/ws` and `GET /signaling/health`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/signaling/ws", get(ws_handler))
+            .route(
+                "/signaling/health",
+                get(|| async { "Signaling is healthy" }),
+            )
+            .with_state(self.shared.clone())
+    }
+
+    /// Wait until every queued database write is committed. Blocking; for tests and shutdown.
+    pub fn flush_blocking(&self) {
+        self.shared.store.flush_blocking();
+    }
+}
+
+/// Build the signaling routes for `ControlBuilder::routes_with`.
+pub fn router(
+    ctx: &ControlContext,
+    cfg: SignalingConfig,
+    data_dir: &Path,
+) -> Result<Router, SignalingError> {
+    router_with_stats(ctx, cfg, data_dir, Arc::new(SignalingStats::default()))
+}
+
+/// Like [`router`], with counters the caller keeps (to export them on `/metrics`).
+pub fn router_with_stats(
+    ctx: &ControlContext,
+    cfg: SignalingConfig,
+    data_dir: &Path,
+    stats: Arc<SignalingStats>,
+) -> Result<Router, SignalingError> {
+    Ok(Signaling::new(ctx, cfg, data_dir, stats)?.router())
+}
+
+// ----- output dispatch -----
+
+/// Drain the hub's outputs. Called with the lock held after every `handle_*`.
+fn drain(shared: &Arc<Shared>, core: &mut Core) {
+    while let Some(o) = core.hub.poll_output() {
+        match o {
+            Output::Send { conn, envelope } => {
+                let bytes = Bytes::from(envelope.encode_to_vec());
+                push(shared, core, conn, Out::Frame(bytes));
+            }
+            Output::Close { conn, code, reason } => {
+                push(shared, core, conn, Out::Close(code, reason))
+            }
+            Output::Persist(op) => shared.store.submit(DbOp::Persist(Box::new(op))),
+            Output::Ais(call) => spawn_ais(shared.clone(), call),
+            Output::Restore(pending) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                shared.store.submit(DbOp::Lookup {
+                    key: crate::hub::ActorKey::of(&pending.source),
+                    now: shared.now_ms() / 1000,
+                    reply: tx,
+                });
+                let sh = shared.clone();
+                tokio::spawn(async move {
+                    let row = rx.await.ok().flatten();
+                    let now = sh.now_ms();
+                    let mut core = sh.lock();
+                    core.hub.handle_restored(pending, row, now);
+                    drain(&sh, &mut core);
+                });
+            }
+        }
+    }
+}
+
+fn push(shared: &Shared, core: &mut Core, conn: ConnId, out: Out) {
+    let Some(h) = core.conns.get(&conn) else {
+        return;
+    };
+    let is_frame = matches!(out, Out::Frame(_));
+    match h.tx.try_send(out) {
+        Ok(()) => {
+            if is_frame {
+                stats::inc(&shared.stats.envelopes_out);
+            }
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            // A client that stops reading is cut off; nobody else waits for it.
+            stats::inc(&shared.stats.slow_consumer_drops);
+            h.kill.notify_one();
+            core.conns.remove(&conn);
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            core.conns.remove(&conn);
+        }
+    }
+}
+
+fn spawn_ais(shared: Arc<Shared>, call: AisCall) {
+    let Some(ais) = shared.ais.clone() else {
+        return;
+    };
+    tokio::spawn(async move {
+        match call {
+            AisCall::Register {
+                conn,
+                reply_for,
+                request,
+            } => {
+                let body = actrix_control::ais::proto::RegisterRequest {
+                    actr_type: request.actr_type.clone(),
+                    realm: request.realm.clone(),
+                    service: None,
+                    ws_address: None,
+                }
+                .encode_to_vec();
+                let res = tokio::task::spawn_blocking(move || ais.register(&body)).await;
+                let result = match res {
+                    Ok(resp) => match resp.result {
+                        Some(crate::proto::register_response::Result::Success(ok)) => Ok(ok),
+                        Some(crate::proto::register_response::Result::Error(e)) => {
+                            Err(format!("{} {}", e.code, e.message))
+                        }
+                        None => Err("empty response".to_owned()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                let now = shared.now_ms();
+                let mut core = shared.lock();
+                core.hub
+                    .handle_register_result(conn, reply_for, request, result, now);
+                drain(&shared, &mut core);
+            }
+            AisCall::Refresh {
+                conn,
+                reply_for,
+                source,
+            } => {
+                let keys = shared.keys.clone();
+                let now_s = shared.now_ms() / 1000;
+                let src = source.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    verify::reissue_blocking(&ais, &keys, &src, now_s)
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                let now = shared.now_ms();
+                let mut core = shared.lock();
+                core.hub
+                    .handle_refresh_result(conn, reply_for, source, res, now);
+                drain(&shared, &mut core);
+            }
+        }
+    });
+}
+
+// ----- admission -----
+
+enum Refusal {
+    Rate,
+    Concurrency,
+}
+
+/// Releases the per-IP and total connection slots when the connection ends (or the upgrade
+/// never happens).
+struct Admission {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut core = self.shared.lock();
+        core.open_total = core.open_total.saturating_sub(1);
+        if let Some(s) = core.ips.get_mut(&self.ip) {
+            s.open = s.open.saturating_sub(1);
+        }
+    }
+}
+
+fn admit(shared: &Arc<Shared>, ip: IpAddr, now_ms: u64) -> Result<Admission, Refusal> {
+    let cfg = &shared.cfg;
+    let mut core = shared.lock();
+    if core.open_total >= cfg.max_conns {
+        return Err(Refusal::Concurrency);
+    }
+    if core.ips.len() >= 100_000 && !core.ips.contains_key(&ip) {
+        // Forget idle addresses whose bucket has refilled; bounded memory under a scan.
+        let burst = f64::from(cfg.conn_burst);
+        let rate = f64::from(cfg.conn_rate_per_sec);
+        core.ips.retain(|_, s| {
+            s.open > 0
+                || s.tokens + (now_ms.saturating_sub(s.last_ms) as f64 / 1000.0) * rate < burst
+        });
+    }
+    let st = core.ips.entry(ip).or_insert_with(|| IpState {
+        tokens: f64::from(cfg.conn_burst),
+        last_ms: now_ms,
+        open: 0,
+    });
+    if st.open >= cfg.max_conns_per_ip {
+        return Err(Refusal::Concurrency);
+    }
+    let elapsed = now_ms.saturating_sub(st.last_ms) as f64 / 1000.0;
+    st.tokens =
+        (st.tokens + elapsed * f64::from(cfg.conn_rate_per_sec)).min(f64::from(cfg.conn_burst));
+    st.last_ms = now_ms;
+    if st.tokens < 1.0 {
+        return Err(Refusal::Rate);
+    }
+    st.tokens -= 1.0;
+    st.open += 1;
+    core.open_total += 1;
+    drop(core);
+    Ok(Admission {
+        shared: shared.clone(),
+        ip,
+    })
+}
+
+// ----- the WebSocket endpoint -----
+
+#[derive(Default)]
+struct UrlIdentity {
+    actor_id: Option<String>,
+    token: Option<String>,
+    token_key_id: u32,
+    wants_answer: bool,
+}
+
+fn parse_query(q: Option<&str>) -> UrlIdentity {
+    let mut u = UrlIdentity::default();
+    let Some(q) = q else { return u };
+    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+        match &*k {
+            "actor_id" => u.actor_id = Some(v.into_owned()),
+            "token" => u.token = Some(v.into_owned()),
+            "token_key_id" => u.token_key_id = v.trim().parse().unwrap_or(0),
+            "webrtc_role" => u.wants_answer = v.eq_ignore_ascii_case("answer"),
+            _ => {}
+        }
+    }
+    u
+}
+
+/// Wire section 9.2: the URL identity is bound only if its token decrypts, is unexpired, is for
+/// the same realm and names exactly `actor_id`, and the realm is valid.
+async fn validate_url_identity(
+    shared: &Arc<Shared>,
+    u: &UrlIdentity,
+) -> Option<(ActrId, AIdCredential, Arc<VerifiedCredential>)> {
+    let actor_id = u.actor_id.as_deref()?;
+    let token = u.token.as_deref()?;
+    let id = parse_actr_id(actor_id)?;
+    // Form decoding turns '+' into ' '; standard base64 has no spaces, so undo it.
+    let token = base64::engine::general_purpose::STANDARD
+        .decode(token.trim().replace(' ', "+"))
+        .ok()?;
+    let cred = AIdCredential {
+        encrypted_token: token,
+        token_key_id: u.token_key_id,
+    };
+    let keys = shared.keys.clone();
+    let now_ms = shared.now_ms();
+    let c2 = cred.clone();
+    let verdict =
+        tokio::task::spawn_blocking(move || verify::verify_blocking(&keys, &c2, now_ms / 1000))
+            .await
+            .ok()?;
+    let CredentialVerdict::Valid(v) = verdict else {
+        return None;
+    };
+    if now_ms / 1000 > v.expr_time
+        || v.realm_id != id.realm.realm_id
+        || v.actor_id != actor_id
+        || v.actor_id != actr_id_string(&id)
+    {
+        return None;
+    }
+    let mut core = shared.lock();
+    core.realms.check_realm(id.realm.realm_id, now_ms).ok()?;
+    Some((id, cred, v))
+}
+
+async fn ws_handler(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
+    ws: WebSocketUpgrade,
+) -> Response {
+    ensure_sweeper(&shared);
+    let now = shared.now_ms();
+    let admission = match admit(&shared, peer.ip().to_canonical(), now) {
+        Ok(a) => a,
+        Err(r) => {
+            match r {
+                Refusal::Rate => stats::inc(&shared.stats.connections_rejected_rate),
+                Refusal::Concurrency => stats::inc(&shared.stats.connections_rejected_concurrency),
+            }
+            return (StatusCode::TOO_MANY_REQUESTS, "Too Many Requests").into_response();
+        }
+    };
+    let url = parse_query(query.as_deref());
+    let mut identity = None;
+    let mut creds = CredCache::default();
+    if url.actor_id.is_some() || url.token.is_some() {
+        match validate_url_identity(&shared, &url).await {
+            Some((id, cred, v)) => {
+                creds.insert(cred, v, shared.cfg.credential_cache_per_conn);
+                identity = Some(id);
+            }
+            None => {
+                stats::inc(&shared.stats.url_identity_refused);
+                tracing::info!(peer = %peer, "signaling: URL identity refused; connection stays unbound");
+            }
+        }
+    }
+    let cfg = &shared.cfg;
+    let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+    let wants_answer = url.wants_answer;
+    let sh = shared.clone();
+    ws.read_buffer_size(4096)
+        .write_buffer_size(16 * 1024)
+        .max_message_size(cfg.max_message_bytes)
+        .max_frame_size(cfg.max_frame_bytes)
+        .on_upgrade(move |socket| async move {
+            run_conn(sh, socket, conn, identity, wants_answer, creds, admission).await;
+        })
+}
+
+/// Credentials this connection already presented and that decrypted, compared byte for byte,
+/// so a busy connection costs one ECIES decryption, not one per envelope.
+#[derive(Default)]
+struct CredCache {
+    entries: Vec<(AIdCredential, Arc<VerifiedCredential>)>,
+}
+
+impl CredCache {
+    fn get(&self, c: &AIdCredential) -> Option<Arc<VerifiedCredential>> {
+        self.entries
+            .iter()
+            .find(|(k, _)| {
+                k.token_key_id == c.token_key_id && k.encrypted_token == c.encrypted_token
+            })
+            .map(|(_, v)| v.clone())
+    }
+
+    fn insert(&mut self, c: AIdCredential, v: Arc<VerifiedCredential>, cap: usize) {
+        if self.entries.len() >= cap.max(1) {
+            self.entries.remove(0);
+        }
+        self.entries.push((c, v));
+    }
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl Bucket {
+    fn take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn credential_of(env: &SignalingEnvelope) -> Option<&AIdCredential> {
+    match &env.flow {
+        Some(signaling_envelope::Flow::ActrToServer(a)) => Some(&a.credential),
+        Some(signaling_envelope::Flow::ActrRelay(r)) => Some(&r.credential),
+        _ => None,
+    }
+}
+
+fn is_capacity_error(e: axum::Error) -> bool {
+    e.into_inner()
+        .downcast_ref::<tungstenite::Error>()
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+}
+
+async fn run_conn(
+    shared: Arc<Shared>,
+    socket: WebSocket,
+    conn: ConnId,
+    identity: Option<ActrId>,
+    wants_answer: bool,
+    mut creds: CredCache,
+    admission: Admission,
+) {
+    let cfg = shared.cfg.clone();
+    stats::inc(&shared.stats.connections_open);
+    stats::inc(&shared.stats.connections_total);
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel::<Out>(cfg.send_queue_len);
+    let kill = Arc::new(Notify::new());
+    let local_tx = tx.clone();
+    {
+        let now = shared.now_ms();
+        let mut core = shared.lock();
+        core.conns.insert(
+            conn,
+            ConnHandle {
+                tx,
+                kill: kill.clone(),
+            },
+        );
+        core.hub.handle_connect(conn, identity, wants_answer, now);
+        drain(&shared, &mut core);
+    }
+    let mut writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        Duration::from_secs(cfg.ping_interval_secs),
+    ));
+    let mut bucket = Bucket {
+        tokens: f64::from(cfg.msg_burst),
+        last: Instant::now(),
+        rate: f64::from(cfg.msg_rate_per_sec),
+        burst: f64::from(cfg.msg_burst),
+    };
+    let idle = Duration::from_secs(cfg.idle_timeout_secs);
+    let mut last_activity = Instant::now();
+    let mut idle_timer = pin!(tokio::time::sleep(idle));
+    let mut auth_timer = pin!(tokio::time::sleep(Duration::from_secs(
+        cfg.auth_timeout_secs
+    )));
+    let mut auth_armed = true;
+    let mut closing = false;
+    let close = |code: u16, reason: &'static str| {
+        let _ = local_tx.try_send(Out::Close(code, reason));
+    };
+    let mut writer_done = false;
+    loop {
+        tokio::select! {
+            _ = kill.notified() => break,
+            _ = &mut writer => { writer_done = true; break }
+            _ = &mut idle_timer => {
+                let deadline = last_activity + idle;
+                if Instant::now() < deadline {
+                    idle_timer.as_mut().reset(deadline);
+                } else if closing {
+                    break;
+                } else {
+                    stats::inc(&shared.stats.timeout_closes);
+                    close(1001, "idle timeout");
+                    closing = true;
+                    idle_timer.as_mut().reset(Instant::now() + Duration::from_secs(2));
+                }
+            }
+            _ = &mut auth_timer, if auth_armed => {
+                auth_armed = false;
+                let bound = shared.lock().hub.bound(conn).is_some();
+                if !bound {
+                    stats::inc(&shared.stats.timeout_closes);
+                    close(1008, "authentication timeout");
+                    closing = true;
+                }
+            }
+            frame = stream.next() => {
+                let Some(frame) = frame else { break };
+                let frame = match frame {
+                    Ok(f) => f,
+                    Err(e) => {
+                        if is_capacity_error(e) {
+                            stats::inc(&shared.stats.oversize_closes);
+                            close(1009, "message too big");
+                            // Let the writer send the close frame, then stop.
+                            let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+                            writer_done = true;
+                        }
+                        break;
+                    }
+                };
+                last_activity = Instant::now();
+                if closing {
+                    continue;
+                }
+                let data = match frame {
+                    Message::Binary(b) => b,
+                    Message::Close(_) => break,
+                    // Text frames are ignored (wire section 8.1); pings are answered by the
+                    // WebSocket layer.
+                    _ => continue,
+                };
+                stats::inc(&shared.stats.frames_in);
+                // Wire section 8.1, per frame in order: (1) rate limit, (2) decode, (3) dispatch.
+                if !bucket.take(last_activity) {
+                    let now = shared.now_ms();
+                    let mut core = shared.lock();
+                    core.hub.envelope_error(
+                        conn,
+                        429,
+                        format!("Too many messages. Limit: {} messages/second", cfg.msg_rate_per_sec),
+                        now,
+                    );
+                    drain(&shared, &mut core);
+                    continue;
+                }
+                let env = match SignalingEnvelope::decode(data) {
+                    Ok(env) => env,
+                    Err(e) => {
+                        // Actrix closes the connection on an undecodable frame; we first say
+                        // why with an envelope_error, then close with 1007 (invalid data).
+                        stats::inc(&shared.stats.decode_errors);
+                        let now = shared.now_ms();
+                        {
+                            let mut core = shared.lock();
+                            core.hub.envelope_error(conn, 400, format!("Malformed envelope: {e}"), now);
+                            drain(&shared, &mut core);
+                        }
+                        close(1007, "malformed envelope");
+                        closing = true;
+                        continue;
+                    }
+                };
+                let verdict = match credential_of(&env) {
+                    None => None,
+                    Some(c) => match creds.get(c) {
+                        Some(v) => Some(CredentialVerdict::Valid(v)),
+                        None => {
+                            let keys = shared.keys.clone();
+                            let c2 = c.clone();
+                            let now_s = shared.now_ms() / 1000;
+                            let verdict = tokio::task::spawn_blocking(move || {
+                                verify::verify_blocking(&keys, &c2, now_s)
+                            })
+                            .await
+                            .unwrap_or_else(|e| CredentialVerdict::Invalid(e.to_string()));
+                            if let CredentialVerdict::Valid(v) = &verdict {
+                                creds.insert(c.clone(), v.clone(), cfg.credential_cache_per_conn);
+                            }
+                            Some(verdict)
+                        }
+                    },
+                };
+                let now = shared.now_ms();
+                let mut core = shared.lock();
+                let Core { hub, realms, .. } = &mut *core;
+                hub.handle_envelope(conn, env, verdict, realms, now);
+                drain(&shared, &mut core);
+            }
+        }
+    }
+    {
+        let now = shared.now_ms();
+        let mut core = shared.lock();
+        core.conns.remove(&conn);
+        core.hub.handle_disconnect(conn, now);
+        drain(&shared, &mut core);
+    }
+    drop(local_tx);
+    if !writer_done {
+        // Give a queued close frame a moment, then drop the socket.
+        if tokio::time::timeout(Duration::from_millis(500), &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    }
+    stats::dec(&shared.stats.connections_open);
+    drop(admission);
+}
+
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Out>,
+    ping_every: Duration,
+) {
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            m = rx.recv() => {
+                let Some(m) = m else { break };
+                let mut close = None;
+                match m {
+                    Out::Frame(b) => {
+                        if sink.feed(Message::Binary(b)).await.is_err() {
+                            return;
+                        }
+                        for _ in 1..WRITE_BATCH {
+                            match rx.try_recv() {
+                                Ok(Out::Frame(b)) => {
+                                    if sink.feed(Message::Binary(b)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(Out::Close(c, r)) => {
+                                    close = Some((c, r));
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        if sink.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                    Out::Close(c, r) => close = Some((c, r)),
+                }
+                if let Some((code, reason)) = close {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        })))
+                        .await;
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn ensure_sweeper(shared: &Arc<Shared>) {
+    if shared.sweeper_started.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    let every = Duration::from_secs(shared.cfg.sweep_interval_secs);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_purge = Instant::now();
+        loop {
+            tick.tick().await;
+            let Some(sh) = weak.upgrade() else { return };
+            let now = sh.now_ms();
+            {
+                let mut core = sh.lock();
+                core.hub.handle_timeout(now);
+                drain(&sh, &mut core);
+            }
+            if last_purge.elapsed() >= PURGE_EVERY {
+                last_purge = Instant::now();
+                sh.store.submit(DbOp::Purge {
+                    now: now / 1000,
+                    spec_cutoff: (now / 1000).saturating_sub(sh.cfg.spec_ttl_secs),
+                });
+            }
+        }
+    });
+}

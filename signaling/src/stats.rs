@@ -1,0 +1,83 @@
+//! Counters the appliance exports on `/metrics`. Plain relaxed atomics: the hub increments them
+//! on the control thread and the metrics handler reads them from anywhere.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Error codes the hub counts (the codes of wire reference section 1.2 `ErrorResponse`).
+pub const ERROR_CODES: [u32; 8] = [400, 401, 403, 404, 409, 429, 500, 503];
+
+/// Signaling counters and gauges.
+#[derive(Debug, Default)]
+pub struct SignalingStats {
+    /// Open WebSocket connections (gauge).
+    pub connections_open: AtomicU64,
+    /// WebSocket connections accepted since start.
+    pub connections_total: AtomicU64,
+    /// Upgrades refused with HTTP 429 by the per-IP connection rate.
+    pub connections_rejected_rate: AtomicU64,
+    /// Upgrades refused with HTTP 429 by the per-IP or total concurrency cap.
+    pub connections_rejected_concurrency: AtomicU64,
+    /// Binary frames received.
+    pub frames_in: AtomicU64,
+    /// Envelopes sent to clients (responses, pushes and relays).
+    pub envelopes_out: AtomicU64,
+    /// Relayed envelopes delivered to the target's queue.
+    pub envelopes_relayed: AtomicU64,
+    /// Relays dropped because the target is not connected.
+    pub relays_no_target: AtomicU64,
+    /// Frames that did not decode (the connection is closed, wire section 8.1).
+    pub decode_errors: AtomicU64,
+    /// Connections closed with 1009 (message or frame too big).
+    pub oversize_closes: AtomicU64,
+    /// Connections dropped because their send queue was full.
+    pub slow_consumer_drops: AtomicU64,
+    /// Connections closed by the idle or auth timeout.
+    pub timeout_closes: AtomicU64,
+    /// Successful registrations.
+    pub registrations: AtomicU64,
+    /// URL reconnect identities refused (the connection stays unbound).
+    pub url_identity_refused: AtomicU64,
+    /// Registry entries in memory (gauge).
+    pub registry_entries: AtomicU64,
+    /// Registry entries evicted by the heartbeat sweep.
+    pub registry_evictions: AtomicU64,
+    /// Registry entries restored from the database by a Ping.
+    pub registry_restores: AtomicU64,
+    /// Persistence operations that failed or were dropped.
+    pub persist_failures: AtomicU64,
+    /// Error responses sent, by code, in the order of [`ERROR_CODES`]; the last slot counts
+    /// any other code.
+    pub errors_by_code: [AtomicU64; 9],
+}
+
+impl SignalingStats {
+    /// Count an error response with `code`.
+    pub fn count_error(&self, code: u32) {
+        let idx = ERROR_CODES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(ERROR_CODES.len());
+        if let Some(c) = self.errors_by_code.get(idx) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Error responses sent with `code` so far.
+    pub fn errors(&self, code: u32) -> u64 {
+        let idx = ERROR_CODES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(ERROR_CODES.len());
+        self.errors_by_code
+            .get(idx)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+pub(crate) fn inc(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+pub(crate) fn dec(a: &AtomicU64) {
+    a.fetch_sub(1, Ordering::Relaxed);
+}

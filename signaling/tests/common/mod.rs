@@ -1,0 +1,379 @@
+//! Helpers for the end-to-end tests: a real control server with the signaling routes on
+//! 127.0.0.1:0, a temporary data directory, and tokio-tungstenite clients.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actrix_control::server::ControlContext;
+use actrix_control::{ControlBuilder, ControlConfig, ControlHandle, RealmStatus, SecretString};
+use actrix_signaling::proto::*;
+use actrix_signaling::{SignalingConfig, SignalingStats};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SHARED_KEY: &str = "integration-test-shared-key-0123456789";
+pub const KEK_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+pub const REALM: u32 = 101;
+pub const OTHER_REALM: u32 = 202;
+
+pub struct Server {
+    pub handle: Option<ControlHandle>,
+    pub addr: SocketAddr,
+    pub ctx: ControlContext,
+    pub stats: Arc<SignalingStats>,
+}
+
+impl Server {
+    pub fn url(&self, query: &str) -> String {
+        if query.is_empty() {
+            format!("ws://{}/signaling/ws", self.addr)
+        } else {
+            format!("ws://{}/signaling/ws?{query}", self.addr)
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().expect("clean shutdown");
+        }
+    }
+}
+
+pub fn control_config(dir: &Path) -> ControlConfig {
+    let mut cfg = ControlConfig {
+        node_id: "sig-test".into(),
+        data_dir: dir.to_owned(),
+        ..ControlConfig::default()
+    };
+    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.ks.shared_key = Some(SecretString::from(SHARED_KEY));
+    cfg.ks.kek = Some(SecretString::from(KEK_HEX));
+    cfg
+}
+
+/// Limits loose enough for functional tests; specific tests tighten one.
+pub fn test_config() -> SignalingConfig {
+    SignalingConfig {
+        conn_rate_per_sec: 1000,
+        conn_burst: 1000,
+        msg_rate_per_sec: 10_000,
+        msg_burst: 10_000,
+        ..SignalingConfig::default()
+    }
+}
+
+pub fn provision(dir: &Path) {
+    for (id, name) in [(REALM, "main"), (OTHER_REALM, "other")] {
+        actrix_control::provision_realm(
+            dir,
+            &actrix_control::Realm {
+                realm_id: id,
+                name: name.into(),
+                status: RealmStatus::Normal,
+                expires_at: None,
+            },
+        )
+        .unwrap();
+    }
+}
+
+pub fn start(dir: &Path, sig: SignalingConfig) -> Server {
+    start_with(control_config(dir), dir, sig)
+}
+
+pub fn start_with(cfg: ControlConfig, dir: &Path, sig: SignalingConfig) -> Server {
+    provision(dir);
+    let slot: Arc<Mutex<Option<ControlContext>>> = Arc::default();
+    let stats = Arc::new(SignalingStats::default());
+    let (slot2, stats2, dir2) = (slot.clone(), stats.clone(), dir.to_owned());
+    let handle = ControlBuilder::new(cfg)
+        .routes_with(move |ctx| {
+            *slot2.lock().unwrap() = Some(ctx.clone());
+            actrix_signaling::router_with_stats(ctx, sig, &dir2, stats2).expect("signaling routes")
+        })
+        .spawn()
+        .expect("control plane starts");
+    let ctx = slot.lock().unwrap().clone().unwrap();
+    Server {
+        addr: handle.local_addr(),
+        handle: Some(handle),
+        ctx,
+        stats,
+    }
+}
+
+pub fn actr_type(name: &str) -> ActrType {
+    ActrType {
+        manufacturer: "acme".into(),
+        name: name.into(),
+        version: Some("1.0.0".into()),
+    }
+}
+
+/// An ACL allowing each of `from` (type names of manufacturer acme, version 1.0.0).
+pub fn allow(from: &[&str]) -> Acl {
+    Acl {
+        rules: vec![AclRule {
+            principals: from
+                .iter()
+                .map(|n| acl_rule::Principal {
+                    realm: None,
+                    actr_type: Some(actr_type(n)),
+                })
+                .collect(),
+            permission: acl_rule::ALLOW,
+        }],
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct Client {
+    pub ws: Ws,
+    pub id: Option<ActrId>,
+    pub cred: Option<AIdCredential>,
+    pub psk: Option<Vec<u8>>,
+    pending: VecDeque<SignalingEnvelope>,
+    seq: u64,
+}
+
+pub fn envelope(id: String, flow: signaling_envelope::Flow) -> SignalingEnvelope {
+    SignalingEnvelope {
+        envelope_version: 1,
+        envelope_id: id,
+        reply_for: None,
+        timestamp: Timestamp {
+            seconds: 1,
+            nanos: 0,
+        },
+        traceparent: None,
+        tracestate: None,
+        flow: Some(flow),
+    }
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connect");
+        Client {
+            ws,
+            id: None,
+            cred: None,
+            psk: None,
+            pending: VecDeque::new(),
+            seq: 0,
+        }
+    }
+
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) {
+        self.ws
+            .send(Message::Binary(bytes.into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send(&mut self, flow: signaling_envelope::Flow) -> String {
+        self.seq += 1;
+        let id = format!("req-{}", self.seq);
+        let env = envelope(id.clone(), flow);
+        self.send_raw(env.encode_to_vec()).await;
+        id
+    }
+
+    /// The next envelope (pending ones first); None on close or timeout.
+    pub async fn recv_timeout(&mut self, t: Duration) -> Option<SignalingEnvelope> {
+        if let Some(e) = self.pending.pop_front() {
+            return Some(e);
+        }
+        self.recv_wire(t).await
+    }
+
+    async fn recv_wire(&mut self, t: Duration) -> Option<SignalingEnvelope> {
+        let deadline = tokio::time::Instant::now() + t;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??;
+            match m.ok()? {
+                Message::Binary(b) => {
+                    return Some(SignalingEnvelope::decode(b).expect("server envelope decodes"))
+                }
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> SignalingEnvelope {
+        self.recv_timeout(Duration::from_secs(5))
+            .await
+            .expect("an envelope")
+    }
+
+    /// Send and wait for the envelope answering it; others are kept for `recv`.
+    pub async fn request(&mut self, flow: signaling_envelope::Flow) -> SignalingEnvelope {
+        let id = self.send(flow).await;
+        loop {
+            let e = self
+                .recv_wire(Duration::from_secs(5))
+                .await
+                .expect("a reply");
+            if e.reply_for.as_deref() == Some(id.as_str()) {
+                return e;
+            }
+            self.pending.push_back(e);
+        }
+    }
+
+    /// Expect nothing for `t`.
+    pub async fn expect_silence(&mut self, t: Duration) {
+        if let Some(e) = self.recv_timeout(t).await {
+            panic!("unexpected envelope {e:?}");
+        }
+    }
+
+    pub async fn register_full(
+        &mut self,
+        realm: u32,
+        ty: ActrType,
+        acl: Option<Acl>,
+        spec: Option<ServiceSpec>,
+        ws_address: Option<String>,
+    ) -> SignalingEnvelope {
+        let req = RegisterRequest {
+            actr_type: ty,
+            realm: Realm { realm_id: realm },
+            service_spec: spec,
+            acl,
+            service: None,
+            ws_address,
+        };
+        let reply = self
+            .request(signaling_envelope::Flow::PeerToServer(PeerToSignaling {
+                payload: Some(peer_to_signaling::Payload::RegisterRequest(req)),
+            }))
+            .await;
+        if let Some(register_response::Result::Success(ok)) = register_result(&reply) {
+            self.id = Some(ok.actr_id.clone());
+            self.cred = Some(ok.credential.clone());
+            self.psk = ok.psk.clone();
+        }
+        reply
+    }
+
+    pub async fn register(&mut self, name: &str, acl_from: &[&str]) -> ActrId {
+        let reply = self
+            .register_full(REALM, actr_type(name), Some(allow(acl_from)), None, None)
+            .await;
+        assert!(
+            matches!(
+                register_result(&reply),
+                Some(register_response::Result::Success(_))
+            ),
+            "register failed: {reply:?}"
+        );
+        self.id.clone().unwrap()
+    }
+
+    pub fn actr(&self, payload: actr_to_signaling::Payload) -> signaling_envelope::Flow {
+        signaling_envelope::Flow::ActrToServer(ActrToSignaling {
+            source: self.id.clone().expect("registered"),
+            credential: self.cred.clone().expect("registered"),
+            payload: Some(payload),
+        })
+    }
+
+    pub fn relay(&self, target: &ActrId, payload: actr_relay::Payload) -> signaling_envelope::Flow {
+        signaling_envelope::Flow::ActrRelay(ActrRelay {
+            source: self.id.clone().expect("registered"),
+            credential: self.cred.clone().expect("registered"),
+            target: target.clone(),
+            payload: Some(payload),
+        })
+    }
+
+    pub fn ping_flow(&self) -> signaling_envelope::Flow {
+        self.actr(actr_to_signaling::Payload::Ping(Ping {
+            availability: 0,
+            power_reserve: 1.0,
+            mailbox_backlog: 0.0,
+            sticky_client_ids: vec![],
+        }))
+    }
+
+    /// URL query to reconnect as this actor.
+    pub fn reconnect_query(&self) -> String {
+        use base64::Engine as _;
+        let cred = self.cred.as_ref().unwrap();
+        form_query(&[
+            ("actor_id", actr_id_string(self.id.as_ref().unwrap())),
+            (
+                "token",
+                base64::engine::general_purpose::STANDARD.encode(&cred.encrypted_token),
+            ),
+            ("token_key_id", cred.token_key_id.to_string()),
+        ])
+    }
+}
+
+pub fn form_query(pairs: &[(&str, String)]) -> String {
+    let mut s = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        s.append_pair(k, v);
+    }
+    s.finish()
+}
+
+pub fn register_result(e: &SignalingEnvelope) -> Option<&register_response::Result> {
+    match &e.flow {
+        Some(signaling_envelope::Flow::ServerToActr(SignalingToActr {
+            payload: Some(signaling_to_actr::Payload::RegisterResponse(r)),
+            ..
+        })) => r.result.as_ref(),
+        _ => None,
+    }
+}
+
+pub fn to_actr(e: &SignalingEnvelope) -> &signaling_to_actr::Payload {
+    match &e.flow {
+        Some(signaling_envelope::Flow::ServerToActr(SignalingToActr {
+            payload: Some(p), ..
+        })) => p,
+        other => panic!("not a server_to_actr: {other:?}"),
+    }
+}
+
+/// The code of a SignalingToActr.error or an envelope_error.
+pub fn error_code(e: &SignalingEnvelope) -> Option<(u32, String)> {
+    match &e.flow {
+        Some(signaling_envelope::Flow::ServerToActr(SignalingToActr {
+            payload: Some(signaling_to_actr::Payload::Error(er)),
+            ..
+        }))
+        | Some(signaling_envelope::Flow::EnvelopeError(er)) => Some((er.code, er.message.clone())),
+        _ => None,
+    }
+}
+
+pub fn relay_of(e: &SignalingEnvelope) -> &ActrRelay {
+    match &e.flow {
+        Some(signaling_envelope::Flow::ActrRelay(r)) => r,
+        other => panic!("not a relay: {other:?}"),
+    }
+}
+
+pub fn sdp(text: &str) -> actr_relay::Payload {
+    actr_relay::Payload::SessionDescription(SessionDescription {
+        r#type: 0,
+        sdp: text.into(),
+    })
+}
