@@ -472,8 +472,14 @@ async fn serve(
     let make = app.into_make_service_with_connect_info::<SocketAddr>();
     match tls {
         Tls::Plain => {
+            use axum::serve::ListenerExt;
+            // Signaling envelopes are small writes on long-lived connections: without
+            // TCP_NODELAY, Nagle plus delayed ACKs add tens of milliseconds per hop.
             let listener = tokio::net::TcpListener::from_std(listener)
-                .map_err(|e| ControlError::Thread(format!("listener: {e}")))?;
+                .map_err(|e| ControlError::Thread(format!("listener: {e}")))?
+                .tap_io(|s| {
+                    let _ = s.set_nodelay(true);
+                });
             let (grace_tx, grace_rx) = oneshot::channel::<()>();
             let server = axum::serve(listener, make).with_graceful_shutdown(async move {
                 let _ = shutdown_rx.await;
