@@ -25,7 +25,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -64,18 +64,25 @@ impl Default for DiagOptions {
     }
 }
 
-/// STUN and TURN URLs for a set of UDP listeners. A listener on a wildcard address gets
-/// [`HOST_PLACEHOLDER`] as host, which the page replaces with the host it was loaded from.
-pub fn ice_urls(listen: &[SocketAddr]) -> (Vec<String>, Vec<String>) {
+/// STUN and TURN URLs for a set of UDP listeners. A listener on a wildcard address gets the
+/// `public` address of its family (the advertised relay address, say) as host, or, without
+/// one, [`HOST_PLACEHOLDER`], which the page replaces with the host it was loaded from.
+pub fn ice_urls(listen: &[SocketAddr], public: &[IpAddr]) -> (Vec<String>, Vec<String>) {
     let mut stun = Vec::new();
     let mut turn = Vec::new();
     for l in listen {
-        let host = if l.ip().is_unspecified() {
-            HOST_PLACEHOLDER.to_string()
-        } else if l.is_ipv6() {
-            format!("[{}]", l.ip())
+        let ip = if l.ip().is_unspecified() {
+            public
+                .iter()
+                .find(|p| p.is_ipv4() == l.is_ipv4() && !p.is_unspecified())
+                .copied()
         } else {
-            l.ip().to_string()
+            Some(l.ip())
+        };
+        let host = match ip {
+            None => HOST_PLACEHOLDER.to_string(),
+            Some(IpAddr::V6(v6)) => format!("[{v6}]"),
+            Some(v4) => v4.to_string(),
         };
         let s = format!("stun:{host}:{}", l.port());
         let t = format!("turn:{host}:{}?transport=udp", l.port());
@@ -490,14 +497,16 @@ mod tests {
             "203.0.113.7:3478".parse().unwrap(),
             "[2001:db8::7]:3479".parse().unwrap(),
             "0.0.0.0:3478".parse().unwrap(),
+            "[::]:3480".parse().unwrap(),
         ];
-        let (s, t) = ice_urls(&listen);
+        let (s, t) = ice_urls(&listen, &[]);
         assert_eq!(
             s,
             [
                 "stun:203.0.113.7:3478",
                 "stun:[2001:db8::7]:3479",
-                "stun:{host}:3478"
+                "stun:{host}:3478",
+                "stun:{host}:3480"
             ]
         );
         assert_eq!(
@@ -505,9 +514,18 @@ mod tests {
             [
                 "turn:203.0.113.7:3478?transport=udp",
                 "turn:[2001:db8::7]:3479?transport=udp",
-                "turn:{host}:3478?transport=udp"
+                "turn:{host}:3478?transport=udp",
+                "turn:{host}:3480?transport=udp"
             ]
         );
+        // Wildcard listeners take the public address of their family when there is one.
+        let public: Vec<IpAddr> = vec![
+            "2001:db8::9".parse().unwrap(),
+            "198.51.100.9".parse().unwrap(),
+        ];
+        let (s, t) = ice_urls(&listen[2..], &public);
+        assert_eq!(s, ["stun:198.51.100.9:3478", "stun:[2001:db8::9]:3480"]);
+        assert_eq!(t[1], "turn:[2001:db8::9]:3480?transport=udp");
     }
 
     /// A control server with no service of its own, on 127.0.0.1:0.

@@ -118,7 +118,7 @@ impl Collector for DataPlaneCollector {
         counter(
             &mut enc,
             "actrix_packets_received",
-            "Datagrams received by side",
+            "Datagrams handled by side (truncated ones are only in actrix_drops_total{reason=\"truncated\"})",
             &packets,
         )?;
         counter(

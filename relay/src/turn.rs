@@ -657,6 +657,17 @@ impl Server {
             _ => return self.drop(DropReason::UnexpectedClass),
         }
         let reply = match msg.method() {
+            // A Binding that carries MESSAGE-INTEGRITY must verify (RFC 8489 §9.1.3, §9.2.4):
+            // long-term credentials (REALM present) go through authentication; a short-term
+            // credential cannot be known here, so it gets 401 and never a success.
+            method::BINDING if msg.has_integrity() && msg.get(attr::REALM).is_some() => self
+                .with_auth(now, client, &msg, |s, ok| {
+                    s.binding_success(&msg, client, Some(ok))
+                }),
+            method::BINDING if msg.has_integrity() => {
+                self.counters.auth_failures += 1;
+                Ok(self.error_reply(&msg, code::UNAUTHORIZED, None))
+            }
             method::BINDING => self.handle_binding(&msg, client),
             method::ALLOCATE => self.with_auth(now, client, &msg, |s, ok| {
                 s.handle_allocate(now, client, &msg, ok, binder)
@@ -716,22 +727,41 @@ impl Server {
                 }),
             );
         }
-        let fp = msg.has_fingerprint();
-        let mut w = MessageWriter::new(
-            &mut self.scratch[..],
-            method::BINDING,
-            Class::Success,
-            msg.transaction_id(),
-        )
-        .map_err(|_| DropReason::Malformed)?;
-        let r = (|| {
-            w.add_xor_addr(attr::XOR_MAPPED_ADDRESS, client.addr)?;
-            if fp {
-                w.add_fingerprint()?;
+        Ok(self.binding_success(msg, client, None))
+    }
+
+    /// XOR-MAPPED-ADDRESS, MESSAGE-INTEGRITY when the request was authenticated, FINGERPRINT
+    /// when the request had one.
+    fn binding_success(
+        &mut self,
+        msg: &Message<'_>,
+        client: ClientKey,
+        ok: Option<&AuthOk>,
+    ) -> usize {
+        match ok {
+            Some(ok) => self.success_reply(msg, ok, |w| {
+                w.add_xor_addr(attr::XOR_MAPPED_ADDRESS, client.addr)
+            }),
+            None => {
+                let fp = msg.has_fingerprint();
+                let Ok(mut w) = MessageWriter::new(
+                    &mut self.scratch[..],
+                    method::BINDING,
+                    Class::Success,
+                    msg.transaction_id(),
+                ) else {
+                    return 0;
+                };
+                let r = (|| {
+                    w.add_xor_addr(attr::XOR_MAPPED_ADDRESS, client.addr)?;
+                    if fp {
+                        w.add_fingerprint()?;
+                    }
+                    Ok::<_, stun::BufferFull>(w.finish())
+                })();
+                r.unwrap_or(0)
             }
-            Ok::<_, stun::BufferFull>(w.finish())
-        })();
-        r.map_err(|_| DropReason::Malformed)
+        }
     }
 
     // ----------------------------------------------------------------------------------------

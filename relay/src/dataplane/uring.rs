@@ -25,7 +25,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
-const BUF_SIZE: usize = 2048;
+/// Big enough for the largest datagram the mmsg backend accepts (4 KiB slots).
+const BUF_SIZE: usize = 4096;
 const NAME_LEN: u32 = 32;
 const PAYLOAD_AT: usize = 16 + NAME_LEN as usize;
 const TAIL: usize = 4;
@@ -279,7 +280,7 @@ fn push_sqe(ring: &mut IoUring, e: &squeue::Entry) {
 /// Run the shard loop on io_uring. Returns Err when the ring cannot be set up (the caller
 /// falls back to recvmmsg/sendmmsg).
 pub(super) fn run(s: Setup) -> Result<(), Box<(std::io::Error, Setup)>> {
-    const ENTRIES: u16 = 4096;
+    const ENTRIES: u16 = 2048;
     let mut ring = match IoUring::builder()
         .setup_cqsize(ENTRIES as u32 * 4)
         .build(ENTRIES as u32)

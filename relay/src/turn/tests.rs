@@ -354,12 +354,37 @@ fn binding_answers_with_only_xor_mapped_address() {
     assert_eq!(r.bytes.len(), 32, "small: header + one attribute");
     assert_eq!(h.s.allocation_count(), 0);
 
-    // The RFC 5769 sample request (PRIORITY, ICE-CONTROLLED, USERNAME, MI, FINGERPRINT) is
-    // answered, with FINGERPRINT because the request had one.
+    // The RFC 5769 sample request carries a short-term credential this server cannot know:
+    // 401, never success (RFC 8489 §9.1.3), with FINGERPRINT because the request had one.
     let v = hex::decode("000100582112a442b7e7a701bc34d686fa87dfae802200105354554e207465737420636c69656e74002400046e0001ff80290008932ff9b151263b36000600096576746a3a68367659202020000800149aeaa70cbfd8cb56781ef2b5b2d3f249c1b571a280280004e57a3bcf").unwrap();
     let r = h.send(&c, &v).unwrap();
-    assert!(r.ok());
+    assert_eq!(r.code(), Some(401));
     assert!(r.msg().has_fingerprint());
+    // With long-term credentials a Binding is authenticated: success with MESSAGE-INTEGRITY
+    // for the right password, 401 for a wrong one.
+    let mut good = alice();
+    let nonce_for = |h: &mut H, c: &mut Client| {
+        // An unauthenticated Binding is simply answered; take the nonce from a Refresh challenge.
+        let tid = c.next_tid();
+        let r = h
+            .send(c, &c.request(method::REFRESH, tid, &[], false))
+            .unwrap();
+        c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    };
+    nonce_for(&mut h, &mut good);
+    let r = h.call(&mut good, method::BINDING, &[]);
+    assert!(r.ok());
+    assert!(r.msg().verify_integrity(&good.key()));
+    assert_eq!(
+        r.msg()
+            .get_xor_addr(attr::XOR_MAPPED_ADDRESS)
+            .unwrap()
+            .unwrap(),
+        good.addr
+    );
+    let mut bad = Client::new("198.51.100.1:40000", "alice", "wrong");
+    nonce_for(&mut h, &mut bad);
+    assert_eq!(h.call(&mut bad, method::BINDING, &[]).code(), Some(401));
 }
 
 #[test]

@@ -113,10 +113,23 @@ def uclient_args(app, peer_port: int | None, *flags: str, user=USER, password=PA
 def test_uclient_relays_to_peer_without_loss(appliance, turnutils_peer, flags):
     peer = turnutils_peer()
     r, lost = run_uclient(uclient_args(appliance, peer, *flags))
+    check_relayed(r, lost)
+
+
+def check_relayed(r, lost):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert lost == 0, out[-3000:]
     assert_all_relayed(out)
+
+
+def test_uclient_channels_with_the_mmsg_backend(appliance_factory, turnutils_peer):
+    """The same channel relay test with the recvmmsg/sendmmsg I/O backend."""
+    app = appliance_factory({"turn": {"allow_peers": ["127.0.0.0/8"]}, "io": {"backend": "mmsg"}})
+    peer = turnutils_peer()
+    r, lost = run_uclient(uclient_args(app, peer))
+    check_relayed(r, lost)
+    assert 'backend="io_uring"' not in app.stderr()
 
 
 def test_uclient_client_to_client_under_default_policy(appliance_factory):
