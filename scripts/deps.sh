@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a fresh Debian machine: coturn's test clients
 # (turnutils_uclient, turnutils_stunclient, turnutils_peer), iproute2 for network namespaces,
-# and the Python packages of the end-to-end tests (aioice, pytest). Idempotent and quiet.
+# Chromium for the diagnostics page, shellcheck, and the Python packages of the end-to-end
+# tests (aioice, pytest). Idempotent and quiet.
 set -euo pipefail
 
 need_apt=()
 command -v turnutils_uclient >/dev/null 2>&1 || need_apt+=(coturn)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+# Headless Chromium drives the diagnostics page end to end; shellcheck lints the scripts.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "deps: need root to install: ${need_apt[*]}" >&2

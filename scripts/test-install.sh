@@ -281,10 +281,11 @@ t "/usr/local/bin/actrix root:root 755" owner_mode /usr/local/bin/actrix "root:r
 t "sysctl --system was run" grep -qx -- "--system" "$R/sysctl.calls"
 t "no systemd: said so instead of enabling" grep -q "systemd is not running" "$R/install.log"
 # What systemd does: ExecStartPre and ExecStart as User=actrix.
-as_actrix() { setpriv --reuid=actrix --regid=actrix --init-groups -- "$@"; }
 t "ExecStartPre as actrix: actrix check" sh -c 'setpriv --reuid=actrix --regid=actrix --init-groups -- /usr/local/bin/actrix check -c /etc/actrix/actrix.toml >/dev/null'
-as_actrix /usr/local/bin/actrix run -c /etc/actrix/actrix.toml >"$R/run.out" 2>"$R/run.err" </dev/null &
+# setpriv execs (no fork), so $! is the appliance itself, as MAINPID is for systemd.
+setpriv --reuid=actrix --regid=actrix --init-groups -- /usr/local/bin/actrix run -c /etc/actrix/actrix.toml >"$R/run.out" 2>"$R/run.err" </dev/null &
 pid=$!
+trap 'kill -KILL "$pid" 2>/dev/null' EXIT
 ready=0
 for _ in $(seq 1 200); do
   if grep -q "actrix ready" "$R/run.err"; then ready=1; break; fi

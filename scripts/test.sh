@@ -17,6 +17,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build (release binary for the end-to-end tests)"
 cargo build --release -p actrix -p actrix-bench
 
+echo "== install scripts (temporary DESTDIR)"
+scripts/test-install.sh "$PWD/target/release/actrix"
+
 echo "== cargo test"
 cargo test --workspace
 

@@ -176,6 +176,12 @@ pub struct TurnSection {
     /// Accept channel numbers 0x5000-0x7FFF (the RFC 5766 range) from older clients. RFC 8656
     /// reserves them; off by default.
     pub rfc5766_channel_range: bool,
+    /// Let `GET /diag/credential` mint short-lived TURN REST credentials (with the first
+    /// `rest_secrets` entry) for the diagnostics page. Anyone who reaches the HTTP listener
+    /// can then get one; off by default.
+    pub diag_credentials: bool,
+    /// Lifetime of those credentials, seconds.
+    pub diag_credential_ttl_secs: u64,
     /// Per-allocation bandwidth cap in bytes per second, in each direction (payload bytes);
     /// excess datagrams are dropped and counted. 0: no cap.
     pub max_bytes_per_sec: u64,
@@ -204,6 +210,8 @@ impl Default for TurnSection {
             identity_credentials: true,
             shutdown_grace_secs: 30,
             rfc5766_channel_range: false,
+            diag_credentials: false,
+            diag_credential_ttl_secs: 300,
             max_bytes_per_sec: 0,
         }
     }
@@ -537,6 +545,15 @@ impl Config {
                     "turn.rest_secrets[{i}]: shorter than 16 characters"
                 ));
             }
+        }
+        if t.diag_credentials && t.rest_secrets.is_empty() {
+            err("turn.diag_credentials: needs a turn.rest_secrets entry to mint with".into());
+        }
+        if !(1..=86_400).contains(&t.diag_credential_ttl_secs) {
+            err(format!(
+                "turn.diag_credential_ttl_secs: {} is not between 1 and 86400",
+                t.diag_credential_ttl_secs
+            ));
         }
         let parse_ranges = |key: &str, v: &[String], errs: &mut Vec<String>| -> Vec<IpRange> {
             let mut out = Vec::new();

@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod config;
 pub mod dataplane;
+pub mod diag;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;

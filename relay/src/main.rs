@@ -236,6 +236,7 @@ fn run(path: Option<PathBuf>) -> i32 {
         }
     }
     let stats = DataPlane::new_stats(&resolved);
+    let (diag, diag_handle) = actrix::diag::router_with_handle(diag_options(&cfg, &resolved));
     let http_stats = actrix_control::http_stats::HttpStats::new();
     let signaling_on = cfg.services.signaling_enabled();
     let signaling_stats =
@@ -256,6 +257,7 @@ fn run(path: Option<PathBuf>) -> i32 {
     let control = match actrix_control::ControlBuilder::new(control_cfg)
         .pin_core(resolved.control_core.filter(|_| cfg.cores.pin))
         .routes(actrix::metrics::router(registry))
+        .routes(diag)
         .http_stats(http_stats)
         .routes_with(move |ctx| reload_router(ctx.auth.clone(), reload_tx))
         .routes_with(move |ctx| match signaling_stats {
@@ -338,6 +340,7 @@ fn run(path: Option<PathBuf>) -> i32 {
         }
     }
 
+    forward_signals(events_tx);
     let http = control.local_addr();
     tracing::info!(
         listen = ?resolved.listen,
@@ -362,8 +365,8 @@ fn run(path: Option<PathBuf>) -> i32 {
         path: path.clone(),
         current: (cfg.clone(), resolved.clone()),
         log: log_handle,
+        diag: diag_handle,
     };
-    forward_signals(events_tx);
     run_until_shutdown(
         dp.as_ref(),
         reloader,
@@ -378,6 +381,32 @@ fn run(path: Option<PathBuf>) -> i32 {
     }
     tracing::info!("actrix stopped");
     0
+}
+
+/// What the diagnostics page (`GET /diag`) serves for this configuration.
+fn diag_options(cfg: &Config, r: &Resolved) -> actrix::diag::DiagOptions {
+    // Wildcard listeners are announced with the relay address clients are given.
+    let public: Vec<std::net::IpAddr> = r
+        .relay_v4
+        .iter()
+        .chain(&r.relay_v6)
+        .map(|(_, advertised)| *advertised)
+        .collect();
+    let (stun_urls, turn_urls) = actrix::diag::ice_urls(&r.listen, &public);
+    actrix::diag::DiagOptions {
+        stun_urls,
+        turn_urls: if cfg.turn.enabled {
+            turn_urls
+        } else {
+            Vec::new()
+        },
+        rest_secret: if cfg.turn.diag_credentials {
+            cfg.turn.rest_secrets.first().cloned()
+        } else {
+            None
+        },
+        credential_ttl_secs: cfg.turn.diag_credential_ttl_secs,
+    }
 }
 
 /// What wakes the main thread.
@@ -476,6 +505,7 @@ struct Reloader {
     path: Option<PathBuf>,
     current: (Config, Resolved),
     log: LogHandle,
+    diag: actrix::diag::DiagHandle,
 }
 
 impl Reloader {
@@ -519,6 +549,7 @@ impl Reloader {
                 notes.push(format!("{key}: changed, takes effect after a restart"));
             }
         }
+        self.diag.update(diag_options(&cfg, &r));
         self.current = (cfg, r);
         Ok(notes)
     }
