@@ -155,6 +155,8 @@ pub struct ControlHandle {
     forwarder_stop: Option<Sender<()>>,
     thread: Option<JoinHandle<Result<(), ControlError>>>,
     forwarder: Option<JoinHandle<()>>,
+    /// The live TLS configuration (HTTPS only), swapped in place on reload.
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
 }
 
 impl std::fmt::Debug for ControlHandle {
@@ -400,6 +402,10 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
         (Some(c), Some(k)) => load_tls(c, k)?,
         _ => Tls::Plain,
     };
+    let tls_handle = match &tls {
+        Tls::Rustls(c) => Some(c.clone()),
+        Tls::Plain => None,
+    };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -460,7 +466,30 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
         forwarder_stop: Some(fwd_stop_tx),
         thread: Some(thread),
         forwarder: Some(forwarder),
+        tls: tls_handle,
     })
+}
+
+impl ControlHandle {
+    /// Re-read the certificate chain and key (after a renewal) and use them for every new
+    /// connection; connections already open keep their session. Errors leave the old
+    /// certificate in force. `Ok(false)` when the server runs plain HTTP.
+    pub fn reload_tls(
+        &self,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<bool, ControlError> {
+        let Some(live) = &self.tls else {
+            return Ok(false);
+        };
+        match load_tls(cert, key)? {
+            Tls::Rustls(fresh) => {
+                live.reload_from_config(fresh.get_inner());
+                Ok(true)
+            }
+            Tls::Plain => Ok(false),
+        }
+    }
 }
 
 async fn serve(

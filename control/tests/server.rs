@@ -218,3 +218,52 @@ fn route_factories_reach_the_services_in_process() {
     let body = resp.body_mut().read_to_string().unwrap();
     assert!(body.parse::<u32>().is_ok(), "{body}");
 }
+
+#[test]
+fn tls_certificate_reloads_in_place_and_a_bad_file_keeps_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, ck: &rcgen::CertifiedKey<rcgen::KeyPair>| {
+        let cert = dir.path().join(format!("{name}-cert.pem"));
+        let key = dir.path().join(format!("{name}-key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        (cert, key)
+    };
+    let a = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let b = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_a, key_a) = write("a", &a);
+    let (cert_b, key_b) = write("b", &b);
+    let mut cfg = ks_config(&dir.path().join("data"));
+    cfg.http.tls_cert = Some(cert_a.clone());
+    cfg.http.tls_key = Some(key_a.clone());
+    let h = start(cfg);
+    let port = h.local_addr().port();
+    // A fresh agent per call: no TLS session reuse across the swap.
+    let trusts = |ck: &rcgen::CertifiedKey<rcgen::KeyPair>| -> bool {
+        let roots =
+            ureq::tls::RootCerts::Specific(Arc::new(vec![ureq::tls::Certificate::from_der(
+                ck.cert.der(),
+            )
+            .to_owned()]));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
+            .build()
+            .into();
+        agent
+            .get(format!("https://localhost:{port}/healthz"))
+            .call()
+            .is_ok()
+    };
+    assert!(trusts(&a) && !trusts(&b));
+    assert!(h.reload_tls(&cert_b, &key_b).unwrap());
+    assert!(
+        trusts(&b) && !trusts(&a),
+        "new connections get the new certificate"
+    );
+    // A broken file is refused and the certificate in force stays.
+    let broken = dir.path().join("broken.pem");
+    std::fs::write(&broken, "not a certificate").unwrap();
+    assert!(h.reload_tls(&broken, &key_b).is_err());
+    assert!(trusts(&b));
+    h.shutdown().unwrap();
+}

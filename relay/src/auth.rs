@@ -622,6 +622,11 @@ impl RateTable {
         }
     }
 
+    /// Change the limit (live reload); counts in progress carry over.
+    pub fn set_limit(&mut self, per_second: u32) {
+        self.limit = per_second;
+    }
+
     /// Count one event from `ip` in second `now_unix`; false when over the limit.
     pub fn allow(&mut self, ip: IpAddr, now_unix: u64) -> bool {
         let key = self.hasher.hash_one(ip);

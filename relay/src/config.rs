@@ -185,6 +185,12 @@ pub struct TurnSection {
     /// Per-allocation bandwidth cap in bytes per second, in each direction (payload bytes);
     /// excess datagrams are dropped and counted. 0: no cap.
     pub max_bytes_per_sec: u64,
+    /// 401/438 challenges answered per source IP per second (reflection and brute-force
+    /// damping); more are dropped and counted.
+    pub challenges_per_source_per_sec: u32,
+    /// Actrix identity resolutions (an ECIES decryption each, on the control thread) per
+    /// source IP per second.
+    pub identity_lookups_per_source_per_sec: u32,
 }
 
 impl Default for TurnSection {
@@ -213,6 +219,8 @@ impl Default for TurnSection {
             diag_credentials: false,
             diag_credential_ttl_secs: 300,
             max_bytes_per_sec: 0,
+            challenges_per_source_per_sec: 50,
+            identity_lookups_per_source_per_sec: 10,
         }
     }
 }
@@ -522,6 +530,9 @@ impl Config {
             || t.max_permissions_per_allocation == 0
         {
             err("turn.max_allocations, max_allocations_per_user and max_permissions_per_allocation must be positive".into());
+        }
+        if t.challenges_per_source_per_sec == 0 || t.identity_lookups_per_source_per_sec == 0 {
+            err("turn.challenges_per_source_per_sec and identity_lookups_per_source_per_sec must be positive".into());
         }
         let mut names = BTreeSet::new();
         for (i, u) in t.users.iter().enumerate() {

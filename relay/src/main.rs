@@ -252,6 +252,10 @@ fn run(path: Option<PathBuf>) -> i32 {
     // (its database cannot be opened, say) is reported back here and stops the start.
     let signaling_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let signaling_err = signaling_error.clone();
+    let signaling_handle = Arc::new(std::sync::Mutex::new(
+        None::<actrix_signaling::SignalingHandle>,
+    ));
+    let signaling_handle_out = signaling_handle.clone();
     let signaling_cfg = cfg.signaling.clone();
     let data_dir = cfg.node.data_dir.clone();
     let control = match actrix_control::ControlBuilder::new(control_cfg)
@@ -261,16 +265,18 @@ fn run(path: Option<PathBuf>) -> i32 {
         .http_stats(http_stats)
         .routes_with(move |ctx| reload_router(ctx.auth.clone(), reload_tx))
         .routes_with(move |ctx| match signaling_stats {
-            Some(st) => {
-                match actrix_signaling::router_with_stats(ctx, signaling_cfg, &data_dir, st) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        *signaling_err.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(e.to_string());
-                        axum::Router::new()
-                    }
+            Some(st) => match actrix_signaling::Signaling::new(ctx, signaling_cfg, &data_dir, st) {
+                Ok(s) => {
+                    *signaling_handle_out
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(s.handle());
+                    s.router()
                 }
-            }
+                Err(e) => {
+                    *signaling_err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    axum::Router::new()
+                }
+            },
             None => axum::Router::new(),
         })
         .spawn()
@@ -366,9 +372,11 @@ fn run(path: Option<PathBuf>) -> i32 {
         current: (cfg.clone(), resolved.clone()),
         log: log_handle,
         diag: diag_handle,
+        signaling: signaling_handle.lock().ok().and_then(|mut h| h.take()),
     };
     run_until_shutdown(
         dp.as_ref(),
+        &control,
         reloader,
         &events_rx,
         Duration::from_secs(cfg.turn.shutdown_grace_secs),
@@ -506,10 +514,15 @@ struct Reloader {
     current: (Config, Resolved),
     log: LogHandle,
     diag: actrix::diag::DiagHandle,
+    signaling: Option<actrix_signaling::SignalingHandle>,
 }
 
 impl Reloader {
-    fn reload(&mut self, dp: Option<&DataPlane>) -> Result<Vec<String>, Vec<String>> {
+    fn reload(
+        &mut self,
+        dp: Option<&DataPlane>,
+        control: &actrix_control::ControlHandle,
+    ) -> Result<Vec<String>, Vec<String>> {
         let Some(path) = &self.path else {
             return Err(vec![
                 "running on the embedded configuration: nothing to reload".into(),
@@ -517,6 +530,17 @@ impl Reloader {
         };
         let (cfg, r) = config::load(Some(path))?;
         let mut notes = Vec::new();
+        // The certificate first: a file that does not load refuses the whole reload, before
+        // anything else changes. Re-reading is what a renewal (same paths) needs.
+        if let (Some(cert), Some(key)) = (&cfg.http.tls_cert, &cfg.http.tls_key) {
+            match control.reload_tls(cert, key) {
+                Ok(true) => notes.push("http.tls: certificate reloaded".into()),
+                Ok(false) => notes.push("http.tls: HTTPS takes effect after a restart".into()),
+                Err(e) => return Err(vec![format!("http.tls: {e}")]),
+            }
+        } else if self.current.0.http.tls_cert.is_some() {
+            notes.push("http.tls: removing HTTPS takes effect after a restart".into());
+        }
         if let Some(dp) = dp {
             notes.extend(dp.reload((&self.current.0, &self.current.1), &cfg, &r));
         }
@@ -539,14 +563,17 @@ impl Reloader {
                 "services",
                 format!("{:?}", cfg.services) != format!("{:?}", self.current.0.services),
             ),
-            (
-                "http.tls",
-                cfg.http.tls_cert != self.current.0.http.tls_cert
-                    || cfg.http.tls_key != self.current.0.http.tls_key,
-            ),
         ] {
             if changed {
                 notes.push(format!("{key}: changed, takes effect after a restart"));
+            }
+        }
+        if let Some(h) = &self.signaling {
+            if format!("{:?}", cfg.signaling) != format!("{:?}", self.current.0.signaling) {
+                match h.update(cfg.signaling.clone()) {
+                    Ok(()) => notes.push("signaling: limits updated for new connections".into()),
+                    Err(e) => notes.push(format!("signaling: not changed ({})", e.join("; "))),
+                }
             }
         }
         self.diag.update(diag_options(&cfg, &r));
@@ -560,6 +587,7 @@ impl Reloader {
 /// the drain at once.
 fn run_until_shutdown(
     dp: Option<&DataPlane>,
+    control: &actrix_control::ControlHandle,
     mut reloader: Reloader,
     events: &crossbeam_channel::Receiver<Event>,
     grace: Duration,
@@ -567,7 +595,7 @@ fn run_until_shutdown(
     use signal_hook::consts::SIGHUP;
     loop {
         match events.recv() {
-            Ok(Event::Signal(SIGHUP)) => match reloader.reload(dp) {
+            Ok(Event::Signal(SIGHUP)) => match reloader.reload(dp, control) {
                 Ok(notes) => {
                     tracing::info!("configuration reloaded");
                     for n in notes {
@@ -585,7 +613,7 @@ fn run_until_shutdown(
                 }
             },
             Ok(Event::Reload(reply)) => {
-                let r = reloader.reload(dp);
+                let r = reloader.reload(dp, control);
                 match &r {
                     Ok(_) => tracing::info!("configuration reloaded (admin endpoint)"),
                     Err(e) => {

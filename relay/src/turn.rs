@@ -279,6 +279,10 @@ pub struct TurnConfig {
     /// Per-allocation cap in bytes per second, per direction (client→peer and peer→client);
     /// 0 means no cap. Bursts up to one second's worth are allowed.
     pub max_bytes_per_sec: u64,
+    /// 401/438 challenges answered per source IP per second; more are dropped.
+    pub challenges_per_source: u32,
+    /// Identity resolutions (ECIES decryptions on the control thread) per source IP per second.
+    pub identity_lookups_per_source: u32,
 }
 
 impl TurnConfig {
@@ -300,6 +304,8 @@ impl TurnConfig {
             key_cache_capacity: 4096,
             channel_max: channel::MAX,
             max_bytes_per_sec: 0,
+            challenges_per_source: 50,
+            identity_lookups_per_source: 10,
         }
     }
 }
@@ -499,8 +505,8 @@ impl Server {
             scratch: Box::new([0u8; SCRATCH_LEN]),
             rng: seed | 1,
             draining: false,
-            challenge_limit: auth::RateTable::new(4096, 50),
-            identity_limit: auth::RateTable::new(4096, 10),
+            challenge_limit: auth::RateTable::new(4096, cfg.challenges_per_source),
+            identity_limit: auth::RateTable::new(4096, cfg.identity_lookups_per_source),
             now,
             counters: Counters::default(),
             cfg,
@@ -519,6 +525,9 @@ impl Server {
         cfg.port_min = self.cfg.port_min;
         cfg.port_max = self.cfg.port_max;
         self.keys.reconfigure(cfg.auth.clone());
+        self.challenge_limit.set_limit(cfg.challenges_per_source);
+        self.identity_limit
+            .set_limit(cfg.identity_lookups_per_source);
         self.cfg = cfg;
     }
 

@@ -186,3 +186,51 @@ fn admin_reload_endpoint_requires_a_signature() {
         .unwrap();
     assert_eq!(replay.status(), 403);
 }
+
+#[test]
+fn sighup_changes_rate_limits_and_signaling_limits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = Appliance::start(tmp.path(), BASE);
+    let answered = |app: &Appliance| {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut n = 0;
+        for i in 0..20u8 {
+            let mut buf = [0u8; 64];
+            let mut w = actrix::stun::MessageWriter::new(
+                &mut buf,
+                method::ALLOCATE,
+                actrix::stun::Class::Request,
+                &[i; 12],
+            )
+            .unwrap();
+            w.add(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]).unwrap();
+            let len = w.finish();
+            sock.send_to(&buf[..len], app.stun).unwrap();
+        }
+        let mut buf = [0u8; 512];
+        while sock.recv_from(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    };
+    // Default: 50 challenges per source per second, so all 20 are answered.
+    assert_eq!(answered(&app), 20);
+    rewrite(
+        &app,
+        &format!("{BASE}challenges_per_source_per_sec = 3\n[signaling]\nmax_conns_per_ip = 1\n"),
+    );
+    hup(&app);
+    wait_log(&app, "configuration reloaded");
+    wait_log(&app, "signaling: limits updated");
+    std::thread::sleep(Duration::from_millis(1100)); // a fresh one-second window
+    assert_eq!(answered(&app), 3, "the new per-source limit is in force");
+    // The signaling limit applies to new connections: a second concurrent one gets 429.
+    let url = format!("ws://{}/signaling/ws", app.http);
+    let (_first, _) = tungstenite::connect(&url).expect("first connection");
+    match tungstenite::connect(&url) {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 429),
+        other => panic!("expected 429, got {:?}", other.map(|_| ())),
+    }
+}

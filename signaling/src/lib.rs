@@ -37,6 +37,6 @@ mod verify;
 
 pub use config::SignalingConfig;
 pub use hub::Hub;
-pub use server::{router, router_with_stats, Signaling, SignalingError};
+pub use server::{router, router_with_stats, Signaling, SignalingError, SignalingHandle};
 pub use stats::SignalingStats;
 pub use store::SIGNALING_DB_FILE;

@@ -106,7 +106,9 @@ struct Core {
 }
 
 struct Shared {
-    cfg: SignalingConfig,
+    /// Limits in force; replaced as a whole on reload (new connections and the next admission
+    /// decisions use the new values, open connections keep the ones they started with).
+    cfg: std::sync::RwLock<Arc<SignalingConfig>>,
     stats: Arc<SignalingStats>,
     core: Mutex<Core>,
     keys: Arc<KeyCache>,
@@ -118,6 +120,10 @@ struct Shared {
 }
 
 impl Shared {
+    fn cfg(&self) -> Arc<SignalingConfig> {
+        self.cfg.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -137,7 +143,7 @@ pub struct Signaling {
 impl std::fmt::Debug for Signaling {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Signaling")
-            .field("cfg", &self.shared.cfg)
+            .field("cfg", &self.shared.cfg())
             .finish_non_exhaustive()
     }
 }
@@ -176,7 +182,7 @@ impl Signaling {
         };
         Ok(Signaling {
             shared: Arc::new(Shared {
-                cfg,
+                cfg: std::sync::RwLock::new(Arc::new(cfg)),
                 stats,
                 core: Mutex::new(core),
                 keys: KeyCache::new(ctx.keys.clone()),
@@ -187,6 +193,13 @@ impl Signaling {
                 sweeper_started: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// A handle to change the limits later (live reload).
+    pub fn handle(&self) -> SignalingHandle {
+        SignalingHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// The counters.
@@ -371,7 +384,7 @@ impl Drop for Admission {
 }
 
 fn admit(shared: &Arc<Shared>, ip: IpAddr, now_ms: u64) -> Result<Admission, Refusal> {
-    let cfg = &shared.cfg;
+    let cfg = shared.cfg();
     let mut core = shared.lock();
     if core.open_total >= cfg.max_conns {
         return Err(Refusal::Concurrency);
@@ -498,7 +511,7 @@ async fn ws_handler(
     if url.actor_id.is_some() || url.token.is_some() {
         match validate_url_identity(&shared, &url).await {
             Some((id, cred, v)) => {
-                creds.insert(cred, v, shared.cfg.credential_cache_per_conn);
+                creds.insert(cred, v, shared.cfg().credential_cache_per_conn);
                 identity = Some(id);
             }
             None => {
@@ -507,7 +520,7 @@ async fn ws_handler(
             }
         }
     }
-    let cfg = &shared.cfg;
+    let cfg = shared.cfg();
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let wants_answer = url.wants_answer;
     let sh = shared.clone();
@@ -589,7 +602,7 @@ async fn run_conn(
     mut creds: CredCache,
     admission: Admission,
 ) {
-    let cfg = shared.cfg.clone();
+    let cfg = shared.cfg();
     stats::inc(&shared.stats.connections_open);
     stats::inc(&shared.stats.connections_total);
     let (sink, mut stream) = socket.split();
@@ -826,7 +839,7 @@ fn ensure_sweeper(shared: &Arc<Shared>) {
         return;
     }
     let weak: Weak<Shared> = Arc::downgrade(shared);
-    let every = Duration::from_secs(shared.cfg.sweep_interval_secs);
+    let every = Duration::from_secs(shared.cfg().sweep_interval_secs);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval_at(Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -844,9 +857,39 @@ fn ensure_sweeper(shared: &Arc<Shared>) {
                 last_purge = Instant::now();
                 sh.store.submit(DbOp::Purge {
                     now: now / 1000,
-                    spec_cutoff: (now / 1000).saturating_sub(sh.cfg.spec_ttl_secs),
+                    spec_cutoff: (now / 1000).saturating_sub(sh.cfg().spec_ttl_secs),
                 });
             }
         }
     });
+}
+
+/// Changes the hub's limits at run time: connection and message rates, sizes, queue length,
+/// timeouts of new connections. Registry timers (heartbeat, TTLs) keep their start values.
+#[derive(Clone)]
+pub struct SignalingHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SignalingHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalingHandle").finish_non_exhaustive()
+    }
+}
+
+impl SignalingHandle {
+    /// Validate and apply `cfg`; every problem is returned and nothing changes on error.
+    pub fn update(&self, cfg: SignalingConfig) -> Result<(), Vec<String>> {
+        let problems = cfg.validate();
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        *self.shared.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
+        Ok(())
+    }
+
+    /// The limits in force.
+    pub fn current(&self) -> SignalingConfig {
+        (*self.shared.cfg()).clone()
+    }
 }

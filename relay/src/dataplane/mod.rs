@@ -182,6 +182,8 @@ impl Shared {
         turn.channel_lifetime = cfg.turn.channel_lifetime;
         turn.max_permissions = cfg.turn.max_permissions_per_allocation;
         turn.max_bytes_per_sec = cfg.turn.max_bytes_per_sec;
+        turn.challenges_per_source = cfg.turn.challenges_per_source_per_sec;
+        turn.identity_lookups_per_source = cfg.turn.identity_lookups_per_source_per_sec;
         turn.channel_max = if cfg.turn.rfc5766_channel_range {
             0x7FFF
         } else {
