@@ -18,7 +18,7 @@ pin = false
 listen = ["127.0.0.1:$port"]
 [turn]
 relay_addresses = ["127.0.0.1"]
-relay_port_range = "51000-51999"
+relay_port_range = "64000-64999"
 allow_peers = ["127.0.0.0/8"]
 rest_secrets = ["smoke-rest-secret-0123456789"]
 shutdown_grace_secs = 1

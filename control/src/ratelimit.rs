@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 #[derive(Clone, Copy, Debug)]
@@ -20,8 +21,9 @@ struct Bucket {
 #[derive(Debug)]
 pub struct RateLimiter {
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
-    burst_milli: u64,
-    refill_ms: u64,
+    /// Limits, changeable at run time ([`RateLimiter::set_limits`]).
+    burst_milli: AtomicU64,
+    refill_ms: AtomicU64,
     max_entries: usize,
 }
 
@@ -30,22 +32,39 @@ impl RateLimiter {
     pub fn new(burst: u32, refill_secs: u64, max_entries: usize) -> Self {
         RateLimiter {
             buckets: Mutex::new(HashMap::new()),
-            burst_milli: u64::from(burst.max(1)) * 1000,
-            refill_ms: refill_secs.max(1).saturating_mul(1000),
+            burst_milli: AtomicU64::new(u64::from(burst.max(1)) * 1000),
+            refill_ms: AtomicU64::new(refill_secs.max(1).saturating_mul(1000)),
             max_entries: max_entries.max(1),
         }
+    }
+
+    /// Change the burst and refill period (live reload); buckets keep their tokens, capped
+    /// at the new burst on their next use.
+    pub fn set_limits(&self, burst: u32, refill_secs: u64) {
+        self.burst_milli
+            .store(u64::from(burst.max(1)) * 1000, Ordering::Relaxed);
+        self.refill_ms
+            .store(refill_secs.max(1).saturating_mul(1000), Ordering::Relaxed);
+    }
+
+    fn burst_milli(&self) -> u64 {
+        self.burst_milli.load(Ordering::Relaxed)
+    }
+
+    fn refill_ms(&self) -> u64 {
+        self.refill_ms.load(Ordering::Relaxed)
     }
 
     fn refill(&self, b: &mut Bucket, now_ms: u64) {
         let elapsed = now_ms.saturating_sub(b.last_ms);
         // 1000 milli-tokens per refill period.
-        let add = elapsed.saturating_mul(1000) / self.refill_ms;
+        let add = elapsed.saturating_mul(1000) / self.refill_ms();
         if add > 0 {
-            b.milli_tokens = (b.milli_tokens + add).min(self.burst_milli);
+            b.milli_tokens = (b.milli_tokens + add).min(self.burst_milli());
             // Advance time only by what was converted, so fractions are not lost.
-            b.last_ms += add * self.refill_ms / 1000;
+            b.last_ms += add * self.refill_ms() / 1000;
         }
-        if b.milli_tokens == self.burst_milli {
+        if b.milli_tokens == self.burst_milli() {
             b.last_ms = now_ms;
         }
     }
@@ -56,18 +75,18 @@ impl RateLimiter {
             return Err(1);
         };
         if !map.contains_key(&ip) && map.len() >= self.max_entries {
-            let full = self.burst_milli;
-            let refill_ms = self.refill_ms;
+            let full = self.burst_milli();
+            let refill_ms = self.refill_ms();
             map.retain(|_, b| {
                 let elapsed = now_ms.saturating_sub(b.last_ms);
                 b.milli_tokens + elapsed.saturating_mul(1000) / refill_ms < full
             });
             if map.len() >= self.max_entries {
-                return Err(self.refill_ms / 1000);
+                return Err(self.refill_ms() / 1000);
             }
         }
         let b = map.entry(ip).or_insert(Bucket {
-            milli_tokens: self.burst_milli,
+            milli_tokens: self.burst_milli(),
             last_ms: now_ms,
         });
         self.refill(b, now_ms);
@@ -76,7 +95,7 @@ impl RateLimiter {
             Ok(())
         } else {
             let missing = 1000 - b.milli_tokens;
-            Err((missing * self.refill_ms / 1000).div_ceil(1000).max(1))
+            Err((missing * self.refill_ms() / 1000).div_ceil(1000).max(1))
         }
     }
 

@@ -256,6 +256,10 @@ fn run(path: Option<PathBuf>) -> i32 {
         None::<actrix_signaling::SignalingHandle>,
     ));
     let signaling_handle_out = signaling_handle.clone();
+    let ais_service = Arc::new(std::sync::Mutex::new(
+        None::<Arc<actrix_control::ais::AisService>>,
+    ));
+    let ais_service_out = ais_service.clone();
     let signaling_cfg = cfg.signaling.clone();
     let data_dir = cfg.node.data_dir.clone();
     let control = match actrix_control::ControlBuilder::new(control_cfg)
@@ -263,7 +267,10 @@ fn run(path: Option<PathBuf>) -> i32 {
         .routes(actrix::metrics::router(registry))
         .routes(diag)
         .http_stats(http_stats)
-        .routes_with(move |ctx| reload_router(ctx.auth.clone(), reload_tx))
+        .routes_with(move |ctx| {
+            *ais_service_out.lock().unwrap_or_else(|p| p.into_inner()) = ctx.ais.clone();
+            reload_router(ctx.auth.clone(), reload_tx)
+        })
         .routes_with(move |ctx| match signaling_stats {
             Some(st) => match actrix_signaling::Signaling::new(ctx, signaling_cfg, &data_dir, st) {
                 Ok(s) => {
@@ -373,6 +380,7 @@ fn run(path: Option<PathBuf>) -> i32 {
         log: log_handle,
         diag: diag_handle,
         signaling: signaling_handle.lock().ok().and_then(|mut h| h.take()),
+        ais: ais_service.lock().ok().and_then(|mut h| h.take()),
     };
     run_until_shutdown(
         dp.as_ref(),
@@ -515,6 +523,7 @@ struct Reloader {
     log: LogHandle,
     diag: actrix::diag::DiagHandle,
     signaling: Option<actrix_signaling::SignalingHandle>,
+    ais: Option<Arc<actrix_control::ais::AisService>>,
 }
 
 impl Reloader {
@@ -555,10 +564,12 @@ impl Reloader {
                 "ks",
                 format!("{:?}", cfg.ks) != format!("{:?}", self.current.0.ks),
             ),
-            (
-                "ais",
-                format!("{:?}", cfg.ais) != format!("{:?}", self.current.0.ais),
-            ),
+            ("ais (other than the rate limit)", {
+                let mut a = cfg.ais.clone();
+                a.rate_limit_burst = self.current.0.ais.rate_limit_burst;
+                a.rate_limit_refill_secs = self.current.0.ais.rate_limit_refill_secs;
+                format!("{a:?}") != format!("{:?}", self.current.0.ais)
+            }),
             (
                 "services",
                 format!("{:?}", cfg.services) != format!("{:?}", self.current.0.services),
@@ -566,6 +577,15 @@ impl Reloader {
         ] {
             if changed {
                 notes.push(format!("{key}: changed, takes effect after a restart"));
+            }
+        }
+        let (old_ais, new_ais) = (&self.current.0.ais, &cfg.ais);
+        if let Some(ais) = &self.ais {
+            if (old_ais.rate_limit_burst, old_ais.rate_limit_refill_secs)
+                != (new_ais.rate_limit_burst, new_ais.rate_limit_refill_secs)
+            {
+                ais.set_rate_limit(new_ais.rate_limit_burst, new_ais.rate_limit_refill_secs);
+                notes.push("ais: rate limit updated".into());
             }
         }
         if let Some(h) = &self.signaling {

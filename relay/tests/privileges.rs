@@ -30,7 +30,7 @@ fn drops_to_the_configured_user_after_binding_and_keeps_working() {
     std::fs::write(
         &cfg,
         format!(
-            "[node]\ndata_dir = \"{}\"\nuser = \"nobody\"\npid_file = \"{}\"\n[log]\nfile = \"{}\"\nrotation = \"never\"\n[cores]\npin = false\n[stun]\nlisten = [\"127.0.0.1:{port}\"]\n[http]\nlisten = \"127.0.0.1:{http}\"\n[turn]\nrelay_port_range = \"52000-52099\"\nshutdown_grace_secs = 1\nusers = [{{ name = \"alice\", password = \"secret-pass\" }}]\n",
+            "[node]\ndata_dir = \"{}\"\nuser = \"nobody\"\npid_file = \"{}\"\n[log]\nfile = \"{}\"\nrotation = \"never\"\n[cores]\npin = false\n[stun]\nlisten = [\"127.0.0.1:{port}\"]\n[http]\nlisten = \"127.0.0.1:{http}\"\n[turn]\nrelay_port_range = \"62000-62099\"\nshutdown_grace_secs = 1\nusers = [{{ name = \"alice\", password = \"secret-pass\" }}]\n",
             tmp.path().join("data").display(),
             pid_file.display(),
             log_file.display()

@@ -219,11 +219,28 @@ fn sighup_changes_rate_limits_and_signaling_limits() {
     assert_eq!(answered(&app), 20);
     rewrite(
         &app,
-        &format!("{BASE}challenges_per_source_per_sec = 3\n[signaling]\nmax_conns_per_ip = 1\n"),
+        &format!(
+            "{BASE}challenges_per_source_per_sec = 3\n[signaling]\nmax_conns_per_ip = 1\n[ais]\nrate_limit_burst = 2\nrate_limit_refill_secs = 600\n"
+        ),
     );
     hup(&app);
     wait_log(&app, "configuration reloaded");
     wait_log(&app, "signaling: limits updated");
+    // The AIS per-IP bucket: two requests, then 429.
+    let ais = format!("http://{}/ais/health", app.http);
+    let codes: Vec<u16> = (0..3)
+        .map(|_| {
+            ureq::get(&ais)
+                .config()
+                .http_status_as_error(false)
+                .build()
+                .call()
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+        .collect();
+    assert_eq!(codes, vec![200, 200, 429]);
     std::thread::sleep(Duration::from_millis(1100)); // a fresh one-second window
     assert_eq!(answered(&app), 3, "the new per-source limit is in force");
     // The signaling limit applies to new connections: a second concurrent one gets 429.

@@ -343,6 +343,11 @@ impl AisService {
     }
 
     /// Handle an encoded `RegisterRequest` (wire section 5.2). Blocking.
+    /// Change the per-IP rate limit of `/ais/*` (live reload).
+    pub fn set_rate_limit(&self, burst: u32, refill_secs: u64) {
+        self.limiter.set_limits(burst, refill_secs);
+    }
+
     pub fn register(&self, body: &[u8]) -> RegisterResponse {
         let req = match RegisterRequest::decode(body) {
             Ok(r) => r,

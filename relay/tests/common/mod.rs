@@ -39,7 +39,9 @@ impl Appliance {
     pub fn start(dir: &Path, extra: &str) -> Appliance {
         let port = free_udp_port();
         let http = free_tcp_port();
-        let base = (port as u32 % 50) * 200 + 50000;
+        // Above the ephemeral range (32768-60999), so the relay range can never contain this or
+        // another test's listener port.
+        let base = (port as u32 % 20) * 200 + 61000;
         let text = format!(
             "[node]\ndata_dir = \"{}\"\n[cores]\npin = false\n[stun]\nlisten = [\"127.0.0.1:{port}\"]\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
             dir.join("data").display()
@@ -70,13 +72,17 @@ impl Appliance {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(l) if l.contains("actrix ready") => break,
-                Ok(_) => {}
+                Ok(l) => seen.push(l),
                 Err(_) => {
                     if let Ok(Some(st)) = child.try_wait() {
-                        panic!("actrix exited early: {st}");
+                        while let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+                            seen.push(l);
+                        }
+                        panic!("actrix exited early: {st}\n{}", seen.join("\n"));
                     }
                 }
             }
