@@ -5,7 +5,7 @@
 //! bounded values (shard number, drop reason, direction); never a username or an address.
 
 use crate::dataplane::stats::ShardStats;
-use crate::turn::DROP_REASONS;
+use crate::turn::{AUTH_FAILURE_REASONS, DROP_REASONS};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -238,11 +238,23 @@ impl Collector for DataPlaneCollector {
             "401 challenges to requests without credentials",
             &self.per_shard(|s| s.auth_challenges.load(Relaxed)),
         )?;
+        let mut by_reason = Vec::new();
+        for (i, s) in self.shards.iter().enumerate() {
+            for (r, v) in AUTH_FAILURE_REASONS
+                .iter()
+                .zip(s.auth_failures_by_reason.iter())
+            {
+                by_reason.push((
+                    vec![("shard", i.to_string()), ("reason", r.to_string())],
+                    v.load(Relaxed),
+                ));
+            }
+        }
         counter(
             &mut enc,
             "actrix_auth_failures",
-            "Requests with bad credentials, nonce or realm (401)",
-            &self.per_shard(|s| s.auth_failures.load(Relaxed)),
+            "Authenticated requests refused with 401, by reason (the answer is the same for all)",
+            &by_reason,
         )?;
         counter(
             &mut enc,

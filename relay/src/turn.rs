@@ -150,6 +150,34 @@ pub const DROP_REASONS: [&str; N_DROP_REASONS] = [
     "bandwidth",
 ];
 
+/// Why an authenticated request was refused (401). Counted by reason; the answer on the wire
+/// is the same for all of them (no user-enumeration oracle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum AuthFailure {
+    /// MESSAGE-INTEGRITY with a short-term credential this server cannot know (Binding).
+    ShortTerm = 0,
+    /// A NONCE that is not ours, tampered, for another address, or from the future.
+    Nonce,
+    /// A REALM other than ours.
+    Realm,
+    /// Unknown user, expired or refused credential.
+    Credential,
+    /// PASSWORD-ALGORITHM SHA-256 for a credential known only by its MD5 key.
+    Algorithm,
+    /// MESSAGE-INTEGRITY does not verify.
+    Integrity,
+}
+
+pub const AUTH_FAILURE_REASONS: [&str; 6] = [
+    "short_term",
+    "nonce",
+    "realm",
+    "credential",
+    "algorithm",
+    "integrity",
+];
+
 /// Shard-local counters. Plain integers: one owner, published by copying.
 #[derive(Debug, Default, Clone)]
 pub struct Counters {
@@ -171,6 +199,7 @@ pub struct Counters {
     pub peers_denied: u64,
     pub auth_challenges: u64,
     pub auth_failures: u64,
+    pub auth_failures_by_reason: [u64; 6],
     pub stale_nonces: u64,
     pub error_responses: u64,
 }
@@ -184,6 +213,13 @@ pub struct Quotas {
     max_per_user: AtomicUsize,
     total: AtomicUsize,
     users: DashMap<Box<[u8]>, usize, ahash::RandomState>,
+}
+
+impl Counters {
+    fn auth_fail(&mut self, why: AuthFailure) {
+        self.auth_failures += 1;
+        self.auth_failures_by_reason[why as usize] += 1;
+    }
 }
 
 impl Quotas {
@@ -674,7 +710,7 @@ impl Server {
                     s.binding_success(&msg, client, Some(ok))
                 }),
             method::BINDING if msg.has_integrity() => {
-                self.counters.auth_failures += 1;
+                self.counters.auth_fail(AuthFailure::ShortTerm);
                 Ok(self.error_reply(&msg, code::UNAUTHORIZED, None))
             }
             method::BINDING => self.handle_binding(&msg, client),
@@ -845,19 +881,19 @@ impl Server {
                 return Authn::Reply(self.challenge(msg, client, code::STALE_NONCE));
             }
             NonceCheck::Invalid => {
-                self.counters.auth_failures += 1;
+                self.counters.auth_fail(AuthFailure::Nonce);
                 return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
             }
         }
         if realm != cfg.realm.as_bytes() {
-            self.counters.auth_failures += 1;
+            self.counters.auth_fail(AuthFailure::Realm);
             return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
         }
         // Step 4: find the key. An unknown user gets the same 401 as a wrong password.
         let cred = match self.keys.lookup(username, now.unix) {
             Lookup::Found(c) => c,
             Lookup::Refused => {
-                self.counters.auth_failures += 1;
+                self.counters.auth_fail(AuthFailure::Credential);
                 return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
             }
             Lookup::Pending => {
@@ -875,7 +911,7 @@ impl Server {
         let mut ok = match Self::auth_ok(&cred.key, algorithm, kind, cred.expires_at) {
             Some(ok) => ok,
             None => {
-                self.counters.auth_failures += 1;
+                self.counters.auth_fail(AuthFailure::Algorithm);
                 return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
             }
         };
@@ -899,7 +935,7 @@ impl Server {
                     ok = alt_ok;
                 }
                 None => {
-                    self.counters.auth_failures += 1;
+                    self.counters.auth_fail(AuthFailure::Integrity);
                     return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
                 }
             }

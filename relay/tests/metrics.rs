@@ -88,7 +88,11 @@ fn scraped_values_match_the_traffic_sent() {
     assert_eq!(get("actrix_allocations_created_total{shard=0}"), 1.0);
     // One challenge per client (the good and the bad one), one bad password.
     assert_eq!(get("actrix_auth_challenges_total{shard=0}"), 2.0);
-    assert_eq!(get("actrix_auth_failures_total{shard=0}"), 1.0);
+    assert_eq!(
+        get("actrix_auth_failures_total{reason=integrity,shard=0}"),
+        1.0
+    );
+    assert_eq!(get("actrix_auth_failures_total{reason=nonce,shard=0}"), 0.0);
     // 10 bindings + 3 garbage + 2 x (challenge + authenticated request).
     assert_eq!(
         get("actrix_packets_received_total{shard=0,side=client}"),

@@ -12,6 +12,7 @@ macro_rules! stats {
         pub struct ShardStats {
             $(pub $field: AtomicU64,)*
             pub drops: [AtomicU64; crate::turn::N_DROP_REASONS],
+            pub auth_failures_by_reason: [AtomicU64; 6],
             pub allocations_active: AtomicU64,
             pub truncated: AtomicU64,
             pub sent: AtomicU64,
@@ -25,6 +26,9 @@ macro_rules! stats {
                 let c: &Counters = &server.counters;
                 $(self.$field.store(c.$field, Relaxed);)*
                 for (d, v) in self.drops.iter().zip(c.drops.iter()) {
+                    d.store(*v, Relaxed);
+                }
+                for (d, v) in self.auth_failures_by_reason.iter().zip(c.auth_failures_by_reason.iter()) {
                     d.store(*v, Relaxed);
                 }
                 self.allocations_active.store(server.allocation_count() as u64, Relaxed);
