@@ -3,68 +3,20 @@
 //! `/proc/PID/stat` and `/proc/PID/status`.
 //!
 //! The batch layout follows `actrix::dataplane::io` (preallocated slots, one system call per
-//! batch each way, no allocation per packet) but is a private copy: the relay's module has
-//! headroom rules of its own and may change under it.
+//! batch each way, no allocation per packet) but has no headroom rules of its own; the address
+//! conversions are shared with it.
 
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 
 /// Bytes per datagram slot; larger datagrams are truncated by the kernel and counted as bad.
 pub const SLOT: usize = 2048;
 
-pub fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match ss.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let sin: &libc::sockaddr_in = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-                u16::from_be(sin.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let sin6: &libc::sockaddr_in6 =
-                unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
-                u16::from_be(sin6.sin6_port),
-                sin6.sin6_flowinfo,
-                sin6.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
-}
-
-pub fn std_to_sockaddr(addr: &SocketAddr, ss: &mut libc::sockaddr_storage) -> libc::socklen_t {
-    match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
-            let sin: &mut libc::sockaddr_in =
-                unsafe { &mut *(ss as *mut _ as *mut libc::sockaddr_in) };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-            sin.sin_zero = [0; 8];
-            size_of::<libc::sockaddr_in>() as libc::socklen_t
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: as above, for sockaddr_in6.
-            let sin6: &mut libc::sockaddr_in6 =
-                unsafe { &mut *(ss as *mut _ as *mut libc::sockaddr_in6) };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_flowinfo = a.flowinfo();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            sin6.sin6_scope_id = a.scope_id();
-            size_of::<libc::sockaddr_in6>() as libc::socklen_t
-        }
-    }
-}
+// The address conversions are the relay's own (one implementation of this unsafe code).
+pub use actrix::dataplane::io::{sockaddr_to_std, std_to_sockaddr};
 
 /// Outcome of one [`Batch::send`].
 #[derive(Debug, Default, Clone, Copy)]

@@ -368,3 +368,23 @@ pub fn now() -> crate::turn::Now {
         unix: real.tv_sec as u64,
     }
 }
+
+/// Open a non-blocking relay socket bound to `addr` (IPv6 sockets are IPv6-only, so an IPv4
+/// peer can never reach an IPv6 relay address through a mapped address).
+pub fn relay_socket(addr: SocketAddr, recv_buffer: usize) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    if recv_buffer > 0 {
+        let _ = s.set_recv_buffer_size(recv_buffer);
+    }
+    s.bind(&addr.into())?;
+    Ok(s)
+}

@@ -10,7 +10,7 @@ use super::stats::ShardStats;
 use crate::auth::IdentityAnswer;
 use crate::turn::{Data, Family, RelayBinder, RelayPort, Server, Src, TurnConfig};
 use crossbeam_channel::{Receiver, Sender};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Socket;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -53,32 +53,16 @@ struct Relays {
 
 impl RelayBinder for Relays {
     fn bind(&mut self, family: Family, port: RelayPort) -> bool {
-        let (ip, token, domain) = match family {
-            Family::V4 => (
-                self.bind_v4.get(port.addr as usize),
-                TOKEN_RELAY_V4,
-                Domain::IPV4,
-            ),
-            Family::V6 => (
-                self.bind_v6.get(port.addr as usize),
-                TOKEN_RELAY_V6,
-                Domain::IPV6,
-            ),
+        let (ip, token) = match family {
+            Family::V4 => (self.bind_v4.get(port.addr as usize), TOKEN_RELAY_V4),
+            Family::V6 => (self.bind_v6.get(port.addr as usize), TOKEN_RELAY_V6),
         };
         let Some(&ip) = ip else { return false };
         let Some(idx) = self.index(port) else {
             return false;
         };
         let s = (|| -> std::io::Result<Socket> {
-            let s = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
-            if family == Family::V6 {
-                s.set_only_v6(true)?;
-            }
-            s.set_nonblocking(true)?;
-            if self.socket_buffer > 0 {
-                let _ = s.set_recv_buffer_size(self.socket_buffer / 4);
-            }
-            s.bind(&SocketAddr::new(ip, port.port).into())?;
+            let s = io::relay_socket(SocketAddr::new(ip, port.port), self.socket_buffer / 4)?;
             self.epoll.add(s.as_raw_fd(), token | idx as u64)?;
             Ok(s)
         })();

@@ -18,7 +18,7 @@ use super::stats::ShardStats;
 use crate::turn::{Data, Family, RelayBinder, RelayPort, Server, Src, Transmit, TurnConfig};
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Socket;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -148,34 +148,15 @@ struct Relays {
 
 impl RelayBinder for Relays {
     fn bind(&mut self, family: Family, port: RelayPort) -> bool {
-        let (ip, kind, domain) = match family {
-            Family::V4 => (
-                self.bind_v4.get(port.addr as usize),
-                K_RELAY_V4,
-                Domain::IPV4,
-            ),
-            Family::V6 => (
-                self.bind_v6.get(port.addr as usize),
-                K_RELAY_V6,
-                Domain::IPV6,
-            ),
+        let (ip, kind) = match family {
+            Family::V4 => (self.bind_v4.get(port.addr as usize), K_RELAY_V4),
+            Family::V6 => (self.bind_v6.get(port.addr as usize), K_RELAY_V6),
         };
         let Some(&ip) = ip else { return false };
         let Some(idx) = self.index(port) else {
             return false;
         };
-        let s = (|| -> std::io::Result<Socket> {
-            let s = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
-            if family == Family::V6 {
-                s.set_only_v6(true)?;
-            }
-            s.set_nonblocking(true)?;
-            if self.socket_buffer > 0 {
-                let _ = s.set_recv_buffer_size(self.socket_buffer / 4);
-            }
-            s.bind(&SocketAddr::new(ip, port.port).into())?;
-            Ok(s)
-        })();
+        let s = io::relay_socket(SocketAddr::new(ip, port.port), self.socket_buffer / 4);
         match s {
             Ok(s) => {
                 self.generation = self.generation.wrapping_add(1);
