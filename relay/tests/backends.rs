@@ -6,34 +6,7 @@ mod common;
 
 use actrix::stun::{attr, encode_xor_addr, method, Class, Message, MessageWriter};
 use common::{Appliance, TurnClient};
-use std::net::SocketAddr;
 use std::time::Duration;
-
-fn signed(
-    c: &mut TurnClient,
-    m: u16,
-    attrs: &[(u16, Vec<u8>)],
-    peer: Option<SocketAddr>,
-) -> Vec<u8> {
-    let (tid, _) = c.build(m, &[], true);
-    let mut buf = vec![0u8; 512];
-    let mut w = MessageWriter::new(&mut buf, m, Class::Request, &tid).unwrap();
-    for (t, v) in attrs {
-        w.add(*t, v).unwrap();
-    }
-    if let Some(p) = peer {
-        let mut v = [0u8; 20];
-        let n = encode_xor_addr(p, &tid, &mut v);
-        w.add(attr::XOR_PEER_ADDRESS, &v[..n]).unwrap();
-    }
-    w.add(attr::USERNAME, &c.username).unwrap();
-    w.add(attr::REALM, &c.realm).unwrap();
-    w.add(attr::NONCE, &c.nonce).unwrap();
-    w.add_integrity(&c.key).unwrap();
-    let n = w.finish();
-    buf.truncate(n);
-    buf
-}
 
 fn ok(c: &TurnClient, bytes: &[u8]) {
     let m = Message::parse(bytes).unwrap();
@@ -74,10 +47,9 @@ fn relay_between_two_clients(backend: &str) {
         .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
         .unwrap()
         .unwrap();
-    let req = signed(&mut a, method::CREATE_PERMISSION, &[], Some(rb));
+    let (_, req) = a.signed(method::CREATE_PERMISSION, &[], Some(rb));
     ok(&a, &req);
-    let req = signed(
-        &mut b,
+    let (_, req) = b.signed(
         method::CHANNEL_BIND,
         &[(attr::CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0])],
         Some(ra),

@@ -94,8 +94,7 @@ fn identity_credentials_allocate_and_relay_and_bad_ones_get_401() {
     // Relay through it: permission to a local peer, peer → client as a Data indication.
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     let peer_addr = peer.local_addr().unwrap();
-    let mut v = [0u8; 20];
-    let (tid, bytes) = permission_request(&mut c, peer_addr, &mut v);
+    let (tid, bytes) = c.signed(method::CREATE_PERMISSION, &[], Some(peer_addr));
     let r = c.transact(&tid, &bytes, 3).expect("permission answered");
     assert_eq!(r.code(), None, "permission created");
     peer.send_to(b"hello identity", relay).unwrap();
@@ -120,36 +119,6 @@ fn identity_credentials_allocate_and_relay_and_bad_ones_get_401() {
     // A suspended realm is refused even with a valid credential for it.
     let (t2, k2, p2) = register(&app, 202);
     expect_401(&app, &username(202, k2, &t2), &hex::encode(p2));
-}
-
-fn permission_request(
-    c: &mut TurnClient,
-    peer: std::net::SocketAddr,
-    v: &mut [u8; 20],
-) -> ([u8; 12], Vec<u8>) {
-    // Build with a placeholder to learn the transaction id, then rebuild with the real value.
-    let (tid, _) = c.build(
-        method::CREATE_PERMISSION,
-        &[(attr::XOR_PEER_ADDRESS, vec![0; 8])],
-        true,
-    );
-    let n = actrix::stun::encode_xor_addr(peer, &tid, v);
-    let mut buf = vec![0u8; 2048];
-    let mut w = actrix::stun::MessageWriter::new(
-        &mut buf,
-        method::CREATE_PERMISSION,
-        actrix::stun::Class::Request,
-        &tid,
-    )
-    .unwrap();
-    w.add(attr::XOR_PEER_ADDRESS, &v[..n]).unwrap();
-    w.add(attr::USERNAME, &c.username).unwrap();
-    w.add(attr::REALM, &c.realm).unwrap();
-    w.add(attr::NONCE, &c.nonce).unwrap();
-    w.add_integrity(&c.key).unwrap();
-    let len = w.finish();
-    buf.truncate(len);
-    (tid, buf)
 }
 
 fn expect_401(app: &Appliance, user: &[u8], password: &str) {

@@ -51,31 +51,11 @@ fn hup(app: &Appliance) {
 
 fn permit_and_echo(c: &mut TurnClient, relay: std::net::SocketAddr) -> bool {
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let (tid, bytes) = {
-        let (tid, _) = c.build(
-            method::CREATE_PERMISSION,
-            &[(attr::XOR_PEER_ADDRESS, vec![0; 8])],
-            true,
-        );
-        let mut v = [0u8; 20];
-        let n = actrix::stun::encode_xor_addr(peer.local_addr().unwrap(), &tid, &mut v);
-        let mut buf = vec![0u8; 512];
-        let mut w = actrix::stun::MessageWriter::new(
-            &mut buf,
-            method::CREATE_PERMISSION,
-            actrix::stun::Class::Request,
-            &tid,
-        )
-        .unwrap();
-        w.add(attr::XOR_PEER_ADDRESS, &v[..n]).unwrap();
-        w.add(attr::USERNAME, &c.username).unwrap();
-        w.add(attr::REALM, &c.realm).unwrap();
-        w.add(attr::NONCE, &c.nonce).unwrap();
-        w.add_integrity(&c.key).unwrap();
-        let len = w.finish();
-        buf.truncate(len);
-        (tid, buf)
-    };
+    let (tid, bytes) = c.signed(
+        method::CREATE_PERMISSION,
+        &[],
+        Some(peer.local_addr().unwrap()),
+    );
     if c.transact(&tid, &bytes, 3).and_then(|r| r.code()).is_some() {
         return false;
     }

@@ -178,6 +178,34 @@ impl TurnClient {
         (tid, buf)
     }
 
+    /// An authenticated request with `attrs` and, when given, an XOR-PEER-ADDRESS (whose
+    /// encoding depends on the transaction id, hence built here).
+    pub fn signed(
+        &mut self,
+        m: u16,
+        attrs: &[(u16, Vec<u8>)],
+        peer: Option<SocketAddr>,
+    ) -> ([u8; 12], Vec<u8>) {
+        let tid = self.next_tid();
+        let mut buf = vec![0u8; 2048];
+        let mut w = MessageWriter::new(&mut buf, m, Class::Request, &tid).unwrap();
+        for (t, v) in attrs {
+            w.add(*t, v).unwrap();
+        }
+        if let Some(p) = peer {
+            let mut v = [0u8; 20];
+            let n = stun::encode_xor_addr(p, &tid, &mut v);
+            w.add(attr::XOR_PEER_ADDRESS, &v[..n]).unwrap();
+        }
+        w.add(attr::USERNAME, &self.username).unwrap();
+        w.add(attr::REALM, &self.realm).unwrap();
+        w.add(attr::NONCE, &self.nonce).unwrap();
+        w.add_integrity(&self.key).unwrap();
+        let n = w.finish();
+        buf.truncate(n);
+        (tid, buf)
+    }
+
     /// Send `bytes` up to `tries` times until a response with `tid` arrives.
     pub fn transact(&self, tid: &[u8; 12], bytes: &[u8], tries: usize) -> Option<Reply> {
         let mut buf = [0u8; 2048];
