@@ -399,26 +399,15 @@ fn run_mmsg(setup: ShardSetup) {
         if now.ms >= server.poll_timeout() {
             server.handle_timeout(now, &mut relays);
         }
-        while let Some(ev) = server.poll_event() {
-            match ev {
-                crate::turn::Event::ResolveIdentity(username) => {
-                    let Some(r) = resolver.as_ref() else { continue };
-                    let tx = self_tx.clone();
-                    let w = waker.clone();
-                    let queued = r.resolve(
-                        username,
-                        Box::new(move |answer| {
-                            if tx.send(ShardMsg::IdentityAnswer(answer)).is_ok() {
-                                w.wake();
-                            }
-                        }),
-                    );
-                    if !queued && warn.allow(now.ms) {
-                        tracing::warn!(shard = id, "identity resolution queue full");
-                    }
-                }
-            }
-        }
+        forward_events(
+            &mut server,
+            resolver.as_ref(),
+            &self_tx,
+            &waker,
+            &mut warn,
+            now.ms,
+            id,
+        );
         stats.publish(&server, relays.bind_errors);
     }
     server.close_all(&mut relays);
@@ -470,6 +459,39 @@ fn account(stats: &ShardStats, f: io::Flushed, warn: &mut WarnLimiter, now_ms: u
     if let Some(e) = f.last_error {
         if warn.allow(now_ms) {
             tracing::warn!(shard = id, errno = e, "sendmmsg failed for some datagrams");
+        }
+    }
+}
+
+/// Hand the core's events to the world outside the shard (both I/O backends): identity
+/// usernames go to the control thread, whose answer comes back as a message and wakes us.
+pub(super) fn forward_events(
+    server: &mut Server,
+    resolver: Option<&Arc<dyn IdentityResolver>>,
+    self_tx: &Sender<ShardMsg>,
+    waker: &Arc<Waker>,
+    warn: &mut WarnLimiter,
+    now_ms: u64,
+    id: usize,
+) {
+    while let Some(ev) = server.poll_event() {
+        match ev {
+            crate::turn::Event::ResolveIdentity(username) => {
+                let Some(r) = resolver else { continue };
+                let tx = self_tx.clone();
+                let w = waker.clone();
+                let queued = r.resolve(
+                    username,
+                    Box::new(move |answer| {
+                        if tx.send(ShardMsg::IdentityAnswer(answer)).is_ok() {
+                            w.wake();
+                        }
+                    }),
+                );
+                if !queued && warn.allow(now_ms) {
+                    tracing::warn!(shard = id, "identity resolution queue full");
+                }
+            }
         }
     }
 }

@@ -13,7 +13,7 @@
 //! (tailroom for padding). A buffer travels: provided → received → (sent | recycled).
 
 use super::io::{self, sockaddr_to_std, std_to_sockaddr};
-use super::shard::{IdentityResolver, ShardMsg, WarnLimiter};
+use super::shard::{forward_events, IdentityResolver, ShardMsg, WarnLimiter};
 use super::stats::ShardStats;
 use crate::turn::{Data, Family, RelayBinder, RelayPort, Server, Src, Transmit, TurnConfig};
 use crossbeam_channel::{Receiver, Sender};
@@ -459,26 +459,15 @@ pub(super) fn run(s: Setup) -> Result<(), Box<(std::io::Error, Setup)>> {
         }
         relays.closing.clear();
         bufs.publish();
-        while let Some(ev) = server.poll_event() {
-            match ev {
-                crate::turn::Event::ResolveIdentity(username) => {
-                    let Some(r) = resolver.as_ref() else { continue };
-                    let tx = self_tx.clone();
-                    let w = waker.clone();
-                    let queued = r.resolve(
-                        username,
-                        Box::new(move |answer| {
-                            if tx.send(ShardMsg::IdentityAnswer(answer)).is_ok() {
-                                w.wake();
-                            }
-                        }),
-                    );
-                    if !queued && warn.allow(now.ms) {
-                        tracing::warn!(shard = id, "identity resolution queue full");
-                    }
-                }
-            }
-        }
+        forward_events(
+            &mut server,
+            resolver.as_ref(),
+            &self_tx,
+            &waker,
+            &mut warn,
+            now.ms,
+            id,
+        );
         stats.publish(&server, relays.bind_errors);
         stats
             .sent
