@@ -143,9 +143,34 @@ struct NonceInner {
     inserts_since_purge: usize,
 }
 
+/// Where a committed decision goes.
+enum Reply {
+    Sync(std::sync::mpsc::SyncSender<Result<(), AuthError>>),
+    Async(tokio::sync::oneshot::Sender<Result<(), AuthError>>),
+}
+
+/// One request waiting for its nonce to be committed.
+struct Pending {
+    context: String,
+    nonce: String,
+    timestamp: u64,
+    now: u64,
+    reply: Reply,
+}
+
+/// Group commit: requests queue here; one writer at a time takes everything queued and commits
+/// it in one transaction, so concurrent signed requests share one fsync instead of paying one
+/// each, and async callers never hold a thread while they wait.
+#[derive(Default)]
+struct Group {
+    queue: Vec<Pending>,
+    writing: bool,
+}
+
 /// Persistent, bounded table of seen nonces.
 pub struct NonceStore {
     inner: Mutex<NonceInner>,
+    group: Mutex<Group>,
     capacity: usize,
     ttl: u64,
     path: PathBuf,
@@ -186,64 +211,175 @@ impl NonceStore {
                 count: count.max(0) as usize,
                 inserts_since_purge: 0,
             }),
+            group: Mutex::new(Group::default()),
             capacity: capacity.max(1),
             ttl: NONCE_TTL_SECS,
             path: path.to_owned(),
         })
     }
 
-    /// Step 3: refuse a nonce seen within the TTL, otherwise remember it.
+    /// Queue a request; true when the caller must become the writer.
+    fn enqueue(&self, p: Pending) -> bool {
+        let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+        g.queue.push(p);
+        !std::mem::replace(&mut g.writing, true)
+    }
+
+    /// Commit batches until the queue is empty. `handoff`: after the first batch, pass the
+    /// remaining work to the blocking pool when there is a runtime (a synchronous caller
+    /// answers its own request first instead of draining other people's work).
+    fn drain(self: &Arc<Self>, handoff: bool) {
+        let mut first = true;
+        loop {
+            let batch = {
+                let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+                if g.queue.is_empty() {
+                    g.writing = false;
+                    return;
+                }
+                if !first && handoff {
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        let me = self.clone();
+                        rt.spawn_blocking(move || me.drain(false));
+                        return;
+                    }
+                }
+                std::mem::take(&mut g.queue)
+            };
+            first = false;
+            let results = self.commit_batch(&batch);
+            for (p, r) in batch.into_iter().zip(results) {
+                match p.reply {
+                    Reply::Sync(tx) => {
+                        let _ = tx.send(r);
+                    }
+                    Reply::Async(tx) => {
+                        let _ = tx.send(r);
+                    }
+                }
+            }
+        }
+    }
+
+    fn pending(context: &str, nonce: &str, timestamp: u64, now: u64, reply: Reply) -> Pending {
+        Pending {
+            context: context.to_owned(),
+            nonce: nonce.to_owned(),
+            timestamp,
+            now,
+            reply,
+        }
+    }
+
+    /// Step 3: refuse a nonce seen within the TTL, otherwise remember it. Returns once the
+    /// decision is committed (`synchronous=FULL`); concurrent callers share one commit.
     pub fn check_and_store(
-        &self,
+        self: &Arc<Self>,
         context: &str,
         nonce: &str,
         timestamp: u64,
         now: u64,
     ) -> Result<(), AuthError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let p = Self::pending(context, nonce, timestamp, now, Reply::Sync(tx));
+        if self.enqueue(p) {
+            self.drain(true);
+        }
+        rx.recv()
+            .unwrap_or_else(|_| Err(AuthError::Storage("nonce writer stopped".into())))
+    }
+
+    /// [`Self::check_and_store`] for async callers: waits without holding a thread. The commit
+    /// itself runs on the runtime's blocking pool, one task per batch.
+    pub async fn check_and_store_async(
+        self: &Arc<Self>,
+        context: &str,
+        nonce: &str,
+        timestamp: u64,
+        now: u64,
+    ) -> Result<(), AuthError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let p = Self::pending(context, nonce, timestamp, now, Reply::Async(tx));
+        if self.enqueue(p) {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.drain(false));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(AuthError::Storage("nonce writer stopped".into())))
+    }
+
+    /// Decide and record every pending nonce in one transaction, in order (a nonce twice in
+    /// one batch: the second is a duplicate). On a failed commit every request of the batch
+    /// gets a storage error (none was acknowledged).
+    fn commit_batch(&self, batch: &[Pending]) -> Vec<Result<(), AuthError>> {
         let storage = |e: rusqlite::Error| AuthError::Storage(e.to_string());
-        let mut inner = self
-            .inner
-            .lock()
-            .map_err(|_| AuthError::Storage("nonce store lock poisoned".into()))?;
-        let now_i = to_i64(now);
+        let fail_all = |e: AuthError| batch.iter().map(|_| Err(e.clone())).collect();
+        let Ok(mut inner) = self.inner.lock() else {
+            return fail_all(AuthError::Storage("nonce store lock poisoned".into()));
+        };
+        if let Err(e) = inner.conn.execute_batch("BEGIN IMMEDIATE") {
+            return fail_all(storage(e));
+        }
+        let (count0, since0) = (inner.count, inner.inserts_since_purge);
+        let results: Vec<_> = batch
+            .iter()
+            .map(|p| self.check_one(&mut inner, p))
+            .collect();
+        let now = batch.iter().map(|p| p.now).max().unwrap_or(0);
+        let mut res = Ok(());
+        if inner.inserts_since_purge >= 1000 || inner.count > self.capacity {
+            res = self.purge_locked(&mut inner, now);
+        }
+        if let Err(e) = res.and_then(|()| inner.conn.execute_batch("COMMIT")) {
+            let _ = inner.conn.execute_batch("ROLLBACK");
+            inner.count = count0;
+            inner.inserts_since_purge = since0;
+            return fail_all(storage(e));
+        }
+        results
+    }
+
+    fn check_one(&self, inner: &mut NonceInner, p: &Pending) -> Result<(), AuthError> {
+        let storage = |e: rusqlite::Error| AuthError::Storage(e.to_string());
+        let now_i = to_i64(p.now);
         let seen: Option<i64> = inner
             .conn
             .prepare_cached("SELECT seen_at FROM nonces WHERE context = ?1 AND nonce = ?2")
             .and_then(|mut s| {
-                s.query_row(params![context, nonce], |r| r.get(0))
+                s.query_row(params![p.context, p.nonce], |r| r.get(0))
                     .optional()
             })
             .map_err(storage)?;
         match seen {
             // Also a duplicate when the clock went backwards (seen_at > now).
             Some(seen_at) if seen_at.saturating_add(to_i64(self.ttl)) >= now_i => {
-                return Err(AuthError::DuplicateNonce)
+                Err(AuthError::DuplicateNonce)
             }
-            Some(_) => {
-                inner
-                    .conn
-                    .prepare_cached(
-                        "UPDATE nonces SET ts = ?3, seen_at = ?4 WHERE context = ?1 AND nonce = ?2",
-                    )
-                    .and_then(|mut s| s.execute(params![context, nonce, to_i64(timestamp), now_i]))
-                    .map_err(storage)?;
-            }
+            Some(_) => inner
+                .conn
+                .prepare_cached(
+                    "UPDATE nonces SET ts = ?3, seen_at = ?4 WHERE context = ?1 AND nonce = ?2",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![p.context, p.nonce, to_i64(p.timestamp), now_i])
+                })
+                .map(|_| ())
+                .map_err(storage),
             None => {
                 inner
                     .conn
                     .prepare_cached(
                         "INSERT INTO nonces (context, nonce, ts, seen_at) VALUES (?1, ?2, ?3, ?4)",
                     )
-                    .and_then(|mut s| s.execute(params![context, nonce, to_i64(timestamp), now_i]))
+                    .and_then(|mut s| {
+                        s.execute(params![p.context, p.nonce, to_i64(p.timestamp), now_i])
+                    })
                     .map_err(storage)?;
                 inner.count += 1;
                 inner.inserts_since_purge += 1;
+                Ok(())
             }
         }
-        if inner.inserts_since_purge >= 1000 || inner.count > self.capacity {
-            self.purge_locked(&mut inner, now).map_err(storage)?;
-        }
-        Ok(())
     }
 
     fn purge_locked(&self, inner: &mut NonceInner, now: u64) -> Result<(), rusqlite::Error> {
@@ -337,6 +473,21 @@ impl NonceAuthenticator {
         check_signature(&self.secret, cred, payload, now)?;
         self.store
             .check_and_store(context, &cred.nonce, cred.timestamp, now)
+    }
+
+    /// [`Self::verify`] for the HTTP event loop: the window and MAC are checked inline (a few
+    /// microseconds), the nonce commit is awaited without holding a thread.
+    pub async fn verify_async(
+        &self,
+        context: &str,
+        cred: &NonceCredential,
+        payload: &str,
+    ) -> Result<(), AuthError> {
+        let now = self.clock.now_unix();
+        check_signature(&self.secret, cred, payload, now)?;
+        self.store
+            .check_and_store_async(context, &cred.nonce, cred.timestamp, now)
+            .await
     }
 
     /// The clock this verifier uses.

@@ -229,7 +229,7 @@ fn nonce_flood_stays_bounded_and_accepts_valid_requests() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(CONTROL_DB_FILE);
     let capacity = 500;
-    let store = NonceStore::open(&path, capacity).unwrap();
+    let store = std::sync::Arc::new(NonceStore::open(&path, capacity).unwrap());
     let t = 1_767_225_600;
     for i in 0..2_000u64 {
         // Every unique nonce within the window is accepted: none is refused for capacity.
@@ -253,10 +253,60 @@ fn nonce_flood_stays_bounded_and_accepts_valid_requests() {
         .check_and_store("", "flood-1999", t + 400, t + 400)
         .is_ok());
     drop(store);
-    let store = NonceStore::open(&path, capacity).unwrap();
+    let store = std::sync::Arc::new(NonceStore::open(&path, capacity).unwrap());
     assert_eq!(
         store.check_and_store("", "flood-1999", t + 401, t + 401),
         Err(AuthError::DuplicateNonce),
         "remembered across reopen"
     );
+}
+
+#[test]
+fn concurrent_nonces_are_committed_together_and_each_accepted_once() {
+    // Group commit: 16 threads race on 200 nonces, each nonce offered by two threads. Every
+    // nonce is accepted exactly once, every accepted one is on disk after a reopen.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(CONTROL_DB_FILE);
+    let store = std::sync::Arc::new(NonceStore::open(&path, 10_000).unwrap());
+    let t = 1_767_225_600;
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let duplicates = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let threads: Vec<_> = (0..16)
+        .map(|th| {
+            let (store, accepted, duplicates) =
+                (store.clone(), accepted.clone(), duplicates.clone());
+            std::thread::spawn(move || {
+                // Threads th and th^1 offer the same 25 nonces, in opposite orders.
+                let group = th / 2;
+                let mut ids: Vec<u64> = (0..25).map(|i| group * 25 + i).collect();
+                if th % 2 == 1 {
+                    ids.reverse();
+                }
+                for i in ids {
+                    match store.check_and_store("", &format!("race-{i}"), t, t) {
+                        Ok(()) => accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                        Err(AuthError::DuplicateNonce) => {
+                            duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        }
+                        Err(e) => panic!("unexpected {e}"),
+                    };
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 200);
+    assert_eq!(duplicates.load(std::sync::atomic::Ordering::Relaxed), 200);
+    assert_eq!(store.len(), 200);
+    drop(store);
+    let store = std::sync::Arc::new(NonceStore::open(&path, 10_000).unwrap());
+    assert_eq!(store.count_rows().unwrap(), 200);
+    for i in 0..200 {
+        assert_eq!(
+            store.check_and_store("", &format!("race-{i}"), t + 1, t + 1),
+            Err(AuthError::DuplicateNonce)
+        );
+    }
 }

@@ -542,18 +542,12 @@ pub async fn verify_signed_headers(
         }
         Some(Ok(c)) => c,
     };
-    let res = tokio::task::spawn_blocking(move || auth.verify(context, &cred, &payload)).await;
-    match res {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
+    auth.verify_async(context, &cred, &payload)
+        .await
+        .map_err(|e| {
             let (s, m) = auth_status(&e);
-            Err(json_error(s, m))
-        }
-        Err(_) => Err(json_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Internal server error",
-        )),
-    }
+            json_error(s, m)
+        })
 }
 
 async fn signed_admin<T, F>(
@@ -579,22 +573,13 @@ where
         }
         Some(Ok(c)) => c,
     };
-    let res = tokio::task::spawn_blocking(move || {
-        svc.auth.verify(AIS_CONTEXT, &cred, &payload)?;
-        Ok::<T, AuthError>(f(&svc))
-    })
-    .await;
-    match res {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => {
-            let (s, m) = auth_status(&e);
-            Err(json_error(s, m))
-        }
-        Err(_) => Err(json_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Internal server error",
-        )),
+    if let Err(e) = svc.auth.verify_async(AIS_CONTEXT, &cred, &payload).await {
+        let (s, m) = auth_status(&e);
+        return Err(json_error(s, m));
     }
+    tokio::task::spawn_blocking(move || f(&svc))
+        .await
+        .map_err(|_| json_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error"))
 }
 
 async fn register_handler(
@@ -620,21 +605,19 @@ async fn register_handler(
         }
         Some(Ok(c)) => Some(c),
     };
-    let res = tokio::task::spawn_blocking(move || {
-        if let Some(cred) = cred {
-            svc.auth
-                .verify(AIS_CONTEXT, &cred, &register_payload(&body))?;
-        }
-        Ok::<_, AuthError>(svc.register(&body))
-    })
-    .await;
-    match res {
-        // Like Actrix: HTTP 200 with the outcome inside the message.
-        Ok(Ok(resp)) => protobuf_response(StatusCode::OK, &resp),
-        Ok(Err(e)) => {
+    if let Some(cred) = cred {
+        if let Err(e) = svc
+            .auth
+            .verify_async(AIS_CONTEXT, &cred, &register_payload(&body))
+            .await
+        {
             let (s, m) = auth_status(&e);
-            protobuf_response(s, &RegisterResponse::error(u32::from(s.as_u16()), m))
+            return protobuf_response(s, &RegisterResponse::error(u32::from(s.as_u16()), m));
         }
+    }
+    match tokio::task::spawn_blocking(move || svc.register(&body)).await {
+        // Like Actrix: HTTP 200 with the outcome inside the message.
+        Ok(resp) => protobuf_response(StatusCode::OK, &resp),
         Err(_) => protobuf_response(
             StatusCode::OK,
             &RegisterResponse::error(500, "Internal server error"),

@@ -151,13 +151,23 @@ impl KsService {
         &self.store
     }
 
-    /// Authenticated generate (payload `generate_key`).
-    pub fn generate(&self, cred: &NonceCredential) -> Result<GenerateKeyResponse, KsError> {
-        self.auth.verify(KS_CONTEXT, cred, "generate_key")?;
-        let rec = self.store.generate(self.clock.now_unix()).map_err(|e| {
-            tracing::error!(error = %e, "KS generate failed");
-            KsError::from(e)
-        })?;
+    /// Authenticated generate (payload `generate_key`): the signature and nonce on the event
+    /// loop, key generation and its commit on the blocking pool.
+    pub async fn generate(
+        self: Arc<Self>,
+        cred: &NonceCredential,
+    ) -> Result<GenerateKeyResponse, KsError> {
+        self.auth
+            .verify_async(KS_CONTEXT, cred, "generate_key")
+            .await?;
+        let me = self.clone();
+        let rec = blocking(move || {
+            me.store.generate(me.clock.now_unix()).map_err(|e| {
+                tracing::error!(error = %e, "KS generate failed");
+                KsError::from(e)
+            })
+        })
+        .await?;
         tracing::info!(
             key_id = rec.key_id,
             expires_at = rec.expires_at,
@@ -171,23 +181,32 @@ impl KsService {
         })
     }
 
-    /// Authenticated secret lookup (payload `get_secret_key:{key_id}`).
-    pub fn secret(
-        &self,
+    /// Authenticated secret lookup (payload `get_secret_key:{key_id}`). A key served before
+    /// comes from memory; otherwise it is read and decrypted on the blocking pool.
+    pub async fn secret(
+        self: Arc<Self>,
         key_id: KeyId,
         cred: &NonceCredential,
     ) -> Result<SecretKeyResponse, KsError> {
         self.auth
-            .verify(KS_CONTEXT, cred, &format!("get_secret_key:{key_id}"))?;
-        let rec = self
-            .store
-            .get_secret(key_id, self.clock.now_unix())
-            .map_err(|e| {
-                if e != StoreError::NotFound {
-                    tracing::error!(key_id, error = %e, "KS secret lookup failed");
-                }
-                KsError::from(e)
-            })?;
+            .verify_async(KS_CONTEXT, cred, &format!("get_secret_key:{key_id}"))
+            .await?;
+        let now = self.clock.now_unix();
+        let rec = match self.store.cached_secret(key_id, now) {
+            Some(rec) => rec,
+            None => {
+                let store = self.store.clone();
+                blocking(move || {
+                    store.get_secret(key_id, now).map_err(|e| {
+                        if e != StoreError::NotFound {
+                            tracing::error!(key_id, error = %e, "KS secret lookup failed");
+                        }
+                        KsError::from(e)
+                    })
+                })
+                .await?
+            }
+        };
         Ok(SecretKeyResponse {
             key_id,
             secret_key: SecretString::new(
@@ -245,7 +264,7 @@ async fn generate_handler(
             return error_response(status, msg);
         }
     };
-    match blocking(move || svc.generate(&req.credential)).await {
+    match svc.generate(&req.credential).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => e.into_response(),
     }
@@ -301,7 +320,7 @@ async fn secret_handler(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    match blocking(move || svc.secret(key_id, &cred)).await {
+    match svc.secret(key_id, &cred).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => e.into_response(),
     }

@@ -85,6 +85,9 @@ struct Inner {
 /// The KS key table.
 pub struct KeyStore {
     inner: Mutex<Inner>,
+    /// Decrypted secrets already served, so a hot key costs no SQLite read or AES-GCM open.
+    /// Keys never change once stored; the expiry is re-checked on every hit. Bounded.
+    cache: Mutex<std::collections::HashMap<KeyId, SecretRecord>>,
     kek: Kek,
     key_ttl_seconds: u64,
     tolerance_seconds: u64,
@@ -100,6 +103,9 @@ impl std::fmt::Debug for KeyStore {
             .finish_non_exhaustive()
     }
 }
+
+/// Most decrypted secrets kept in memory.
+const SECRET_CACHE_CAPACITY: usize = 1024;
 
 fn secret_aad(key_id: i64, public_key: &[u8]) -> Vec<u8> {
     format!("actrix-ks-secret-v1:{key_id}:{}", hex::encode(public_key)).into_bytes()
@@ -189,6 +195,7 @@ impl KeyStore {
         }
         Ok(KeyStore {
             inner: Mutex::new(Inner { conn, generated: 0 }),
+            cache: Mutex::new(std::collections::HashMap::new()),
             kek,
             key_ttl_seconds,
             tolerance_seconds,
@@ -254,7 +261,37 @@ impl KeyStore {
     }
 
     /// The secret key `key_id`, while `now <= expires_at + tolerance` (or it never expires).
+    /// The secret of `key_id` if it was served before and is still within its tolerance.
+    /// Never touches the disk and never waits on a writer: callable from the event loop.
+    pub fn cached_secret(&self, key_id: KeyId, now: u64) -> Option<SecretRecord> {
+        let cache = self.cache.lock().ok()?;
+        let rec = cache.get(&key_id)?;
+        if rec.expires_at != 0 && now > rec.expires_at.saturating_add(self.tolerance_seconds) {
+            return None;
+        }
+        Some(rec.clone())
+    }
+
     pub fn get_secret(&self, key_id: KeyId, now: u64) -> Result<SecretRecord, StoreError> {
+        if let Some(rec) = self.cached_secret(key_id, now) {
+            return Ok(rec);
+        }
+        let rec = self.read_secret(key_id, now)?;
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= SECRET_CACHE_CAPACITY {
+                cache.retain(|_, r| {
+                    r.expires_at == 0 || now <= r.expires_at.saturating_add(self.tolerance_seconds)
+                });
+                if cache.len() >= SECRET_CACHE_CAPACITY {
+                    cache.clear();
+                }
+            }
+            cache.insert(key_id, rec.clone());
+        }
+        Ok(rec)
+    }
+
+    fn read_secret(&self, key_id: KeyId, now: u64) -> Result<SecretRecord, StoreError> {
         let inner = self.lock()?;
         let row: Option<(Vec<u8>, Vec<u8>, i64)> = inner
             .conn
