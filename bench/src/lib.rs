@@ -2,23 +2,28 @@
 //! RFC 8489/8656), with a bare recvmmsg/sendmmsg forwarder as the reference floor.
 //!
 //! - [`scenario`]: the TOML scenario files;
-//! - [`binding`], [`alloc`], [`relay`]: the load of each scenario kind;
+//! - [`binding`], [`alloc`], [`relay`]: the load of each STUN/TURN scenario kind;
+//! - [`control`] (KS and AIS request rates over HTTP), [`signaling`] (WebSocket actors,
+//!   envelopes/s, routing latency): the appliance's control-thread services;
 //! - [`turn_client`]: the TURN client state machine and its multi-session driver;
 //! - [`reference`]: the forwarder/echo;
 //! - [`report`], [`svg`], [`compare`]: JSON, tables, plots and the comparison report;
 //! - [`sys`], [`load`], [`stats`]: batched I/O, pacing, /proc accounting, percentiles.
 //!
-//! Adding a scenario kind (signaling, KS, AIS rates): a [`scenario::Kind`] variant with its
+//! Adding a scenario kind: a [`scenario::Kind`] variant with its
+
 //! section, a module with `run(target, spec, ctx, report)`, and one arm in [`run_scenario`].
 
 pub mod alloc;
 pub mod binding;
 pub mod compare;
+pub mod control;
 pub mod load;
 pub mod reference;
 pub mod relay;
 pub mod report;
 pub mod scenario;
+pub mod signaling;
 pub mod stats;
 pub mod svg;
 pub mod sys;
@@ -69,10 +74,35 @@ pub fn run_scenario(sc: &Scenario, target: &Target, ctx: &Ctx) -> ScenarioReport
                 alloc::idle(target, s, ctx, &mut rep)
             }
         }
+        Kind::Ks => {
+            if let Some(s) = &sc.ks {
+                control::ks(target, s, ctx, &mut rep)
+            }
+        }
+        Kind::Ais => {
+            if let Some(s) = &sc.ais {
+                control::ais(target, s, ctx, &mut rep)
+            }
+        }
+        Kind::Signaling => {
+            if let Some(s) = &sc.signaling {
+                signaling::run(target, s, ctx, &mut rep)
+            }
+        }
     }
     rep.wall_secs = t0.elapsed().as_secs_f64();
-    if let (Some((b0, _)), Some((b1, _))) = (host0, sys::host_cpu_jiffies()) {
+    if let (Some((b0, _, s0)), Some((b1, _, s1))) = (host0, sys::host_cpu_jiffies()) {
         let host_busy = b1.saturating_sub(b0) as f64 * sys::jiffy_secs();
+        let steal = s1.saturating_sub(s0) as f64 * sys::jiffy_secs() / rep.wall_secs.max(1e-9);
+        rep.host_steal_cpu = Some(steal);
+        if steal > 0.005 {
+            rep.notes.push(format!(
+                "the hypervisor stole {:.1}% of a CPU during this scenario (vCPU stalls): \
+                 latency tails include them",
+                steal * 100.0
+            ));
+        }
+
         let srv = match (srv0, target.pid.and_then(|p| sys::proc_cpu_seconds(p).ok())) {
             (Some(a), Some(b)) => b - a,
             _ => 0.0,

@@ -83,6 +83,12 @@ enum Cmd {
         /// No progress line.
         #[arg(short, long)]
         quiet: bool,
+        /// The appliance's HTTP base URL, for the ks, ais and signaling scenarios.
+        #[arg(long)]
+        http: Option<String>,
+        /// File holding the KS/AIS shared key (signed requests; realm creation).
+        #[arg(long)]
+        shared_key_file: Option<PathBuf>,
     },
     /// Serve the reference: a bare recvmmsg/sendmmsg UDP forwarder/echo on one pinned core.
     Reference {
@@ -139,7 +145,20 @@ fn main() {
             max_loss,
             time_scale,
             quiet,
+            http,
+            shared_key_file,
         } => {
+            let shared_key = match shared_key_file {
+                None => None,
+                Some(p) => match std::fs::read_to_string(&p) {
+                    Ok(s) => Some(s.trim().to_string()),
+                    Err(e) => {
+                        eprintln!("actrix-bench: --shared-key-file {}: {e}", p.display());
+                        std::process::exit(2);
+                    }
+                },
+            };
+            let http = http.map(|h| h.trim_end_matches('/').to_string());
             let creds = match (user, password, rest_secret) {
                 (_, _, Some(secret)) => Some(Credentials::Rest {
                     secret,
@@ -200,7 +219,10 @@ fn main() {
                 },
                 creds,
                 pid,
+                http,
+                shared_key,
             };
+
             let pinned = !no_pin && sys::pin_to_core(core);
             if !no_pin && !pinned {
                 eprintln!("actrix-bench: could not pin the load generator to core {core}");

@@ -77,6 +77,10 @@ pub struct ScenarioReport {
     /// CPU (in cores) used on the machine by neither the server nor the generator during
     /// the scenario: noise from other processes.
     pub host_other_cpu_util: Option<f64>,
+    /// CPU (in cores) the hypervisor took from this VM during the scenario (/proc/stat steal).
+    #[serde(default)]
+    pub host_steal_cpu: Option<f64>,
+
     pub timeseries: Vec<Sample>,
     /// The scenario as run (after --time-scale and overrides).
     pub spec: serde_json::Value,
@@ -115,6 +119,13 @@ impl ScenarioReport {
             }
             "relay" => (pick("relayed_pps"), "relayed pkt/s"),
             "idle" => (pick("rss_bytes_per_alloc"), "B RSS/alloc"),
+            "ks" if self.metrics.contains_key("ks_generate_rps") => {
+                (pick("ks_generate_rps"), "keys generated/s")
+            }
+            "ks" => (pick("ks_secret_rps"), "secret fetches/s"),
+            "ais" => (pick("ais_register_rps"), "registrations/s"),
+            "signaling" => (pick("envelopes_per_s"), "envelopes/s delivered"),
+
             _ => ("-".into(), ""),
         }
     }
@@ -220,6 +231,7 @@ pub fn summary_table(r: &RunReport) -> String {
         let cpu = s
             .metric("cpu_us_per_relayed_pkt")
             .or(s.metric("cpu_us_per_request"))
+            .or(s.metric("cpu_us_per_envelope"))
             .or(s.metric("cpu_us_per_alloc_cycle"));
         rows.push([
             s.name.clone(),

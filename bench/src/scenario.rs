@@ -28,6 +28,12 @@ pub enum Kind {
     Relay,
     /// Many idle allocations held open: server memory per allocation.
     Idle,
+    /// Key Server request rate (signed HTTP): secret-key fetches or key generation.
+    Ks,
+    /// AIS registrations (protobuf over HTTP) per second.
+    Ais,
+    /// Signaling: concurrent WebSocket actors, relayed envelopes/s, routing latency.
+    Signaling,
 }
 
 impl Kind {
@@ -37,6 +43,9 @@ impl Kind {
             Kind::Churn => "churn",
             Kind::Relay => "relay",
             Kind::Idle => "idle",
+            Kind::Ks => "ks",
+            Kind::Ais => "ais",
+            Kind::Signaling => "signaling",
         }
     }
 }
@@ -52,6 +61,106 @@ pub struct Scenario {
     pub churn: Option<ChurnSpec>,
     pub relay: Option<RelaySpec>,
     pub idle: Option<IdleSpec>,
+    pub ks: Option<KsSpec>,
+    pub ais: Option<AisSpec>,
+    pub signaling: Option<SignalingSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KsOperation {
+    /// `GET /ks/secret/{key_id}` of one key generated before the run.
+    Secret,
+    /// `POST /ks/generate`.
+    Generate,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KsSpec {
+    pub operation: KsOperation,
+    /// Concurrent keep-alive connections, one closed-loop worker each.
+    pub connections: usize,
+    pub duration_secs: f64,
+    /// Fail when more than this fraction of requests fails.
+    pub max_errors: f64,
+    /// Fail when fewer requests/s than this complete (0: no floor).
+    pub min_rate: f64,
+}
+
+impl Default for KsSpec {
+    fn default() -> Self {
+        KsSpec {
+            operation: KsOperation::Secret,
+            connections: 16,
+            duration_secs: 5.0,
+            max_errors: 0.001,
+            min_rate: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AisSpec {
+    pub connections: usize,
+    pub duration_secs: f64,
+    pub realm: u32,
+    /// Sign each request with the shared key (X-Actrix-* headers); unsigned registration
+    /// works only from loopback when the appliance allows it.
+    pub signed: bool,
+    pub max_errors: f64,
+    pub min_rate: f64,
+}
+
+impl Default for AisSpec {
+    fn default() -> Self {
+        AisSpec {
+            connections: 16,
+            duration_secs: 5.0,
+            realm: 1,
+            signed: true,
+            max_errors: 0.001,
+            min_rate: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignalingSpec {
+    /// Registered actors, in pairs that relay to each other.
+    pub actors: usize,
+    /// WebSocket connections held open in total (the actors plus idle ones).
+    pub connections: usize,
+    /// Offered envelopes/s over all actors (SDP relays to the partner).
+    pub offered_eps: u64,
+    pub warmup_secs: f64,
+    pub duration_secs: f64,
+    /// Filler bytes in each SDP.
+    pub payload: usize,
+    /// Realm the actors register in (created with the shared key when missing).
+    pub realm: u32,
+    /// Fail when more than this fraction of the envelopes sent is not delivered.
+    pub max_loss: f64,
+    /// Fail when the p99 routing latency exceeds this (0: no ceiling).
+    pub max_p99_ms: f64,
+}
+
+impl Default for SignalingSpec {
+    fn default() -> Self {
+        SignalingSpec {
+            actors: 200,
+            connections: 200,
+            offered_eps: 20_000,
+            warmup_secs: 2.0,
+            duration_secs: 5.0,
+            payload: 200,
+            realm: 1,
+            max_loss: 0.001,
+            max_p99_ms: 0.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -252,6 +361,15 @@ impl Scenario {
             Kind::Idle => {
                 self.idle.get_or_insert_with(Default::default);
             }
+            Kind::Ks => {
+                self.ks.get_or_insert_with(Default::default);
+            }
+            Kind::Ais => {
+                self.ais.get_or_insert_with(Default::default);
+            }
+            Kind::Signaling => {
+                self.signaling.get_or_insert_with(Default::default);
+            }
         }
     }
 
@@ -270,6 +388,9 @@ impl Scenario {
             (Kind::Churn, self.churn.is_some()),
             (Kind::Relay, self.relay.is_some()),
             (Kind::Idle, self.idle.is_some()),
+            (Kind::Ks, self.ks.is_some()),
+            (Kind::Ais, self.ais.is_some()),
+            (Kind::Signaling, self.signaling.is_some()),
         ];
         for (k, present) in others {
             if present && k != self.kind {
@@ -363,6 +484,48 @@ impl Scenario {
             }
             frac(i.min_success, "idle.min_success", &mut errs);
         }
+        if let Some(k) = &self.ks {
+            if k.connections == 0 || k.connections > 1024 {
+                errs.push("ks.connections: 1..=1024".into());
+            }
+            dur(k.duration_secs, "ks.duration_secs", &mut errs);
+            frac(k.max_errors, "ks.max_errors", &mut errs);
+            if !(k.min_rate >= 0.0 && k.min_rate.is_finite()) {
+                errs.push("ks.min_rate: a rate >= 0".into());
+            }
+        }
+        if let Some(a) = &self.ais {
+            if a.connections == 0 || a.connections > 1024 {
+                errs.push("ais.connections: 1..=1024".into());
+            }
+            dur(a.duration_secs, "ais.duration_secs", &mut errs);
+            frac(a.max_errors, "ais.max_errors", &mut errs);
+            if !(a.min_rate >= 0.0 && a.min_rate.is_finite()) {
+                errs.push("ais.min_rate: a rate >= 0".into());
+            }
+        }
+        if let Some(s) = &self.signaling {
+            if s.actors < 2 || s.actors > 20_000 || s.actors % 2 != 0 {
+                errs.push("signaling.actors: an even number in 2..=20000".into());
+            }
+            if s.connections < s.actors || s.connections > 100_000 {
+                errs.push("signaling.connections: actors..=100000".into());
+            }
+            if s.offered_eps == 0 || s.offered_eps > 1_000_000 {
+                errs.push("signaling.offered_eps: 1..=1000000".into());
+            }
+            if s.payload > 60_000 {
+                errs.push("signaling.payload: at most 60000 bytes".into());
+            }
+            if !(0.0..=600.0).contains(&s.warmup_secs) {
+                errs.push("signaling.warmup_secs: in [0, 600]".into());
+            }
+            dur(s.duration_secs, "signaling.duration_secs", &mut errs);
+            frac(s.max_loss, "signaling.max_loss", &mut errs);
+            if !(s.max_p99_ms >= 0.0 && s.max_p99_ms.is_finite()) {
+                errs.push("signaling.max_p99_ms: >= 0".into());
+            }
+        }
         if errs.is_empty() {
             Ok(())
         } else {
@@ -384,6 +547,16 @@ impl Scenario {
             if let Some(se) = &mut r.search {
                 s(&mut se.step_secs);
             }
+        }
+        if let Some(k) = &mut self.ks {
+            s(&mut k.duration_secs);
+        }
+        if let Some(a) = &mut self.ais {
+            s(&mut a.duration_secs);
+        }
+        if let Some(g) = &mut self.signaling {
+            s(&mut g.duration_secs);
+            g.warmup_secs *= f;
         }
         if let Some(i) = &mut self.idle {
             i.hold_secs *= f;
@@ -417,6 +590,23 @@ mod tests {
         assert_eq!(s.churn.unwrap().concurrency, 3);
         let s = Scenario::parse("name = \"i\"\nkind = \"idle\"\n").unwrap();
         assert_eq!(s.idle.unwrap().allocations, 2000);
+        let s = Scenario::parse("name = \"k\"\nkind = \"ks\"\n[ks]\noperation = \"generate\"\n")
+            .unwrap();
+        assert_eq!(s.ks.unwrap().operation, KsOperation::Generate);
+        let s = Scenario::parse("name = \"a\"\nkind = \"ais\"\n").unwrap();
+        assert!(s.ais.unwrap().signed);
+        let s = Scenario::parse("name = \"s\"\nkind = \"signaling\"\n[signaling]\nactors = 4\n")
+            .unwrap();
+        assert_eq!(s.signaling.as_ref().unwrap().actors, 4);
+        assert_eq!(s.signaling.unwrap().offered_eps, 20_000);
+        let e = Scenario::parse(
+            "name = \"s\"\nkind = \"signaling\"\n[signaling]\nactors = 3\nconnections = 2\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("signaling.actors") && e.contains("signaling.connections"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -248,13 +248,15 @@ pub fn client_bind(server: SocketAddr, index: usize, source_ips: usize) -> Socke
     }
 }
 
-/// Busy and total jiffies of the whole machine, from the first line of /proc/stat.
-pub fn host_cpu_jiffies() -> Option<(u64, u64)> {
+/// Busy (steal excluded), total and steal jiffies of the whole machine, from the first line
+/// of /proc/stat. Steal is time the hypervisor ran something else while our vCPUs wanted to
+/// run: it shows up as stalls (latency tails), not as work of any process here.
+pub fn host_cpu_jiffies() -> Option<(u64, u64, u64)> {
     let s = std::fs::read_to_string("/proc/stat").ok()?;
     parse_proc_stat_cpu(&s)
 }
 
-pub fn parse_proc_stat_cpu(s: &str) -> Option<(u64, u64)> {
+pub fn parse_proc_stat_cpu(s: &str) -> Option<(u64, u64, u64)> {
     let line = s.lines().find(|l| l.starts_with("cpu "))?;
     let v: Vec<u64> = line
         .split_whitespace()
@@ -267,7 +269,8 @@ pub fn parse_proc_stat_cpu(s: &str) -> Option<(u64, u64)> {
     // user nice system idle iowait irq softirq steal (guest is inside user).
     let total: u64 = v.iter().take(8).sum();
     let idle = v[3] + v[4];
-    Some((total - idle, total))
+    let steal = v.get(7).copied().unwrap_or(0);
+    Some((total - idle - steal, total, steal))
 }
 
 /// Seconds per jiffy of /proc/stat (USER_HZ).
@@ -513,7 +516,10 @@ mod tests {
         let remote: SocketAddr = "192.0.2.1:3478".parse().unwrap();
         assert_eq!(client_bind(remote, 5, 256), "0.0.0.0:0".parse().unwrap());
         let st = "cpu  100 10 50 1000 20 0 5 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
-        assert_eq!(parse_proc_stat_cpu(st), Some((165, 1185)));
+        assert_eq!(parse_proc_stat_cpu(st), Some((165, 1185, 0)));
+        let st = "cpu  100 10 50 1000 20 0 5 7 0 0\n";
+        assert_eq!(parse_proc_stat_cpu(st), Some((165, 1192, 7)));
+
         assert!(host_cpu_jiffies().is_some());
     }
 

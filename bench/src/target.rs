@@ -77,6 +77,11 @@ pub struct Target {
     pub creds: Option<Credentials>,
     /// The server process whose CPU and memory are read; `None`: not measured.
     pub pid: Option<u32>,
+    /// The appliance's HTTP base URL (`http://127.0.0.1:8080`) for the KS, AIS and
+    /// signaling scenarios.
+    pub http: Option<String>,
+    /// The KS/AIS shared key, for signed requests.
+    pub shared_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -87,6 +92,7 @@ pub struct TargetInfo {
     pub credentials: String,
     pub pid: Option<u32>,
     pub process: Option<String>,
+    pub http: Option<String>,
 }
 
 impl Target {
@@ -106,6 +112,7 @@ impl Target {
                     .ok()
                     .map(|s| s.trim().to_string())
             }),
+            http: self.http.clone(),
         }
     }
 }

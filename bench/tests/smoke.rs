@@ -15,6 +15,8 @@ fn reference_target(addr: std::net::SocketAddr) -> Target {
         creds: None,
         // Our own process: the in-process forwarder's CPU is ours.
         pid: Some(std::process::id()),
+        http: None,
+        shared_key: None,
     }
 }
 
