@@ -238,6 +238,10 @@ pub struct IoConfig {
     /// `io_uring` (multishot receives and sends batched across all sockets; falls back to mmsg
     /// when the kernel refuses it).
     pub backend: String,
+    /// Relay sockets kept open (bound, polled, unused) per shard after their allocation ends,
+    /// so the next allocation reuses one instead of opening, binding and closing a socket.
+    /// Each costs a file descriptor; 0 closes them at once.
+    pub relay_socket_pool: usize,
 }
 
 impl Default for IoConfig {
@@ -247,6 +251,7 @@ impl Default for IoConfig {
             socket_buffer: 4 << 20,
             steering: "cbpf".into(),
             backend: "mmsg".into(),
+            relay_socket_pool: 256,
         }
     }
 }
@@ -384,6 +389,12 @@ impl Config {
             err(format!(
                 "io.backend: '{}' is not io_uring or mmsg",
                 self.io.backend
+            ));
+        }
+        if self.io.relay_socket_pool > 65_536 {
+            err(format!(
+                "io.relay_socket_pool: {} is above 65536",
+                self.io.relay_socket_pool
             ));
         }
         if !(1..=1024).contains(&self.io.batch) {

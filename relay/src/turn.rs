@@ -103,6 +103,11 @@ pub trait RelayBinder {
     /// Bind a relay socket for `family` on `port`; false if the port is unavailable.
     fn bind(&mut self, family: Family, port: RelayPort) -> bool;
     fn unbind(&mut self, family: Family, port: RelayPort);
+    /// A port whose socket is still open from an earlier allocation and may be reused (bound
+    /// again without a system call), if the binder keeps such a pool.
+    fn parked(&mut self, _family: Family) -> Option<RelayPort> {
+        None
+    }
 }
 
 /// Things the shard must do outside the core.
@@ -1307,9 +1312,25 @@ impl Server {
             (false, true) => self.cfg.relay_v6.len(),
             (false, false) => 0,
         };
+        // A single-family allocation without EVEN-PORT first tries a socket the binder kept
+        // open from an earlier allocation (no socket, bind and close per allocation).
+        if !even && !reserve_next && v4 != v6 {
+            let family = if v4 { Family::V4 } else { Family::V6 };
+            if let Some(port) = binder.parked(family) {
+                let idx = self.port_index(port);
+                if (port.addr as usize) < n_addr && idx < total && !self.port_used[idx] {
+                    self.port_used[idx] = true;
+                    if self.bind_port(port, v4, v6, binder) {
+                        return Some(port);
+                    }
+                    self.port_used[idx] = false;
+                }
+            }
+        }
         let mut bind_failures = 0;
         for i in 0..total {
             let idx = (self.port_cursor + i) % total;
+
             let (ai, off) = (idx / span, idx % span);
             let p = self.cfg.port_min as usize + off;
             if ai >= n_addr || self.port_used[idx] || (even && !p.is_multiple_of(2)) {

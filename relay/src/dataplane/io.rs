@@ -371,6 +371,26 @@ pub fn now() -> crate::turn::Now {
 
 /// Open a non-blocking relay socket bound to `addr` (IPv6 sockets are IPv6-only, so an IPv4
 /// peer can never reach an IPv6 relay address through a mapped address).
+/// Read and drop the datagrams queued on a non-blocking socket (at most 256 of them).
+pub fn discard_pending(fd: std::os::fd::RawFd) {
+    let mut buf = [0u8; 16];
+    for _ in 0..256 {
+        // SAFETY: `buf` is valid for writes of its length; MSG_TRUNC discards the rest of a
+        // longer datagram, MSG_DONTWAIT never blocks.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        if n < 0 {
+            break;
+        }
+    }
+}
+
 pub fn relay_socket(addr: SocketAddr, recv_buffer: usize) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(

@@ -251,7 +251,9 @@ impl DataPlane {
                 bind_v6: r.relay_v6.iter().map(|(b, _)| *b).collect(),
                 batch: cfg.io.batch,
                 socket_buffer: cfg.io.socket_buffer,
+                relay_socket_pool: cfg.io.relay_socket_pool,
                 rx,
+
                 self_tx: tx.clone(),
                 waker: waker.clone(),
                 stats: stats.clone(),

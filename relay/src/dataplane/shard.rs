@@ -49,6 +49,14 @@ struct Relays {
     epoll: std::rc::Rc<Epoll>,
     socket_buffer: usize,
     bind_errors: u64,
+    /// Slots (indices into `v4`/`v6`) whose socket stays open after its allocation ended,
+    /// ready to be reused by the next allocation (see `io.relay_socket_pool`).
+    parked_v4: Vec<usize>,
+    parked_v6: Vec<usize>,
+    pool: usize,
+    /// xorshift state: which parked socket is offered next.
+    pick: u64,
+    reused: u64,
 }
 
 impl RelayBinder for Relays {
@@ -61,6 +69,20 @@ impl RelayBinder for Relays {
         let Some(idx) = self.index(port) else {
             return false;
         };
+        let (slot, parked) = match family {
+            Family::V4 => (&self.v4[idx], &mut self.parked_v4),
+            Family::V6 => (&self.v6[idx], &mut self.parked_v6),
+        };
+        if let Some(s) = slot {
+            // A parked socket: take it out of the pool and drop whatever peers of the previous
+            // allocation sent meanwhile, so none of it reaches the new one.
+            if let Some(pos) = parked.iter().position(|&i| i == idx) {
+                parked.swap_remove(pos);
+            }
+            io::discard_pending(s.as_raw_fd());
+            self.reused += 1;
+            return true;
+        }
         let s = (|| -> std::io::Result<Socket> {
             let s = io::relay_socket(SocketAddr::new(ip, port.port), self.socket_buffer / 4)?;
             self.epoll.add(s.as_raw_fd(), token | idx as u64)?;
@@ -84,13 +106,34 @@ impl RelayBinder for Relays {
 
     fn unbind(&mut self, family: Family, port: RelayPort) {
         let Some(idx) = self.index(port) else { return };
-        let slot = match family {
-            Family::V4 => &mut self.v4[idx],
-            Family::V6 => &mut self.v6[idx],
+        let (slot, parked) = match family {
+            Family::V4 => (&mut self.v4[idx], &mut self.parked_v4),
+            Family::V6 => (&mut self.v6[idx], &mut self.parked_v6),
         };
+        if slot.is_some() && parked.len() < self.pool && !parked.contains(&idx) {
+            // Keep it bound and polled: stray datagrams meanwhile find no allocation and are
+            // dropped as such.
+            parked.push(idx);
+            return;
+        }
         if let Some(s) = slot.take() {
             self.epoll.del(s.as_raw_fd());
         }
+    }
+
+    fn parked(&mut self, family: Family) -> Option<RelayPort> {
+        let parked = match family {
+            Family::V4 => &self.parked_v4,
+            Family::V6 => &self.parked_v6,
+        };
+        if parked.is_empty() {
+            return None;
+        }
+        self.pick ^= self.pick << 13;
+        self.pick ^= self.pick >> 7;
+        self.pick ^= self.pick << 17;
+        let idx = parked[(self.pick % parked.len() as u64) as usize];
+        Some(self.port_at(idx))
     }
 }
 
@@ -128,6 +171,8 @@ pub struct ShardSetup {
     pub bind_v6: Vec<IpAddr>,
     pub batch: usize,
     pub socket_buffer: usize,
+    /// Relay sockets kept open for reuse after their allocation ends (`io.relay_socket_pool`).
+    pub relay_socket_pool: usize,
     pub rx: Receiver<ShardMsg>,
     pub self_tx: Sender<ShardMsg>,
     pub waker: Arc<Waker>,
@@ -212,6 +257,7 @@ pub fn run(setup: ShardSetup) {
                     bind_v6: u.bind_v6,
                     batch: setup.batch,
                     socket_buffer: u.socket_buffer,
+                    relay_socket_pool: setup.relay_socket_pool,
                     rx: u.rx,
                     self_tx: u.self_tx,
                     waker: u.waker,
@@ -238,6 +284,7 @@ fn run_mmsg(setup: ShardSetup) {
         bind_v6,
         batch,
         socket_buffer,
+        relay_socket_pool,
         rx,
         self_tx,
         waker,
@@ -265,7 +312,13 @@ fn run_mmsg(setup: ShardSetup) {
         epoll: epoll.clone(),
         socket_buffer,
         bind_errors: 0,
+        parked_v4: Vec::with_capacity(relay_socket_pool.min(4096)),
+        parked_v6: Vec::with_capacity(relay_socket_pool.min(4096)),
+        pool: relay_socket_pool,
+        pick: rand::random::<u64>() | 1,
+        reused: 0,
     };
+
     for (i, l) in listeners.iter().enumerate() {
         if let Err(e) = epoll.add(l.as_raw_fd(), TOKEN_LISTENER | i as u64) {
             tracing::error!(shard = id, error = %e, "epoll add failed");

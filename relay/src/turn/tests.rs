@@ -14,6 +14,9 @@ const T0: u64 = 1_700_000_000;
 struct FakeBinder {
     bound: BTreeSet<(bool, u8, u16)>,
     refuse: BTreeSet<u16>,
+    /// Keep unbound IPv4 sockets open and offer them again (the shards' socket pool).
+    pool: bool,
+    parked: Vec<RelayPort>,
 }
 
 impl RelayBinder for FakeBinder {
@@ -34,6 +37,14 @@ impl RelayBinder for FakeBinder {
                 .remove(&(family == Family::V6, port.addr, port.port)),
             "unbind of unbound {port:?}"
         );
+        if self.pool && family == Family::V4 {
+            self.parked.push(port);
+        }
+    }
+    fn parked(&mut self, family: Family) -> Option<RelayPort> {
+        (family == Family::V4)
+            .then(|| self.parked.last().copied())
+            .flatten()
     }
 }
 
@@ -1568,4 +1579,48 @@ fn several_relay_addresses_multiply_capacity_and_route_by_address_and_port() {
         .find(|r| r.ip() != clients[0].1.ip())
         .unwrap();
     assert!(h.permit(&mut a, other).ok());
+}
+
+#[test]
+fn a_parked_relay_socket_is_reused_only_when_its_port_is_free() {
+    let mut h = H::new();
+    h.b.pool = true;
+    let mut a = alice();
+    let first = h.allocate(&mut a);
+    // Without a parked socket the cursor moves on: the next allocation gets another port.
+    let mut b = Client::new("192.0.2.7:5000", &a.user, &a.pass);
+    let second = h.allocate(&mut b);
+    assert_ne!(first.port(), second.port());
+    // Alice's allocation ends: its socket is parked and the next allocation reuses it.
+    assert!(h
+        .call(&mut a, method::REFRESH, &[(attr::LIFETIME, vec![0; 4])])
+        .ok());
+    assert_eq!(h.b.parked.len(), 1);
+    let mut c = Client::new("192.0.2.8:5000", &a.user, &a.pass);
+    let third = h.allocate(&mut c);
+    assert_eq!(third.port(), first.port(), "the parked port is reused");
+    // A parked port that is in use again is never offered twice: the binder still offers it
+    // (its list is stale on purpose) but the core sees the port taken and searches as usual.
+    let mut d = Client::new("192.0.2.9:5000", &a.user, &a.pass);
+    let fourth = h.allocate(&mut d);
+    assert!(![first.port(), second.port()].contains(&fourth.port()));
+    assert_eq!(h.b.bound.len(), 3);
+    // EVEN-PORT still gets an even port with a pool of parked sockets around.
+    assert!(h
+        .call(&mut c, method::REFRESH, &[(attr::LIFETIME, vec![0; 4])])
+        .ok());
+    let mut e = Client::new("192.0.2.10:5000", &a.user, &a.pass);
+    let r = h.call(
+        &mut e,
+        method::ALLOCATE,
+        &[udp(), (attr::EVEN_PORT, vec![0])],
+    );
+    assert!(r.ok());
+    let relayed = r
+        .msg()
+        .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(relayed.port() % 2, 0);
+    assert_eq!(h.s.allocation_count(), 3);
 }
