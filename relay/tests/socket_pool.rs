@@ -85,11 +85,15 @@ fn a_released_relay_socket_is_reused_and_carries_nothing_of_its_past() {
     let mut b = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
     let rb = relayed(&mut b);
     assert_eq!(rb, ra, "the next allocation reuses the parked socket");
-    // More stale traffic right before the permission exists: dropped, never queued for b.
+    // Traffic that arrives before b's permission exists is dropped, not kept for later. (Give
+    // the shard time to see it first: a datagram in the same wake-up as the CreatePermission
+    // may legitimately be handled after it.)
     for i in 0..5u8 {
         peer.send_to(&[b'l', b'a', b't', b'e', i], rb).unwrap();
     }
+    std::thread::sleep(Duration::from_millis(100));
     permit(&mut b, peer_addr);
+
     peer.send_to(b"fresh", rb).unwrap();
     assert_eq!(
         received(&b, Duration::from_millis(500)),
