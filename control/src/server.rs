@@ -33,6 +33,9 @@ pub const IDENTITY_QUEUE: usize = 4096;
 const MAX_PENDING_QUERIES: usize = 4096;
 /// How long a graceful shutdown waits for open connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// A request header (including a WebSocket upgrade request) must arrive complete within this
+/// time; a client that sends part of one and stalls is disconnected (slowloris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What route factories can use to build routes that talk to the control plane in-process
 /// (for example signaling calling the AIS without going through HTTP and its rate limit).
@@ -492,47 +495,89 @@ impl ControlHandle {
     }
 }
 
+/// The plain-HTTP server: hyper's HTTP/1 with upgrades (WebSocket) and a header read timeout,
+/// the peer address as `ConnectInfo`, TCP_NODELAY (signaling envelopes are small writes on
+/// long-lived connections: without it, Nagle plus delayed ACKs add tens of milliseconds per
+/// hop), and a graceful shutdown capped at `SHUTDOWN_GRACE` so a stuck client or a long-lived
+/// WebSocket cannot hold the process.
+async fn serve_plain(
+    listener: std::net::TcpListener,
+    app: Router,
+    mut shutdown_rx: oneshot::Receiver<()>,
+) -> Result<(), ControlError> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .map_err(|e| ControlError::Thread(format!("listener: {e}")))?;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut accept_errors_logged = false;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: say so once, back off, keep serving.
+                        if !accept_errors_logged {
+                            tracing::warn!(error = %e, "control HTTP accept failed");
+                            accept_errors_logged = true;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                accept_errors_logged = false;
+                let _ = stream.set_nodelay(true);
+                let svc = app
+                    .clone()
+                    .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+                let svc = hyper_util::service::TowerToHyperService::new(svc);
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut shutdown_rx => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+    }
+    Ok(())
+}
+
 async fn serve(
     listener: std::net::TcpListener,
     tls: Tls,
     app: Router,
     shutdown_rx: oneshot::Receiver<()>,
 ) -> Result<(), ControlError> {
-    let make = app.into_make_service_with_connect_info::<SocketAddr>();
     match tls {
-        Tls::Plain => {
-            use axum::serve::ListenerExt;
-            // Signaling envelopes are small writes on long-lived connections: without
-            // TCP_NODELAY, Nagle plus delayed ACKs add tens of milliseconds per hop.
-            let listener = tokio::net::TcpListener::from_std(listener)
-                .map_err(|e| ControlError::Thread(format!("listener: {e}")))?
-                .tap_io(|s| {
-                    let _ = s.set_nodelay(true);
-                });
-            let (grace_tx, grace_rx) = oneshot::channel::<()>();
-            let server = axum::serve(listener, make).with_graceful_shutdown(async move {
-                let _ = shutdown_rx.await;
-                let _ = grace_tx.send(());
-            });
-            // Graceful shutdown waits for open connections; cap the wait so a stuck client
-            // (or a long-lived WebSocket) cannot hold the process.
-            tokio::select! {
-                r = server => r.map_err(|e| ControlError::Thread(format!("server: {e}"))),
-                _ = async {
-                    let _ = grace_rx.await;
-                    tokio::time::sleep(SHUTDOWN_GRACE).await;
-                } => Ok(()),
-            }
-        }
+        Tls::Plain => serve_plain(listener, app, shutdown_rx).await,
         Tls::Rustls(cfg) => {
+            let make = app.into_make_service_with_connect_info::<SocketAddr>();
             let handle = axum_server::Handle::new();
             let h2 = handle.clone();
             tokio::spawn(async move {
                 let _ = shutdown_rx.await;
                 h2.graceful_shutdown(Some(SHUTDOWN_GRACE));
             });
-            axum_server::from_tcp_rustls(listener, cfg)
-                .handle(handle)
+            let mut server = axum_server::from_tcp_rustls(listener, cfg).handle(handle);
+            server
+                .http_builder()
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            server
                 .serve(make)
                 .await
                 .map_err(|e| ControlError::Thread(format!("server: {e}")))

@@ -3,7 +3,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actrix_control::identity::{IdentityError, IdentityQuery};
 use actrix_control::{spawn_with_routes, ControlBuilder, ControlError};
@@ -266,4 +266,45 @@ fn tls_certificate_reloads_in_place_and_a_bad_file_keeps_the_old_one() {
     assert!(h.reload_tls(&broken, &key_b).is_err());
     assert!(trusts(&b));
     h.shutdown().unwrap();
+}
+
+#[test]
+fn a_request_header_that_never_completes_is_cut_off() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(config(dir.path()));
+    // Slowloris: most of a request header (a WebSocket upgrade), then silence.
+    let mut s = std::net::TcpStream::connect(h.local_addr()).unwrap();
+    s.write_all(
+        b"GET /signaling/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+    )
+    .unwrap();
+    s.set_read_timeout(Some(
+        actrix_control::server::HEADER_READ_TIMEOUT + Duration::from_secs(5),
+    ))
+    .unwrap();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 512];
+    // The server answers 408 and closes, or just closes; it never waits forever.
+    let mut got = Vec::new();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("connection still open after {:?}: {e}", t0.elapsed()),
+        }
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited >= actrix_control::server::HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "closed too early ({waited:?}): {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // Meanwhile and afterwards the server answers complete requests.
+    assert_eq!(get(&base(&h), "/healthz").0, 200);
 }

@@ -432,6 +432,11 @@ impl Collector for SignalingCollector {
                 &s.connections_rejected_concurrency,
             ),
             (
+                "actrix_signaling_connections_rejected_origin",
+                "Upgrades refused for a browser origin that is not allowed (403)",
+                &s.connections_rejected_origin,
+            ),
+            (
                 "actrix_signaling_frames_in",
                 "Binary frames received",
                 &s.frames_in,

@@ -52,6 +52,10 @@ pub struct SignalingConfig {
     /// Most validated credentials remembered per connection (bytes compared, so no decrypt on
     /// every request). Default 4.
     pub credential_cache_per_conn: usize,
+    /// Browser origins (`scheme://host[:port]`) allowed to open the WebSocket besides the
+    /// node's own (an `Origin` equal to the request's `Host`). Requests without `Origin`
+    /// (native clients) are not affected; `"*"` allows any origin. Default: none.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for SignalingConfig {
@@ -77,6 +81,7 @@ impl Default for SignalingConfig {
             realm_cache_ms: 1000,
             max_subscriptions_per_actor: 256,
             credential_cache_per_conn: 4,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -111,6 +116,13 @@ impl SignalingConfig {
             "credential_cache_per_conn",
             self.credential_cache_per_conn as u64,
         );
+        for (i, o) in self.allowed_origins.iter().enumerate() {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                p.push(format!(
+                    "signaling.allowed_origins[{i}]: '{o}' is not \"*\" or an http(s):// origin"
+                ));
+            }
+        }
         if self.max_frame_bytes > self.max_message_bytes {
             p.push("signaling.max_frame_bytes: must not exceed max_message_bytes".into());
         }

@@ -487,13 +487,70 @@ async fn validate_url_identity(
     Some((id, cred, v))
 }
 
+/// Whether a browser's `Origin` may open the WebSocket: absent (not a browser), the node's
+/// own origin (its host and port equal the request's `Host`), or listed in
+/// `signaling.allowed_origins` (exact, case-insensitive; `"*"` allows any).
+fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(origin) = origin else { return true };
+    let origin = origin.trim().trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let authority = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h.trim()))
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::origin_allowed;
+
+    #[test]
+    fn origins() {
+        let none: Vec<String> = vec![];
+        assert!(origin_allowed(None, Some("a:1"), &none));
+        assert!(origin_allowed(Some("http://a:1"), Some("a:1"), &none));
+        assert!(origin_allowed(Some("https://A:1/"), Some("a:1"), &none));
+        assert!(!origin_allowed(Some("http://b:1"), Some("a:1"), &none));
+        assert!(!origin_allowed(Some("http://a:1"), None, &none));
+        assert!(!origin_allowed(Some("null"), Some("a:1"), &none));
+        let list = vec!["https://app.example".to_string()];
+        assert!(origin_allowed(
+            Some("https://app.example"),
+            Some("a:1"),
+            &list
+        ));
+        assert!(!origin_allowed(
+            Some("http://app.example"),
+            Some("a:1"),
+            &list
+        ));
+        assert!(origin_allowed(Some("null"), None, &["*".to_string()]));
+    }
+}
+
 async fn ws_handler(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let header = |n: axum::http::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
+    if !origin_allowed(
+        header(axum::http::header::ORIGIN),
+        header(axum::http::header::HOST),
+        &shared.cfg().allowed_origins,
+    ) {
+        stats::inc(&shared.stats.connections_rejected_origin);
+        return (StatusCode::FORBIDDEN, "Origin not allowed").into_response();
+    }
     ensure_sweeper(&shared);
+
     let now = shared.now_ms();
     let admission = match admit(&shared, peer.ip().to_canonical(), now) {
         Ok(a) => a,

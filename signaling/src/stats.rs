@@ -17,6 +17,9 @@ pub struct SignalingStats {
     pub connections_rejected_rate: AtomicU64,
     /// Upgrades refused with HTTP 429 by the per-IP or total concurrency cap.
     pub connections_rejected_concurrency: AtomicU64,
+    /// Upgrades refused with HTTP 403: a browser origin that is not allowed.
+    pub connections_rejected_origin: AtomicU64,
+
     /// Binary frames received.
     pub frames_in: AtomicU64,
     /// Envelopes sent to clients (responses, pushes and relays).

@@ -1012,3 +1012,57 @@ fn relayed_envelope_wire_bytes_match_the_schema() {
     let back = SignalingEnvelope::decode(&bytes[..]).unwrap();
     assert_eq!(back, env);
 }
+
+/// Upgrade status of a browser-like request carrying `origin`.
+async fn status_with_origin(url: &str, origin: &str) -> Option<u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("origin", origin.parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, resp)) => {
+            drop(ws);
+            Some(resp.status().as_u16())
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Some(r.status().as_u16()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn cross_origin_browser_upgrades_are_refused() {
+    let dir = tmp();
+    let srv = start(
+        dir.path(),
+        actrix_signaling::SignalingConfig {
+            allowed_origins: vec!["https://app.example.com".into()],
+            ..test_config()
+        },
+    );
+    let url = srv.url("");
+    // A page of another origin: 403 before the upgrade, counted.
+    assert_eq!(
+        status_with_origin(&url, "https://evil.example").await,
+        Some(403)
+    );
+    assert_eq!(
+        status_with_origin(&url, "http://app.example.com").await,
+        Some(403),
+        "the scheme is part of the origin"
+    );
+    assert_eq!(
+        srv.stats
+            .connections_rejected_origin
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    // The listed origin, the node's own origin, and native clients (no Origin) get in.
+    assert_eq!(
+        status_with_origin(&url, "https://APP.example.com").await,
+        Some(101)
+    );
+    assert_eq!(
+        status_with_origin(&url, &format!("http://{}", srv.addr)).await,
+        Some(101)
+    );
+    assert_eq!(http_status(&url).await, Some(101));
+}

@@ -32,6 +32,8 @@ pub struct Appliance {
     pub http: SocketAddr,
     pub dir: PathBuf,
     pub log: mpsc::Receiver<String>,
+    /// Log lines printed before "actrix ready".
+    pub early_log: Vec<String>,
 }
 
 impl Appliance {
@@ -94,6 +96,7 @@ impl Appliance {
             http: SocketAddr::from(([127, 0, 0, 1], http)),
             dir: dir.to_path_buf(),
             log: rx,
+            early_log: seen,
         }
     }
 
