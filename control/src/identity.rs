@@ -162,6 +162,23 @@ pub enum Readiness {
     NeedsKey(KeyId),
 }
 
+/// What the verifier did (for `/metrics`): every resolution, every ECIES decryption and every
+/// KS secret-key fetch. The data plane caches the answers, so under a flood of Allocates with
+/// one credential these stay at one each.
+#[derive(Debug, Default)]
+pub struct IdentityStats {
+    /// Usernames verified (success or refusal).
+    pub resolutions: std::sync::atomic::AtomicU64,
+    /// Tokens decrypted (ECIES).
+    pub decryptions: std::sync::atomic::AtomicU64,
+    /// KS secret keys fetched (local store or remote KS).
+    pub key_fetches: std::sync::atomic::AtomicU64,
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The TURN identity verifier.
 pub struct IdentityVerifier {
     keys: KeySource,
@@ -169,6 +186,7 @@ pub struct IdentityVerifier {
     turn_realm: String,
     cache: HashMap<KeyId, CachedSecret>,
     negative: HashMap<KeyId, u64>,
+    stats: std::sync::Arc<IdentityStats>,
 }
 
 impl std::fmt::Debug for IdentityVerifier {
@@ -190,7 +208,14 @@ impl IdentityVerifier {
             turn_realm: turn_realm.into(),
             cache: HashMap::new(),
             negative: HashMap::new(),
+            stats: Default::default(),
         }
+    }
+
+    /// Count into `stats` (shared with `/metrics`).
+    pub fn with_stats(mut self, stats: std::sync::Arc<IdentityStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Whether [`IdentityVerifier::verify`] can run without a network round trip.
@@ -221,6 +246,7 @@ impl IdentityVerifier {
         result: &Result<SecretRecord, KeySourceError>,
         now: u64,
     ) {
+        bump(&self.stats.key_fetches);
         match result {
             Ok(rec) => self.insert_secret(rec),
             Err(KeySourceError::NotFound) => self.remember_unknown(key_id, now),
@@ -281,6 +307,7 @@ impl IdentityVerifier {
         if self.negative.get(&key_id).is_some_and(|&until| now < until) {
             return Err(IdentityError::UnknownKey);
         }
+        bump(&self.stats.key_fetches);
         match self.keys.secret(key_id) {
             Ok(rec) => {
                 self.insert_secret(&rec);
@@ -306,10 +333,13 @@ impl IdentityVerifier {
         username: &[u8],
         now_unix: u64,
     ) -> Result<TurnIdentity, IdentityError> {
+        bump(&self.stats.resolutions);
         // 1. base122, split.
         let parsed = parse_username(username)?;
         // 2. token against the realm (wire section 5.4).
         let secret = self.secret_for(parsed.key_id, now_unix)?;
+        bump(&self.stats.decryptions);
+
         let plain = crypto::ecies_decrypt(&secret[..], &parsed.token)
             .map_err(|_| IdentityError::InvalidToken)?;
         let claims: IdentityClaims =

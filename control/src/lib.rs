@@ -43,7 +43,8 @@ pub mod server;
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{AisConfig, ControlConfig, HttpConfig, KsConfig, SecretString, ServicesConfig};
 pub use error::ControlError;
-pub use identity::{IdentityError, IdentityQuery, IdentityVerifier, TurnIdentity};
+pub use identity::{IdentityError, IdentityQuery, IdentityStats, IdentityVerifier, TurnIdentity};
+
 pub use ks::client::{KsClient, KsClientError};
 pub use ks::store::KeyStore;
 pub use ks::KeySource;

@@ -64,6 +64,7 @@ pub struct ControlBuilder {
     factories: Vec<RouteFactory>,
     clock: SharedClock,
     http_stats: Option<Arc<crate::http_stats::HttpStats>>,
+    identity_stats: Option<Arc<crate::identity::IdentityStats>>,
 }
 
 impl std::fmt::Debug for ControlBuilder {
@@ -84,6 +85,7 @@ impl ControlBuilder {
             pin_core: None,
             extra: Router::new(),
             http_stats: None,
+            identity_stats: None,
             factories: Vec::new(),
             clock: system_clock(),
         }
@@ -99,6 +101,12 @@ impl ControlBuilder {
     /// Record request counts and latencies by route and status into `stats`.
     pub fn http_stats(mut self, stats: Arc<crate::http_stats::HttpStats>) -> Self {
         self.http_stats = Some(stats);
+        self
+    }
+
+    /// Count TURN identity resolutions, decryptions and key fetches into `stats`.
+    pub fn identity_stats(mut self, stats: Arc<crate::identity::IdentityStats>) -> Self {
+        self.identity_stats = Some(stats);
         self
     }
 
@@ -261,6 +269,7 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
         factories,
         clock,
         http_stats,
+        identity_stats,
     } = b;
     let problems = config.validate();
     if !problems.is_empty() {
@@ -427,7 +436,9 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
         .spawn(move || forward_queries(identity_rx, fwd_stop_rx, async_tx))
         .map_err(|e| ControlError::Thread(e.to_string()))?;
 
-    let verifier = IdentityVerifier::new(key_source, realms.clone(), config.turn_realm.clone());
+    let verifier = IdentityVerifier::new(key_source, realms.clone(), config.turn_realm.clone())
+        .with_stats(identity_stats.unwrap_or_default());
+
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let identity_clock = clock.clone();
 

@@ -241,11 +241,14 @@ fn run(path: Option<PathBuf>) -> i32 {
     let signaling_on = cfg.services.signaling_enabled();
     let signaling_stats =
         signaling_on.then(|| Arc::new(actrix_signaling::SignalingStats::default()));
+    let identity_stats = Arc::new(actrix_control::IdentityStats::default());
     let registry = Arc::new(actrix::metrics::registry(
         stats.clone(),
         http_stats.clone(),
         signaling_stats.clone(),
+        Some(identity_stats.clone()),
     ));
+
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<Event>();
     let reload_tx = events_tx.clone();
     // The signaling hub is built inside the control thread's route factory; a failure there
@@ -267,6 +270,7 @@ fn run(path: Option<PathBuf>) -> i32 {
         .routes(actrix::metrics::router(registry))
         .routes(diag)
         .http_stats(http_stats)
+        .identity_stats(identity_stats)
         .routes_with(move |ctx| {
             *ais_service_out.lock().unwrap_or_else(|p| p.into_inner()) = ctx.ais.clone();
             reload_router(ctx.auth.clone(), reload_tx)

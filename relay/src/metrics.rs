@@ -393,6 +393,38 @@ impl Collector for HttpCollector {
     }
 }
 
+/// The control thread's TURN identity verifier: resolutions, ECIES decryptions, KS key fetches.
+#[derive(Debug)]
+pub struct IdentityCollector {
+    pub stats: Arc<actrix_control::IdentityStats>,
+}
+
+impl Collector for IdentityCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.stats;
+        for (name, help, v) in [
+            (
+                "actrix_identity_resolutions",
+                "Actrix identity usernames verified for TURN (each answer is cached by the shard)",
+                &s.resolutions,
+            ),
+            (
+                "actrix_identity_decryptions",
+                "Identity tokens decrypted (ECIES)",
+                &s.decryptions,
+            ),
+            (
+                "actrix_identity_key_fetches",
+                "KS secret keys fetched for identity verification",
+                &s.key_fetches,
+            ),
+        ] {
+            counter(&mut enc, name, help, &[(Labels::new(), v.load(Relaxed))])?;
+        }
+        Ok(())
+    }
+}
+
 /// The signaling hub's counters.
 #[derive(Debug)]
 pub struct SignalingCollector {
@@ -523,10 +555,15 @@ pub fn registry(
     shards: Vec<Arc<ShardStats>>,
     http: Arc<actrix_control::http_stats::HttpStats>,
     signaling: Option<Arc<actrix_signaling::SignalingStats>>,
+    identity: Option<Arc<actrix_control::IdentityStats>>,
 ) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(DataPlaneCollector { shards }));
     r.register_collector(Box::new(HttpCollector { stats: http }));
+    if let Some(stats) = identity {
+        r.register_collector(Box::new(IdentityCollector { stats }));
+    }
+
     if let Some(stats) = signaling {
         r.register_collector(Box::new(SignalingCollector { stats }));
     }

@@ -133,3 +133,74 @@ fn expect_401(app: &Appliance, user: &[u8], password: &str) {
         String::from_utf8_lossy(&user[..8.min(user.len())])
     );
 }
+
+fn metrics_text(app: &Appliance) -> String {
+    ureq::get(&format!("http://{}/metrics", app.http))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+/// The value of an unlabelled counter on `/metrics`.
+fn metric(app: &Appliance, name: &str) -> u64 {
+    metrics_text(app)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_flood_of_allocates_with_one_identity_costs_one_decryption_and_one_key_fetch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    provision_realm(
+        &data,
+        &Realm {
+            realm_id: REALM_ID,
+            name: "flood".into(),
+            status: RealmStatus::Normal,
+            expires_at: None,
+        },
+    )
+    .unwrap();
+    // All clients come from 127.0.0.1: lift the per-source challenge limit for the flood.
+    let app = Appliance::start(
+        tmp.path(),
+        "[turn]\nallow_peers = [\"127.0.0.0/8\"]\nchallenges_per_source_per_sec = 100000\n",
+    );
+    let (token, key_id, psk) = register(&app, REALM_ID);
+    let user = username(REALM_ID, key_id, &token);
+    let password = hex::encode(&psk);
+    assert_eq!(metric(&app, "actrix_identity_decryptions_total"), 0);
+    // 60 clients (60 5-tuples), each with the 401 round trip and an authenticated Allocate.
+    for i in 0..60 {
+        let mut c = TurnClient::new(app.stun, &user, password.as_bytes(), "actor-rtc.local");
+        let r = c.allocate(10).expect("allocate answered");
+        assert_eq!(r.code(), None, "client {i}");
+    }
+    // Each shard asks the control thread once for this username (then answers from its
+    // cache); the control thread decrypts once per question and fetches the key once.
+    let shards = metrics_text(&app)
+        .lines()
+        .filter(|l| l.starts_with("actrix_allocations_active{"))
+        .count() as u64;
+    assert!(shards >= 1);
+
+    let resolutions = metric(&app, "actrix_identity_resolutions_total");
+    assert!(
+        (1..=shards).contains(&resolutions),
+        "{resolutions} for {shards} shard(s)"
+    );
+    assert_eq!(
+        metric(&app, "actrix_identity_decryptions_total"),
+        resolutions
+    );
+
+    assert_eq!(metric(&app, "actrix_identity_key_fetches_total"), 1);
+}
