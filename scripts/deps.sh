@@ -11,6 +11,9 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # Headless Chromium drives the diagnostics page end to end; shellcheck lints the scripts.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
+# protoc: the actr-protocol crate (the Actrix clients' message types, used by a test) runs it.
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "deps: need root to install: ${need_apt[*]}" >&2
