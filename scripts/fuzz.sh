@@ -12,7 +12,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-for target in stun_decode turn_unauthenticated turn_authenticated; do
+for target in stun_decode turn_unauthenticated turn_authenticated signaling_envelope; do
   cp -r "fuzz/corpus/$target" "$work/$target"
   echo "fuzz: $target for ${secs}s"
   RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -s none "$work/$target" -- \

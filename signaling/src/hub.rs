@@ -246,6 +246,9 @@ pub struct Hub {
     compat_cache: HashMap<(String, String), CompatibilityAnalysisResult>,
     subs_by_type: HashMap<TypeExact, BTreeMap<ActorKey, ActrId>>,
     subs_of: HashMap<ActorKey, Vec<TypeExact>>,
+    /// Subscribers whose connection went away, with when (Unix seconds): their subscriptions
+    /// are kept for a reconnect, and dropped by the sweep after `heartbeat_timeout_secs`.
+    departed: HashMap<ActorKey, u64>,
     out: VecDeque<Output>,
 }
 
@@ -310,6 +313,7 @@ impl Hub {
             compat_cache: HashMap::new(),
             subs_by_type: HashMap::new(),
             subs_of: HashMap::new(),
+            departed: HashMap::new(),
             out: VecDeque::new(),
         };
         for (realm, from, to, allow) in loaded.acl {
@@ -483,7 +487,7 @@ impl Hub {
 
     /// A connection ended (closed, failed, timed out, evicted). Removes its actor from memory
     /// and from the database (wire section 8.1), unless another connection took the actor over.
-    pub fn handle_disconnect(&mut self, conn: ConnId, _now_ms: u64) {
+    pub fn handle_disconnect(&mut self, conn: ConnId, now_ms: u64) {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
@@ -492,6 +496,9 @@ impl Hub {
             if self.by_actor.get(&key) == Some(&conn) {
                 self.by_actor.remove(&key);
                 self.remove_actor(key);
+                if self.subs_of.contains_key(&key) {
+                    self.departed.insert(key, secs(now_ms));
+                }
             }
         }
     }
@@ -504,15 +511,56 @@ impl Hub {
             .push_back(Output::Persist(PersistOp::DeleteEntry(key)));
     }
 
+    /// Remove every ActrUp subscription `key` holds.
+    fn drop_subscriptions(&mut self, key: ActorKey) {
+        self.departed.remove(&key);
+        if let Some(types) = self.subs_of.remove(&key) {
+            for t in types {
+                if let Some(m) = self.subs_by_type.get_mut(&t) {
+                    m.remove(&key);
+                    if m.is_empty() {
+                        self.subs_by_type.remove(&t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The number of actors holding ActrUp subscriptions (they survive a disconnect for
+    /// `heartbeat_timeout_secs`, and end with unregister).
+    pub fn subscribers(&self) -> usize {
+        self.subs_of.len()
+    }
+
     /// Periodic sweep: evict entries without a Ping for `heartbeat_timeout_secs` from memory
-    /// (their rows stay, so a later Ping restores them).
+    /// (their rows stay, so a later Ping restores them), and drop the subscriptions of actors
+    /// gone for as long.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         let now = secs(now_ms);
         let limit = self.cfg.heartbeat_timeout_secs;
         let before = self.registry.len();
         self.registry
             .retain(|_, e| now.saturating_sub(e.last_heartbeat) <= limit);
+        // Subscriptions survive a disconnect for a reconnect, but not forever: an actor that
+        // left without unregistering would otherwise hold up to `max_subscriptions_per_actor`
+        // entries for good. Back on a connection, it keeps them.
+        let by_actor = &self.by_actor;
+        let mut expired = Vec::new();
+        self.departed.retain(|k, since| {
+            if by_actor.contains_key(k) {
+                return false;
+            }
+            let keep = now.saturating_sub(*since) <= limit;
+            if !keep {
+                expired.push(*k);
+            }
+            keep
+        });
+        for key in expired {
+            self.drop_subscriptions(key);
+        }
         let evicted = (before - self.registry.len()) as u64;
+
         if evicted > 0 {
             self.stats
                 .registry_evictions
@@ -888,17 +936,9 @@ impl Hub {
                     self.by_actor.remove(&key);
                 }
                 self.remove_actor(key);
-                if let Some(types) = self.subs_of.remove(&key) {
-                    for t in types {
-                        if let Some(m) = self.subs_by_type.get_mut(&t) {
-                            m.remove(&key);
-                            if m.is_empty() {
-                                self.subs_by_type.remove(&t);
-                            }
-                        }
-                    }
-                }
+                self.drop_subscriptions(key);
             }
+
             Some(P::CredentialUpdateRequest(r)) => {
                 if r.actr_id != source {
                     return;

@@ -28,7 +28,10 @@
 //! - Every connection's outgoing queue is bounded; a full queue disconnects that connection.
 
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
+
 pub mod proto;
 mod server;
 pub mod stats;

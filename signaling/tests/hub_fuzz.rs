@@ -343,3 +343,51 @@ fn compatibility_analysis_levels() {
     assert_eq!(r.level, compat_level::BREAKING_CHANGES);
     assert_eq!(r.breaking_changes.len(), 1);
 }
+
+#[test]
+fn subscriptions_of_a_departed_actor_go_with_its_eviction() {
+    use actr_to_signaling::Payload as P;
+    let mut h = hub();
+    let (x, y) = (id(1, 1, "x"), id(1, 2, "y"));
+    h.handle_connect(ConnId(1), Some(x.clone()), false, 0);
+    h.handle_connect(ConnId(2), Some(y.clone()), false, 0);
+    let subscribe = |src: &ActrId, name: &str| SignalingEnvelope {
+        envelope_version: 1,
+        envelope_id: "s".into(),
+        flow: Some(signaling_envelope::Flow::ActrToServer(ActrToSignaling {
+            source: src.clone(),
+            credential: AIdCredential::default(),
+            payload: Some(P::SubscribeActrUpRequest(SubscribeActrUpRequest {
+                target_type: id(1, 9, name).r#type,
+            })),
+        })),
+        ..Default::default()
+    };
+    h.handle_envelope(
+        ConnId(1),
+        subscribe(&x, "z"),
+        verdict(2, 1, 1, "x"),
+        &mut Realms,
+        1000,
+    );
+    h.handle_envelope(
+        ConnId(2),
+        subscribe(&y, "z"),
+        verdict(2, 1, 2, "y"),
+        &mut Realms,
+        1000,
+    );
+    drain(&mut h);
+    assert_eq!(h.subscribers(), 2);
+    // x leaves without unregistering; its subscription survives the disconnect...
+    h.handle_disconnect(ConnId(1), 2000);
+    drain(&mut h);
+    h.handle_timeout(3000);
+    assert_eq!(h.subscribers(), 2);
+    // ...but not the heartbeat eviction. y is still connected (it only stopped pinging) and
+    // keeps its subscription.
+    let later = 1000 * (SignalingConfig::default().heartbeat_timeout_secs + 10);
+    h.handle_timeout(later);
+    drain(&mut h);
+    assert_eq!(h.subscribers(), 1);
+}
