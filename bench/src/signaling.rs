@@ -242,15 +242,45 @@ pub fn run(target: &Target, spec: &SignalingSpec, ctx: &Ctx, rep: &mut ScenarioR
     };
     let probe = Probe { pid: target.pid };
     let local = tokio::task::LocalSet::new();
+    let metrics_url = format!("{}/metrics", http.trim_end_matches('/'));
     local.block_on(
         &rt,
-        drive(server, url, spec.clone(), ctx.clone(), probe, rep),
+        drive(
+            server,
+            url,
+            metrics_url,
+            spec.clone(),
+            ctx.clone(),
+            probe,
+            rep,
+        ),
     );
 }
+
+/// The server's forward-latency histogram, if it exports one (the appliance does).
+async fn hub_histogram(metrics_url: &str) -> Option<Vec<(f64, u64)>> {
+    let url = metrics_url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut resp = crate::control::agent().get(&url).call().ok()?;
+        if resp.status() != 200 {
+            return None;
+        }
+        let text = resp.body_mut().read_to_string().ok()?;
+        crate::stats::prom_histogram(&text, HUB_LATENCY_METRIC)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The appliance's histogram of the time from an envelope's arrival to its relay written.
+const HUB_LATENCY_METRIC: &str = "actrix_signaling_forward_latency_seconds";
 
 async fn drive(
     server: SocketAddr,
     url: String,
+    metrics_url: String,
+
     spec: SignalingSpec,
     ctx: Ctx,
     probe: Probe,
@@ -462,7 +492,23 @@ async fn drive(
             }
         }));
     }
+    // The generator's own responsiveness: a task due every millisecond records how late it
+    // runs. Its tail is a floor under what this process can measure (its stalls, the VM's).
+    let stalls = Rc::new(RefCell::new(Latency::new()));
+    let stall_probe = {
+        let stalls = stalls.clone();
+        tokio::task::spawn_local(async move {
+            let mut due = measure_from;
+            while due < stop_at {
+                due += Duration::from_millis(1);
+                tokio::time::sleep_until(due.into()).await;
+                let late = Instant::now().saturating_duration_since(due);
+                stalls.borrow_mut().record_ns(late.as_nanos() as u64);
+            }
+        })
+    };
     tokio::time::sleep_until(measure_from.into()).await;
+    let hub_before = hub_histogram(&metrics_url).await;
     let win = Window::open(probe);
     while Instant::now() < stop_at {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -489,6 +535,8 @@ async fn drive(
     for r in receivers {
         r.abort();
     }
+    let _ = stall_probe.await;
+    let hub_after = hub_histogram(&metrics_url).await;
     progress.done();
     drop(idle);
 
@@ -546,6 +594,45 @@ async fn drive(
         ));
     }
     rep.latency = Some(lat);
+
+    let s = stalls.borrow();
+    if s.count() > 0 {
+        rep.set("generator_late_p99_ms", s.quantile_us(0.99) / 1000.0);
+        rep.set("generator_late_p999_ms", s.quantile_us(0.999) / 1000.0);
+        rep.set("generator_late_max_ms", s.quantile_us(1.0) / 1000.0);
+    }
+    match hub_before
+        .zip(hub_after)
+        .and_then(|(b, a)| crate::stats::histogram_delta(&b, &a))
+    {
+        Some(h) if h.last().is_some_and(|l| l.1 > 0) => {
+            let ms = |q| crate::stats::bucket_quantile(&h, q).map(|s| s * 1000.0);
+            rep.set_opt("hub_forward_p50_ms_at_most", ms(0.5));
+            rep.set_opt("hub_forward_p99_ms_at_most", ms(0.99));
+            rep.set_opt("hub_forward_p999_ms_at_most", ms(0.999));
+            rep.set_opt(
+                "hub_forward_within_5ms",
+                crate::stats::fraction_within(&h, 0.005),
+            );
+            rep.notes.push(format!(
+                "server side ({HUB_LATENCY_METRIC}, bucket bounds): arrival to relay written p50 <= {} ms, p99 <= {} ms; the end-to-end figures add both processes' scheduling and the generator's own lateness (p99 {:.2} ms)",
+                fmt_ms(ms(0.5)),
+                fmt_ms(ms(0.99)),
+                s.quantile_us(0.99) / 1000.0
+            ));
+        }
+        _ => rep.notes.push(format!(
+            "the server exports no {HUB_LATENCY_METRIC} histogram"
+        )),
+    }
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v}"),
+        Some(_) => "inf".into(),
+        None => "?".into(),
+    }
 }
 
 #[cfg(test)]

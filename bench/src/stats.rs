@@ -108,6 +108,58 @@ pub struct LatencySummary {
     pub curve: Vec<(f64, f64)>,
 }
 
+/// The cumulative buckets `(le, count)` of the Prometheus histogram `name` (without labels) in
+/// a text exposition, in the order given; `None` when the histogram is not there.
+pub fn prom_histogram(text: &str, name: &str) -> Option<Vec<(f64, u64)>> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else {
+            continue;
+        };
+        let (le, rest) = rest.split_once("\"}")?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        let n: f64 = rest.trim().split(' ').next()?.parse().ok()?;
+        out.push((le, n as u64));
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Bucket-wise `after - before` of two snapshots of one cumulative histogram (a counter reset
+/// or mismatched buckets give `None`).
+pub fn histogram_delta(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<Vec<(f64, u64)>> {
+    if before.len() != after.len() {
+        return None;
+    }
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| (b.0 == a.0 && a.1 >= b.1).then(|| (a.0, a.1 - b.1)))
+        .collect()
+}
+
+/// The upper bound of the bucket holding quantile `q` of a cumulative histogram (the value
+/// is at most this); `None` when it is empty.
+pub fn bucket_quantile(cum: &[(f64, u64)], q: f64) -> Option<f64> {
+    let total = cum.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let want = (q * total as f64).ceil().max(1.0) as u64;
+    cum.iter().find(|(_, c)| *c >= want).map(|(le, _)| *le)
+}
+
+/// Fraction of a cumulative histogram's observations at or under `bound` (a bucket bound).
+pub fn fraction_within(cum: &[(f64, u64)], bound: f64) -> Option<f64> {
+    let total = cum.last()?.1;
+    let under = cum.iter().find(|(le, _)| *le >= bound)?.1;
+    (total > 0).then(|| under as f64 / total as f64)
+}
+
 /// Events per second; 0 for an empty interval.
 pub fn rate(count: u64, secs: f64) -> f64 {
     if secs > 0.0 && secs.is_finite() {
@@ -178,6 +230,38 @@ pub fn si(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prometheus_histogram_parsing_and_bucket_quantiles() {
+        let text = "# HELP x_seconds lat\n# TYPE x_seconds histogram\n\
+            x_seconds_sum 1.5\nx_seconds_count 100\n\
+            x_seconds_bucket{le=\"0.001\"} 50\nx_seconds_bucket{le=\"0.005\"} 98\n\
+            x_seconds_bucket{le=\"0.01\"} 100\nx_seconds_bucket{le=\"+Inf\"} 100\n\
+            y_seconds_bucket{le=\"0.001\"} 7\n";
+        let h = prom_histogram(text, "x_seconds").unwrap();
+        assert_eq!(h.len(), 4);
+        assert_eq!(h[1], (0.005, 98));
+        assert!(h[3].0.is_infinite());
+        assert!(prom_histogram(text, "z_seconds").is_none());
+        assert_eq!(bucket_quantile(&h, 0.5), Some(0.001));
+        assert_eq!(bucket_quantile(&h, 0.98), Some(0.005));
+        assert_eq!(bucket_quantile(&h, 0.99), Some(0.01));
+        assert_eq!(fraction_within(&h, 0.005), Some(0.98));
+
+        let before = vec![(0.001, 10), (0.005, 20), (f64::INFINITY, 20)];
+        let after = vec![(0.001, 60), (0.005, 119), (f64::INFINITY, 120)];
+        let d = histogram_delta(&before, &after).unwrap();
+        assert_eq!(d, vec![(0.001, 50), (0.005, 99), (f64::INFINITY, 100)]);
+        assert_eq!(bucket_quantile(&d, 0.99), Some(0.005));
+        assert_eq!(bucket_quantile(&d, 0.999), Some(f64::INFINITY));
+        // A restarted server (counts went down) or other buckets: no delta.
+        assert!(histogram_delta(&after, &before).is_none());
+        assert!(histogram_delta(&before, &d[..2]).is_none());
+        assert_eq!(
+            bucket_quantile(&[(0.001, 0), (f64::INFINITY, 0)], 0.5),
+            None
+        );
+    }
 
     #[test]
     fn percentiles_of_a_known_distribution() {

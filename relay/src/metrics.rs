@@ -546,6 +546,31 @@ impl Collector for SignalingCollector {
             "actrix_signaling_errors",
             "Error responses sent, by code",
             &by_code,
+        )?;
+        use prometheus_client::metrics::exemplar::Exemplar;
+        use prometheus_client::metrics::MetricType;
+        let (cum, count, sum) = s.forward_latency.snapshot();
+        let mut buckets: Vec<(f64, u64)> = actrix_signaling::stats::LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .zip(
+                cum.iter()
+                    .enumerate()
+                    .map(|(i, c)| c - if i == 0 { 0 } else { cum[i - 1] }),
+            )
+            .collect();
+        buckets.push((f64::MAX, count - cum[cum.len() - 1]));
+        let mut m = enc.encode_descriptor(
+            "actrix_signaling_forward_latency_seconds",
+            "From an envelope's arrival to the frames it caused (relay or answer) written to the target sockets",
+            None,
+            MetricType::Histogram,
+        )?;
+        m.encode_histogram::<Labels>(
+            sum,
+            count,
+            &buckets,
+            None::<&std::collections::HashMap<usize, Exemplar<Labels, f64>>>,
         )
     }
 }

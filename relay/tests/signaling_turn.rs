@@ -7,9 +7,11 @@ mod common;
 use actrix::stun::attr;
 use actrix_control::{provision_realm, Realm, RealmStatus};
 use actrix_signaling::proto::{
-    peer_to_signaling, register_response, signaling_envelope, signaling_to_actr, ActrType,
-    PeerToSignaling, RegisterRequest, SignalingEnvelope, Timestamp,
+    actr_to_signaling, peer_to_signaling, register_response, signaling_envelope, signaling_to_actr,
+    ActrToSignaling, ActrType, PeerToSignaling, Ping, RegisterRequest, SignalingEnvelope,
+    Timestamp,
 };
+
 use common::{Appliance, TurnClient};
 use prost::Message as _;
 
@@ -84,12 +86,59 @@ fn register_over_websocket_then_allocate_with_the_credential() {
     assert_eq!(r.code(), None, "the signaling credential allocates on TURN");
     assert!(r.msg().get_xor_addr(attr::XOR_RELAYED_ADDRESS).is_some());
 
+    // A Ping is answered synchronously by the hub: its Pong is timed from the Ping's arrival
+    // to the Pong written (actrix_signaling_forward_latency_seconds).
+    let ping = SignalingEnvelope {
+        envelope_version: 1,
+        envelope_id: "ping-1".into(),
+        flow: Some(signaling_envelope::Flow::ActrToServer(ActrToSignaling {
+            source: ok.actr_id.clone(),
+            credential: ok.credential.clone(),
+            payload: Some(actr_to_signaling::Payload::Ping(Ping {
+                availability: 1,
+                power_reserve: 1.0,
+                mailbox_backlog: 0.0,
+                sticky_client_ids: vec![],
+            })),
+        })),
+        ..Default::default()
+    };
+    ws.send(tungstenite::Message::Binary(ping.encode_to_vec().into()))
+        .unwrap();
+    let pong = loop {
+        match ws.read().expect("pong") {
+            tungstenite::Message::Binary(b) => break SignalingEnvelope::decode(&b[..]).unwrap(),
+            _ => continue,
+        }
+    };
+    assert_eq!(pong.reply_for.as_deref(), Some("ping-1"), "{pong:?}");
+    let Some(signaling_envelope::Flow::ServerToActr(to)) = pong.flow else {
+        panic!("{pong:?}")
+    };
+    assert!(
+        matches!(to.payload, Some(signaling_to_actr::Payload::Pong(_))),
+        "{to:?}"
+    );
+
     let body = ureq::get(&format!("http://{}/metrics", app.http))
         .call()
         .unwrap()
         .body_mut()
         .read_to_string()
         .unwrap();
+    // The registration answer comes back from AIS asynchronously and is not timed; the Pong is.
+    let count: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("actrix_signaling_forward_latency_seconds_count "))
+        .unwrap_or_else(|| panic!("no forward latency histogram: {body}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(count, 1, "{body}");
+    assert!(
+        body.contains("actrix_signaling_forward_latency_seconds_bucket{le=\"+Inf\"} 1"),
+        "{body}"
+    );
     assert!(
         body.contains("actrix_signaling_registrations_total 1"),
         "{body}"

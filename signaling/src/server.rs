@@ -56,7 +56,8 @@ const PURGE_EVERY: Duration = Duration::from_secs(300);
 const WRITE_BATCH: usize = 64;
 
 enum Out {
-    Frame(Bytes),
+    /// A frame, with the arrival time of the frame that caused it (for the forward latency).
+    Frame(Bytes, Option<Instant>),
     Close(u16, &'static str),
 }
 
@@ -247,11 +248,17 @@ pub fn router_with_stats(
 
 /// Drain the hub's outputs. Called with the lock held after every `handle_*`.
 fn drain(shared: &Arc<Shared>, core: &mut Core) {
+    drain_caused_by(shared, core, None)
+}
+
+/// [`drain`] for the outputs of a frame that arrived at `arrived`: their frames carry it, and
+/// the writer records the forward latency once they are written.
+fn drain_caused_by(shared: &Arc<Shared>, core: &mut Core, arrived: Option<Instant>) {
     while let Some(o) = core.hub.poll_output() {
         match o {
             Output::Send { conn, envelope } => {
                 let bytes = Bytes::from(envelope.encode_to_vec());
-                push(shared, core, conn, Out::Frame(bytes));
+                push(shared, core, conn, Out::Frame(bytes, arrived));
             }
             Output::Close { conn, code, reason } => {
                 push(shared, core, conn, Out::Close(code, reason))
@@ -282,7 +289,7 @@ fn push(shared: &Shared, core: &mut Core, conn: ConnId, out: Out) {
     let Some(h) = core.conns.get(&conn) else {
         return;
     };
-    let is_frame = matches!(out, Out::Frame(_));
+    let is_frame = matches!(out, Out::Frame(..));
     match h.tx.try_send(out) {
         Ok(()) => {
             if is_frame {
@@ -683,6 +690,7 @@ async fn run_conn(
         sink,
         rx,
         Duration::from_secs(cfg.ping_interval_secs),
+        shared.stats.clone(),
     ));
     let mut bucket = Bucket {
         tokens: f64::from(cfg.msg_burst),
@@ -809,7 +817,8 @@ async fn run_conn(
                 let mut core = shared.lock();
                 let Core { hub, realms, .. } = &mut *core;
                 hub.handle_envelope(conn, env, verdict, realms, now);
-                drain(&shared, &mut core);
+                drain_caused_by(&shared, &mut core, Some(last_activity));
+
             }
         }
     }
@@ -838,9 +847,12 @@ async fn write_loop(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Out>,
     ping_every: Duration,
+    stats: Arc<SignalingStats>,
 ) {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Arrival times of the frames in the batch being written (at most WRITE_BATCH).
+    let mut arrivals: Vec<Instant> = Vec::with_capacity(WRITE_BATCH);
     loop {
         tokio::select! {
             biased;
@@ -848,13 +860,16 @@ async fn write_loop(
                 let Some(m) = m else { break };
                 let mut close = None;
                 match m {
-                    Out::Frame(b) => {
+                    Out::Frame(b, arrived) => {
+                        arrivals.clear();
+                        arrivals.extend(arrived);
                         if sink.feed(Message::Binary(b)).await.is_err() {
                             return;
                         }
                         for _ in 1..WRITE_BATCH {
                             match rx.try_recv() {
-                                Ok(Out::Frame(b)) => {
+                                Ok(Out::Frame(b, arrived)) => {
+                                    arrivals.extend(arrived);
                                     if sink.feed(Message::Binary(b)).await.is_err() {
                                         return;
                                     }
@@ -869,6 +884,13 @@ async fn write_loop(
                         if sink.flush().await.is_err() {
                             return;
                         }
+                        if !arrivals.is_empty() {
+                            let now = Instant::now();
+                            for a in &arrivals {
+                                stats.forward_latency.record(now.saturating_duration_since(*a));
+                            }
+                        }
+
                     }
                     Out::Close(c, r) => close = Some((c, r)),
                 }

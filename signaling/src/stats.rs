@@ -2,6 +2,7 @@
 //! on the control thread and the metrics handler reads them from anywhere.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Error codes the hub counts (the codes of wire reference section 1.2 `ErrorResponse`).
 pub const ERROR_CODES: [u32; 8] = [400, 401, 403, 404, 409, 429, 500, 503];
@@ -51,6 +52,49 @@ pub struct SignalingStats {
     /// Error responses sent, by code, in the order of [`ERROR_CODES`]; the last slot counts
     /// any other code.
     pub errors_by_code: [AtomicU64; 9],
+    /// From a frame's arrival to the frames it caused (a relay, an answer) written to their
+    /// connections' sockets.
+    pub forward_latency: LatencyHistogram,
+}
+
+/// Upper bounds of [`LatencyHistogram`]'s buckets, in seconds.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
+
+/// A fixed-bucket latency histogram of relaxed atomics (a Prometheus histogram): recorded on
+/// the control thread, read by the metrics handler.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Per bucket (not cumulative); the last slot counts values above every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    /// (cumulative count per bound of [`LATENCY_BUCKETS`], total count, sum in seconds).
+    pub fn snapshot(&self) -> ([u64; LATENCY_BUCKETS.len()], u64, f64) {
+        let mut cum = [0u64; LATENCY_BUCKETS.len()];
+        let mut acc = 0u64;
+        for (i, c) in cum.iter_mut().enumerate() {
+            acc += self.buckets[i].load(Ordering::Relaxed);
+            *c = acc;
+        }
+        let total = acc + self.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        (cum, total, sum)
+    }
 }
 
 impl SignalingStats {
