@@ -17,6 +17,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build (release binary for the end-to-end tests)"
 cargo build --release -p actrix -p actrix-bench
 
+echo "== actr-runtime 0.1.7's signaling client (a crate of its own: signaling/compat)"
+cargo fmt --manifest-path signaling/compat/Cargo.toml -- --check
+cargo build --manifest-path signaling/compat/Cargo.toml
+
 echo "== install scripts (temporary DESTDIR)"
 scripts/test-install.sh "$PWD/target/release/actrix"
 
@@ -25,6 +29,7 @@ cargo test --workspace
 
 echo "== end-to-end tests (coturn clients, aioice)"
 ACTRIX_BIN="$PWD/target/release/actrix" ACTRIX_BENCH="$PWD/target/release/actrix-bench" \
+  ACTR_RUNTIME_CLIENT="$PWD/signaling/compat/target/debug/actr-runtime-client" \
   python3 -m pytest -q relay/tests/e2e
 
 echo "== bench smoke run against the appliance"
