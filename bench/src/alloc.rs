@@ -59,6 +59,10 @@ pub fn churn(target: &Target, spec: &ChurnSpec, ctx: &Ctx, rep: &mut ScenarioRep
         match Session::new(i as u32, target.addr, bind, &user, &pass, plan.clone()) {
             Ok(mut s) => {
                 s.rotate_sources(i, spec.concurrency, spec.source_ips);
+                if let Err(e) = s.add_spare_sockets(spec.client_sockets) {
+                    rep.fail(format!("client socket: {e}"));
+                    return;
+                }
                 sessions.push(s)
             }
             Err(e) => {
@@ -109,8 +113,15 @@ pub fn churn(target: &Target, spec: &ChurnSpec, ctx: &Ctx, rep: &mut ScenarioRep
     rep.generator = m.generator_usage(ctx);
     rep.set("cycles_ok", res.completed as f64);
     rep.set("cycles_failed", res.failed as f64);
+    let requests: u64 = sessions.iter().map(|s| s.requests).sum();
     rep.set("allocs_per_s", rate(res.completed, secs));
-    rep.set("transactions_per_s", rate(res.completed * 4, secs));
+    rep.set("transactions_per_s", rate(requests, secs));
+    if res.completed > 0 {
+        rep.set(
+            "transactions_per_cycle",
+            requests as f64 / (res.completed + res.failed) as f64,
+        );
+    }
     rep.set("failure_fraction", failure);
     rep.set_opt(
         "cpu_us_per_alloc_cycle",
@@ -119,6 +130,17 @@ pub fn churn(target: &Target, spec: &ChurnSpec, ctx: &Ctx, rep: &mut ScenarioRep
     rep.latency = Some(res.latency.summary());
     rep.notes
         .push("latency is per cycle: 4 transactions (5 on a nonce challenge)".into());
+    if spec.new_socket_per_cycle {
+        rep.notes.push(if spec.client_sockets > 0 {
+            format!(
+                "each client takes {} sockets in turn: a 5-tuple returns every {} of its cycles",
+                spec.client_sockets + 1,
+                spec.client_sockets + 1
+            )
+        } else {
+            "a new client socket (5-tuple) every cycle".into()
+        });
+    }
     if !res.reasons.is_empty() {
         rep.notes
             .push(format!("failures: {}", top_reasons(&res.reasons)));

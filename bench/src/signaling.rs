@@ -130,8 +130,8 @@ async fn connect(server: SocketAddr, url: &str, i: usize) -> Result<Ws, String> 
     let _ = stream.set_nodelay(true);
     // tungstenite zero-fills its read buffer up to `read_buffer_size` before every read: the
     // 128 KiB default made memset a quarter of the generator's CPU. Envelopes are small.
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(4096);
+    let config =
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
     let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
         .await
         .map_err(|e| format!("WebSocket upgrade: {e}"))?;

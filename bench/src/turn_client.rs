@@ -89,6 +89,11 @@ pub struct Session {
     txn: Option<Txn>,
     tid_seq: u64,
     id: u32,
+    /// Requests sent (first transmissions; retransmissions are not counted).
+    pub requests: u64,
+    /// Sockets taken in turn by [`Session::renew_socket`] instead of opening new ones.
+    spare: Vec<UdpSocket>,
+    spare_next: usize,
     pub relay: Option<SocketAddr>,
     pub started: Instant,
 }
@@ -117,6 +122,9 @@ impl Session {
             txn: None,
             tid_seq: 0,
             id,
+            requests: 0,
+            spare: Vec::new(),
+            spare_next: 0,
             relay: None,
             started: Instant::now(),
         })
@@ -128,8 +136,30 @@ impl Session {
         self.rotation = Some((index, stride.max(1), source_ips));
     }
 
-    /// Replace the socket (a new 5-tuple); the learned realm and nonce are kept.
+    /// Open `n` more sockets, on the next source addresses of the rotation, that
+    /// [`Session::renew_socket`] takes in turn: each 5-tuple comes back every `n + 1` cycles
+    /// instead of a socket being opened, bound, connected and closed per cycle.
+    pub fn add_spare_sockets(&mut self, n: usize) -> std::io::Result<()> {
+        for _ in 0..n {
+            if let Some((index, stride, sources)) = &mut self.rotation {
+                *index = index.wrapping_add(*stride);
+                self.bind = sys::client_bind(self.server, *index, *sources);
+            }
+            self.spare
+                .push(connected_socket_from(self.server, self.bind)?);
+        }
+        Ok(())
+    }
+
+    /// Move to another 5-tuple: the next spare socket if the session has them (the current
+    /// one takes its place), else a new socket. The learned realm and nonce are kept.
     pub fn renew_socket(&mut self) -> std::io::Result<()> {
+        if !self.spare.is_empty() {
+            std::mem::swap(&mut self.sock, &mut self.spare[self.spare_next]);
+            self.spare_next = (self.spare_next + 1) % self.spare.len();
+            self.relay = None;
+            return Ok(());
+        }
         if let Some((index, stride, n)) = &mut self.rotation {
             *index = index.wrapping_add(*stride);
             self.bind = sys::client_bind(self.server, *index, *n);
@@ -193,6 +223,7 @@ impl Session {
             Ok(b) => b,
             Err(_) => return Event::Failed(format!("{}: request too large", op.name())),
         };
+        self.requests += 1;
         // A full socket buffer is the same as a lost datagram: the RTO resends it.
         let _ = self.sock.send(&bytes);
         self.txn = Some(Txn {
