@@ -549,17 +549,13 @@ impl Collector for SignalingCollector {
         )?;
         use prometheus_client::metrics::exemplar::Exemplar;
         use prometheus_client::metrics::MetricType;
-        let (cum, count, sum) = s.forward_latency.snapshot();
-        let mut buckets: Vec<(f64, u64)> = actrix_signaling::stats::LATENCY_BUCKETS
+        let (counts, sum) = s.forward_latency.snapshot();
+        let bounds = actrix_signaling::stats::LATENCY_BUCKETS
             .iter()
             .copied()
-            .zip(
-                cum.iter()
-                    .enumerate()
-                    .map(|(i, c)| c - if i == 0 { 0 } else { cum[i - 1] }),
-            )
-            .collect();
-        buckets.push((f64::MAX, count - cum[cum.len() - 1]));
+            .chain([f64::MAX]);
+        let buckets: Vec<(f64, u64)> = bounds.zip(counts).collect();
+        let count = counts.iter().sum();
         let mut m = enc.encode_descriptor(
             "actrix_signaling_forward_latency_seconds",
             "From an envelope's arrival to the frames it caused (relay or answer) written to the target sockets",

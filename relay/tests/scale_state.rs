@@ -92,26 +92,29 @@ fn client(i: u32) -> SocketAddr {
 }
 
 struct Driver {
+    s: Server,
+    b: Binder,
+    now: Now,
     buf: Vec<u8>,
     key: [u8; 16],
     tid: u64,
 }
 
+/// An answer: class, error code, XOR-RELAYED-ADDRESS.
+type Answer = (Class, Option<u16>, Option<SocketAddr>);
+
 impl Driver {
     /// Send one authenticated request from `from`; the response's class and attributes.
     fn request(
         &mut self,
-        s: &mut Server,
-        b: &mut Binder,
-        now: Now,
         from: SocketAddr,
         method: u16,
         attrs: &dyn Fn(&mut MessageWriter) -> Result<(), stun::BufferFull>,
-    ) -> (Class, Option<u16>, Option<SocketAddr>) {
+    ) -> Answer {
         self.tid += 1;
         let mut tid = [0u8; 12];
         tid[4..].copy_from_slice(&self.tid.to_be_bytes());
-        let nonce = make_nonce(&NONCE_KEY, now.unix, from);
+        let nonce = make_nonce(&NONCE_KEY, self.now.unix, from);
         let n = {
             let out = &mut self.buf[HEADROOM..];
             let mut w = MessageWriter::new(out, method, Class::Request, &tid).unwrap();
@@ -122,13 +125,21 @@ impl Driver {
             w.add_integrity(&self.key).unwrap();
             w.finish()
         };
-        let t = s
-            .handle_client(now, 0, from, &mut self.buf, HEADROOM..HEADROOM + n, b)
+        let t = self
+            .s
+            .handle_client(
+                self.now,
+                0,
+                from,
+                &mut self.buf,
+                HEADROOM..HEADROOM + n,
+                &mut self.b,
+            )
             .expect("every request is answered");
         let Data::Scratch(len) = t.data else {
             panic!("a STUN answer comes from the scratch buffer")
         };
-        let m = Message::parse(&s.scratch()[..len]).expect("the answer parses");
+        let m = Message::parse(&self.s.scratch()[..len]).expect("the answer parses");
         let code = m
             .get(attr::ERROR_CODE)
             .and_then(stun::decode_error_code)
@@ -138,7 +149,28 @@ impl Driver {
             .and_then(|r| r.ok());
         (m.class(), code, relayed)
     }
+
+    fn allocate(&mut self, from: SocketAddr) -> Answer {
+        self.request(from, stun::method::ALLOCATE, &|w| {
+            w.add_u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+        })
+    }
+
+    fn deallocate(&mut self, from: SocketAddr) -> Answer {
+        self.request(from, stun::method::REFRESH, &|w| {
+            w.add_u32(attr::LIFETIME, 0)
+        })
+    }
+
+    fn channel_bind(&mut self, from: SocketAddr, peer: SocketAddr) -> Answer {
+        self.request(from, stun::method::CHANNEL_BIND, &|w| {
+            w.add_u32(attr::CHANNEL_NUMBER, (channel::MIN as u32) << 16)?;
+            w.add_xor_addr(attr::XOR_PEER_ADDRESS, peer)
+        })
+    }
 }
+
+const OK: (Class, Option<u16>) = (Class::Success, None);
 
 #[test]
 fn a_hundred_thousand_allocations_on_seven_relay_addresses() {
@@ -147,46 +179,33 @@ fn a_hundred_thousand_allocations_on_seven_relay_addresses() {
         ms: 1_000_000,
         unix: 1_700_000_000,
     };
+    // The test's own bookkeeping is allocated up front, so the count below is the core's.
+    let mut relayed = HashSet::with_capacity(120_000);
     let mut d = Driver {
+        s: server(7, now),
+        b: Binder {
+            bound: HashSet::with_capacity(120_000),
+        },
+        now,
         buf: vec![0u8; 4096],
         key: stun::long_term_key_md5(USER.as_bytes(), REALM.as_bytes(), PASS.as_bytes()),
         tid: 0,
     };
-    // The test's own bookkeeping is allocated up front, so the count below is the core's.
-    let mut b = Binder {
-        bound: HashSet::with_capacity(120_000),
-    };
-    let mut relayed = HashSet::with_capacity(120_000);
-    let mut s = server(7, now);
     let peer: SocketAddr = "198.51.100.7:5000".parse().unwrap();
     let before = LIVE.load(Ordering::Relaxed);
     for i in 0..N {
-        let from = client(i);
-        let (class, code, addr) =
-            d.request(&mut s, &mut b, now, from, stun::method::ALLOCATE, &|w| {
-                w.add_u32(attr::REQUESTED_TRANSPORT, 17 << 24)
-            });
-        assert_eq!((class, code), (Class::Success, None), "allocation {i}");
+        let (class, code, addr) = d.allocate(client(i));
+        assert_eq!((class, code), OK, "allocation {i}");
         assert!(
             relayed.insert(addr.expect("XOR-RELAYED-ADDRESS")),
             "allocation {i}"
         );
-        let (class, code, _) = d.request(
-            &mut s,
-            &mut b,
-            now,
-            from,
-            stun::method::CHANNEL_BIND,
-            &|w| {
-                w.add_u32(attr::CHANNEL_NUMBER, (channel::MIN as u32) << 16)?;
-                w.add_xor_addr(attr::XOR_PEER_ADDRESS, peer)
-            },
-        );
-        assert_eq!((class, code), (Class::Success, None), "channel bind {i}");
+        let (class, code, _) = d.channel_bind(client(i), peer);
+        assert_eq!((class, code), OK, "channel bind {i}");
     }
     let grown = LIVE.load(Ordering::Relaxed) - before;
-    assert_eq!(s.allocation_count(), N as usize);
-    assert_eq!(b.bound.len(), N as usize);
+    assert_eq!(d.s.allocation_count(), N as usize);
+    assert_eq!(d.b.bound.len(), N as usize);
     let addrs: HashSet<IpAddr> = relayed.iter().map(|a| a.ip()).collect();
     assert_eq!(addrs.len(), 7, "spread over every relay address");
     let per = grown as f64 / f64::from(N);
@@ -196,50 +215,18 @@ fn a_hundred_thousand_allocations_on_seven_relay_addresses() {
     // Seven addresses x 16,384 ports = 114,688 pairs: fill them, then the next gets 508.
     let capacity = 7 * 16_384;
     for i in N..capacity {
-        let (class, code, _) = d.request(
-            &mut s,
-            &mut b,
-            now,
-            client(i),
-            stun::method::ALLOCATE,
-            &|w| w.add_u32(attr::REQUESTED_TRANSPORT, 17 << 24),
-        );
-        assert_eq!((class, code), (Class::Success, None), "allocation {i}");
+        let (class, code, _) = d.allocate(client(i));
+        assert_eq!((class, code), OK, "allocation {i}");
     }
-    let (class, code, _) = d.request(
-        &mut s,
-        &mut b,
-        now,
-        client(capacity),
-        stun::method::ALLOCATE,
-        &|w| w.add_u32(attr::REQUESTED_TRANSPORT, 17 << 24),
-    );
+    let (class, code, _) = d.allocate(client(capacity));
     assert_eq!(
         (class, code),
         (Class::Error, Some(508)),
         "no relay port left"
     );
     // Deallocating one frees its pair for the next client.
-    let (class, code, _) = d.request(
-        &mut s,
-        &mut b,
-        now,
-        client(0),
-        stun::method::REFRESH,
-        &|w| w.add_u32(attr::LIFETIME, 0),
-    );
-    assert_eq!((class, code), (Class::Success, None));
-    let (class, code, _) = d.request(
-        &mut s,
-        &mut b,
-        now,
-        client(capacity),
-        stun::method::ALLOCATE,
-        &|w| w.add_u32(attr::REQUESTED_TRANSPORT, 17 << 24),
-    );
-    assert_eq!(
-        (class, code),
-        (Class::Success, None),
-        "the freed pair is reused"
-    );
+    let (class, code, _) = d.deallocate(client(0));
+    assert_eq!((class, code), OK);
+    let (class, code, _) = d.allocate(client(capacity));
+    assert_eq!((class, code), OK, "the freed pair is reused");
 }

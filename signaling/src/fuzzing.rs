@@ -168,17 +168,9 @@ fn fix_up(env: &mut SignalingEnvelope, src: Option<&ActrId>, dst: Option<&ActrId
     }
 }
 
+/// A call the hub is waiting on, answered when the script says (or at once).
 enum Pending {
-    Register {
-        conn: ConnId,
-        reply_for: String,
-        request: RegisterRequest,
-    },
-    Refresh {
-        conn: ConnId,
-        reply_for: String,
-        source: ActrId,
-    },
+    Ais(AisCall),
     Restore(PendingPing),
 }
 
@@ -282,11 +274,11 @@ impl Harness {
             signaling_heartbeat_interval_secs: 30,
         };
         match p {
-            Pending::Register {
+            Pending::Ais(AisCall::Register {
                 conn,
                 reply_for,
                 request,
-            } => {
+            }) => {
                 let result = if fail {
                     Err("AIS unavailable".to_owned())
                 } else {
@@ -304,11 +296,11 @@ impl Harness {
                 self.hub
                     .handle_register_result(conn, reply_for, request, result, self.now);
             }
-            Pending::Refresh {
+            Pending::Ais(AisCall::Refresh {
                 conn,
                 reply_for,
                 source,
-            } => {
+            }) => {
                 let result = if fail {
                     Err("AIS unavailable".to_owned())
                 } else {
@@ -434,24 +426,7 @@ impl Harness {
                 Output::Close { conn, .. } => {
                     assert!(self.open.contains(&conn), "close of unknown {conn:?}")
                 }
-                Output::Ais(AisCall::Register {
-                    conn,
-                    reply_for,
-                    request,
-                }) => self.pending.push_back(Pending::Register {
-                    conn,
-                    reply_for,
-                    request,
-                }),
-                Output::Ais(AisCall::Refresh {
-                    conn,
-                    reply_for,
-                    source,
-                }) => self.pending.push_back(Pending::Refresh {
-                    conn,
-                    reply_for,
-                    source,
-                }),
+                Output::Ais(call) => self.pending.push_back(Pending::Ais(call)),
                 Output::Persist(op) => self.persist(op),
                 Output::Restore(p) => self.pending.push_back(Pending::Restore(p)),
             }

@@ -851,8 +851,9 @@ async fn write_loop(
 ) {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Arrival times of the frames in the batch being written (at most WRITE_BATCH).
-    let mut arrivals: Vec<Instant> = Vec::with_capacity(WRITE_BATCH);
+    // Arrival times of the frames in the batch being written (at most WRITE_BATCH; it grows
+    // only as far as a connection's batches do).
+    let mut arrivals: Vec<Instant> = Vec::new();
     loop {
         tokio::select! {
             biased;

@@ -83,17 +83,11 @@ impl LatencyHistogram {
             .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
 
-    /// (cumulative count per bound of [`LATENCY_BUCKETS`], total count, sum in seconds).
-    pub fn snapshot(&self) -> ([u64; LATENCY_BUCKETS.len()], u64, f64) {
-        let mut cum = [0u64; LATENCY_BUCKETS.len()];
-        let mut acc = 0u64;
-        for (i, c) in cum.iter_mut().enumerate() {
-            acc += self.buckets[i].load(Ordering::Relaxed);
-            *c = acc;
-        }
-        let total = acc + self.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+    /// (count per bucket of [`LATENCY_BUCKETS`], the last above them all; sum in seconds).
+    pub fn snapshot(&self) -> ([u64; LATENCY_BUCKETS.len() + 1], f64) {
+        let counts = std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
         let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        (cum, total, sum)
+        (counts, sum)
     }
 }
 
