@@ -10,6 +10,8 @@
 # the binaries are built). Cores: the servers on SERVER_CORE (1), the load generator on
 # GEN_CORE (0); override through the environment. Nothing else should run meanwhile: each
 # scenario reports how much CPU other processes took ("contended" notes).
+# ACTRIX_CONFIG_EXTRA: TOML appended to our appliance's configuration, to compare settings
+# (e.g. ACTRIX_CONFIG_EXTRA=$'[io]\ncoalesce_us = 0').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -17,7 +19,7 @@ ROOT=$PWD
 ROUNDS=3
 TIME_SCALE=1
 OUT=""
-SCENARIOS="binding churn relay-channel relay-send relay-max idle"
+SCENARIOS="binding churn relay-channel-20k relay-channel-50k relay-channel relay-send relay-max idle"
 BUILD=1
 SERVER_CORE=${SERVER_CORE:-1}
 GEN_CORE=${GEN_CORE:-0}
@@ -108,6 +110,7 @@ rest_secrets = ["bench-rest-secret-0123456789"]
 max_allocations_per_user = 1000000
 [http]
 listen = "127.0.0.1:$HTTP_PORT"
+${ACTRIX_CONFIG_EXTRA:-}
 EOF
   mkdir -p "$OUT/actrix-data"
   "$ACTRIX" check -c "$OUT/actrix.toml" >/dev/null

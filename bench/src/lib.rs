@@ -91,7 +91,11 @@ pub fn run_scenario(sc: &Scenario, target: &Target, ctx: &Ctx) -> ScenarioReport
         }
     }
     rep.wall_secs = t0.elapsed().as_secs_f64();
-    if let (Some((b0, _, s0)), Some((b1, _, s1))) = (host0, sys::host_cpu_jiffies()) {
+    // Jiffy counters over a scenario that did not run (a reference given a TURN-only
+    // scenario) or ran for a moment say nothing: one tick over a millisecond reads as cores.
+    let measured = rep.wall_secs >= 0.5;
+    if let (true, Some((b0, _, s0)), Some((b1, _, s1))) = (measured, host0, sys::host_cpu_jiffies())
+    {
         let host_busy = b1.saturating_sub(b0) as f64 * sys::jiffy_secs();
         let steal = s1.saturating_sub(s0) as f64 * sys::jiffy_secs() / rep.wall_secs.max(1e-9);
         rep.host_steal_cpu = Some(steal);

@@ -147,6 +147,18 @@ impl Collector for DataPlaneCollector {
         )?;
         counter(
             &mut enc,
+            "actrix_shard_wakeups",
+            "Rounds of a shard's loop (returns from epoll_wait or io_uring_enter)",
+            &self.per_shard(|s| s.wakeups.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_coalesce_pauses",
+            "Rounds that first slept out the wake-up coalescing period (io.coalesce_us)",
+            &self.per_shard(|s| s.coalesce_pauses.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
             "actrix_relayed_packets",
             "Datagrams relayed by direction",
             &relayed,

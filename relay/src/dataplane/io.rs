@@ -100,10 +100,12 @@ impl RecvBatch {
         b
     }
 
-    /// One recvmmsg call; returns how many datagrams arrived (0 on EAGAIN).
-    pub fn recv(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
-        let max = max.min(self.n);
-        for i in 0..max {
+    /// One recvmmsg call into slots `start..start + max`; returns how many datagrams arrived
+    /// (0 on EAGAIN).
+    pub fn recv(&mut self, fd: RawFd, start: usize, max: usize) -> io::Result<usize> {
+        let start = start.min(self.n);
+        let max = max.min(self.n - start);
+        for i in start..start + max {
             self.hdrs[i].msg_hdr.msg_namelen =
                 size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             self.hdrs[i].msg_hdr.msg_flags = 0;
@@ -113,7 +115,7 @@ impl RecvBatch {
         let r = unsafe {
             libc::recvmmsg(
                 fd,
-                self.hdrs.as_mut_ptr(),
+                self.hdrs[start..].as_mut_ptr(),
                 max as u32,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
@@ -407,4 +409,155 @@ pub fn relay_socket(addr: SocketAddr, recv_buffer: usize) -> io::Result<socket2:
     }
     s.bind(&addr.into())?;
     Ok(s)
+}
+
+/// Monotonic clock in nanoseconds (precise; vDSO).
+fn mono_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Whether a client's datagram is relay traffic (ChannelData, or a Send indication) rather
+/// than a STUN transaction.
+pub fn is_relay_data(d: &[u8]) -> bool {
+    match d {
+        [b0, b1, ..] => (0x40..=0x4F).contains(b0) || (*b0 == 0x00 && *b1 == 0x16),
+        _ => false,
+    }
+}
+
+/// Wake-up coalescing (`io.coalesce_us`), the software counterpart of a NIC's interrupt
+/// moderation. Under dense relay traffic a shard otherwise wakes for nearly every datagram
+/// and pays a context switch (and, on a VM, a halt and an IPI) each time; the pacer lets it
+/// start a round at most once per period while the previous round relayed data and rounds
+/// come faster than two periods apart, so each wake-up drains several datagrams at once.
+/// Sparse traffic (rounds further apart), saturation (rounds longer than the period) and
+/// rounds of STUN transactions only (their answers leave at the end of the round, and a
+/// client's next request should not wait) never sleep. The price is at most one period of
+/// added latency per relay hop.
+pub struct Pacer {
+    period_ns: u64,
+    round_start: u64,
+    busy: bool,
+    dense: bool,
+}
+
+impl Pacer {
+    /// `period_ns` 0 disables it. Call on the thread that will sleep: it narrows that thread's
+    /// timer slack so the sleeps end close to the period.
+    pub fn new(period_ns: u64) -> Pacer {
+        if period_ns > 0 {
+            let slack = (period_ns / 10).max(1_000);
+            // SAFETY: PR_SET_TIMERSLACK takes an integer argument and affects this thread only.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, slack as libc::c_ulong, 0, 0, 0) };
+        }
+        Pacer {
+            period_ns,
+            round_start: 0,
+            busy: false,
+            dense: false,
+        }
+    }
+
+    /// Whether to sleep out the rest of the period before waiting for readiness: the last
+    /// round found datagrams and rounds are coming densely.
+    pub fn pause_due(&self) -> bool {
+        self.period_ns > 0 && self.busy && self.dense
+    }
+
+    /// Sleep until one period after the start of the last round (no-op if that has passed).
+    pub fn pause(&self) {
+        let until = self.round_start + self.period_ns;
+        if mono_ns() >= until {
+            return;
+        }
+        let ts = libc::timespec {
+            tv_sec: (until / 1_000_000_000) as libc::time_t,
+            tv_nsec: (until % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: valid timespec; an interrupted sleep just ends the period early.
+        unsafe {
+            libc::clock_nanosleep(
+                libc::CLOCK_MONOTONIC,
+                libc::TIMER_ABSTIME,
+                &ts,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
+    /// A round starts (the wait returned).
+    pub fn round_started(&mut self) {
+        if self.period_ns == 0 {
+            return;
+        }
+        let t = mono_ns();
+        self.dense = t.saturating_sub(self.round_start) < 2 * self.period_ns;
+        self.round_start = t;
+        self.busy = false;
+    }
+
+    /// The round relayed data.
+    pub fn relayed(&mut self) {
+        self.busy = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_traffic_is_channel_data_or_send_indications() {
+        assert!(is_relay_data(&[0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4]));
+        assert!(is_relay_data(&[0x4F, 0xFF, 0x00, 0x00]));
+        // Send indication (0x0016); a Binding request, an Allocate request, a Data indication
+        // (the server's own method) and a channel number outside 0x4000-0x4FFF are not.
+        assert!(is_relay_data(&[0x00, 0x16, 0x00, 0x08]));
+        assert!(!is_relay_data(&[0x00, 0x01, 0x00, 0x00]));
+        assert!(!is_relay_data(&[0x00, 0x03, 0x00, 0x00]));
+        assert!(!is_relay_data(&[0x00, 0x17, 0x00, 0x00]));
+        assert!(!is_relay_data(&[0x50, 0x00, 0x00, 0x00]));
+        assert!(!is_relay_data(&[0x40]));
+        assert!(!is_relay_data(&[]));
+    }
+
+    #[test]
+    fn the_pacer_sleeps_only_after_dense_rounds_that_relayed() {
+        let period = 3_000_000; // 3 ms
+        let mut p = Pacer::new(period);
+        // The first round: nothing before it, so not dense.
+        p.round_started();
+        p.relayed();
+        assert!(!p.pause_due());
+        // A second round right after, which relayed: due, and the pause ends a period after
+        // the round started.
+        p.round_started();
+        assert!(
+            !p.pause_due(),
+            "a round that relayed nothing does not pause"
+        );
+        p.relayed();
+        assert!(p.pause_due());
+        let t0 = mono_ns();
+        p.pause();
+        assert!(mono_ns() >= p.round_start + period);
+        assert!(mono_ns() - t0 <= period + 50_000_000, "slept far too long");
+        // A round long after the last one: sparse traffic, no pause.
+        std::thread::sleep(std::time::Duration::from_nanos(2 * period));
+        p.round_started();
+        p.relayed();
+        assert!(!p.pause_due());
+        // Off: never due.
+        let mut off = Pacer::new(0);
+        off.round_started();
+        off.round_started();
+        off.relayed();
+        assert!(!off.pause_due());
+    }
 }

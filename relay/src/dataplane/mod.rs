@@ -252,6 +252,7 @@ impl DataPlane {
                 batch: cfg.io.batch,
                 socket_buffer: cfg.io.socket_buffer,
                 relay_socket_pool: cfg.io.relay_socket_pool,
+                coalesce_us: cfg.io.coalesce_us,
                 rx,
 
                 self_tx: tx.clone(),

@@ -173,6 +173,8 @@ pub struct ShardSetup {
     pub socket_buffer: usize,
     /// Relay sockets kept open for reuse after their allocation ends (`io.relay_socket_pool`).
     pub relay_socket_pool: usize,
+    /// Wake-up coalescing period (`io.coalesce_us`; 0: off).
+    pub coalesce_us: u32,
     pub rx: Receiver<ShardMsg>,
     pub self_tx: Sender<ShardMsg>,
     pub waker: Arc<Waker>,
@@ -236,6 +238,7 @@ pub fn run(setup: ShardSetup) {
             bind_v4: setup.bind_v4,
             bind_v6: setup.bind_v6,
             socket_buffer: setup.socket_buffer,
+            coalesce_us: setup.coalesce_us,
             rx: setup.rx,
             self_tx: setup.self_tx,
             waker: setup.waker,
@@ -258,6 +261,7 @@ pub fn run(setup: ShardSetup) {
                     batch: setup.batch,
                     socket_buffer: u.socket_buffer,
                     relay_socket_pool: setup.relay_socket_pool,
+                    coalesce_us: u.coalesce_us,
                     rx: u.rx,
                     self_tx: u.self_tx,
                     waker: u.waker,
@@ -285,6 +289,7 @@ fn run_mmsg(setup: ShardSetup) {
         batch,
         socket_buffer,
         relay_socket_pool,
+        coalesce_us,
         rx,
         self_tx,
         waker,
@@ -333,20 +338,35 @@ fn run_mmsg(setup: ShardSetup) {
     let mut now = io::now();
     let seed = rand::random::<u64>();
     let mut server = Server::new(turn, now, seed);
-    let mut rb = RecvBatch::new(batch);
-    let mut sb = SendBatch::new(batch);
+    // A round (one epoll wake-up) receives into successive slots and sends once at its end;
+    // when fewer than `batch` slots remain, what is queued is sent early and the slots reused.
+    let slots = batch * ROUND_BATCHES;
+    let mut rb = RecvBatch::new(slots);
+    let mut sb = SendBatch::new(slots);
+    let mut base = 0usize;
     let mut warn = WarnLimiter::new(warn_per_sec);
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut ready: Vec<u64> = Vec::with_capacity(256);
     let mut stopping = false;
+    let mut pacer = io::Pacer::new(coalesce_us as u64 * 1000);
     tracing::info!(shard = id, core = ?core, ports = %format!("{}-{}", server.config().port_min, server.config().port_max), "shard running");
 
     while !stopping {
+        if pacer.pause_due() {
+            pacer.pause();
+            stats
+                .coalesce_pauses
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let timeout = server.poll_timeout().saturating_sub(now.ms).min(1000) as i32;
         ready.clear();
         let n = epoll.wait(&mut events, timeout.max(0));
         ready.extend(events[..n].iter().map(|e| e.u64));
         now = io::now();
+        pacer.round_started();
+        stats
+            .wakeups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for &token in &ready {
             match token & TOKEN_KIND {
                 TOKEN_WAKER => {
@@ -370,40 +390,28 @@ fn run_mmsg(setup: ShardSetup) {
                 TOKEN_LISTENER => {
                     let li = (token & 0xFFFF) as usize;
                     let fd = listener_fds[li];
-                    // A budget per readiness event keeps one busy socket from starving others.
-                    for _ in 0..8 {
-                        let n = match rb.recv(fd, batch) {
-                            Ok(0) => break,
-                            Ok(n) => n,
-                            Err(e) => {
-                                if warn.allow(now.ms) {
-                                    tracing::warn!(shard = id, error = %e, "recvmmsg on listener failed");
-                                }
-                                break;
-                            }
-                        };
-                        for i in 0..n {
-                            let (from, len, trunc) = rb.meta(i);
-                            let Some(from) = from else { continue };
-                            if trunc {
-                                stats
-                                    .truncated
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                continue;
-                            }
-                            let slot = rb.slot_mut(i);
-                            let range = SLOT_HEADROOM..SLOT_HEADROOM + len;
-                            if let Some(t) =
-                                server.handle_client(now, li as u8, from, slot, range, &mut relays)
-                            {
-                                queue(&mut sb, &server, &relays, &listener_fds, slot, t);
-                            }
-                        }
-                        let f = sb.flush();
-                        account(&stats, f, &mut warn, now.ms, id);
-                        if n < batch {
-                            break;
-                        }
+                    let mut round = Round {
+                        rb: &mut rb,
+                        sb: &mut sb,
+                        base: &mut base,
+                        batch,
+                        stats: &stats,
+                        warn: &mut warn,
+                        id,
+                        now,
+                    };
+                    let relayed = round.drain(
+                        fd,
+                        true,
+                        |slot, from, range, relays, server| {
+                            server.handle_client(now, li as u8, from, slot, range, relays)
+                        },
+                        &mut server,
+                        &mut relays,
+                        &listener_fds,
+                    );
+                    if relayed {
+                        pacer.relayed();
                     }
                 }
                 TOKEN_RELAY_V4 | TOKEN_RELAY_V6 => {
@@ -416,39 +424,41 @@ fn run_mmsg(setup: ShardSetup) {
                     let Some(fd) = relays.fd(family, port) else {
                         continue;
                     };
-                    for _ in 0..8 {
-                        let n = match rb.recv(fd, batch) {
-                            Ok(0) => break,
-                            Ok(n) => n,
-                            Err(_) => break, // ICMP errors surface here; nothing to do
-                        };
-                        for i in 0..n {
-                            let (from, len, trunc) = rb.meta(i);
-                            let Some(from) = from else { continue };
-                            if trunc {
-                                stats
-                                    .truncated
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                continue;
-                            }
-                            let slot = rb.slot_mut(i);
-                            let range = SLOT_HEADROOM..SLOT_HEADROOM + len;
-                            if let Some(t) =
-                                server.handle_peer(now, family, port, from, slot, range)
-                            {
-                                queue(&mut sb, &server, &relays, &listener_fds, slot, t);
-                            }
-                        }
-                        let f = sb.flush();
-                        account(&stats, f, &mut warn, now.ms, id);
-                        if n < batch {
-                            break;
-                        }
+                    let mut round = Round {
+                        rb: &mut rb,
+                        sb: &mut sb,
+                        base: &mut base,
+                        batch,
+                        stats: &stats,
+                        warn: &mut warn,
+                        id,
+                        now,
+                    };
+                    let relayed = round.drain(
+                        fd,
+                        false,
+                        |slot, from, range, _, server| {
+                            server.handle_peer(now, family, port, from, slot, range)
+                        },
+                        &mut server,
+                        &mut relays,
+                        &listener_fds,
+                    );
+                    if relayed {
+                        pacer.relayed();
                     }
                 }
                 _ => {}
             }
         }
+        // Everything this round queued leaves now: one sendmmsg per run of datagrams on the
+        // same socket, across all the sockets that were ready (replies from many relay
+        // sockets to the clients share the listener's run).
+        if sb.len > 0 {
+            let f = sb.flush();
+            account(&stats, f, &mut warn, now.ms, id);
+        }
+        base = 0;
         if now.ms >= server.poll_timeout() {
             server.handle_timeout(now, &mut relays);
         }
@@ -466,6 +476,86 @@ fn run_mmsg(setup: ShardSetup) {
     server.close_all(&mut relays);
     stats.publish(&server, relays.bind_errors);
     tracing::info!(shard = id, "shard stopped");
+}
+
+/// Receive slots per shard, in units of `io.batch`.
+const ROUND_BATCHES: usize = 4;
+
+/// The receive/send state of one round, lent to [`Round::drain`] for one ready socket.
+struct Round<'a> {
+    rb: &'a mut RecvBatch,
+    sb: &'a mut SendBatch,
+    base: &'a mut usize,
+    batch: usize,
+    stats: &'a ShardStats,
+    warn: &'a mut WarnLimiter,
+    id: usize,
+    now: crate::turn::Now,
+}
+
+impl Round<'_> {
+    /// Drain one ready socket (a budget of 8 recvmmsg calls keeps one busy socket from
+    /// starving the others), handing every datagram to `handle` and queueing what it returns.
+    /// Returns whether any of them was relay traffic (every datagram from a peer; ChannelData
+    /// and Send indications from a client).
+    #[allow(clippy::too_many_arguments)]
+    fn drain(
+        &mut self,
+        fd: RawFd,
+        listener: bool,
+        mut handle: impl FnMut(
+            &mut [u8],
+            SocketAddr,
+            std::ops::Range<usize>,
+            &mut Relays,
+            &mut Server,
+        ) -> Option<crate::turn::Transmit>,
+        server: &mut Server,
+        relays: &mut Relays,
+        listener_fds: &[RawFd],
+    ) -> bool {
+        let mut relayed = !listener;
+        for _ in 0..8 {
+            if self.rb.n - *self.base < self.batch {
+                let f = self.sb.flush();
+                account(self.stats, f, self.warn, self.now.ms, self.id);
+                *self.base = 0;
+            }
+            let start = *self.base;
+            let n = match self.rb.recv(fd, start, self.batch) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    // On relay sockets, ICMP errors surface here; nothing to do.
+                    if listener && self.warn.allow(self.now.ms) {
+                        tracing::warn!(shard = self.id, error = %e, "recvmmsg on listener failed");
+                    }
+                    break;
+                }
+            };
+            *self.base += n;
+            for i in start..start + n {
+                let (from, len, trunc) = self.rb.meta(i);
+                let Some(from) = from else { continue };
+                if trunc {
+                    self.stats
+                        .truncated
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                let slot = self.rb.slot_mut(i);
+                let range = SLOT_HEADROOM..SLOT_HEADROOM + len;
+                relayed = relayed || io::is_relay_data(&slot[range.clone()]);
+                if let Some(t) = handle(slot, from, range, relays, server) {
+                    queue(self.sb, server, relays, listener_fds, slot, t);
+                }
+            }
+            if n < self.batch {
+                break;
+            }
+        }
+        relayed
+    }
 }
 
 /// Queue a transmit. Responses are copied from the core's scratch buffer into the slot the

@@ -18,6 +18,10 @@ macro_rules! stats {
             pub sent: AtomicU64,
             pub send_errors: AtomicU64,
             pub send_syscalls: AtomicU64,
+            /// Rounds of the shard loop (returns from epoll_wait or io_uring_enter).
+            pub wakeups: AtomicU64,
+            /// Rounds that slept out the coalescing period first (`io.coalesce_us`).
+            pub coalesce_pauses: AtomicU64,
             pub relay_bind_errors: AtomicU64,
         }
 

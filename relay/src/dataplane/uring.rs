@@ -240,6 +240,7 @@ pub(super) struct Setup {
     pub bind_v4: Vec<IpAddr>,
     pub bind_v6: Vec<IpAddr>,
     pub socket_buffer: usize,
+    pub coalesce_us: u32,
     pub rx: Receiver<ShardMsg>,
     pub self_tx: Sender<ShardMsg>,
     pub waker: Arc<io::Waker>,
@@ -280,6 +281,7 @@ pub(super) fn run(s: Setup) -> Result<(), Box<(std::io::Error, Setup)>> {
         bind_v4,
         bind_v6,
         socket_buffer,
+        coalesce_us,
         rx,
         self_tx,
         waker,
@@ -335,7 +337,14 @@ pub(super) fn run(s: Setup) -> Result<(), Box<(std::io::Error, Setup)>> {
     let (mut sent, mut send_errors) = (0u64, 0u64);
     tracing::info!(shard = id, backend = "io_uring", "shard I/O ready");
 
+    let mut pacer = io::Pacer::new(coalesce_us as u64 * 1000);
     while !stopping {
+        if pacer.pause_due() {
+            // Hand the kernel this round's sends before sleeping out the period.
+            let _ = ring.submit();
+            pacer.pause();
+            stats.coalesce_pauses.fetch_add(1, Ordering::Relaxed);
+        }
         let wait_ms = server.poll_timeout().saturating_sub(now.ms).clamp(1, 1000);
         let ts = types::Timespec::new()
             .sec(wait_ms / 1000)
@@ -350,6 +359,8 @@ pub(super) fn run(s: Setup) -> Result<(), Box<(std::io::Error, Setup)>> {
             }
         }
         now = io::now();
+        pacer.round_started();
+        stats.wakeups.fetch_add(1, Ordering::Relaxed);
         cqes.clear();
         cqes.extend(
             ring.completion()
@@ -394,6 +405,7 @@ pub(super) fn run(s: Setup) -> Result<(), Box<(std::io::Error, Setup)>> {
                     if let Some(bid) = bid {
                         let out = match live_fd {
                             Some(_) if res > 0 => on_datagram(
+                                &mut pacer,
                                 &mut server,
                                 &mut bufs,
                                 &mut relays,
@@ -497,6 +509,7 @@ pub(super) fn run(s: Setup) -> Result<(), Box<(std::io::Error, Setup)>> {
 /// the buffer to send, or `None` when nothing is sent (the buffer is then recycled).
 #[allow(clippy::too_many_arguments)]
 fn on_datagram(
+    pacer: &mut io::Pacer,
     server: &mut Server,
     bufs: &mut BufRing,
     relays: &mut Relays,
@@ -527,6 +540,9 @@ fn on_datagram(
         (sockaddr_to_std(&ss)?, out.payload_data().len())
     };
     let range = PAYLOAD_AT..PAYLOAD_AT + payload_len;
+    if kind != K_LISTENER || io::is_relay_data(&buf[range.clone()]) {
+        pacer.relayed();
+    }
     let t: Transmit = if kind == K_LISTENER {
         server.handle_client(now, idx as u8, from, buf, range, relays)?
     } else {
