@@ -11,7 +11,9 @@
 # GEN_CORE (0); override through the environment. Nothing else should run meanwhile: each
 # scenario reports how much CPU other processes took ("contended" notes).
 # ACTRIX_CONFIG_EXTRA: TOML appended to our appliance's configuration, to compare settings
-# (e.g. ACTRIX_CONFIG_EXTRA=$'[io]\ncoalesce_us = 0').
+# (e.g. ACTRIX_CONFIG_EXTRA=$'[io]\ncoalesce_us = 0'); ACTRIX_RELAY_ADDRESS: its relay address
+# (127.0.0.1; use another loopback address such as 127.0.0.2 with io.relay_sockets = "shared",
+# whose steering program would otherwise take the generator's own ephemeral ports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -103,7 +105,7 @@ control = $GEN_CORE
 [stun]
 listen = ["127.0.0.1:$ACTRIX_PORT"]
 [turn]
-relay_addresses = ["127.0.0.1"]
+relay_addresses = ["${ACTRIX_RELAY_ADDRESS:-127.0.0.1}"]
 allow_peers = ["127.0.0.0/8"]
 users = [{ name = "bench", password = "bench-password" }]
 rest_secrets = ["bench-rest-secret-0123456789"]

@@ -246,6 +246,11 @@ pub struct IoConfig {
     /// round at most once per period, so each wake-up drains several datagrams; sparse
     /// traffic and saturation are unaffected. Adds at most one period of latency per hop.
     pub coalesce_us: u32,
+    /// `per_allocation` (a socket per relayed address, the default) or `shared` (one socket
+    /// per shard receives for every IPv4 relayed address, steered by a BPF sk_lookup program,
+    /// and a raw socket sends; no file descriptor per allocation; needs root/CAP_BPF and
+    /// CAP_NET_ADMIN at start, Linux 5.9+, the mmsg backend).
+    pub relay_sockets: String,
 }
 
 impl Default for IoConfig {
@@ -257,6 +262,7 @@ impl Default for IoConfig {
             backend: "mmsg".into(),
             relay_socket_pool: 256,
             coalesce_us: 200,
+            relay_sockets: "per_allocation".into(),
         }
     }
 }
@@ -401,6 +407,20 @@ impl Config {
                 "io.relay_socket_pool: {} is above 65536",
                 self.io.relay_socket_pool
             ));
+        }
+        match self.io.relay_sockets.as_str() {
+            "per_allocation" => {}
+            "shared" => {
+                if self.io.backend != "mmsg" {
+                    err(format!(
+                        "io.relay_sockets: 'shared' works with io.backend = 'mmsg', not '{}'",
+                        self.io.backend
+                    ));
+                }
+            }
+            other => err(format!(
+                "io.relay_sockets: '{other}' is not per_allocation or shared"
+            )),
         }
         if self.io.coalesce_us > 10_000 {
             err(format!(
@@ -803,6 +823,23 @@ mod tests {
     }
 
     #[test]
+    fn shared_relay_sockets_need_the_mmsg_backend() {
+        let (cfg, _) = parse("[io]\nrelay_sockets = \"shared\"\nbackend = \"io_uring\"\n").unwrap();
+        let mut errors = vec![];
+        assert!(cfg.validate(&mut errors, vec![0, 1]).is_none());
+        assert_eq!(
+            errors,
+            ["io.relay_sockets: 'shared' works with io.backend = 'mmsg', not 'io_uring'"]
+        );
+        let (cfg, _) = parse("[io]\nrelay_sockets = \"shared\"\n").unwrap();
+        let mut errors = vec![];
+        assert!(
+            cfg.validate(&mut errors, vec![0, 1]).is_some(),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn every_error_is_listed_at_once() {
         let text = r#"
             bogus_top = 1
@@ -821,6 +858,7 @@ mod tests {
             control = 0
             [io]
             coalesce_us = 50000
+            relay_sockets = "bogus"
             [stun.extra]
         "#;
         let (cfg, unknown) = parse(text).unwrap();
@@ -845,6 +883,7 @@ mod tests {
             "core 7 does not exist",
             "cores.control: core 0 also runs a shard",
             "io.coalesce_us: 50000 is above 10000",
+            "io.relay_sockets: 'bogus' is not per_allocation or shared",
         ] {
             assert!(all.contains(needle), "missing '{needle}' in:\n{all}");
         }

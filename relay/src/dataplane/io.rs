@@ -73,16 +73,51 @@ pub struct RecvBatch {
     addrs: Box<[libc::sockaddr_storage]>,
     iovs: Box<[libc::iovec]>,
     hdrs: Box<[libc::mmsghdr]>,
+    /// Control-message space per slot (original destinations on shared relay sockets); empty
+    /// when no socket of the shard reports them.
+    ctrl: Box<[u8]>,
     pub n: usize,
 }
+
+/// Control-message bytes per slot: one `IP_ORIGDSTADDR` (a sockaddr_in) with room to spare.
+const CTRL: usize = 64;
 
 // SAFETY: the raw pointers inside point into the boxes owned by the same struct; the struct is
 // created and used on one shard thread after being moved there.
 unsafe impl Send for RecvBatch {}
 
+/// The `IP_ORIGDSTADDR` control message of a received datagram, if any.
+pub fn orig_dst(m: &libc::msghdr) -> Option<std::net::SocketAddrV4> {
+    if m.msg_control.is_null() || m.msg_controllen == 0 {
+        return None;
+    }
+    // SAFETY: msg_control/msg_controllen describe the buffer the kernel filled; the CMSG
+    // macros stay inside it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(m);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_IP && (*c).cmsg_type == libc::IP_ORIGDSTADDR {
+                let sin = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::sockaddr_in);
+                return Some(std::net::SocketAddrV4::new(
+                    std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                    u16::from_be(sin.sin_port),
+                ));
+            }
+            c = libc::CMSG_NXTHDR(m, c);
+        }
+    }
+    None
+}
+
 impl RecvBatch {
     pub fn new(n: usize) -> Self {
+        Self::with_control(n, false)
+    }
+
+    /// `control`: also receive control messages (see [`RecvBatch::orig_dst`]).
+    pub fn with_control(n: usize, control: bool) -> Self {
         let mut b = RecvBatch {
+            ctrl: vec![0u8; if control { n * CTRL } else { 0 }].into_boxed_slice(),
             bufs: vec![0u8; n * SLOT_SIZE].into_boxed_slice(),
             // SAFETY: all-zero is a valid sockaddr_storage / iovec / mmsghdr.
             addrs: (0..n).map(|_| unsafe { zeroed() }).collect(),
@@ -105,11 +140,16 @@ impl RecvBatch {
     pub fn recv(&mut self, fd: RawFd, start: usize, max: usize) -> io::Result<usize> {
         let start = start.min(self.n);
         let max = max.min(self.n - start);
+        let control = !self.ctrl.is_empty();
         for i in start..start + max {
-            self.hdrs[i].msg_hdr.msg_namelen =
-                size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            self.hdrs[i].msg_hdr.msg_flags = 0;
-            self.hdrs[i].msg_len = 0;
+            let h = &mut self.hdrs[i];
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
+            if control {
+                h.msg_hdr.msg_control = self.ctrl[i * CTRL..].as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = CTRL as _;
+            }
         }
         // SAFETY: hdrs[..max] point into our own buffers, which outlive the call.
         let r = unsafe {
@@ -139,6 +179,14 @@ impl RecvBatch {
             h.msg_len as usize,
             h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
         )
+    }
+
+    /// The original destination of datagram `i` (shared relay sockets), if reported.
+    pub fn orig_dst(&self, i: usize) -> Option<std::net::SocketAddrV4> {
+        if self.ctrl.is_empty() {
+            return None;
+        }
+        orig_dst(&self.hdrs[i].msg_hdr)
     }
 
     /// The whole slot `i` (headroom, data, tailroom).

@@ -7,6 +7,7 @@
 //! the allocation quota counters and the relay-port bitmap, both touched on allocate/free.
 
 pub mod io;
+pub mod lookup;
 pub mod shard;
 pub mod stats;
 pub mod steer;
@@ -35,9 +36,71 @@ struct ShardHandle {
 /// The running data plane.
 pub struct DataPlane {
     shards: Vec<ShardHandle>,
+    /// The sk_lookup program of shared relay sockets, attached while the data plane lives.
+    _steer: Option<lookup::PortSteer>,
     shared: Shared,
     pub stats: Vec<Arc<ShardStats>>,
     pub listen: Vec<SocketAddr>,
+}
+
+/// Shared relay sockets (`io.relay_sockets = "shared"`): per shard a receiving and a raw
+/// sending socket, and the program that steers the IPv4 relay addresses' port slices to them.
+#[allow(clippy::type_complexity)]
+fn shared_relay_sockets(
+    cfg: &Config,
+    r: &Resolved,
+    slices: &[(u16, u16)],
+) -> anyhow::Result<(Vec<Option<(Socket, Socket)>>, Option<lookup::PortSteer>)> {
+    let v4: Vec<std::net::Ipv4Addr> = r
+        .relay_v4
+        .iter()
+        .filter_map(|(b, _)| match b {
+            std::net::IpAddr::V4(a) => Some(*a),
+            _ => None,
+        })
+        .collect();
+    if v4.is_empty() {
+        tracing::warn!("io.relay_sockets = shared: no IPv4 relay address; nothing is shared");
+        return Ok((Vec::new(), None));
+    }
+    let mut socks = Vec::new();
+    for _ in slices {
+        let recv = lookup::shared_socket(v4[0], cfg.io.socket_buffer)
+            .map_err(|e| anyhow::anyhow!("io.relay_sockets = shared: receiving socket: {e}"))?;
+        let raw = lookup::raw_socket(cfg.io.socket_buffer).map_err(|e| {
+            anyhow::anyhow!("io.relay_sockets = shared: raw socket (needs CAP_NET_RAW): {e}")
+        })?;
+        socks.push((recv, raw));
+    }
+    let fds: Vec<_> = socks.iter().map(|(s, _)| s.as_raw_fd()).collect();
+    let steer = lookup::attach(&v4, slices, &fds).map_err(|e| {
+        anyhow::anyhow!(
+            "io.relay_sockets = shared: cannot attach the sk_lookup program (needs CAP_BPF and CAP_NET_ADMIN, Linux 5.9+): {e}"
+        )
+    })?;
+    if let Some((lo, hi)) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+    {
+        if lo <= r.port_max && r.port_min <= hi {
+            tracing::warn!(
+                relay_ports = %format!("{}-{}", r.port_min, r.port_max),
+                ephemeral = %format!("{lo}-{hi}"),
+                "shared relay sockets take every UDP datagram to the relay addresses on the relay ports, \
+                 including replies to other programs' ephemeral ports there: move the relay range \
+                 out of net.ipv4.ip_local_port_range or list it in ip_local_reserved_ports"
+            );
+        }
+    }
+    tracing::info!(
+        shards = socks.len(),
+        addresses = v4.len(),
+        "shared relay sockets steered"
+    );
+    Ok((socks.into_iter().map(Some).collect(), Some(steer)))
 }
 
 /// Open one listener socket of a reuseport group.
@@ -231,6 +294,11 @@ impl DataPlane {
                 sockets.push(s);
             }
         }
+        let (mut shared_relay, steer) = if cfg.io.relay_sockets == "shared" {
+            shared_relay_sockets(cfg, r, &shared.slices)?
+        } else {
+            (Vec::new(), None)
+        };
         let mut shards = Vec::new();
         let mut all_stats = Vec::new();
         for (i, listeners) in per_shard.into_iter().enumerate() {
@@ -261,6 +329,7 @@ impl DataPlane {
                 resolver: resolver.clone(),
                 warn_per_sec: cfg.log.warn_per_sec,
                 uring: cfg.io.backend == "io_uring",
+                shared_relay: shared_relay.get_mut(i).and_then(Option::take),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("actrix-shard-{i}"))
@@ -274,6 +343,7 @@ impl DataPlane {
         }
         Ok(DataPlane {
             shards,
+            _steer: steer,
             shared,
             stats: all_stats,
             listen: r.listen.clone(),

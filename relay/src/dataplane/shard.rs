@@ -6,6 +6,7 @@
 //! sendmmsg batch that points into the receive slots, flush, repeat.
 
 use super::io::{self, Epoll, RecvBatch, SendBatch, Waker, SLOT_HEADROOM};
+use super::lookup;
 use super::stats::ShardStats;
 use crate::auth::IdentityAnswer;
 use crate::turn::{Data, Family, RelayBinder, RelayPort, Server, Src, TurnConfig};
@@ -36,6 +37,7 @@ const TOKEN_WAKER: u64 = 1 << 40;
 const TOKEN_LISTENER: u64 = 2 << 40;
 const TOKEN_RELAY_V4: u64 = 3 << 40;
 const TOKEN_RELAY_V6: u64 = 4 << 40;
+const TOKEN_SHARED: u64 = 5 << 40;
 const TOKEN_KIND: u64 = 0xFF << 40;
 
 /// Relay sockets of this shard, indexed by port offset.
@@ -57,10 +59,23 @@ struct Relays {
     /// xorshift state: which parked socket is offered next.
     pick: u64,
     reused: u64,
+    /// Shared relay sockets (`io.relay_sockets = "shared"`): IPv4 allocations own no socket.
+    shared: Option<SharedRelay>,
+}
+
+/// A shard's shared relay sockets: `recv` gets every datagram to its IPv4 relayed addresses
+/// (steered by [`super::lookup`]), `raw` sends to peers with the relayed port as source.
+struct SharedRelay {
+    recv: Socket,
+    raw: Socket,
 }
 
 impl RelayBinder for Relays {
     fn bind(&mut self, family: Family, port: RelayPort) -> bool {
+        if family == Family::V4 && self.shared.is_some() {
+            // The port is the core's to hand out; the steering program already covers it.
+            return self.bind_v4.get(port.addr as usize).is_some() && self.index(port).is_some();
+        }
         let (ip, token) = match family {
             Family::V4 => (self.bind_v4.get(port.addr as usize), TOKEN_RELAY_V4),
             Family::V6 => (self.bind_v6.get(port.addr as usize), TOKEN_RELAY_V6),
@@ -105,6 +120,9 @@ impl RelayBinder for Relays {
     }
 
     fn unbind(&mut self, family: Family, port: RelayPort) {
+        if family == Family::V4 && self.shared.is_some() {
+            return;
+        }
         let Some(idx) = self.index(port) else { return };
         let (slot, parked) = match family {
             Family::V4 => (&mut self.v4[idx], &mut self.parked_v4),
@@ -122,6 +140,9 @@ impl RelayBinder for Relays {
     }
 
     fn parked(&mut self, family: Family) -> Option<RelayPort> {
+        if family == Family::V4 && self.shared.is_some() {
+            return None;
+        }
         let parked = match family {
             Family::V4 => &self.parked_v4,
             Family::V6 => &self.parked_v6,
@@ -183,6 +204,8 @@ pub struct ShardSetup {
     pub warn_per_sec: u32,
     /// Use io_uring (falls back to recvmmsg/sendmmsg when the kernel refuses it).
     pub uring: bool,
+    /// `io.relay_sockets = "shared"`: this shard's (receiving, raw sending) sockets.
+    pub shared_relay: Option<(Socket, Socket)>,
 }
 
 /// Counts warnings per second and lets only a few through to the log.
@@ -269,6 +292,7 @@ pub fn run(setup: ShardSetup) {
                     resolver: u.resolver,
                     warn_per_sec: u.warn.limit,
                     uring: false,
+                    shared_relay: None,
                 }
             }
         }
@@ -297,6 +321,7 @@ fn run_mmsg(setup: ShardSetup) {
         resolver,
         warn_per_sec,
         uring: _,
+        shared_relay,
     } = setup;
     let span = (turn.port_max - turn.port_min) as usize + 1;
     let n_addr = bind_v4.len().max(bind_v6.len()).max(1);
@@ -322,7 +347,14 @@ fn run_mmsg(setup: ShardSetup) {
         pool: relay_socket_pool,
         pick: rand::random::<u64>() | 1,
         reused: 0,
+        shared: shared_relay.map(|(recv, raw)| SharedRelay { recv, raw }),
     };
+    if let Some(sh) = &relays.shared {
+        if let Err(e) = epoll.add(sh.recv.as_raw_fd(), TOKEN_SHARED) {
+            tracing::error!(shard = id, error = %e, "epoll add failed");
+            return;
+        }
+    }
 
     for (i, l) in listeners.iter().enumerate() {
         if let Err(e) = epoll.add(l.as_raw_fd(), TOKEN_LISTENER | i as u64) {
@@ -341,7 +373,7 @@ fn run_mmsg(setup: ShardSetup) {
     // A round (one epoll wake-up) receives into successive slots and sends once at its end;
     // when fewer than `batch` slots remain, what is queued is sent early and the slots reused.
     let slots = batch * ROUND_BATCHES;
-    let mut rb = RecvBatch::new(slots);
+    let mut rb = RecvBatch::with_control(slots, relays.shared.is_some());
     let mut sb = SendBatch::new(slots);
     let mut base = 0usize;
     let mut warn = WarnLimiter::new(warn_per_sec);
@@ -403,7 +435,7 @@ fn run_mmsg(setup: ShardSetup) {
                     let relayed = round.drain(
                         fd,
                         true,
-                        |slot, from, range, relays, server| {
+                        |slot, from, _, range, relays, server| {
                             server.handle_client(now, li as u8, from, slot, range, relays)
                         },
                         &mut server,
@@ -437,8 +469,43 @@ fn run_mmsg(setup: ShardSetup) {
                     let relayed = round.drain(
                         fd,
                         false,
-                        |slot, from, range, _, server| {
+                        |slot, from, _, range, _, server| {
                             server.handle_peer(now, family, port, from, slot, range)
+                        },
+                        &mut server,
+                        &mut relays,
+                        &listener_fds,
+                    );
+                    if relayed {
+                        pacer.relayed();
+                    }
+                }
+                TOKEN_SHARED => {
+                    let Some(fd) = relays.shared.as_ref().map(|s| s.recv.as_raw_fd()) else {
+                        continue;
+                    };
+                    let mut round = Round {
+                        rb: &mut rb,
+                        sb: &mut sb,
+                        base: &mut base,
+                        batch,
+                        stats: &stats,
+                        warn: &mut warn,
+                        id,
+                        now,
+                    };
+                    let relayed = round.drain(
+                        fd,
+                        false,
+                        |slot, from, to, range, relays, server| {
+                            // The relayed address the peer sent to names the allocation.
+                            let to = to?;
+                            let addr = relays
+                                .bind_v4
+                                .iter()
+                                .position(|a| *a == IpAddr::V4(*to.ip()))?;
+                            let port = RelayPort::new(addr as u8, to.port());
+                            server.handle_peer(now, Family::V4, port, from, slot, range)
                         },
                         &mut server,
                         &mut relays,
@@ -506,6 +573,7 @@ impl Round<'_> {
         mut handle: impl FnMut(
             &mut [u8],
             SocketAddr,
+            Option<std::net::SocketAddrV4>,
             std::ops::Range<usize>,
             &mut Relays,
             &mut Server,
@@ -543,10 +611,11 @@ impl Round<'_> {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     continue;
                 }
+                let to = self.rb.orig_dst(i);
                 let slot = self.rb.slot_mut(i);
                 let range = SLOT_HEADROOM..SLOT_HEADROOM + len;
                 relayed = relayed || io::is_relay_data(&slot[range.clone()]);
-                if let Some(t) = handle(slot, from, range, relays, server) {
+                if let Some(t) = handle(slot, from, to, range, relays, server) {
                     queue(self.sb, server, relays, listener_fds, slot, t);
                 }
             }
@@ -569,6 +638,21 @@ fn queue(
     slot: &mut [u8],
     t: crate::turn::Transmit,
 ) {
+    if let (Src::Relay(Family::V4, p), Some(sh)) = (t.src, &relays.shared) {
+        // Out of the raw socket, IPv4 and UDP headers written in place before the payload.
+        let (Data::Buf(r), SocketAddr::V4(dst), Some(IpAddr::V4(src))) =
+            (t.data, t.dst, relays.bind_v4.get(p.addr as usize))
+        else {
+            return;
+        };
+        if r.start < lookup::HEADERS || sb.is_full() {
+            return;
+        }
+        let start = r.start - lookup::HEADERS;
+        lookup::write_headers(&mut slot[start..r.start], *src, p.port, dst, r.len());
+        sb.push(sh.raw.as_raw_fd(), &t.dst, &slot[start..r.end]);
+        return;
+    }
     let fd = match t.src {
         Src::Listener(i) => listeners[i as usize],
         Src::Relay(f, p) => match relays.fd(f, p) {

@@ -1,0 +1,170 @@
+//! Shared relay sockets (`io.relay_sockets = "shared"`): every IPv4 relayed address of a
+//! shard is served by one receiving socket (steered by the sk_lookup program) and one raw
+//! sending socket. Real peers see datagrams from the relayed address, their answers reach the
+//! right allocation, allocations cost no file descriptor, and a freed port stops relaying.
+//! Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW), like the mode itself.
+//!
+//! The relay ranges here (65000-65199) lie outside the ones other tests' appliances use
+//! (61000-64999), since the program takes every datagram to its range.
+
+mod common;
+
+use actrix::stun::{attr, encode_xor_addr, method, Class, Message, MessageWriter};
+use common::{Appliance, TurnClient};
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+fn root() -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: shared relay sockets need root");
+        return false;
+    }
+    true
+}
+
+fn ok(c: &TurnClient, bytes: &[u8]) {
+    let m = Message::parse(bytes).unwrap();
+    let r = c.transact(m.transaction_id(), bytes, 3).expect("answer");
+    assert_eq!(r.code(), None);
+}
+
+fn start(dir: &std::path::Path, range: &str) -> Appliance {
+    Appliance::start(
+        dir,
+        &format!(
+            "[io]\nrelay_sockets = \"shared\"\n[turn]\nrelay_port_range = \"{range}\"\nallow_peers = [\"127.0.0.0/8\"]\nchallenges_per_source_per_sec = 100000\nusers = [{{ name = \"alice\", password = \"secret-pass\" }}]\nidentity_credentials = false\n"
+        ),
+    )
+}
+
+fn open_fds(app: &Appliance) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", app.child.id()))
+        .unwrap()
+        .count()
+}
+
+fn relayed_addr(c: &mut TurnClient) -> SocketAddr {
+    c.allocate(3)
+        .expect("allocate answered")
+        .msg()
+        .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn peers_talk_to_relayed_addresses_through_one_socket() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let app = start(tmp.path(), "65000-65099");
+    let mut a = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
+    let relay = relayed_addr(&mut a);
+    assert!((65000..=65099).contains(&relay.port()), "{relay}");
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let peer2 = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer2
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let (_, req) = a.signed(
+        method::CHANNEL_BIND,
+        &[(attr::CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0])],
+        Some(peer.local_addr().unwrap()),
+    );
+    ok(&a, &req);
+    let (_, req) = a.signed(
+        method::CREATE_PERMISSION,
+        &[],
+        Some(peer2.local_addr().unwrap()),
+    );
+    ok(&a, &req);
+    a.sock
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+
+    let mut buf = [0u8; 2048];
+    for i in 0..100u32 {
+        // Client → peer by ChannelData: the peer sees the relayed address as the source.
+        let mut cd = vec![0x40, 0x01, 0x00, 0x04];
+        cd.extend_from_slice(&i.to_be_bytes());
+        a.sock.send_to(&cd, app.stun).unwrap();
+        let (n, from) = peer.recv_from(&mut buf).expect("peer receives");
+        assert_eq!((&buf[..n], from), (&i.to_be_bytes()[..], relay));
+        // Peer → relayed address: arrives at the allocation's client as ChannelData.
+        peer.send_to(&(i + 7).to_be_bytes(), relay).unwrap();
+        let (n, _) = a.sock.recv_from(&mut buf).expect("client receives");
+        assert_eq!(
+            &buf[..n],
+            &[&[0x40, 0x01, 0x00, 0x04][..], &(i + 7).to_be_bytes()].concat()[..]
+        );
+    }
+    // Send indication to the second peer (permission only), its answer as a Data indication.
+    let mut ind = vec![0u8; 256];
+    let mut w = MessageWriter::new(&mut ind, method::SEND, Class::Indication, &[3; 12]).unwrap();
+    let mut v = [0u8; 20];
+    let n = encode_xor_addr(peer2.local_addr().unwrap(), &[3; 12], &mut v);
+    w.add(attr::XOR_PEER_ADDRESS, &v[..n]).unwrap();
+    w.add(attr::DATA, b"hello peer two").unwrap();
+    let n = w.finish();
+    a.sock.send_to(&ind[..n], app.stun).unwrap();
+    let (n, from) = peer2.recv_from(&mut buf).expect("peer 2 receives");
+    assert_eq!((&buf[..n], from), (&b"hello peer two"[..], relay));
+    peer2.send_to(b"hello client", relay).unwrap();
+    let (n, _) = a.sock.recv_from(&mut buf).expect("Data indication");
+    let m = Message::parse(&buf[..n]).unwrap();
+    assert_eq!(m.method(), method::DATA);
+    assert_eq!(m.get(attr::DATA).unwrap(), b"hello client");
+    assert_eq!(
+        m.get_xor_addr(attr::XOR_PEER_ADDRESS).unwrap().unwrap(),
+        peer2.local_addr().unwrap()
+    );
+
+    // A stranger without a permission is dropped, not relayed.
+    let stranger = UdpSocket::bind("127.0.0.2:0").unwrap();
+    stranger.send_to(b"let me in", relay).unwrap();
+    a.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(a.sock.recv_from(&mut buf).is_err(), "stranger relayed");
+
+    // Deallocate: the peer's datagrams to the freed address reach nobody.
+    let (_, req) = a.signed(method::REFRESH, &[(attr::LIFETIME, vec![0, 0, 0, 0])], None);
+    ok(&a, &req);
+    peer.send_to(b"anyone?", relay).unwrap();
+    assert!(
+        a.sock.recv_from(&mut buf).is_err(),
+        "relayed after deallocation"
+    );
+}
+
+#[test]
+fn allocations_cost_no_file_descriptor() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let app = start(tmp.path(), "65100-65199");
+    let mut first = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
+    relayed_addr(&mut first);
+    let before = open_fds(&app);
+    let mut clients = Vec::new();
+    let mut ports = std::collections::HashSet::new();
+    for _ in 0..99 {
+        let mut c = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
+        let r = relayed_addr(&mut c);
+        assert!(ports.insert(r.port()), "{r} handed out twice");
+        clients.push(c);
+    }
+    // The range holds 100 ports: the 101st allocation is refused with 508.
+    let mut extra = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
+    let r = extra.allocate(3).expect("answered");
+    assert_eq!(r.code(), Some(508));
+    let after = open_fds(&app);
+    assert!(
+        after <= before + 2,
+        "100 allocations opened {} descriptors",
+        after - before
+    );
+}
