@@ -8,12 +8,6 @@ use actrix::stun::{attr, encode_xor_addr, method, Class, Message, MessageWriter}
 use common::{Appliance, TurnClient};
 use std::time::Duration;
 
-fn ok(c: &TurnClient, bytes: &[u8]) {
-    let m = Message::parse(bytes).unwrap();
-    let r = c.transact(m.transaction_id(), bytes, 3).expect("answer");
-    assert_eq!(r.code(), None);
-}
-
 fn relay_between_two_clients(backend: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let app = Appliance::start(
@@ -59,13 +53,13 @@ fn relay_between_two_clients(backend: &str) {
         .unwrap()
         .unwrap();
     let (_, req) = a.signed(method::CREATE_PERMISSION, &[], Some(rb));
-    ok(&a, &req);
+    a.expect_ok(&req);
     let (_, req) = b.signed(
         method::CHANNEL_BIND,
         &[(attr::CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0])],
         Some(ra),
     );
-    ok(&b, &req);
+    b.expect_ok(&req);
     a.sock
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();

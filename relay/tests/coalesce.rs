@@ -9,12 +9,6 @@ use common::{Appliance, TurnClient};
 use std::net::UdpSocket;
 use std::time::Duration;
 
-fn ok(c: &TurnClient, bytes: &[u8]) {
-    let m = Message::parse(bytes).unwrap();
-    let r = c.transact(m.transaction_id(), bytes, 3).expect("answer");
-    assert_eq!(r.code(), None);
-}
-
 /// Sum of a counter over its shards.
 fn counter(app: &Appliance, name: &str) -> f64 {
     let body = ureq::get(&format!("http://{}/metrics", app.http))
@@ -59,13 +53,13 @@ fn relayed_bursts(backend: &str, coalesce_us: u32) {
         &[(attr::CHANNEL_NUMBER, vec![0x40, 0x02, 0, 0])],
         Some(rb),
     );
-    ok(&a, &req);
+    a.expect_ok(&req);
     let (_, req) = b.signed(
         method::CHANNEL_BIND,
         &[(attr::CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0])],
         Some(ra),
     );
-    ok(&b, &req);
+    b.expect_ok(&req);
 
     // STUN transactions back to back, closed loop: answered, and never a reason to pause.
     let pauses_before = counter(&app, "actrix_coalesce_pauses_total");

@@ -22,12 +22,6 @@ fn root() -> bool {
     true
 }
 
-fn ok(c: &TurnClient, bytes: &[u8]) {
-    let m = Message::parse(bytes).unwrap();
-    let r = c.transact(m.transaction_id(), bytes, 3).expect("answer");
-    assert_eq!(r.code(), None);
-}
-
 fn start(dir: &std::path::Path, range: &str) -> Appliance {
     Appliance::start(
         dir,
@@ -73,13 +67,13 @@ fn peers_talk_to_relayed_addresses_through_one_socket() {
         &[(attr::CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0])],
         Some(peer.local_addr().unwrap()),
     );
-    ok(&a, &req);
+    a.expect_ok(&req);
     let (_, req) = a.signed(
         method::CREATE_PERMISSION,
         &[],
         Some(peer2.local_addr().unwrap()),
     );
-    ok(&a, &req);
+    a.expect_ok(&req);
     a.sock
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
@@ -131,7 +125,7 @@ fn peers_talk_to_relayed_addresses_through_one_socket() {
 
     // Deallocate: the peer's datagrams to the freed address reach nobody.
     let (_, req) = a.signed(method::REFRESH, &[(attr::LIFETIME, vec![0, 0, 0, 0])], None);
-    ok(&a, &req);
+    a.expect_ok(&req);
     peer.send_to(b"anyone?", relay).unwrap();
     assert!(
         a.sock.recv_from(&mut buf).is_err(),

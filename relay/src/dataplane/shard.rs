@@ -383,6 +383,21 @@ fn run_mmsg(setup: ShardSetup) {
     let mut pacer = io::Pacer::new(coalesce_us as u64 * 1000);
     tracing::info!(shard = id, core = ?core, ports = %format!("{}-{}", server.config().port_min, server.config().port_max), "shard running");
 
+    // The receive/send state lent to one ready socket's drain.
+    macro_rules! round {
+        () => {
+            Round {
+                rb: &mut rb,
+                sb: &mut sb,
+                base: &mut base,
+                batch,
+                stats: &stats,
+                warn: &mut warn,
+                id,
+                now,
+            }
+        };
+    }
     while !stopping {
         if pacer.pause_due() {
             pacer.pause();
@@ -422,16 +437,7 @@ fn run_mmsg(setup: ShardSetup) {
                 TOKEN_LISTENER => {
                     let li = (token & 0xFFFF) as usize;
                     let fd = listener_fds[li];
-                    let mut round = Round {
-                        rb: &mut rb,
-                        sb: &mut sb,
-                        base: &mut base,
-                        batch,
-                        stats: &stats,
-                        warn: &mut warn,
-                        id,
-                        now,
-                    };
+                    let mut round = round!();
                     let relayed = round.drain(
                         fd,
                         true,
@@ -456,16 +462,7 @@ fn run_mmsg(setup: ShardSetup) {
                     let Some(fd) = relays.fd(family, port) else {
                         continue;
                     };
-                    let mut round = Round {
-                        rb: &mut rb,
-                        sb: &mut sb,
-                        base: &mut base,
-                        batch,
-                        stats: &stats,
-                        warn: &mut warn,
-                        id,
-                        now,
-                    };
+                    let mut round = round!();
                     let relayed = round.drain(
                         fd,
                         false,
@@ -484,16 +481,7 @@ fn run_mmsg(setup: ShardSetup) {
                     let Some(fd) = relays.shared.as_ref().map(|s| s.recv.as_raw_fd()) else {
                         continue;
                     };
-                    let mut round = Round {
-                        rb: &mut rb,
-                        sb: &mut sb,
-                        base: &mut base,
-                        batch,
-                        stats: &stats,
-                        warn: &mut warn,
-                        id,
-                        now,
-                    };
+                    let mut round = round!();
                     let relayed = round.drain(
                         fd,
                         false,

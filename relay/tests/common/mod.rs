@@ -209,6 +209,14 @@ impl TurnClient {
         (tid, buf)
     }
 
+    /// Send the request `bytes` (as built by [`TurnClient::signed`]) and expect a success.
+    #[allow(dead_code)]
+    pub fn expect_ok(&self, bytes: &[u8]) {
+        let m = Message::parse(bytes).unwrap();
+        let r = self.transact(m.transaction_id(), bytes, 3).expect("answer");
+        assert_eq!(r.code(), None);
+    }
+
     /// Send `bytes` up to `tries` times until a response with `tid` arrives.
     pub fn transact(&self, tid: &[u8; 12], bytes: &[u8], tries: usize) -> Option<Reply> {
         let mut buf = [0u8; 2048];
