@@ -247,9 +247,9 @@ pub struct IoConfig {
     /// traffic and saturation are unaffected. Adds at most one period of latency per hop.
     pub coalesce_us: u32,
     /// `per_allocation` (a socket per relayed address, the default) or `shared` (one socket
-    /// per shard receives for every IPv4 relayed address, steered by a BPF sk_lookup program,
-    /// and a raw socket sends; no file descriptor per allocation; needs root/CAP_BPF and
-    /// CAP_NET_ADMIN at start, Linux 5.9+, the mmsg backend).
+    /// per shard and family receives for every relayed address, steered by a BPF sk_lookup
+    /// program, and a raw socket sends; no file descriptor per allocation; needs root/CAP_BPF
+    /// and CAP_NET_ADMIN at start, Linux 5.9+, the mmsg backend).
     pub relay_sockets: String,
 }
 

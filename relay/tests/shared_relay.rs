@@ -1,4 +1,4 @@
-//! Shared relay sockets (`io.relay_sockets = "shared"`): every IPv4 relayed address of a
+//! Shared relay sockets (`io.relay_sockets = "shared"`): every relayed address of a
 //! shard is served by one receiving socket (steered by the sk_lookup program) and one raw
 //! sending socket. Real peers see datagrams from the relayed address, their answers reach the
 //! right allocation, allocations cost no file descriptor, and a freed port stops relaying.
@@ -160,5 +160,72 @@ fn allocations_cost_no_file_descriptor() {
         after <= before + 2,
         "100 allocations opened {} descriptors",
         after - before
+    );
+}
+
+#[test]
+fn ipv6_relayed_addresses_share_a_socket_too() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let app = Appliance::start(
+        tmp.path(),
+        "[io]\nrelay_sockets = \"shared\"\n[turn]\nrelay_addresses = [\"127.0.0.1\", \"::1\"]\nrelay_port_range = \"65200-65299\"\nallow_peers = [\"127.0.0.0/8\", \"::1/128\"]\nusers = [{ name = \"alice\", password = \"secret-pass\" }]\nidentity_credentials = false\n",
+    );
+    let mut a = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
+    let r = a
+        .call(
+            method::ALLOCATE,
+            &[
+                (attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0]),
+                (attr::REQUESTED_ADDRESS_FAMILY, vec![0x02, 0, 0, 0]),
+            ],
+            3,
+        )
+        .expect("allocate answered");
+    assert_eq!(r.code(), None);
+    let relay = r
+        .msg()
+        .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert!(
+        relay.is_ipv6() && (65200..=65299).contains(&relay.port()),
+        "{relay}"
+    );
+    let before = open_fds(&app);
+    let peer = UdpSocket::bind("[::1]:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let (_, req) = a.signed(
+        method::CHANNEL_BIND,
+        &[(attr::CHANNEL_NUMBER, vec![0x40, 0x06, 0, 0])],
+        Some(peer.local_addr().unwrap()),
+    );
+    a.expect_ok(&req);
+    a.sock
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    for i in 0..50u32 {
+        // Odd lengths too: the UDP checksum (mandatory over IPv6) covers a trailing byte.
+        let payload: Vec<u8> = (0..(i % 7 + 1)).map(|k| (i + k) as u8).collect();
+        let mut cd = vec![0x40, 0x06, 0x00, payload.len() as u8];
+        cd.extend_from_slice(&payload);
+        while cd.len() % 4 != 0 {
+            cd.push(0);
+        }
+        a.sock.send_to(&cd, app.stun).unwrap();
+        let (n, from) = peer.recv_from(&mut buf).expect("peer receives over IPv6");
+        assert_eq!((&buf[..n], from), (&payload[..], relay));
+        peer.send_to(&payload, relay).unwrap();
+        let (n, _) = a.sock.recv_from(&mut buf).expect("client receives");
+        assert_eq!(&buf[..2], &[0x40, 0x06]);
+        assert_eq!(&buf[4..4 + payload.len()], &payload[..], "{n}");
+    }
+    assert_eq!(
+        open_fds(&app),
+        before,
+        "the IPv6 allocation opened a descriptor"
     );
 }

@@ -79,29 +79,39 @@ pub struct RecvBatch {
     pub n: usize,
 }
 
-/// Control-message bytes per slot: one `IP_ORIGDSTADDR` (a sockaddr_in) with room to spare.
+/// Control-message bytes per slot: one `IPV6_ORIGDSTADDR` (a sockaddr_in6) with room to spare.
 const CTRL: usize = 64;
 
 // SAFETY: the raw pointers inside point into the boxes owned by the same struct; the struct is
 // created and used on one shard thread after being moved there.
 unsafe impl Send for RecvBatch {}
 
-/// The `IP_ORIGDSTADDR` control message of a received datagram, if any.
-pub fn orig_dst(m: &libc::msghdr) -> Option<std::net::SocketAddrV4> {
+/// The original destination (`IP_ORIGDSTADDR` / `IPV6_ORIGDSTADDR` control message) of a
+/// received datagram, if any.
+pub fn orig_dst(m: &libc::msghdr) -> Option<SocketAddr> {
     if m.msg_control.is_null() || m.msg_controllen == 0 {
         return None;
     }
     // SAFETY: msg_control/msg_controllen describe the buffer the kernel filled; the CMSG
-    // macros stay inside it.
+    // macros stay inside it, and each message's data holds the sockaddr its type says.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(m);
         while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_IP && (*c).cmsg_type == libc::IP_ORIGDSTADDR {
+            let (level, kind) = ((*c).cmsg_level, (*c).cmsg_type);
+            if level == libc::SOL_IP && kind == libc::IP_ORIGDSTADDR {
                 let sin = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::sockaddr_in);
-                return Some(std::net::SocketAddrV4::new(
+                return Some(SocketAddr::from((
                     std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
                     u16::from_be(sin.sin_port),
-                ));
+                )));
+            }
+            if level == libc::SOL_IPV6 && kind == libc::IPV6_ORIGDSTADDR {
+                let sin6 =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::sockaddr_in6);
+                return Some(SocketAddr::from((
+                    std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                    u16::from_be(sin6.sin6_port),
+                )));
             }
             c = libc::CMSG_NXTHDR(m, c);
         }
@@ -182,7 +192,7 @@ impl RecvBatch {
     }
 
     /// The original destination of datagram `i` (shared relay sockets), if reported.
-    pub fn orig_dst(&self, i: usize) -> Option<std::net::SocketAddrV4> {
+    pub fn orig_dst(&self, i: usize) -> Option<SocketAddr> {
         if self.ctrl.is_empty() {
             return None;
         }

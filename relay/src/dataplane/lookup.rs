@@ -4,18 +4,20 @@
 //!
 //! A BPF `sk_lookup` program, attached to the appliance's network namespace, runs when the
 //! kernel looks up the socket for an arriving UDP datagram: when its destination is a relay
-//! address (IPv4) and a port of the relay range, it hands the datagram to the socket of the
-//! shard owning that port (a SOCKMAP indexed by shard). The socket reports the original
-//! destination (`IP_ORIGDSTADDR`), which names the allocation. Datagrams to peers leave
-//! through a raw socket per shard that writes the IPv4 and UDP headers in front of the payload,
-//! in place, with the relayed port as source port.
+//! address (IPv4 or IPv6) and a port of the relay range, it hands the datagram to the socket
+//! of the shard owning that port for that family (a SOCKMAP indexed by family and shard). The
+//! socket reports the original destination (`IP_ORIGDSTADDR` / `IPV6_ORIGDSTADDR`), which
+//! names the allocation. Datagrams to peers leave through a raw socket per shard and family
+//! that writes the IP and UDP headers in front of the payload, in place, with the relayed port
+//! as source port (UDP checksum 0 over IPv4, computed over IPv6). A raw socket does not
+//! fragment: a datagram above the path's MTU is refused and counted as a send error.
 //!
 //! The program is assembled here (a few dozen instructions) and loaded with the `bpf` system
 //! call: no compiler or loader library at run time. It needs CAP_BPF and CAP_NET_ADMIN (or
 //! root) at start and Linux 5.9 or later; the link is released when the process exits.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -34,6 +36,7 @@ const SK_PASS: i32 = 1;
 const CTX_FAMILY: i16 = 8;
 const CTX_PROTOCOL: i16 = 12;
 const CTX_LOCAL_IP4: i16 = 40;
+const CTX_LOCAL_IP6: i16 = 44;
 const CTX_LOCAL_PORT: i16 = 60;
 
 /// One eBPF instruction.
@@ -93,6 +96,10 @@ impl Asm {
     fn add_imm(&mut self, dst: u8, imm: i32) {
         self.emit(insn(0x07, dst, 0, 0, imm));
     }
+    /// `r_dst += r_src` (64-bit).
+    fn add(&mut self, dst: u8, src: u8) {
+        self.emit(insn(0x0f, dst, src, 0, 0));
+    }
     /// Conditional jump on the low 32 bits against an immediate (`op`: BPF_JEQ 0x10,
     /// BPF_JGT 0x20, BPF_JNE 0x50, BPF_JLT 0xa0, BPF_JLE 0xb0), class JMP32.
     fn jmp32(&mut self, op: u8, dst: u8, imm: i32, to: usize) {
@@ -128,8 +135,9 @@ impl Asm {
     }
 }
 
-/// The program: UDP over IPv4 to one of `addrs` on a port of `slices` → the shard's socket.
-fn program(addrs: &[Ipv4Addr], slices: &[(u16, u16)], map_fd: RawFd) -> Vec<Insn> {
+/// The program: UDP to one of `v4` or `v6` on a port of `slices[i]` → map entry `i` (IPv4)
+/// or `slices.len() + i` (IPv6).
+fn program(v4: &[Ipv4Addr], v6: &[Ipv6Addr], slices: &[(u16, u16)], map_fd: RawFd) -> Vec<Insn> {
     const JEQ: u8 = 0x10;
     const JGT: u8 = 0x20;
     const JNE: u8 = 0x50;
@@ -137,20 +145,37 @@ fn program(addrs: &[Ipv4Addr], slices: &[(u16, u16)], map_fd: RawFd) -> Vec<Insn
     const JLE: u8 = 0xb0;
     let mut a = Asm::default();
     let pass = a.label();
-    let ip_ok = a.label();
+    let ip4 = a.label();
+    let port = a.label();
     let lookup = a.label();
     a.mov(6, 1);
     a.load32(2, 6, CTX_PROTOCOL);
     a.jmp32(JNE, 2, libc::IPPROTO_UDP, pass);
+    // r5: the first map entry of the family.
+    a.mov_imm(5, 0);
     a.load32(2, 6, CTX_FAMILY);
-    a.jmp32(JNE, 2, libc::AF_INET, pass);
-    a.load32(2, 6, CTX_LOCAL_IP4);
-    for ip in addrs {
-        // Network byte order as the context holds it, read as a native u32.
-        a.jmp32(JEQ, 2, u32::from_ne_bytes(ip.octets()) as i32, ip_ok);
+    a.jmp32(JEQ, 2, libc::AF_INET, ip4);
+    a.jmp32(JNE, 2, libc::AF_INET6, pass);
+    for ip in v6 {
+        let next = a.label();
+        for (w, chunk) in ip.octets().chunks(4).enumerate() {
+            a.load32(2, 6, CTX_LOCAL_IP6 + 4 * w as i16);
+            let word = u32::from_ne_bytes(chunk.try_into().expect("4 bytes"));
+            a.jmp32(JNE, 2, word as i32, next);
+        }
+        a.mov_imm(5, slices.len() as i32);
+        a.ja(port);
+        a.bind(next);
     }
     a.ja(pass);
-    a.bind(ip_ok);
+    a.bind(ip4);
+    a.load32(2, 6, CTX_LOCAL_IP4);
+    for ip in v4 {
+        // Network byte order as the context holds it, read as a native u32.
+        a.jmp32(JEQ, 2, u32::from_ne_bytes(ip.octets()) as i32, port);
+    }
+    a.ja(pass);
+    a.bind(port);
     a.load32(3, 6, CTX_LOCAL_PORT);
     let min = slices.first().map_or(0, |s| s.0);
     let max = slices.last().map_or(0, |s| s.1);
@@ -163,6 +188,7 @@ fn program(addrs: &[Ipv4Addr], slices: &[(u16, u16)], map_fd: RawFd) -> Vec<Insn
         }
     }
     a.bind(lookup);
+    a.add(4, 5);
     a.store32(10, 4, -4);
     a.mov(2, 10);
     a.add_imm(2, -4);
@@ -217,25 +243,38 @@ pub struct PortSteer {
     _map: OwnedFd,
 }
 
-/// Steer UDP datagrams to `addrs` on the ports of `slices[i]` to `sockets[i]`.
+/// Steer UDP datagrams to `v4` addresses on the ports of `slices[i]` to `v4_sockets[i]`, and
+/// to `v6` addresses to `v6_sockets[i]`. A family without addresses needs no sockets.
 pub fn attach(
-    addrs: &[Ipv4Addr],
+    v4: &[Ipv4Addr],
+    v4_sockets: &[RawFd],
+    v6: &[Ipv6Addr],
+    v6_sockets: &[RawFd],
     slices: &[(u16, u16)],
-    sockets: &[RawFd],
 ) -> io::Result<PortSteer> {
-    if addrs.is_empty() || slices.is_empty() || slices.len() != sockets.len() {
+    let n = slices.len();
+    let fits = |addrs: usize, socks: usize| (addrs == 0 && socks == 0) || (addrs > 0 && socks == n);
+    if n == 0
+        || v4.len() + v6.len() == 0
+        || !fits(v4.len(), v4_sockets.len())
+        || !fits(v6.len(), v6_sockets.len())
+    {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "one socket per port slice and at least one address",
+            "one socket per port slice for each family with addresses",
         ));
     }
     let mut attr = [0u8; 144];
     put32(&mut attr, 0, BPF_MAP_TYPE_SOCKMAP);
-    put32(&mut attr, 4, 4); // key: u32 shard
+    put32(&mut attr, 4, 4); // key: u32 (family offset + shard)
     put32(&mut attr, 8, 8); // value: u64 socket fd
-    put32(&mut attr, 12, sockets.len() as u32);
+    put32(&mut attr, 12, 2 * n as u32);
     let map = bpf(BPF_MAP_CREATE, &mut attr)?;
-    for (i, &fd) in sockets.iter().enumerate() {
+    let entries = v4_sockets
+        .iter()
+        .enumerate()
+        .chain(v6_sockets.iter().enumerate().map(|(i, fd)| (n + i, fd)));
+    for (i, &fd) in entries {
         let key = i as u32;
         let value = fd as u64;
         let mut attr = [0u8; 144];
@@ -246,7 +285,7 @@ pub fn attach(
         bpf_noret(BPF_MAP_UPDATE_ELEM, &mut attr)?;
     }
 
-    let code = program(addrs, slices, map.as_raw_fd());
+    let code = program(v4, v6, slices, map.as_raw_fd());
     let raw: Vec<u64> = code
         .iter()
         .map(|i| {
@@ -293,22 +332,32 @@ pub fn attach(
     })
 }
 
-/// The receiving socket of a shard: UDP, bound to `addr` port 0 (any address works: the
-/// program picks it by descriptor), reporting each datagram's original destination.
-pub fn shared_socket(addr: Ipv4Addr, recv_buffer: usize) -> io::Result<socket2::Socket> {
+/// The receiving socket of a shard for one family: UDP, bound to `addr` port 0 (any address
+/// works: the program picks it by descriptor), reporting each datagram's original destination.
+pub fn shared_socket(addr: std::net::IpAddr, recv_buffer: usize) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+    let s = Socket::new(
+        Domain::for_address(SocketAddr::new(addr, 0)),
+        Type::DGRAM.cloexec(),
+        Some(Protocol::UDP),
+    )?;
     s.set_nonblocking(true)?;
     if recv_buffer > 0 {
         let _ = s.set_recv_buffer_size(recv_buffer);
     }
+    let (level, opt) = if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+        (libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR)
+    } else {
+        (libc::SOL_IP, libc::IP_RECVORIGDSTADDR)
+    };
     let on: libc::c_int = 1;
     // SAFETY: valid socket and option value.
     let r = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
-            libc::SOL_IP,
-            libc::IP_RECVORIGDSTADDR,
+            level,
+            opt,
             &on as *const _ as *const libc::c_void,
             std::mem::size_of_val(&on) as libc::socklen_t,
         )
@@ -316,15 +365,16 @@ pub fn shared_socket(addr: Ipv4Addr, recv_buffer: usize) -> io::Result<socket2::
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    s.bind(&std::net::SocketAddr::new(addr.into(), 0).into())?;
+    s.bind(&SocketAddr::new(addr, 0).into())?;
     Ok(s)
 }
 
-/// The sending socket of a shard: raw IPv4, the caller writes the IP and UDP headers.
-pub fn raw_socket(send_buffer: usize) -> io::Result<socket2::Socket> {
+/// The sending socket of a shard for one family: raw, the caller writes the IP and UDP
+/// headers (IPPROTO_RAW implies IP_HDRINCL / IPV6_HDRINCL).
+pub fn raw_socket(v6: bool, send_buffer: usize) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(
-        Domain::IPV4,
+        if v6 { Domain::IPV6 } else { Domain::IPV4 },
         Type::RAW.cloexec(),
         Some(Protocol::from(libc::IPPROTO_RAW)),
     )?;
@@ -337,6 +387,39 @@ pub fn raw_socket(send_buffer: usize) -> io::Result<socket2::Socket> {
 
 /// Bytes [`write_headers`] puts in front of a payload.
 pub const HEADERS: usize = 28;
+/// Bytes [`write_headers_v6`] puts in front of a payload.
+pub const HEADERS_V6: usize = 48;
+
+/// Write an IPv6 header and a UDP header (checksum included: IPv6 requires it) in front of the
+/// payload: `pkt` is [`HEADERS_V6`] bytes of room followed by the payload.
+pub fn write_headers_v6(pkt: &mut [u8], src: Ipv6Addr, src_port: u16, dst: std::net::SocketAddrV6) {
+    let udp_len = (pkt.len() - 40) as u16;
+    pkt[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
+    pkt[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    pkt[6] = libc::IPPROTO_UDP as u8;
+    pkt[7] = 64;
+    pkt[8..24].copy_from_slice(&src.octets());
+    pkt[24..40].copy_from_slice(&dst.ip().octets());
+    pkt[40..42].copy_from_slice(&src_port.to_be_bytes());
+    pkt[42..44].copy_from_slice(&dst.port().to_be_bytes());
+    pkt[44..46].copy_from_slice(&udp_len.to_be_bytes());
+    pkt[46..48].copy_from_slice(&[0, 0]);
+    // One's-complement sum over the pseudo-header (addresses, length, next header), the UDP
+    // header and the payload.
+    let mut sum: u64 = udp_len as u64 + libc::IPPROTO_UDP as u64;
+    let mut words = pkt[8..].chunks_exact(2);
+    for w in &mut words {
+        sum += u16::from_be_bytes([w[0], w[1]]) as u64;
+    }
+    if let [last] = words.remainder() {
+        sum += (*last as u64) << 8;
+    }
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    let c = !(sum as u16);
+    pkt[46..48].copy_from_slice(&if c == 0 { 0xFFFF } else { c }.to_be_bytes());
+}
 
 /// Write an IPv4 header and a UDP header for `payload_len` bytes from `src` to `dst` into
 /// `head` (exactly [`HEADERS`] bytes, just before the payload). The kernel fills in the IP
@@ -374,7 +457,8 @@ mod tests {
     fn jumps_land_on_their_labels() {
         let addrs = ["10.0.0.1".parse().unwrap(), "192.0.2.200".parse().unwrap()];
         let slices = [(49152, 57343), (57344, 65535)];
-        let p = program(&addrs, &slices, 7);
+        let v6: [Ipv6Addr; 1] = ["2001:db8::1".parse().unwrap()];
+        let p = program(&addrs, &v6, &slices, 7);
         // The last two instructions: r0 = SK_PASS; exit.
         let n = p.len();
         assert_eq!((p[n - 2].code, p[n - 2].imm), (0xb7, SK_PASS));
@@ -398,6 +482,26 @@ mod tests {
         assert!(p
             .iter()
             .any(|i| i.code == 0x16 && i.imm == u32::from_ne_bytes([192, 0, 2, 200]) as i32));
+    }
+
+    #[test]
+    fn ipv6_headers_carry_the_udp_checksum() {
+        // Expected checksum computed independently (pseudo-header + UDP header + "hello").
+        let mut pkt = [0u8; HEADERS_V6 + 5];
+        pkt[HEADERS_V6..].copy_from_slice(b"hello");
+        write_headers_v6(
+            &mut pkt,
+            "2001:db8::1".parse().unwrap(),
+            50000,
+            "[2001:db8::2]:3478".parse().unwrap(),
+        );
+        assert_eq!(pkt[0] >> 4, 6);
+        assert_eq!(u16::from_be_bytes([pkt[4], pkt[5]]), 13);
+        assert_eq!((pkt[6], pkt[7]), (17, 64));
+        assert_eq!(u16::from_be_bytes([pkt[40], pkt[41]]), 50000);
+        assert_eq!(u16::from_be_bytes([pkt[42], pkt[43]]), 3478);
+        assert_eq!(u16::from_be_bytes([pkt[44], pkt[45]]), 13);
+        assert_eq!(u16::from_be_bytes([pkt[46], pkt[47]]), 0x8fa6);
     }
 
     #[test]
@@ -436,14 +540,21 @@ mod kernel_tests {
             return;
         }
         let lo: Ipv4Addr = "127.0.0.1".parse().unwrap();
-        let a = shared_socket(lo, 0).unwrap();
-        let b = shared_socket(lo, 0).unwrap();
+        let a = shared_socket(lo.into(), 0).unwrap();
+        let b = shared_socket(lo.into(), 0).unwrap();
+        let lo6 = Ipv6Addr::LOCALHOST;
+        let c = shared_socket(lo6.into(), 0).unwrap();
+        let d = shared_socket(lo6.into(), 0).unwrap();
         let steer = attach(
             &[lo],
-            &[(61700, 61709), (61710, 61719)],
             &[a.as_raw_fd(), b.as_raw_fd()],
+            &[lo6],
+            &[c.as_raw_fd(), d.as_raw_fd()],
+            &[(61700, 61709), (61710, 61719)],
         )
         .expect("attach");
+        let client6 = UdpSocket::bind("[::1]:0").unwrap();
+        client6.send_to(b"six", "[::1]:61712").unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         client.send_to(b"one", "127.0.0.1:61703").unwrap();
         client.send_to(b"two", "127.0.0.1:61719").unwrap();
@@ -453,6 +564,11 @@ mod kernel_tests {
         let got_b = recv_orig(&b).expect("slice 1 receives");
         assert_eq!(got_b, (b"two".to_vec(), 61719));
         assert!(recv_orig(&a).is_none() && recv_orig(&b).is_none());
+        assert_eq!(
+            recv_orig(&d).expect("IPv6 slice 1"),
+            (b"six".to_vec(), 61712)
+        );
+        assert!(recv_orig(&c).is_none());
         // Outside the range: an ordinary socket on that port still gets its datagrams.
         let plain = UdpSocket::bind("127.0.0.1:61720").unwrap();
         plain

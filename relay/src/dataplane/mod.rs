@@ -43,37 +43,57 @@ pub struct DataPlane {
     pub listen: Vec<SocketAddr>,
 }
 
-/// Shared relay sockets (`io.relay_sockets = "shared"`): per shard a receiving and a raw
-/// sending socket, and the program that steers the IPv4 relay addresses' port slices to them.
-#[allow(clippy::type_complexity)]
+/// Shared relay sockets (`io.relay_sockets = "shared"`): per shard and family a receiving and a
+/// raw sending socket, and the program that steers the relay addresses' port slices to them.
 fn shared_relay_sockets(
     cfg: &Config,
     r: &Resolved,
     slices: &[(u16, u16)],
-) -> anyhow::Result<(Vec<Option<(Socket, Socket)>>, Option<lookup::PortSteer>)> {
+) -> anyhow::Result<(Vec<Option<shard::SharedSockets>>, Option<lookup::PortSteer>)> {
+    use std::net::IpAddr;
     let v4: Vec<std::net::Ipv4Addr> = r
         .relay_v4
         .iter()
         .filter_map(|(b, _)| match b {
-            std::net::IpAddr::V4(a) => Some(*a),
+            IpAddr::V4(a) => Some(*a),
             _ => None,
         })
         .collect();
-    if v4.is_empty() {
-        tracing::warn!("io.relay_sockets = shared: no IPv4 relay address; nothing is shared");
-        return Ok((Vec::new(), None));
-    }
-    let mut socks = Vec::new();
-    for _ in slices {
-        let recv = lookup::shared_socket(v4[0], cfg.io.socket_buffer)
-            .map_err(|e| anyhow::anyhow!("io.relay_sockets = shared: receiving socket: {e}"))?;
-        let raw = lookup::raw_socket(cfg.io.socket_buffer).map_err(|e| {
+    let v6: Vec<std::net::Ipv6Addr> = r
+        .relay_v6
+        .iter()
+        .filter_map(|(b, _)| match b {
+            IpAddr::V6(a) => Some(*a),
+            _ => None,
+        })
+        .collect();
+    let pair = |addr: IpAddr| -> anyhow::Result<(Socket, Socket)> {
+        let recv = lookup::shared_socket(addr, cfg.io.socket_buffer).map_err(|e| {
+            anyhow::anyhow!("io.relay_sockets = shared: receiving socket on {addr}: {e}")
+        })?;
+        let raw = lookup::raw_socket(addr.is_ipv6(), cfg.io.socket_buffer).map_err(|e| {
             anyhow::anyhow!("io.relay_sockets = shared: raw socket (needs CAP_NET_RAW): {e}")
         })?;
-        socks.push((recv, raw));
+        Ok((recv, raw))
+    };
+    let mut socks = Vec::new();
+    for _ in slices {
+        socks.push(shard::SharedSockets {
+            v4: v4.first().map(|a| pair((*a).into())).transpose()?,
+            v6: v6.first().map(|a| pair((*a).into())).transpose()?,
+        });
     }
-    let fds: Vec<_> = socks.iter().map(|(s, _)| s.as_raw_fd()).collect();
-    let steer = lookup::attach(&v4, slices, &fds).map_err(|e| {
+    let fds4: Vec<_> = socks
+        .iter()
+        .filter_map(|s| s.v4.as_ref())
+        .map(|(s, _)| s.as_raw_fd())
+        .collect();
+    let fds6: Vec<_> = socks
+        .iter()
+        .filter_map(|s| s.v6.as_ref())
+        .map(|(s, _)| s.as_raw_fd())
+        .collect();
+    let steer = lookup::attach(&v4, &fds4, &v6, &fds6, slices).map_err(|e| {
         anyhow::anyhow!(
             "io.relay_sockets = shared: cannot attach the sk_lookup program (needs CAP_BPF and CAP_NET_ADMIN, Linux 5.9+): {e}"
         )
@@ -97,7 +117,8 @@ fn shared_relay_sockets(
     }
     tracing::info!(
         shards = socks.len(),
-        addresses = v4.len(),
+        v4 = v4.len(),
+        v6 = v6.len(),
         "shared relay sockets steered"
     );
     Ok((socks.into_iter().map(Some).collect(), Some(steer)))

@@ -59,22 +59,32 @@ struct Relays {
     /// xorshift state: which parked socket is offered next.
     pick: u64,
     reused: u64,
-    /// Shared relay sockets (`io.relay_sockets = "shared"`): IPv4 allocations own no socket.
-    shared: Option<SharedRelay>,
+    /// Shared relay sockets (`io.relay_sockets = "shared"`) of each family: its allocations
+    /// own no socket.
+    shared_v4: Option<SharedRelay>,
+    shared_v6: Option<SharedRelay>,
 }
 
-/// A shard's shared relay sockets: `recv` gets every datagram to its IPv4 relayed addresses
-/// (steered by [`super::lookup`]), `raw` sends to peers with the relayed port as source.
+/// A shard's shared relay sockets of one family: `recv` gets every datagram to its relayed
+/// addresses (steered by [`super::lookup`]), `raw` sends to peers with the relayed port as
+/// source.
 struct SharedRelay {
     recv: Socket,
     raw: Socket,
 }
 
+/// The (receiving, raw sending) shared relay sockets of a shard, per family.
+pub struct SharedSockets {
+    pub v4: Option<(Socket, Socket)>,
+    pub v6: Option<(Socket, Socket)>,
+}
+
 impl RelayBinder for Relays {
     fn bind(&mut self, family: Family, port: RelayPort) -> bool {
-        if family == Family::V4 && self.shared.is_some() {
+        if self.shared(family).is_some() {
             // The port is the core's to hand out; the steering program already covers it.
-            return self.bind_v4.get(port.addr as usize).is_some() && self.index(port).is_some();
+            return self.bind_list(family).get(port.addr as usize).is_some()
+                && self.index(port).is_some();
         }
         let (ip, token) = match family {
             Family::V4 => (self.bind_v4.get(port.addr as usize), TOKEN_RELAY_V4),
@@ -120,7 +130,7 @@ impl RelayBinder for Relays {
     }
 
     fn unbind(&mut self, family: Family, port: RelayPort) {
-        if family == Family::V4 && self.shared.is_some() {
+        if self.shared(family).is_some() {
             return;
         }
         let Some(idx) = self.index(port) else { return };
@@ -140,7 +150,7 @@ impl RelayBinder for Relays {
     }
 
     fn parked(&mut self, family: Family) -> Option<RelayPort> {
-        if family == Family::V4 && self.shared.is_some() {
+        if self.shared(family).is_some() {
             return None;
         }
         let parked = match family {
@@ -159,6 +169,20 @@ impl RelayBinder for Relays {
 }
 
 impl Relays {
+    fn shared(&self, family: Family) -> Option<&SharedRelay> {
+        match family {
+            Family::V4 => self.shared_v4.as_ref(),
+            Family::V6 => self.shared_v6.as_ref(),
+        }
+    }
+
+    fn bind_list(&self, family: Family) -> &[IpAddr] {
+        match family {
+            Family::V4 => &self.bind_v4,
+            Family::V6 => &self.bind_v6,
+        }
+    }
+
     /// Position of a relay (address, port) in `v4`/`v6`.
     fn index(&self, port: RelayPort) -> Option<usize> {
         let off = port.port.checked_sub(self.port_min)? as usize;
@@ -204,8 +228,8 @@ pub struct ShardSetup {
     pub warn_per_sec: u32,
     /// Use io_uring (falls back to recvmmsg/sendmmsg when the kernel refuses it).
     pub uring: bool,
-    /// `io.relay_sockets = "shared"`: this shard's (receiving, raw sending) sockets.
-    pub shared_relay: Option<(Socket, Socket)>,
+    /// `io.relay_sockets = "shared"`: this shard's sockets.
+    pub shared_relay: Option<SharedSockets>,
 }
 
 /// Counts warnings per second and lets only a few through to the log.
@@ -347,12 +371,20 @@ fn run_mmsg(setup: ShardSetup) {
         pool: relay_socket_pool,
         pick: rand::random::<u64>() | 1,
         reused: 0,
-        shared: shared_relay.map(|(recv, raw)| SharedRelay { recv, raw }),
+        shared_v4: None,
+        shared_v6: None,
     };
-    if let Some(sh) = &relays.shared {
-        if let Err(e) = epoll.add(sh.recv.as_raw_fd(), TOKEN_SHARED) {
-            tracing::error!(shard = id, error = %e, "epoll add failed");
-            return;
+    if let Some(sh) = shared_relay {
+        let take = |p: Option<(Socket, Socket)>| p.map(|(recv, raw)| SharedRelay { recv, raw });
+        relays.shared_v4 = take(sh.v4);
+        relays.shared_v6 = take(sh.v6);
+    }
+    for (family, sh) in [(0, &relays.shared_v4), (1, &relays.shared_v6)] {
+        if let Some(sh) = sh {
+            if let Err(e) = epoll.add(sh.recv.as_raw_fd(), TOKEN_SHARED | family) {
+                tracing::error!(shard = id, error = %e, "epoll add failed");
+                return;
+            }
         }
     }
 
@@ -373,7 +405,10 @@ fn run_mmsg(setup: ShardSetup) {
     // A round (one epoll wake-up) receives into successive slots and sends once at its end;
     // when fewer than `batch` slots remain, what is queued is sent early and the slots reused.
     let slots = batch * ROUND_BATCHES;
-    let mut rb = RecvBatch::with_control(slots, relays.shared.is_some());
+    let mut rb = RecvBatch::with_control(
+        slots,
+        relays.shared_v4.is_some() || relays.shared_v6.is_some(),
+    );
     let mut sb = SendBatch::new(slots);
     let mut base = 0usize;
     let mut warn = WarnLimiter::new(warn_per_sec);
@@ -478,7 +513,12 @@ fn run_mmsg(setup: ShardSetup) {
                     }
                 }
                 TOKEN_SHARED => {
-                    let Some(fd) = relays.shared.as_ref().map(|s| s.recv.as_raw_fd()) else {
+                    let family = if token & 1 == 0 {
+                        Family::V4
+                    } else {
+                        Family::V6
+                    };
+                    let Some(fd) = relays.shared(family).map(|s| s.recv.as_raw_fd()) else {
                         continue;
                     };
                     let mut round = round!();
@@ -489,11 +529,11 @@ fn run_mmsg(setup: ShardSetup) {
                             // The relayed address the peer sent to names the allocation.
                             let to = to?;
                             let addr = relays
-                                .bind_v4
+                                .bind_list(family)
                                 .iter()
-                                .position(|a| *a == IpAddr::V4(*to.ip()))?;
+                                .position(|a| *a == to.ip())?;
                             let port = RelayPort::new(addr as u8, to.port());
-                            server.handle_peer(now, Family::V4, port, from, slot, range)
+                            server.handle_peer(now, family, port, from, slot, range)
                         },
                         &mut server,
                         &mut relays,
@@ -561,7 +601,7 @@ impl Round<'_> {
         mut handle: impl FnMut(
             &mut [u8],
             SocketAddr,
-            Option<std::net::SocketAddrV4>,
+            Option<SocketAddr>,
             std::ops::Range<usize>,
             &mut Relays,
             &mut Server,
@@ -626,20 +666,30 @@ fn queue(
     slot: &mut [u8],
     t: crate::turn::Transmit,
 ) {
-    if let (Src::Relay(Family::V4, p), Some(sh)) = (t.src, &relays.shared) {
-        // Out of the raw socket, IPv4 and UDP headers written in place before the payload.
-        let (Data::Buf(r), SocketAddr::V4(dst), Some(IpAddr::V4(src))) =
-            (t.data, t.dst, relays.bind_v4.get(p.addr as usize))
-        else {
-            return;
-        };
-        if r.start < lookup::HEADERS || sb.is_full() {
+    if let Src::Relay(f, p) = t.src {
+        if let Some(sh) = relays.shared(f) {
+            // Out of the raw socket, IP and UDP headers written in place before the payload
+            // (the destination's port stays 0: the UDP header carries it).
+            let Data::Buf(r) = t.data else { return };
+            if sb.is_full() {
+                return;
+            }
+            let to = SocketAddr::new(t.dst.ip(), 0);
+            match (relays.bind_list(f).get(p.addr as usize), t.dst) {
+                (Some(IpAddr::V4(src)), SocketAddr::V4(dst)) if r.start >= lookup::HEADERS => {
+                    let start = r.start - lookup::HEADERS;
+                    lookup::write_headers(&mut slot[start..r.start], *src, p.port, dst, r.len());
+                    sb.push(sh.raw.as_raw_fd(), &to, &slot[start..r.end]);
+                }
+                (Some(IpAddr::V6(src)), SocketAddr::V6(dst)) if r.start >= lookup::HEADERS_V6 => {
+                    let start = r.start - lookup::HEADERS_V6;
+                    lookup::write_headers_v6(&mut slot[start..r.end], *src, p.port, dst);
+                    sb.push(sh.raw.as_raw_fd(), &to, &slot[start..r.end]);
+                }
+                _ => {}
+            }
             return;
         }
-        let start = r.start - lookup::HEADERS;
-        lookup::write_headers(&mut slot[start..r.start], *src, p.port, dst, r.len());
-        sb.push(sh.raw.as_raw_fd(), &t.dst, &slot[start..r.end]);
-        return;
     }
     let fd = match t.src {
         Src::Listener(i) => listeners[i as usize],
