@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -130,6 +131,36 @@ def test_uclient_channels_with_the_mmsg_backend(appliance_factory, turnutils_pee
     r, lost = run_uclient(uclient_args(app, peer))
     check_relayed(r, lost)
     assert 'backend="io_uring"' not in app.stderr()
+
+
+def shared_relay_appliance(appliance_factory, **turn):
+    """The appliance with shared relay sockets on 127.0.0.2 (the steering program takes the
+    relay ports of that address; the clients and peers stay on 127.0.0.1)."""
+    if os.geteuid() != 0:
+        pytest.skip("shared relay sockets need root")
+    return appliance_factory(
+        {"turn": {"relay_addresses": ["127.0.0.2"], **turn}, "io": {"relay_sockets": "shared"}}
+    )
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [pytest.param([], id="channels"), pytest.param(["-s"], id="send-indications")],
+)
+def test_uclient_relays_through_shared_relay_sockets(appliance_factory, turnutils_peer, flags):
+    """coturn's client and peer through the shared relay sockets (sk_lookup + raw sends)."""
+    app = shared_relay_appliance(appliance_factory, allow_peers=["127.0.0.0/8"])
+    peer = turnutils_peer()
+    r, lost = run_uclient(uclient_args(app, peer, *flags))
+    check_relayed(r, lost)
+    assert "shared relay sockets steered" in app.stderr()
+
+
+def test_uclient_client_to_client_through_shared_relay_sockets(appliance_factory):
+    """-y: each client's datagrams reach the other's relayed address on the shared socket."""
+    app = shared_relay_appliance(appliance_factory)
+    r, lost = run_uclient(uclient_args(app, None, "-y"))
+    check_relayed(r, lost)
 
 
 def test_uclient_client_to_client_under_default_policy(appliance_factory):
