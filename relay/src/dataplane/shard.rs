@@ -546,14 +546,6 @@ fn run_mmsg(setup: ShardSetup) {
                 _ => {}
             }
         }
-        // Everything this round queued leaves now: one sendmmsg per run of datagrams on the
-        // same socket, across all the sockets that were ready (replies from many relay
-        // sockets to the clients share the listener's run).
-        if sb.len > 0 {
-            let f = sb.flush();
-            account(&stats, f, &mut warn, now.ms, id);
-        }
-        base = 0;
         if now.ms >= server.poll_timeout() {
             server.handle_timeout(now, &mut relays);
         }
@@ -566,7 +558,17 @@ fn run_mmsg(setup: ShardSetup) {
             now.ms,
             id,
         );
+        // Counters first, so that whoever sees an answer of this round (an allocation's
+        // success, say) also sees its effect on /metrics and on the shutdown drain's count.
         stats.publish(&server, relays.bind_errors);
+        // Everything this round queued leaves now: one sendmmsg per run of datagrams on the
+        // same socket, across all the sockets that were ready (replies from many relay
+        // sockets to the clients share the listener's run).
+        if sb.len > 0 {
+            let f = sb.flush();
+            account(&stats, f, &mut warn, now.ms, id);
+        }
+        base = 0;
     }
     server.close_all(&mut relays);
     stats.publish(&server, relays.bind_errors);
@@ -613,6 +615,7 @@ impl Round<'_> {
         let mut relayed = !listener;
         for _ in 0..8 {
             if self.rb.n - *self.base < self.batch {
+                self.stats.publish(server, relays.bind_errors);
                 let f = self.sb.flush();
                 account(self.stats, f, self.warn, self.now.ms, self.id);
                 *self.base = 0;
