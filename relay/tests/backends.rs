@@ -38,20 +38,8 @@ fn relay_between_two_clients(backend: &str) {
     }
     let mut a = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
     let mut b = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
-    let ra = a
-        .allocate(3)
-        .unwrap()
-        .msg()
-        .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
-    let rb = b
-        .allocate(3)
-        .unwrap()
-        .msg()
-        .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let ra = a.allocate_relayed();
+    let rb = b.allocate_relayed();
     let (_, req) = a.signed(method::CREATE_PERMISSION, &[], Some(rb));
     a.expect_ok(&req);
     let (_, req) = b.signed(

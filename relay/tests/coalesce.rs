@@ -43,9 +43,8 @@ fn relayed_bursts(backend: &str, coalesce_us: u32) {
     let label = format!("{backend}/{coalesce_us}us");
     let mut a = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
     let mut b = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
-    let relayed = |r: common::Reply| r.msg().get_xor_addr(attr::XOR_RELAYED_ADDRESS).unwrap();
-    let ra = relayed(a.allocate(3).unwrap()).unwrap();
-    let rb = relayed(b.allocate(3).unwrap()).unwrap();
+    let ra = a.allocate_relayed();
+    let rb = b.allocate_relayed();
     // Channels both ways: b's ChannelData 0x4001 leaves b's relay for a's relay and reaches a
     // as ChannelData 0x4002.
     let (_, req) = a.signed(

@@ -11,7 +11,7 @@ mod common;
 
 use actrix::stun::{attr, encode_xor_addr, method, Class, Message, MessageWriter};
 use common::{Appliance, TurnClient};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::time::Duration;
 
 fn root() -> bool {
@@ -37,15 +37,6 @@ fn open_fds(app: &Appliance) -> usize {
         .count()
 }
 
-fn relayed_addr(c: &mut TurnClient) -> SocketAddr {
-    c.allocate(3)
-        .expect("allocate answered")
-        .msg()
-        .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap()
-}
-
 #[test]
 fn peers_talk_to_relayed_addresses_through_one_socket() {
     if !root() {
@@ -54,7 +45,7 @@ fn peers_talk_to_relayed_addresses_through_one_socket() {
     let tmp = tempfile::tempdir().unwrap();
     let app = start(tmp.path(), "65000-65099");
     let mut a = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
-    let relay = relayed_addr(&mut a);
+    let relay = a.allocate_relayed();
     assert!((65000..=65099).contains(&relay.port()), "{relay}");
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -141,13 +132,13 @@ fn allocations_cost_no_file_descriptor() {
     let tmp = tempfile::tempdir().unwrap();
     let app = start(tmp.path(), "65100-65199");
     let mut first = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
-    relayed_addr(&mut first);
+    first.allocate_relayed();
     let before = open_fds(&app);
     let mut clients = Vec::new();
     let mut ports = std::collections::HashSet::new();
     for _ in 0..99 {
         let mut c = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");
-        let r = relayed_addr(&mut c);
+        let r = c.allocate_relayed();
         assert!(ports.insert(r.port()), "{r} handed out twice");
         clients.push(c);
     }

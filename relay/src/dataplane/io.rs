@@ -120,12 +120,8 @@ pub fn orig_dst(m: &libc::msghdr) -> Option<SocketAddr> {
 }
 
 impl RecvBatch {
-    pub fn new(n: usize) -> Self {
-        Self::with_control(n, false)
-    }
-
     /// `control`: also receive control messages (see [`RecvBatch::orig_dst`]).
-    pub fn with_control(n: usize, control: bool) -> Self {
+    pub fn new(n: usize, control: bool) -> Self {
         let mut b = RecvBatch {
             ctrl: vec![0u8; if control { n * CTRL } else { 0 }].into_boxed_slice(),
             bufs: vec![0u8; n * SLOT_SIZE].into_boxed_slice(),

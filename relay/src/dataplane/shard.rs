@@ -405,7 +405,7 @@ fn run_mmsg(setup: ShardSetup) {
     // A round (one epoll wake-up) receives into successive slots and sends once at its end;
     // when fewer than `batch` slots remain, what is queued is sent early and the slots reused.
     let slots = batch * ROUND_BATCHES;
-    let mut rb = RecvBatch::with_control(
+    let mut rb = RecvBatch::new(
         slots,
         relays.shared_v4.is_some() || relays.shared_v6.is_some(),
     );
@@ -430,6 +430,7 @@ fn run_mmsg(setup: ShardSetup) {
                 warn: &mut warn,
                 id,
                 now,
+                pacer: &mut pacer,
             }
         };
     }
@@ -473,7 +474,7 @@ fn run_mmsg(setup: ShardSetup) {
                     let li = (token & 0xFFFF) as usize;
                     let fd = listener_fds[li];
                     let mut round = round!();
-                    let relayed = round.drain(
+                    round.drain(
                         fd,
                         true,
                         |slot, from, _, range, relays, server| {
@@ -483,9 +484,6 @@ fn run_mmsg(setup: ShardSetup) {
                         &mut relays,
                         &listener_fds,
                     );
-                    if relayed {
-                        pacer.relayed();
-                    }
                 }
                 TOKEN_RELAY_V4 | TOKEN_RELAY_V6 => {
                     let family = if token & TOKEN_KIND == TOKEN_RELAY_V4 {
@@ -498,7 +496,7 @@ fn run_mmsg(setup: ShardSetup) {
                         continue;
                     };
                     let mut round = round!();
-                    let relayed = round.drain(
+                    round.drain(
                         fd,
                         false,
                         |slot, from, _, range, _, server| {
@@ -508,9 +506,6 @@ fn run_mmsg(setup: ShardSetup) {
                         &mut relays,
                         &listener_fds,
                     );
-                    if relayed {
-                        pacer.relayed();
-                    }
                 }
                 TOKEN_SHARED => {
                     let family = if token & 1 == 0 {
@@ -522,7 +517,7 @@ fn run_mmsg(setup: ShardSetup) {
                         continue;
                     };
                     let mut round = round!();
-                    let relayed = round.drain(
+                    round.drain(
                         fd,
                         false,
                         |slot, from, to, range, relays, server| {
@@ -539,9 +534,6 @@ fn run_mmsg(setup: ShardSetup) {
                         &mut relays,
                         &listener_fds,
                     );
-                    if relayed {
-                        pacer.relayed();
-                    }
                 }
                 _ => {}
             }
@@ -588,13 +580,14 @@ struct Round<'a> {
     warn: &'a mut WarnLimiter,
     id: usize,
     now: crate::turn::Now,
+    pacer: &'a mut io::Pacer,
 }
 
 impl Round<'_> {
     /// Drain one ready socket (a budget of 8 recvmmsg calls keeps one busy socket from
     /// starving the others), handing every datagram to `handle` and queueing what it returns.
-    /// Returns whether any of them was relay traffic (every datagram from a peer; ChannelData
-    /// and Send indications from a client).
+    /// Relay traffic among them (every datagram from a peer; ChannelData and Send indications
+    /// from a client) tells the pacer the round relayed.
     #[allow(clippy::too_many_arguments)]
     fn drain(
         &mut self,
@@ -611,7 +604,7 @@ impl Round<'_> {
         server: &mut Server,
         relays: &mut Relays,
         listener_fds: &[RawFd],
-    ) -> bool {
+    ) {
         let mut relayed = !listener;
         for _ in 0..8 {
             if self.rb.n - *self.base < self.batch {
@@ -654,7 +647,9 @@ impl Round<'_> {
                 break;
             }
         }
-        relayed
+        if relayed {
+            self.pacer.relayed();
+        }
     }
 }
 

@@ -217,6 +217,17 @@ impl TurnClient {
         assert_eq!(r.code(), None);
     }
 
+    /// Allocate (expecting success) and return the relayed address.
+    #[allow(dead_code)]
+    pub fn allocate_relayed(&mut self) -> SocketAddr {
+        let r = self.allocate(3).expect("allocate answered");
+        assert_eq!(r.code(), None);
+        r.msg()
+            .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+            .expect("XOR-RELAYED-ADDRESS")
+            .expect("valid address")
+    }
+
     /// Send `bytes` up to `tries` times until a response with `tid` arrives.
     pub fn transact(&self, tid: &[u8; 12], bytes: &[u8], tries: usize) -> Option<Reply> {
         let mut buf = [0u8; 2048];
