@@ -13,6 +13,9 @@ command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
 # protoc: the actr-protocol crate (the Actrix clients' message types, used by a test) runs it.
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# Its .proto files import google/protobuf/descriptor.proto, which protobuf-compiler only
+# recommends (libprotobuf-dev); without it protoc fails on a --no-install-recommends machine.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
