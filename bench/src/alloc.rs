@@ -7,7 +7,7 @@ use crate::scenario::{ChurnSpec, IdleSpec};
 use crate::stats::{cpu_us_per_packet, rate};
 use crate::target::{unix_now, Target, TargetKind};
 use crate::turn_client::{drive, DriveConfig, Op, Session};
-use actrix::stun::channel;
+use actrix_proto::stun::channel;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

@@ -11,7 +11,7 @@ use crate::stats::{cpu_us_per_packet, loss, rate, Latency};
 use crate::sys::{self, Batch, Epoll};
 use crate::target::{Target, TargetKind};
 use crate::turn_client::connected_socket;
-use actrix::stun::{message_type, method, Class, Message, MAGIC_COOKIE};
+use actrix_proto::stun::{message_type, method, Class, Message, MAGIC_COOKIE};
 use std::time::{Duration, Instant};
 
 const BATCH: usize = 64;
@@ -241,7 +241,7 @@ pub fn run(target: &Target, spec: &BindingSpec, ctx: &Ctx, rep: &mut ScenarioRep
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actrix::stun::{attr, MessageWriter};
+    use actrix_proto::stun::{attr, MessageWriter};
 
     #[test]
     fn request_and_reply_classification() {

@@ -268,8 +268,7 @@ pub fn ais_register(
             version: None,
         },
         realm: Realm { realm_id: realm },
-        service: None,
-        ws_address: None,
+        ..Default::default()
     }
     .encode_to_vec();
     let mut req = agent
@@ -277,7 +276,7 @@ pub fn ais_register(
         .header("content-type", "application/octet-stream");
     if signed {
         let now = crate::target::unix_now();
-        let cred = make_credential(shared_key.as_bytes(), now, &register_payload(&body));
+        let cred = make_credential(now, shared_key.as_bytes(), &register_payload(&body));
         req = req
             .header(HEADER_TIMESTAMP, cred.timestamp.to_string())
             .header(HEADER_NONCE, cred.nonce)

@@ -16,7 +16,7 @@ use crate::stats::{cpu_us_per_packet, loss, rate, Latency};
 use crate::sys::{self, Batch, Epoll};
 use crate::target::{Target, TargetKind};
 use crate::turn_client::{drive, DriveConfig, Op, Session};
-use actrix::stun::{attr, channel, method, Class, Message, MessageWriter};
+use actrix_proto::stun::{attr, channel, method, Class, Message, MessageWriter};
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 

@@ -64,8 +64,8 @@ fn actr_type(name: &str) -> ActrType {
 pub fn ensure_realm(http: &str, shared_key: &str, realm: u32) -> Result<(), String> {
     let body = serde_json::json!({"name": "bench", "status": "Normal"}).to_string();
     let cred = make_credential(
-        shared_key.as_bytes(),
         crate::target::unix_now(),
+        shared_key.as_bytes(),
         &put_realm_payload(realm, body.as_bytes()),
     );
     let mut resp = agent()

@@ -2,7 +2,7 @@
 //! epoll, core pinning, our own CPU time, and the server process's accounting read from
 //! `/proc/PID/stat` and `/proc/PID/status`.
 //!
-//! The batch layout follows `actrix::dataplane::io` (preallocated slots, one system call per
+//! The batch layout follows `actrix_udp` (preallocated slots, one system call per
 //! batch each way, no allocation per packet) but has no headroom rules of its own; the address
 //! conversions are shared with it.
 
@@ -16,7 +16,7 @@ use std::path::Path;
 pub const SLOT: usize = 2048;
 
 // The address conversions are the relay's own (one implementation of this unsafe code).
-pub use actrix::dataplane::io::{sockaddr_to_std, std_to_sockaddr};
+pub use actrix_udp::{sockaddr_to_std, std_to_sockaddr};
 
 /// Outcome of one [`Batch::send`].
 #[derive(Debug, Default, Clone, Copy)]
@@ -278,70 +278,8 @@ pub fn jiffy_secs() -> f64 {
     1.0 / clk_tck()
 }
 
-/// Minimal level-triggered epoll.
-pub struct Epoll {
-    fd: RawFd,
-    events: Vec<libc::epoll_event>,
-}
-
-impl Epoll {
-    pub fn new(max_events: usize) -> io::Result<Self> {
-        // SAFETY: plain syscall.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Epoll {
-            fd,
-            events: vec![libc::epoll_event { events: 0, u64: 0 }; max_events.max(1)],
-        })
-    }
-
-    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: token,
-        };
-        // SAFETY: valid fd and event struct.
-        if unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    pub fn del(&self, fd: RawFd) {
-        // SAFETY: removing an fd; an error (already closed) is harmless.
-        unsafe {
-            libc::epoll_ctl(self.fd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut());
-        }
-    }
-
-    /// Wait up to `timeout_ms`; fills `out` with the ready tokens.
-    pub fn wait(&mut self, timeout_ms: i32, out: &mut Vec<u64>) {
-        out.clear();
-        // SAFETY: the events buffer is ours and sized as passed.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.fd,
-                self.events.as_mut_ptr(),
-                self.events.len() as i32,
-                timeout_ms,
-            )
-        };
-        for e in self.events.iter().take(n.max(0) as usize) {
-            out.push(e.u64);
-        }
-    }
-}
-
-impl Drop for Epoll {
-    fn drop(&mut self) {
-        // SAFETY: we own the fd.
-        unsafe {
-            libc::close(self.fd);
-        }
-    }
-}
+/// Level-triggered epoll, the data plane's own.
+pub use actrix_udp::Epoll;
 
 pub fn raw(s: &UdpSocket) -> RawFd {
     s.as_raw_fd()

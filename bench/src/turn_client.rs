@@ -4,7 +4,7 @@
 
 use crate::stats::Latency;
 use crate::sys::{self, Batch, Epoll};
-use actrix::stun::{
+use actrix_proto::stun::{
     self, attr, code, long_term_key_md5, method, Class, Message, MessageWriter, HEADER_LEN,
 };
 use std::collections::BTreeMap;
@@ -558,7 +558,7 @@ pub fn is_success_for(buf: &[u8], tid: &[u8; 12]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actrix::stun::long_term_key_md5;
+    use actrix_proto::stun::long_term_key_md5;
 
     const LB: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
         std::net::Ipv4Addr::LOCALHOST,

@@ -1,12 +1,15 @@
 //! TURN identity verification (wire reference section 6.3), owned by the control thread.
 //!
-//! The data plane never calls this directly: a shard sends an [`IdentityQuery`] over a bounded
-//! channel and answers its client when the reply arrives (or lets it retransmit). The verifier
+//! The data plane never calls this directly: a shard sends an
+//! [`actrix_proto::auth::IdentityRequest`] over a bounded channel and finds the
+//! [`actrix_proto::auth::IdentityAnswer`] in its own channel when the client retransmits. The verifier
 //! keeps the KS secret keys it fetched, per key id, until the key's `expires_at` (then it asks
 //! the KS again, which serves keys until `expires_at + tolerance`), and it remembers unknown key
 //! ids for a short time so a flood of forged usernames does not become a flood of KS requests.
 
 use std::collections::HashMap;
+
+use actrix_proto::auth::{IdentityAnswer, IdentityKey, IdentityRefusal};
 
 use zeroize::Zeroizing;
 
@@ -104,19 +107,39 @@ impl From<RealmError> for IdentityError {
     }
 }
 
-/// A request from the data plane. `reply` is called exactly once: on the control thread, or,
-/// for queries still queued when the control thread stops, with `Err(IdentityError::Internal)`
-/// on the thread that stops it. Keep `reply` short (typically a push into the shard's queue).
-pub struct IdentityQuery {
-    pub username: Box<[u8]>,
-    pub reply: Box<dyn FnOnce(Result<TurnIdentity, IdentityError>) + Send>,
+impl IdentityError {
+    /// The refusal as the data plane sees it (retry or not, and why).
+    pub fn refusal(self) -> IdentityRefusal {
+        IdentityRefusal {
+            reason: match self {
+                IdentityError::MalformedUsername => "malformed username",
+                IdentityError::UnknownKey => "unknown key",
+                IdentityError::KeyUnavailable => "key server unavailable",
+                IdentityError::InvalidToken => "invalid token",
+                IdentityError::Expired => "credential expired",
+                IdentityError::RealmMismatch => "realm mismatch",
+                IdentityError::RealmNotFound => "realm not found",
+                IdentityError::RealmSuspended => "realm suspended",
+                IdentityError::RealmTerminated => "realm terminated",
+                IdentityError::RealmExpired => "realm expired",
+                IdentityError::Overloaded => "overloaded",
+                IdentityError::Internal => "internal error",
+            },
+            retryable: self.is_retryable(),
+        }
+    }
 }
 
-impl std::fmt::Debug for IdentityQuery {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdentityQuery")
-            .field("username_len", &self.username.len())
-            .finish_non_exhaustive()
+/// The answer to send back to the shard that asked about `username`.
+pub fn answer(username: Box<[u8]>, r: Result<TurnIdentity, IdentityError>) -> IdentityAnswer {
+    IdentityAnswer {
+        username,
+        outcome: r
+            .map(|id| IdentityKey {
+                key_md5: id.key,
+                expires_at: id.expires_at,
+            })
+            .map_err(IdentityError::refusal),
     }
 }
 
@@ -126,9 +149,10 @@ struct CachedSecret {
 }
 
 impl CachedSecret {
-    /// Wire section 5.4 step 1: use the cache while `now < expires_at` (or it never expires).
-    fn fresh(&self, now: u64) -> bool {
-        self.expires_at == 0 || now < self.expires_at
+    /// Wire section 5.4 step 1: use the cache while `now_unix < expires_at` (or it never
+    /// expires).
+    fn fresh(&self, now_unix: u64) -> bool {
+        self.expires_at == 0 || now_unix < self.expires_at
     }
 }
 
@@ -218,19 +242,21 @@ impl IdentityVerifier {
         self
     }
 
-    /// Whether [`IdentityVerifier::verify`] can run without a network round trip.
-    pub fn readiness(&self, username: &[u8], now: u64) -> Readiness {
+    /// Whether [`IdentityVerifier::verify`] can run without a network round trip at
+    /// `now_unix`.
+    #[must_use]
+    pub fn readiness(&self, now_unix: u64, username: &[u8]) -> Readiness {
         if !self.keys.is_remote() {
             return Readiness::Ready;
         }
         let Ok(p) = parse_username(username) else {
             return Readiness::Ready;
         };
-        if self.cache.get(&p.key_id).is_some_and(|c| c.fresh(now))
+        if self.cache.get(&p.key_id).is_some_and(|c| c.fresh(now_unix))
             || self
                 .negative
                 .get(&p.key_id)
-                .is_some_and(|&until| now < until)
+                .is_some_and(|&until| now_unix < until)
         {
             Readiness::Ready
         } else {
@@ -242,14 +268,14 @@ impl IdentityVerifier {
     /// on the blocking pool so its event loop never waits for the network).
     pub fn insert_fetched(
         &mut self,
+        now_unix: u64,
         key_id: KeyId,
         result: &Result<SecretRecord, KeySourceError>,
-        now: u64,
     ) {
         bump(&self.stats.key_fetches);
         match result {
             Ok(rec) => self.insert_secret(rec),
-            Err(KeySourceError::NotFound) => self.remember_unknown(key_id, now),
+            Err(KeySourceError::NotFound) => self.remember_unknown(now_unix, key_id),
             Err(_) => {}
         }
     }
@@ -283,28 +309,32 @@ impl IdentityVerifier {
         );
     }
 
-    fn remember_unknown(&mut self, key_id: KeyId, now: u64) {
+    fn remember_unknown(&mut self, now_unix: u64, key_id: KeyId) {
         if self.negative.len() >= MAX_NEGATIVE {
-            self.negative.retain(|_, until| now < *until);
+            self.negative.retain(|_, until| now_unix < *until);
             if self.negative.len() >= MAX_NEGATIVE {
                 self.negative.clear();
             }
         }
         self.negative
-            .insert(key_id, now.saturating_add(NEGATIVE_TTL_SECS));
+            .insert(key_id, now_unix.saturating_add(NEGATIVE_TTL_SECS));
     }
 
     fn secret_for(
         &mut self,
+        now_unix: u64,
         key_id: KeyId,
-        now: u64,
     ) -> Result<Zeroizing<[u8; SECRET_KEY_LEN]>, IdentityError> {
         if let Some(c) = self.cache.get(&key_id) {
-            if c.fresh(now) {
+            if c.fresh(now_unix) {
                 return Ok(c.secret.clone());
             }
         }
-        if self.negative.get(&key_id).is_some_and(|&until| now < until) {
+        if self
+            .negative
+            .get(&key_id)
+            .is_some_and(|&until| now_unix < until)
+        {
             return Err(IdentityError::UnknownKey);
         }
         bump(&self.stats.key_fetches);
@@ -315,7 +345,7 @@ impl IdentityVerifier {
             }
             Err(KeySourceError::NotFound) => {
                 self.cache.remove(&key_id);
-                self.remember_unknown(key_id, now);
+                self.remember_unknown(now_unix, key_id);
                 Err(IdentityError::UnknownKey)
             }
             Err(KeySourceError::Unavailable(_)) => Err(IdentityError::KeyUnavailable),
@@ -326,18 +356,18 @@ impl IdentityVerifier {
         }
     }
 
-    /// Wire section 6.3 steps 1-4. May block on a remote KS when the key is not cached; see
-    /// [`IdentityVerifier::readiness`].
+    /// Wire section 6.3 steps 1-4 at `now_unix`. May block on a remote KS when the key is not
+    /// cached; see [`IdentityVerifier::readiness`].
     pub fn verify(
         &mut self,
-        username: &[u8],
         now_unix: u64,
+        username: &[u8],
     ) -> Result<TurnIdentity, IdentityError> {
         bump(&self.stats.resolutions);
         // 1. base122, split.
         let parsed = parse_username(username)?;
         // 2. token against the realm (wire section 5.4).
-        let secret = self.secret_for(parsed.key_id, now_unix)?;
+        let secret = self.secret_for(now_unix, parsed.key_id)?;
         bump(&self.stats.decryptions);
 
         let plain = crypto::ecies_decrypt(&secret[..], &parsed.token)
@@ -355,7 +385,7 @@ impl IdentityVerifier {
             return Err(IdentityError::RealmMismatch);
         }
         // 3. the realm must exist, be Normal and not expired.
-        self.realms.check(parsed.realm_id, now_unix)?;
+        self.realms.check(now_unix, parsed.realm_id)?;
         // 4. long-term key.
         Ok(TurnIdentity {
             key: crypto::turn_key(username, &self.turn_realm, &psk),

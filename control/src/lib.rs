@@ -7,9 +7,12 @@
 //!   `/ais/*` (section 5), `/healthz`, plus any routes the appliance merges in (signaling,
 //!   `/metrics`).
 //! - [`IdentityVerifier`]: turns a TURN USERNAME into the long-term key (section 6.3). The data
-//!   plane asks for it by message ([`IdentityQuery`] over the bounded channel from
-//!   [`ControlHandle::identity_sender`]) and never waits on the control thread.
+//!   plane asks for it by message (an `IdentityRequest` on the channel given to
+//!   [`ControlBuilder::identity`], answered on the asking shard's channel) and never waits on
+//!   the control thread.
 //! - [`KsClient`]: the signed KS client, working the same against the local and a remote KS.
+//! - [`ais::proto`]: the one definition of the identity messages and of `RegisterRequest`,
+//!   which the signaling crate re-exports.
 //! - Config sections and secret bootstrap ([`ControlConfig`]).
 //!
 //! What it is not: it has no STUN/TURN code and touches no data-plane socket; it does not rate
@@ -24,7 +27,9 @@
 //!   response leaves.
 //! - Secrets are never logged: secret keys, the shared key and the KEK live in types whose
 //!   `Debug` prints nothing of them.
-//! - Time comes from an injectable [`Clock`].
+//! - Time comes from an injectable [`Clock`]. A function that takes the time takes it as its
+//!   first parameter, named for its clock: `now_unix` (Unix seconds), `now_unix_ms` (Unix
+//!   milliseconds), `now` only for a monotonic `Instant`.
 
 pub mod ais;
 pub mod clock;
@@ -39,14 +44,18 @@ pub mod nonce_auth;
 pub mod ratelimit;
 pub mod realms;
 pub mod server;
+#[doc(hidden)]
+pub mod testing;
 
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{AisConfig, ControlConfig, HttpConfig, KsConfig, SecretString, ServicesConfig};
 pub use error::ControlError;
-pub use identity::{IdentityError, IdentityQuery, IdentityStats, IdentityVerifier, TurnIdentity};
+pub use identity::{IdentityError, IdentityStats, IdentityVerifier, TurnIdentity};
 
 pub use ks::client::{KsClient, KsClientError};
 pub use ks::store::KeyStore;
 pub use ks::KeySource;
 pub use realms::{provision_realm, Realm, RealmStatus, RealmStore};
-pub use server::{spawn, spawn_with_routes, ControlBuilder, ControlContext, ControlHandle};
+pub use server::{
+    spawn, spawn_with_routes, ControlBuilder, ControlContext, ControlHandle, IDENTITY_QUEUE,
+};

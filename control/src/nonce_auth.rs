@@ -74,7 +74,9 @@ fn mac(secret: &[u8], timestamp: u64, nonce: &str, payload: &str) -> HmacSha256 
     m
 }
 
-/// Compute the signature string.
+/// Compute the signature string. `timestamp` is the credential's own field (Unix seconds), not
+/// a reading of the clock.
+#[must_use]
 pub fn sign(secret: &[u8], timestamp: u64, nonce: &str, payload: &str) -> String {
     let tag = mac(secret, timestamp, nonce, payload)
         .finalize()
@@ -99,28 +101,29 @@ pub fn new_nonce() -> String {
     )
 }
 
-/// Build a credential for `payload` at time `now`.
-pub fn make_credential(secret: &[u8], now: u64, payload: &str) -> NonceCredential {
+/// Build a credential for `payload`, signed at `now_unix`.
+#[must_use]
+pub fn make_credential(now_unix: u64, secret: &[u8], payload: &str) -> NonceCredential {
     let nonce = new_nonce();
-    let signature = sign(secret, now, &nonce, payload);
+    let signature = sign(secret, now_unix, &nonce, payload);
     NonceCredential {
-        timestamp: now,
+        timestamp: now_unix,
         nonce,
         signature,
     }
 }
 
-/// Steps 1 and 2 of the verification: the window, then the MAC in constant time.
+/// Steps 1 and 2 of the verification at `now_unix`: the window, then the MAC in constant time.
 pub fn check_signature(
+    now_unix: u64,
     secret: &[u8],
     cred: &NonceCredential,
     payload: &str,
-    now: u64,
 ) -> Result<(), AuthError> {
     if cred.nonce.is_empty() || cred.nonce.len() > MAX_NONCE_LEN {
         return Err(AuthError::Malformed);
     }
-    if now.abs_diff(cred.timestamp) > WINDOW_SECS {
+    if now_unix.abs_diff(cred.timestamp) > WINDOW_SECS {
         return Err(AuthError::TimestampOutOfWindow);
     }
     // The standard engine rejects non-canonical encodings, so comparing the decoded tag is the
@@ -151,10 +154,11 @@ enum Reply {
 
 /// One request waiting for its nonce to be committed.
 struct Pending {
+    /// When the request was checked (Unix seconds).
+    now_unix: u64,
     context: String,
     nonce: String,
     timestamp: u64,
-    now: u64,
     reply: Reply,
 }
 
@@ -261,27 +265,28 @@ impl NonceStore {
         }
     }
 
-    fn pending(context: &str, nonce: &str, timestamp: u64, now: u64, reply: Reply) -> Pending {
+    fn pending(now_unix: u64, context: &str, nonce: &str, timestamp: u64, reply: Reply) -> Pending {
         Pending {
+            now_unix,
             context: context.to_owned(),
             nonce: nonce.to_owned(),
             timestamp,
-            now,
             reply,
         }
     }
 
-    /// Step 3: refuse a nonce seen within the TTL, otherwise remember it. Returns once the
-    /// decision is committed (`synchronous=FULL`); concurrent callers share one commit.
+    /// Step 3 at `now_unix`: refuse a nonce seen within the TTL, otherwise remember it.
+    /// Returns once the decision is committed (`synchronous=FULL`); concurrent callers share
+    /// one commit.
     pub fn check_and_store(
         self: &Arc<Self>,
+        now_unix: u64,
         context: &str,
         nonce: &str,
         timestamp: u64,
-        now: u64,
     ) -> Result<(), AuthError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let p = Self::pending(context, nonce, timestamp, now, Reply::Sync(tx));
+        let p = Self::pending(now_unix, context, nonce, timestamp, Reply::Sync(tx));
         if self.enqueue(p) {
             self.drain(true);
         }
@@ -293,13 +298,13 @@ impl NonceStore {
     /// itself runs on the runtime's blocking pool, one task per batch.
     pub async fn check_and_store_async(
         self: &Arc<Self>,
+        now_unix: u64,
         context: &str,
         nonce: &str,
         timestamp: u64,
-        now: u64,
     ) -> Result<(), AuthError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let p = Self::pending(context, nonce, timestamp, now, Reply::Async(tx));
+        let p = Self::pending(now_unix, context, nonce, timestamp, Reply::Async(tx));
         if self.enqueue(p) {
             let me = self.clone();
             tokio::task::spawn_blocking(move || me.drain(false));
@@ -325,10 +330,10 @@ impl NonceStore {
             .iter()
             .map(|p| self.check_one(&mut inner, p))
             .collect();
-        let now = batch.iter().map(|p| p.now).max().unwrap_or(0);
+        let now_unix = batch.iter().map(|p| p.now_unix).max().unwrap_or(0);
         let mut res = Ok(());
         if inner.inserts_since_purge >= 1000 || inner.count > self.capacity {
-            res = self.purge_locked(&mut inner, now);
+            res = self.purge_locked(now_unix, &mut inner);
         }
         if let Err(e) = res.and_then(|()| inner.conn.execute_batch("COMMIT")) {
             let _ = inner.conn.execute_batch("ROLLBACK");
@@ -341,7 +346,7 @@ impl NonceStore {
 
     fn check_one(&self, inner: &mut NonceInner, p: &Pending) -> Result<(), AuthError> {
         let storage = |e: rusqlite::Error| AuthError::Storage(e.to_string());
-        let now_i = to_i64(p.now);
+        let now_i = to_i64(p.now_unix);
         let seen: Option<i64> = inner
             .conn
             .prepare_cached("SELECT seen_at FROM nonces WHERE context = ?1 AND nonce = ?2")
@@ -382,9 +387,9 @@ impl NonceStore {
         }
     }
 
-    fn purge_locked(&self, inner: &mut NonceInner, now: u64) -> Result<(), rusqlite::Error> {
+    fn purge_locked(&self, now_unix: u64, inner: &mut NonceInner) -> Result<(), rusqlite::Error> {
         inner.inserts_since_purge = 0;
-        let cutoff = to_i64(now).saturating_sub(to_i64(self.ttl));
+        let cutoff = to_i64(now_unix).saturating_sub(to_i64(self.ttl));
         let removed = inner
             .conn
             .execute("DELETE FROM nonces WHERE seen_at < ?1", params![cutoff])?;
@@ -469,10 +474,10 @@ impl NonceAuthenticator {
         cred: &NonceCredential,
         payload: &str,
     ) -> Result<(), AuthError> {
-        let now = self.clock.now_unix();
-        check_signature(&self.secret, cred, payload, now)?;
+        let now_unix = self.clock.now_unix();
+        check_signature(now_unix, &self.secret, cred, payload)?;
         self.store
-            .check_and_store(context, &cred.nonce, cred.timestamp, now)
+            .check_and_store(now_unix, context, &cred.nonce, cred.timestamp)
     }
 
     /// [`Self::verify`] for the HTTP event loop: the window and MAC are checked inline (a few
@@ -483,10 +488,10 @@ impl NonceAuthenticator {
         cred: &NonceCredential,
         payload: &str,
     ) -> Result<(), AuthError> {
-        let now = self.clock.now_unix();
-        check_signature(&self.secret, cred, payload, now)?;
+        let now_unix = self.clock.now_unix();
+        check_signature(now_unix, &self.secret, cred, payload)?;
         self.store
-            .check_and_store_async(context, &cred.nonce, cred.timestamp, now)
+            .check_and_store_async(now_unix, context, &cred.nonce, cred.timestamp)
             .await
     }
 
@@ -529,27 +534,27 @@ mod tests {
             signature: sign(SECRET, ts, NONCE, "generate_key"),
         };
         for now in [ts - 60, ts, ts + 60] {
-            assert_eq!(check_signature(SECRET, &cred, "generate_key", now), Ok(()));
+            assert_eq!(check_signature(now, SECRET, &cred, "generate_key"), Ok(()));
         }
         for now in [ts - 61, ts + 61] {
             assert_eq!(
-                check_signature(SECRET, &cred, "generate_key", now),
+                check_signature(now, SECRET, &cred, "generate_key"),
                 Err(AuthError::TimestampOutOfWindow)
             );
         }
         assert_eq!(
-            check_signature(SECRET, &cred, "get_secret_key:7", ts),
+            check_signature(ts, SECRET, &cred, "get_secret_key:7"),
             Err(AuthError::InvalidSignature)
         );
         let mut bad = cred.clone();
         bad.signature = "not base64!".into();
         assert_eq!(
-            check_signature(SECRET, &bad, "generate_key", ts),
+            check_signature(ts, SECRET, &bad, "generate_key"),
             Err(AuthError::InvalidSignature)
         );
         bad.signature = base64::engine::general_purpose::STANDARD.encode([0u8; 31]);
         assert_eq!(
-            check_signature(SECRET, &bad, "generate_key", ts),
+            check_signature(ts, SECRET, &bad, "generate_key"),
             Err(AuthError::InvalidSignature)
         );
     }

@@ -55,8 +55,8 @@ impl RateLimiter {
         self.refill_ms.load(Ordering::Relaxed)
     }
 
-    fn refill(&self, b: &mut Bucket, now_ms: u64) {
-        let elapsed = now_ms.saturating_sub(b.last_ms);
+    fn refill(&self, now_unix_ms: u64, b: &mut Bucket) {
+        let elapsed = now_unix_ms.saturating_sub(b.last_ms);
         // 1000 milli-tokens per refill period.
         let add = elapsed.saturating_mul(1000) / self.refill_ms();
         if add > 0 {
@@ -65,12 +65,12 @@ impl RateLimiter {
             b.last_ms += add * self.refill_ms() / 1000;
         }
         if b.milli_tokens == self.burst_milli() {
-            b.last_ms = now_ms;
+            b.last_ms = now_unix_ms;
         }
     }
 
-    /// Take one token for `ip`. `Err(retry_after_secs)` when none is left.
-    pub fn check(&self, ip: IpAddr, now_ms: u64) -> Result<(), u64> {
+    /// Take one token for `ip` at `now_unix_ms`. `Err(retry_after_secs)` when none is left.
+    pub fn check(&self, now_unix_ms: u64, ip: IpAddr) -> Result<(), u64> {
         let Ok(mut map) = self.buckets.lock() else {
             return Err(1);
         };
@@ -78,7 +78,7 @@ impl RateLimiter {
             let full = self.burst_milli();
             let refill_ms = self.refill_ms();
             map.retain(|_, b| {
-                let elapsed = now_ms.saturating_sub(b.last_ms);
+                let elapsed = now_unix_ms.saturating_sub(b.last_ms);
                 b.milli_tokens + elapsed.saturating_mul(1000) / refill_ms < full
             });
             if map.len() >= self.max_entries {
@@ -87,9 +87,9 @@ impl RateLimiter {
         }
         let b = map.entry(ip).or_insert(Bucket {
             milli_tokens: self.burst_milli(),
-            last_ms: now_ms,
+            last_ms: now_unix_ms,
         });
-        self.refill(b, now_ms);
+        self.refill(now_unix_ms, b);
         if b.milli_tokens >= 1000 {
             b.milli_tokens -= 1000;
             Ok(())
@@ -115,15 +115,15 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let t = 1_000_000;
         for _ in 0..100 {
-            assert!(rl.check(ip, t).is_ok());
+            assert!(rl.check(t, ip).is_ok());
         }
-        assert!(rl.check(ip, t).is_err());
-        assert!(rl.check(ip, t + 1999).is_err());
-        assert!(rl.check(ip, t + 2000).is_ok());
-        assert!(rl.check(ip, t + 2000).is_err());
-        assert!(rl.check(ip, t + 6000).is_ok());
-        assert!(rl.check(ip, t + 6000).is_ok());
-        assert!(rl.check(ip, t + 6000).is_err());
+        assert!(rl.check(t, ip).is_err());
+        assert!(rl.check(t + 1999, ip).is_err());
+        assert!(rl.check(t + 2000, ip).is_ok());
+        assert!(rl.check(t + 2000, ip).is_err());
+        assert!(rl.check(t + 6000, ip).is_ok());
+        assert!(rl.check(t + 6000, ip).is_ok());
+        assert!(rl.check(t + 6000, ip).is_err());
     }
 
     #[test]
@@ -131,13 +131,13 @@ mod tests {
         let rl = RateLimiter::new(1, 2, 4);
         let t = 1_000_000;
         for i in 0..4u8 {
-            assert!(rl.check(IpAddr::from([192, 0, 2, i]), t).is_ok());
+            assert!(rl.check(t, IpAddr::from([192, 0, 2, i])).is_ok());
         }
         // Full of non-idle buckets: a fifth address is refused.
-        assert!(rl.check(IpAddr::from([192, 0, 2, 9]), t).is_err());
+        assert!(rl.check(t, IpAddr::from([192, 0, 2, 9])).is_err());
         assert_eq!(rl.tracked(), 4);
         // Later the old buckets are full again and get dropped.
-        assert!(rl.check(IpAddr::from([192, 0, 2, 9]), t + 10_000).is_ok());
+        assert!(rl.check(t + 10_000, IpAddr::from([192, 0, 2, 9])).is_ok());
         assert!(rl.tracked() <= 4);
     }
 }

@@ -174,8 +174,8 @@ impl RealmStore {
         }))
     }
 
-    /// Whether `realm_id` is valid at `now`.
-    pub fn check(&self, realm_id: u32, now: u64) -> Result<(), RealmError> {
+    /// Whether `realm_id` is valid at `now_unix`.
+    pub fn check(&self, now_unix: u64, realm_id: u32) -> Result<(), RealmError> {
         let realm = self.get(realm_id)?.ok_or(RealmError::NotFound)?;
         match realm.status {
             RealmStatus::Normal => {}
@@ -183,7 +183,7 @@ impl RealmStore {
             RealmStatus::Terminated => return Err(RealmError::Terminated),
         }
         match realm.expires_at {
-            Some(exp) if now > exp => Err(RealmError::Expired),
+            Some(exp) if now_unix > exp => Err(RealmError::Expired),
             _ => Ok(()),
         }
     }

@@ -12,7 +12,6 @@ use std::time::Duration;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::{mpsc, oneshot};
 use tower_http::cors::CorsLayer;
 
@@ -20,12 +19,13 @@ use crate::ais::{self, AisService};
 use crate::clock::{system_clock, SharedClock};
 use crate::config::{ControlConfig, CONTROL_DB_FILE, KS_DB_FILE};
 use crate::error::ControlError;
-use crate::identity::{IdentityError, IdentityQuery, IdentityVerifier, Readiness};
+use crate::identity::{self, IdentityError, IdentityVerifier, Readiness};
 use crate::ks::client::KsClient;
 use crate::ks::store::{KeyId, KeyStore, SecretRecord};
 use crate::ks::{self, KeySource, KeySourceError, KsService};
 use crate::nonce_auth::{NonceAuthenticator, NonceStore};
 use crate::realms::RealmStore;
+use actrix_proto::auth::{IdentityAnswer, IdentityRequest};
 
 /// Capacity of the data plane → control thread identity channel.
 pub const IDENTITY_QUEUE: usize = 4096;
@@ -65,6 +65,14 @@ pub struct ControlBuilder {
     clock: SharedClock,
     http_stats: Option<Arc<crate::http_stats::HttpStats>>,
     identity_stats: Option<Arc<crate::identity::IdentityStats>>,
+    identity: Option<IdentityChannels>,
+}
+
+/// The control thread's side of the identity exchange with the data plane: requests from
+/// every shard on one channel, answers to each shard on its own (indexed by `ShardId`).
+struct IdentityChannels {
+    requests: mpsc::Receiver<IdentityRequest>,
+    answers: Vec<crossbeam_channel::Sender<IdentityAnswer>>,
 }
 
 impl std::fmt::Debug for ControlBuilder {
@@ -86,6 +94,7 @@ impl ControlBuilder {
             extra: Router::new(),
             http_stats: None,
             identity_stats: None,
+            identity: None,
             factories: Vec::new(),
             clock: system_clock(),
         }
@@ -101,6 +110,18 @@ impl ControlBuilder {
     /// Record request counts and latencies by route and status into `stats`.
     pub fn http_stats(mut self, stats: Arc<crate::http_stats::HttpStats>) -> Self {
         self.http_stats = Some(stats);
+        self
+    }
+
+    /// Serve TURN identity lookups: `requests` from the data plane (bounded, created with
+    /// [`IDENTITY_QUEUE`]), each answered on `answers[request.shard]`. Without this, no
+    /// identity lookups are served.
+    pub fn identity(
+        mut self,
+        requests: mpsc::Receiver<IdentityRequest>,
+        answers: Vec<crossbeam_channel::Sender<IdentityAnswer>>,
+    ) -> Self {
+        self.identity = Some(IdentityChannels { requests, answers });
         self
     }
 
@@ -160,12 +181,9 @@ pub fn spawn_with_routes(
 /// Handle to the running control thread.
 pub struct ControlHandle {
     local_addr: SocketAddr,
-    identity_tx: Sender<IdentityQuery>,
     realms: RealmStore,
     shutdown_tx: Option<oneshot::Sender<()>>,
-    forwarder_stop: Option<Sender<()>>,
     thread: Option<JoinHandle<Result<(), ControlError>>>,
-    forwarder: Option<JoinHandle<()>>,
     /// The live TLS configuration (HTTPS only), swapped in place on reload.
     tls: Option<axum_server::tls_rustls::RustlsConfig>,
 }
@@ -184,12 +202,6 @@ impl ControlHandle {
         self.local_addr
     }
 
-    /// Sender of identity queries for the data plane. Bounded: a failed `try_send` means the
-    /// control thread is saturated and the client should be left to retransmit.
-    pub fn identity_sender(&self) -> Sender<IdentityQuery> {
-        self.identity_tx.clone()
-    }
-
     /// The realms table (provisioning).
     pub fn realms(&self) -> &RealmStore {
         &self.realms
@@ -203,12 +215,6 @@ impl ControlHandle {
     fn stop(&mut self) -> Result<(), ControlError> {
         if let Some(tx) = self.shutdown_tx.take() {
             let _ = tx.send(());
-        }
-        if let Some(tx) = self.forwarder_stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(f) = self.forwarder.take() {
-            let _ = f.join();
         }
         match self.thread.take() {
             Some(t) => t
@@ -270,6 +276,7 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
         clock,
         http_stats,
         identity_stats,
+        identity,
     } = b;
     let problems = config.validate();
     if !problems.is_empty() {
@@ -426,16 +433,6 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
         .build()
         .map_err(|e| ControlError::Thread(format!("cannot build the runtime: {e}")))?;
 
-    // Identity queries: a bounded crossbeam channel for the data plane, forwarded into the
-    // runtime by a small thread (crossbeam receivers cannot be awaited).
-    let (identity_tx, identity_rx) = crossbeam_channel::bounded::<IdentityQuery>(IDENTITY_QUEUE);
-    let (fwd_stop_tx, fwd_stop_rx) = crossbeam_channel::bounded::<()>(1);
-    let (async_tx, async_rx) = mpsc::channel::<IdentityQuery>(256);
-    let forwarder = std::thread::Builder::new()
-        .name("actrix-ctl-identity".into())
-        .spawn(move || forward_queries(identity_rx, fwd_stop_rx, async_tx))
-        .map_err(|e| ControlError::Thread(e.to_string()))?;
-
     let verifier = IdentityVerifier::new(key_source, realms.clone(), config.turn_realm.clone())
         .with_stats(identity_stats.unwrap_or_default());
 
@@ -452,12 +449,14 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
             }
             runtime.block_on(async move {
                 let (identity_stop_tx, identity_stop_rx) = oneshot::channel::<()>();
-                let identity = tokio::spawn(identity_loop(
-                    verifier,
-                    async_rx,
-                    identity_clock,
-                    identity_stop_rx,
-                ));
+                let identity = identity.map(|channels| {
+                    tokio::spawn(identity_loop(
+                        verifier,
+                        channels,
+                        identity_clock,
+                        identity_stop_rx,
+                    ))
+                });
                 let refresher = ais_service.map(|svc| tokio::spawn(svc.refresh_loop()));
                 let res = serve(listener, tls, app, shutdown_rx).await;
                 if let Some(r) = refresher {
@@ -465,7 +464,9 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
                 }
                 // Let the identity loop answer what it still holds before the runtime ends.
                 let _ = identity_stop_tx.send(());
-                let _ = identity.await;
+                if let Some(task) = identity {
+                    let _ = task.await;
+                }
                 res
             })
         })
@@ -474,12 +475,9 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
     tracing::info!(addr = %local_addr, "control plane listening");
     Ok(ControlHandle {
         local_addr,
-        identity_tx,
         realms,
         shutdown_tx: Some(shutdown_tx),
-        forwarder_stop: Some(fwd_stop_tx),
         thread: Some(thread),
-        forwarder: Some(forwarder),
         tls: tls_handle,
     })
 }
@@ -596,60 +594,43 @@ async fn serve(
     }
 }
 
-fn forward_queries(
-    rx: Receiver<IdentityQuery>,
-    stop: Receiver<()>,
-    tx: mpsc::Sender<IdentityQuery>,
-) {
-    loop {
-        crossbeam_channel::select! {
-            recv(rx) -> q => match q {
-                Ok(q) => {
-                    if let Err(e) = tx.blocking_send(q) {
-                        // The control thread is gone: answer instead of dropping silently.
-                        (e.0.reply)(Err(IdentityError::Internal));
-                        return;
-                    }
-                }
-                Err(_) => return,
-            },
-            recv(stop) -> _ => {
-                // Every query gets exactly one reply, also at shutdown.
-                for q in rx.try_iter() {
-                    (q.reply)(Err(IdentityError::Internal));
-                }
-                return;
-            }
-        }
-    }
-}
-
-/// Answer identity queries on the control thread. Queries whose key must come from a remote KS
-/// are parked while one fetch per key id runs on the blocking pool.
+/// Answer identity requests on the control thread, each on the asking shard's channel.
+/// Requests whose key must come from a remote KS are parked while one fetch per key id runs on
+/// the blocking pool.
 async fn identity_loop(
     mut verifier: IdentityVerifier,
-    mut rx: mpsc::Receiver<IdentityQuery>,
+    channels: IdentityChannels,
     clock: SharedClock,
     mut stop: oneshot::Receiver<()>,
 ) {
+    let IdentityChannels {
+        mut requests,
+        answers,
+    } = channels;
+    let reply = |q: IdentityRequest, r: Result<crate::TurnIdentity, IdentityError>| {
+        if let Some(tx) = answers.get(q.shard.index()) {
+            // A shard that is gone (shutdown) needs no answer.
+            let _ = tx.send(identity::answer(q.username, r));
+        }
+    };
     let (done_tx, mut done_rx) =
         mpsc::unbounded_channel::<(KeyId, Result<SecretRecord, KeySourceError>)>();
-    let mut pending: std::collections::HashMap<KeyId, Vec<IdentityQuery>> = Default::default();
+    let mut pending: std::collections::HashMap<KeyId, Vec<IdentityRequest>> = Default::default();
     let mut pending_count = 0usize;
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            q = rx.recv() => {
+            q = requests.recv() => {
                 let Some(q) = q else { break };
-                let now = clock.now_unix();
-                match verifier.readiness(&q.username, now) {
+                let now_unix = clock.now_unix();
+                match verifier.readiness(now_unix, &q.username) {
                     Readiness::Ready => {
-                        let r = verifier.verify(&q.username, now);
-                        (q.reply)(r);
+                        let r = verifier.verify(now_unix, &q.username);
+                        reply(q, r);
                     }
                     Readiness::NeedsKey(key_id) => {
                         if pending_count >= MAX_PENDING_QUERIES {
-                            (q.reply)(Err(IdentityError::Overloaded));
+                            reply(q, Err(IdentityError::Overloaded));
                             continue;
                         }
                         pending_count += 1;
@@ -666,28 +647,24 @@ async fn identity_loop(
                 }
             }
             Some((key_id, result)) = done_rx.recv() => {
-                let now = clock.now_unix();
-                verifier.insert_fetched(key_id, &result, now);
+                let now_unix = clock.now_unix();
+                verifier.insert_fetched(now_unix, key_id, &result);
                 for q in pending.remove(&key_id).unwrap_or_default() {
                     pending_count -= 1;
                     let r = match &result {
                         Err(KeySourceError::Unavailable(_)) => Err(IdentityError::KeyUnavailable),
                         Err(KeySourceError::Internal(_)) => Err(IdentityError::Internal),
-                        _ => verifier.verify(&q.username, now),
+                        _ => verifier.verify(now_unix, &q.username),
                     };
-                    (q.reply)(r);
+                    reply(q, r);
                 }
             }
         }
     }
-    // Shutdown: refuse what is queued or parked, so no reply is lost.
-    rx.close();
-    while let Some(q) = rx.recv().await {
-        (q.reply)(Err(IdentityError::Internal));
-    }
+    // Shutdown: what is parked gets a retryable refusal (the shards may still be draining).
     for (_, queries) in pending.drain() {
         for q in queries {
-            (q.reply)(Err(IdentityError::Internal));
+            reply(q, Err(IdentityError::Internal));
         }
     }
 }

@@ -4,19 +4,19 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::mpsc;
-use std::time::Duration;
 
 use actrix_control::ais::proto::{
-    actr_id_string, register_response, ActrType, Realm as PbRealm, RegisterRequest,
-    RegisterResponse,
+    acl_rule, actr_id_string, register_response, service_spec, Acl, AclRule, ActrType,
+    Realm as PbRealm, RegisterRequest, RegisterResponse, ServiceSpec,
 };
 use actrix_control::ais::snowflake::Snowflake;
 use actrix_control::ais::{self, IdentityClaims};
 use actrix_control::crypto;
-use actrix_control::identity::{IdentityError, IdentityQuery, IdentityVerifier, TurnIdentity};
+use actrix_control::identity::{IdentityError, IdentityVerifier};
+use actrix_control::testing::IdentityProbe;
 use actrix_control::{
-    ControlHandle, KeySource, KsClient, Realm, RealmStatus, RealmStore, SystemClock,
+    ControlBuilder, ControlConfig, ControlHandle, KeySource, KsClient, Realm, RealmStatus,
+    RealmStore, SystemClock,
 };
 use axum::routing::get as axum_get;
 use base64::Engine as _;
@@ -31,6 +31,8 @@ fn request(realm: u32) -> RegisterRequest {
             version: Some("1.0.0".into()),
         },
         realm: PbRealm { realm_id: realm },
+        service_spec: None,
+        acl: None,
         service: None,
         ws_address: None,
     }
@@ -87,23 +89,16 @@ fn provision(realms: &RealmStore, id: u32, status: RealmStatus, expires_at: Opti
         .unwrap();
 }
 
-fn ask(h: &ControlHandle, username: &[u8]) -> Result<TurnIdentity, IdentityError> {
-    let (tx, rx) = mpsc::channel();
-    h.identity_sender()
-        .try_send(IdentityQuery {
-            username: username.to_vec().into_boxed_slice(),
-            reply: Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        })
-        .unwrap();
-    rx.recv_timeout(Duration::from_secs(10)).expect("reply")
+/// A control plane that serves identity lookups, and the probe that asks them.
+fn start_with_identity(cfg: ControlConfig) -> (ControlHandle, IdentityProbe) {
+    let (b, probe) = IdentityProbe::attach(ControlBuilder::new(cfg));
+    (b.spawn().expect("control plane starts"), probe)
 }
 
 #[test]
 fn register_issues_a_decryptable_credential() {
     let dir = tempfile::tempdir().unwrap();
-    let h = start(config(dir.path()));
+    let (h, probe) = start_with_identity(config(dir.path()));
     let base = base(&h);
     let before = now();
     let ok = register_ok(&base, 101);
@@ -146,11 +141,10 @@ fn register_issues_a_decryptable_credential() {
         ok.credential.token_key_id,
         &ok.credential.encrypted_token,
     );
-    let id = ask(&h, &user).unwrap();
-    assert_eq!(id.realm_id, 101);
+    let id = probe.ask(&user).unwrap();
     assert_eq!(id.expires_at, claims.expr_time);
     assert_eq!(
-        id.key,
+        id.key_md5,
         crypto::turn_key(&user, "actor-rtc.local", &psk),
         "MD5(username:realm:hex(psk))"
     );
@@ -158,8 +152,11 @@ fn register_issues_a_decryptable_credential() {
     let mut token = ok.credential.encrypted_token.clone();
     token[100] ^= 0x40;
     let bad = username(101, ok.credential.token_key_id, &token);
-    assert_eq!(ask(&h, &bad), Err(IdentityError::InvalidToken));
-    assert_eq!(ask(&h, b"\xff\xfe"), Err(IdentityError::MalformedUsername));
+    assert_eq!(probe.ask(&bad), Err(IdentityError::InvalidToken.refusal()));
+    assert_eq!(
+        probe.ask(b"\xff\xfe"),
+        Err(IdentityError::MalformedUsername.refusal())
+    );
 
     let (st, health) = get(&base, "/ais/health");
     assert_eq!(st, 200);
@@ -188,53 +185,92 @@ fn verifier_refuses_bad_credentials() {
     let user = username(101, key_id, &token);
     let t = now();
 
-    assert_eq!(v.verify(&user, t), Err(IdentityError::RealmNotFound));
+    assert_eq!(v.verify(t, &user), Err(IdentityError::RealmNotFound));
     provision(&realms, 101, RealmStatus::Normal, None);
-    let id = v.verify(&user, t).unwrap();
+    let id = v.verify(t, &user).unwrap();
     // Expired credential.
     assert_eq!(
-        v.verify(&user, id.expires_at + 1),
+        v.verify(id.expires_at + 1, &user),
         Err(IdentityError::Expired)
     );
     assert!(
-        v.verify(&user, id.expires_at).is_ok(),
+        v.verify(id.expires_at, &user).is_ok(),
         "valid at exactly expr_time"
     );
     // Realm in the username differs from the claims.
     provision(&realms, 102, RealmStatus::Normal, None);
     assert_eq!(
-        v.verify(&username(102, key_id, &token), t),
+        v.verify(t, &username(102, key_id, &token)),
         Err(IdentityError::RealmMismatch)
     );
     // Realm states.
     provision(&realms, 101, RealmStatus::Suspended, None);
-    assert_eq!(v.verify(&user, t), Err(IdentityError::RealmSuspended));
+    assert_eq!(v.verify(t, &user), Err(IdentityError::RealmSuspended));
     provision(&realms, 101, RealmStatus::Terminated, None);
-    assert_eq!(v.verify(&user, t), Err(IdentityError::RealmTerminated));
+    assert_eq!(v.verify(t, &user), Err(IdentityError::RealmTerminated));
     provision(&realms, 101, RealmStatus::Normal, Some(t - 1));
-    assert_eq!(v.verify(&user, t), Err(IdentityError::RealmExpired));
+    assert_eq!(v.verify(t, &user), Err(IdentityError::RealmExpired));
     provision(&realms, 101, RealmStatus::Normal, Some(t));
-    assert!(v.verify(&user, t).is_ok(), "valid at exactly expires_at");
+    assert!(v.verify(t, &user).is_ok(), "valid at exactly expires_at");
     // Unknown key; truncated token; too short.
     assert_eq!(
-        v.verify(&username(101, 9999, &token), t),
+        v.verify(t, &username(101, 9999, &token)),
         Err(IdentityError::UnknownKey)
     );
     assert_eq!(
-        v.verify(&username(101, key_id, &token[..60]), t),
+        v.verify(t, &username(101, key_id, &token[..60])),
         Err(IdentityError::InvalidToken)
     );
     assert_eq!(
-        v.verify(&crypto::base122_encode(&[0, 0, 0, 101]), t),
+        v.verify(t, &crypto::base122_encode(&[0, 0, 0, 101])),
         Err(IdentityError::MalformedUsername)
     );
     // An invalid curve point as ephemeral key.
     let mut bad_point = token.clone();
     bad_point[1..33].fill(0xff);
     assert_eq!(
-        v.verify(&username(101, key_id, &bad_point), t),
+        v.verify(t, &username(101, key_id, &bad_point)),
         Err(IdentityError::InvalidToken)
     );
+}
+
+#[test]
+fn register_decodes_and_ignores_the_fields_signaling_reads() {
+    // A client's full request (as it reaches the hub) carries a spec, an ACL, a service name
+    // and an address: the AIS decodes it and issues from the type and the realm alone.
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(config(dir.path()));
+    let full = RegisterRequest {
+        service_spec: Some(ServiceSpec {
+            name: "echo-svc".into(),
+            fingerprint: "fp-1".into(),
+            protobufs: vec![service_spec::Protobuf {
+                package: "echo.v1".into(),
+                content: "message A {}".into(),
+                fingerprint: "p1".into(),
+            }],
+            ..Default::default()
+        }),
+        acl: Some(Acl {
+            rules: vec![AclRule {
+                principals: vec![acl_rule::Principal {
+                    realm: Some(PbRealm { realm_id: 7 }),
+                    actr_type: Some(request(101).actr_type),
+                }],
+                permission: acl_rule::ALLOW,
+            }],
+        }),
+        service: Some("echo".into()),
+        ws_address: Some("ws://10.0.0.1:9100".into()),
+        ..request(101)
+    };
+    let (st, _, resp) = post_register(&base(&h), &full.encode_to_vec(), &[]);
+    assert_eq!(st, 200);
+    let Some(register_response::Result::Success(ok)) = resp.result else {
+        panic!("{resp:?}")
+    };
+    assert_eq!(ok.actr_id.realm.realm_id, 101);
+    assert_eq!(ok.actr_id.r#type, request(101).actr_type);
 }
 
 #[test]
@@ -433,7 +469,7 @@ fn remote_ks_down_gives_503_and_recovers() {
     cfg.services.ks = false;
     cfg.ks.kek = None;
     cfg.ks.remote_url = Some(format!("http://127.0.0.1:{port}"));
-    let ais_node = start(cfg);
+    let (ais_node, probe) = start_with_identity(cfg);
     let ais_base = base(&ais_node);
 
     let (st, _, resp) = post_register(&ais_base, &request(101).encode_to_vec(), &[]);
@@ -471,24 +507,19 @@ fn remote_ks_down_gives_503_and_recovers() {
         ok.credential.token_key_id,
         &ok.credential.encrypted_token,
     );
-    assert!(ask(&ais_node, &user).is_ok());
+    assert!(probe.ask(&user).is_ok());
     assert_eq!(
-        ask(
-            &ais_node,
-            &username(101, 4242, &ok.credential.encrypted_token)
-        ),
-        Err(IdentityError::UnknownKey)
+        probe.ask(&username(101, 4242, &ok.credential.encrypted_token)),
+        Err(IdentityError::UnknownKey.refusal())
     );
     // KS down again: cached key still verifies; unknown keys are "unavailable" (retryable).
     ks_node.shutdown().unwrap();
-    assert!(ask(&ais_node, &user).is_ok());
-    let e = ask(
-        &ais_node,
-        &username(101, 4343, &ok.credential.encrypted_token),
-    )
-    .unwrap_err();
-    assert_eq!(e, IdentityError::KeyUnavailable);
-    assert!(e.is_retryable());
+    assert!(probe.ask(&user).is_ok());
+    let e = probe
+        .ask(&username(101, 4343, &ok.credential.encrypted_token))
+        .unwrap_err();
+    assert_eq!(e, IdentityError::KeyUnavailable.refusal());
+    assert!(e.retryable);
 }
 
 #[test]
@@ -577,9 +608,9 @@ fn appendix_a4_full_chain() {
         h.realms().clone(),
         "actor-rtc.local",
     );
-    let id = v.verify(&user, 1_767_225_600).unwrap();
+    let id = v.verify(1_767_225_600, &user).unwrap();
     assert_eq!(hex::encode(id.key), "1c3e286e064347f98eda95611de8b0f6");
     assert_eq!(id.expires_at, 1_767_229_200);
     assert_eq!(id.realm_id, 101);
-    assert_eq!(v.verify(&user, 1_767_229_201), Err(IdentityError::Expired));
+    assert_eq!(v.verify(1_767_229_201, &user), Err(IdentityError::Expired));
 }

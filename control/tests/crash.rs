@@ -81,7 +81,7 @@ fn ks_survives_repeated_sigkill() {
     assert_eq!(store.integrity_check().unwrap(), "ok");
     for id in &acked {
         let rec = store
-            .get_secret(*id, 1_767_225_600)
+            .get_secret(1_767_225_600, *id)
             .unwrap_or_else(|e| panic!("acknowledged key {id}: {e}"));
         assert!(actrix_control::crypto::public_from_secret(&rec.secret_key[..]).is_ok());
     }
@@ -97,7 +97,7 @@ fn ks_survives_repeated_sigkill() {
         .collect();
     assert_eq!(ids.len() as u32, count);
     for id in ids {
-        assert!(store.get_secret(id, 1_767_225_600).is_ok(), "row {id}");
+        assert!(store.get_secret(1_767_225_600, id).is_ok(), "row {id}");
     }
     eprintln!(
         "{} keys acknowledged over 30 kills, {count} stored",

@@ -155,16 +155,21 @@ fn timestamp_window_boundaries() {
     }
 }
 
-#[test]
-fn unknown_key_and_expired_beyond_tolerance_are_404() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0);
-    let mut cfg = ks_config(dir.path());
+/// A KS-only config whose keys live 100 s with 50 s of tolerance.
+fn short_lived_keys(dir: &std::path::Path) -> actrix_control::ControlConfig {
+    let mut cfg = ks_config(dir);
     cfg.ks.key_ttl_seconds = 100;
     cfg.ks.tolerance_seconds = 50;
     cfg.ais.key_refresh_ahead_secs = 10;
     cfg.ais.token_ttl_secs = 60;
-    let h = start_with_clock(cfg, &clock);
+    cfg
+}
+
+#[test]
+fn unknown_key_and_expired_beyond_tolerance_are_404() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let h = start_with_clock(short_lived_keys(dir.path()), &clock);
     let base = base(&h);
     let mut n = 0;
     let mut fresh = |payload: &str| {
@@ -194,23 +199,13 @@ fn unknown_key_and_expired_beyond_tolerance_are_404() {
     // second key while key 1 is expired but inside tolerance would have deleted it in Actrix.
     let dir2 = tempfile::tempdir().unwrap();
     let clock2 = ManualClock::new(T0);
-    let mut cfg2 = ks_config(dir2.path());
-    cfg2.ks.key_ttl_seconds = 100;
-    cfg2.ks.tolerance_seconds = 50;
-    cfg2.ais.key_refresh_ahead_secs = 10;
-    cfg2.ais.token_ttl_secs = 60;
-    let h2 = start_with_clock(cfg2, &clock2);
+    let h2 = start_with_clock(short_lived_keys(dir2.path()), &clock2);
     let b2 = common::base(&h2);
     assert_eq!(generate(&b2, &cred(T0, "p1", "generate_key")).0, 200);
     clock2.set(T0 + 120);
     // Restart so the purge counter starts at zero again and this generate triggers a purge.
     h2.shutdown().unwrap();
-    let mut cfg3 = ks_config(dir2.path());
-    cfg3.ks.key_ttl_seconds = 100;
-    cfg3.ks.tolerance_seconds = 50;
-    cfg3.ais.key_refresh_ahead_secs = 10;
-    cfg3.ais.token_ttl_secs = 60;
-    let h3 = start_with_clock(cfg3, &clock2);
+    let h3 = start_with_clock(short_lived_keys(dir2.path()), &clock2);
     let b3 = common::base(&h3);
     assert_eq!(generate(&b3, &cred(T0 + 120, "p2", "generate_key")).0, 200);
     assert_eq!(

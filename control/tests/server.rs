@@ -5,8 +5,11 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actrix_control::identity::{IdentityError, IdentityQuery};
+use actrix_control::identity::IdentityError;
+use actrix_control::testing::IdentityProbe;
 use actrix_control::{spawn_with_routes, ControlBuilder, ControlError};
+use actrix_proto::auth::IdentityRequest;
+use actrix_proto::plan::ShardId;
 use common::*;
 
 #[test]
@@ -154,32 +157,23 @@ fn https_with_rustls() {
 }
 
 #[test]
-fn shutdown_is_graceful_and_identity_queries_are_answered() {
+fn shutdown_is_graceful_and_identity_requests_are_answered() {
     let dir = tempfile::tempdir().unwrap();
-    let h = start(ks_config(dir.path()));
+    let (builder, probe) = IdentityProbe::attach(ControlBuilder::new(ks_config(dir.path())));
+    let h = builder.spawn().expect("control plane starts");
     let addr = h.local_addr();
-    let sender = h.identity_sender();
-    let (tx, rx) = std::sync::mpsc::channel();
-    sender
-        .try_send(IdentityQuery {
-            username: b"not base122 \xff".to_vec().into_boxed_slice(),
-            reply: Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        })
-        .unwrap();
     assert_eq!(
-        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
-        Err(IdentityError::MalformedUsername)
+        probe.ask(b"not base122 \xff"),
+        Err(IdentityError::MalformedUsername.refusal())
     );
     h.shutdown().unwrap();
     assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err());
     // After shutdown, sending fails rather than hanging.
-    let q = IdentityQuery {
+    let q = IdentityRequest {
+        shard: ShardId(0),
         username: Box::new([]),
-        reply: Box::new(|_| {}),
     };
-    assert!(sender.try_send(q).is_err());
+    assert!(probe.requests.try_send(q).is_err());
 }
 
 #[test]

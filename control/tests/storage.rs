@@ -30,7 +30,7 @@ fn wrong_or_missing_kek_refuses_to_open() {
     assert!(err.to_string().contains("no KEK"), "{err}");
     // The right KEK still works.
     let s = KeyStore::open(&path, Some(&kek(1)), 3600, 3600).unwrap();
-    assert!(s.get_secret(1, 1000).is_ok());
+    assert!(s.get_secret(1000, 1).is_ok());
 }
 
 #[test]
@@ -40,7 +40,7 @@ fn swapped_or_tampered_rows_fail_to_decrypt() {
     let store = KeyStore::open(&path, Some(&kek(7)), 0, 0).unwrap();
     let a = store.generate(1000).unwrap();
     let b = store.generate(1000).unwrap();
-    let sa = store.get_secret(a.key_id, 1000).unwrap();
+    let sa = store.get_secret(1000, a.key_id).unwrap();
     assert_eq!(
         crypto::public_from_secret(&sa.secret_key[..]).unwrap(),
         a.public_key
@@ -56,10 +56,10 @@ fn swapped_or_tampered_rows_fail_to_decrypt() {
     .unwrap();
     let store = KeyStore::open(&path, Some(&kek(7)), 0, 0).unwrap();
     assert_eq!(
-        store.get_secret(a.key_id, 1000).unwrap_err(),
+        store.get_secret(1000, a.key_id).unwrap_err(),
         StoreError::Corrupt
     );
-    assert!(store.get_secret(b.key_id, 1000).is_ok());
+    assert!(store.get_secret(1000, b.key_id).is_ok());
     drop(store);
 
     // Flip one byte of key 2's ciphertext (tag region at the end).
@@ -80,7 +80,7 @@ fn swapped_or_tampered_rows_fail_to_decrypt() {
     .unwrap();
     let store = KeyStore::open(&path, Some(&kek(7)), 0, 0).unwrap();
     assert_eq!(
-        store.get_secret(b.key_id, 1000).unwrap_err(),
+        store.get_secret(1000, b.key_id).unwrap_err(),
         StoreError::Corrupt
     );
     assert_eq!(store.integrity_check().unwrap(), "ok");
@@ -234,28 +234,28 @@ fn nonce_flood_stays_bounded_and_accepts_valid_requests() {
     for i in 0..2_000u64 {
         // Every unique nonce within the window is accepted: none is refused for capacity.
         store
-            .check_and_store("", &format!("flood-{i}"), t + i / 100, t + i / 100)
+            .check_and_store(t + i / 100, "", &format!("flood-{i}"), t + i / 100)
             .unwrap();
         assert!(store.len() <= capacity + 1, "len {} at {i}", store.len());
     }
     assert!(store.count_rows().unwrap() <= capacity);
     // Recent nonces are still remembered.
     assert_eq!(
-        store.check_and_store("", "flood-1999", t + 19, t + 19),
+        store.check_and_store(t + 19, "", "flood-1999", t + 19),
         Err(AuthError::DuplicateNonce)
     );
     // Contexts are separate.
     assert!(store
-        .check_and_store("ais", "flood-1999", t + 19, t + 19)
+        .check_and_store(t + 19, "ais", "flood-1999", t + 19)
         .is_ok());
     // After the TTL a nonce may be used again, and expired rows are purged.
     assert!(store
-        .check_and_store("", "flood-1999", t + 400, t + 400)
+        .check_and_store(t + 400, "", "flood-1999", t + 400)
         .is_ok());
     drop(store);
     let store = std::sync::Arc::new(NonceStore::open(&path, capacity).unwrap());
     assert_eq!(
-        store.check_and_store("", "flood-1999", t + 401, t + 401),
+        store.check_and_store(t + 401, "", "flood-1999", t + 401),
         Err(AuthError::DuplicateNonce),
         "remembered across reopen"
     );
@@ -283,7 +283,7 @@ fn concurrent_nonces_are_committed_together_and_each_accepted_once() {
                     ids.reverse();
                 }
                 for i in ids {
-                    match store.check_and_store("", &format!("race-{i}"), t, t) {
+                    match store.check_and_store(t, "", &format!("race-{i}"), t) {
                         Ok(()) => accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                         Err(AuthError::DuplicateNonce) => {
                             duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -305,7 +305,7 @@ fn concurrent_nonces_are_committed_together_and_each_accepted_once() {
     assert_eq!(store.count_rows().unwrap(), 200);
     for i in 0..200 {
         assert_eq!(
-            store.check_and_store("", &format!("race-{i}"), t + 1, t + 1),
+            store.check_and_store(t + 1, "", &format!("race-{i}"), t + 1),
             Err(AuthError::DuplicateNonce)
         );
     }

@@ -5,7 +5,8 @@
 //! [`Config::validate`], so one bad value does not hide the next: `actrix check` reports all of
 //! them, each with the key that holds it.
 
-use crate::policy::IpRange;
+use actrix_dataplane::{IoConfig, IoSettings, Mode};
+use actrix_proto::policy::IpRange;
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -61,13 +62,13 @@ pub struct LogConfig {
     /// trace, debug, info, warn or error (or a tracing filter directive).
     pub level: String,
     /// text or json.
-    pub format: String,
+    pub format: Mode<LogFormat>,
     /// Repeated warnings allowed per shard per second before they are only counted.
     pub warn_per_sec: u32,
     /// Log to this file instead of stderr. Empty: stderr (journald under systemd).
     pub file: String,
     /// Rotation of `file`: daily, hourly or never.
-    pub rotation: String,
+    pub rotation: Mode<Rotation>,
     /// Rotated files kept.
     pub keep: usize,
 }
@@ -76,13 +77,30 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
-            format: "text".into(),
+            format: Mode::Known(LogFormat::Text),
             warn_per_sec: 5,
             file: String::new(),
-            rotation: "daily".into(),
+            rotation: Mode::Known(Rotation::Daily),
             keep: 7,
         }
     }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// When a log file is rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rotation {
+    Daily,
+    Hourly,
+    Never,
 }
 
 /// Core pinning. `auto` means: all cores but one run shards, the remaining one runs the
@@ -225,48 +243,6 @@ impl Default for TurnSection {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct IoConfig {
-    /// Datagrams per recvmmsg/sendmmsg call.
-    pub batch: usize,
-    /// SO_RCVBUF/SO_SNDBUF of listener sockets, bytes.
-    pub socket_buffer: usize,
-    /// `cbpf` (steer clients to shards by address, stable) or `kernel` (reuseport hash).
-    pub steering: String,
-    /// `mmsg` (epoll with recvmmsg/sendmmsg; the default, measured faster here) or
-    /// `io_uring` (multishot receives and sends batched across all sockets; falls back to mmsg
-    /// when the kernel refuses it).
-    pub backend: String,
-    /// Relay sockets kept open (bound, polled, unused) per shard after their allocation ends,
-    /// so the next allocation reuses one instead of opening, binding and closing a socket.
-    /// Each costs a file descriptor; 0 closes them at once.
-    pub relay_socket_pool: usize,
-    /// Wake-up coalescing period, microseconds (0: off). Under dense traffic a shard starts a
-    /// round at most once per period, so each wake-up drains several datagrams; sparse
-    /// traffic and saturation are unaffected. Adds at most one period of latency per hop.
-    pub coalesce_us: u32,
-    /// `per_allocation` (a socket per relayed address, the default) or `shared` (one socket
-    /// per shard and family receives for every relayed address, steered by a BPF sk_lookup
-    /// program, and a raw socket sends; no file descriptor per allocation; needs root/CAP_BPF
-    /// and CAP_NET_ADMIN at start, Linux 5.9+, the mmsg backend).
-    pub relay_sockets: String,
-}
-
-impl Default for IoConfig {
-    fn default() -> Self {
-        IoConfig {
-            batch: 32,
-            socket_buffer: 4 << 20,
-            steering: "cbpf".into(),
-            backend: "mmsg".into(),
-            relay_socket_pool: 256,
-            coalesce_us: 200,
-            relay_sockets: "per_allocation".into(),
-        }
-    }
-}
-
 /// The configuration `actrix run` uses without `-c`: everything on loopback, a demo user
 /// whose password is generated at start.
 pub const EMBEDDED_DEFAULT: &str = r#"
@@ -299,6 +275,7 @@ pub struct Resolved {
     pub deny: Vec<IpRange>,
     pub shard_cores: Vec<usize>,
     pub control_core: Option<usize>,
+    pub io: IoSettings,
 }
 
 /// Parse TOML text; unknown keys are collected (not fatal here, reported by validation).
@@ -356,6 +333,11 @@ impl Config {
     /// when there were no errors.
     pub fn validate(&self, errors: &mut Vec<String>, cores: Vec<usize>) -> Option<Resolved> {
         let start = errors.len();
+        self.log
+            .rotation
+            .check("log.rotation", "daily, hourly or never", errors);
+        self.log.format.check("log.format", "text or json", errors);
+        let io = self.io.validate(errors);
         let mut err = |m: String| errors.push(m);
 
         match self.log.level.as_str() {
@@ -367,12 +349,6 @@ impl Config {
                 "log.level: '{other}' is not trace, debug, info, warn or error"
             )),
         }
-        if !matches!(self.log.rotation.as_str(), "daily" | "hourly" | "never") {
-            err(format!(
-                "log.rotation: '{}' is not daily, hourly or never",
-                self.log.rotation
-            ));
-        }
         if !self.log.file.is_empty() && std::path::Path::new(&self.log.file).file_name().is_none() {
             err(format!("log.file: '{}' names no file", self.log.file));
         }
@@ -383,56 +359,6 @@ impl Config {
             && crate::privileges::lookup_group(&self.node.group).is_none()
         {
             err(format!("node.group: no group named '{}'", self.node.group));
-        }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            err(format!(
-                "log.format: '{}' is not text or json",
-                self.log.format
-            ));
-        }
-        if !matches!(self.io.steering.as_str(), "cbpf" | "kernel") {
-            err(format!(
-                "io.steering: '{}' is not cbpf or kernel",
-                self.io.steering
-            ));
-        }
-        if !matches!(self.io.backend.as_str(), "io_uring" | "mmsg") {
-            err(format!(
-                "io.backend: '{}' is not io_uring or mmsg",
-                self.io.backend
-            ));
-        }
-        if self.io.relay_socket_pool > 65_536 {
-            err(format!(
-                "io.relay_socket_pool: {} is above 65536",
-                self.io.relay_socket_pool
-            ));
-        }
-        match self.io.relay_sockets.as_str() {
-            "per_allocation" => {}
-            "shared" => {
-                if self.io.backend != "mmsg" {
-                    err(format!(
-                        "io.relay_sockets: 'shared' works with io.backend = 'mmsg', not '{}'",
-                        self.io.backend
-                    ));
-                }
-            }
-            other => err(format!(
-                "io.relay_sockets: '{other}' is not per_allocation or shared"
-            )),
-        }
-        if self.io.coalesce_us > 10_000 {
-            err(format!(
-                "io.coalesce_us: {} is above 10000 (10 ms)",
-                self.io.coalesce_us
-            ));
-        }
-        if !(1..=1024).contains(&self.io.batch) {
-            err(format!(
-                "io.batch: {} is not between 1 and 1024",
-                self.io.batch
-            ));
         }
 
         let mut listen = Vec::new();
@@ -696,6 +622,7 @@ impl Config {
             deny,
             shard_cores,
             control_core,
+            io: io?,
         })
     }
 
@@ -727,36 +654,6 @@ pub fn core_plan(cores: &[usize]) -> (Vec<usize>, Option<usize>) {
         [only] => (vec![*only], Some(*only)),
         [first, rest @ ..] => (rest.to_vec(), Some(*first)),
     }
-}
-
-/// Split the relay port range among `shards` contiguous slices. Port-to-shard is then a pure
-/// function ([`shard_of_port`]).
-pub fn port_slices(min: u16, max: u16, shards: usize) -> Vec<(u16, u16)> {
-    let span = max as usize - min as usize + 1;
-    (0..shards)
-        .map(|i| {
-            let lo = min as usize + i * span / shards;
-            let hi = min as usize + (i + 1) * span / shards - 1;
-            (lo as u16, hi as u16)
-        })
-        .collect()
-}
-
-pub fn shard_of_port(min: u16, max: u16, shards: usize, port: u16) -> Option<usize> {
-    if port < min || port > max || shards == 0 {
-        return None;
-    }
-    let span = max as usize - min as usize + 1;
-    // Inverse of `port_slices`: the largest i with min + i*span/shards <= port.
-    let off = (port - min) as usize;
-    let mut i = off * shards / span;
-    while i + 1 < shards && (i + 1) * span / shards <= off {
-        i += 1;
-    }
-    while i > 0 && i * span / shards > off {
-        i -= 1;
-    }
-    Some(i)
 }
 
 #[cfg(test)]
@@ -823,13 +720,13 @@ mod tests {
     }
 
     #[test]
-    fn shared_relay_sockets_need_the_mmsg_backend() {
+    fn shared_relay_sockets_need_a_recvmmsg_backend() {
         let (cfg, _) = parse("[io]\nrelay_sockets = \"shared\"\nbackend = \"io_uring\"\n").unwrap();
         let mut errors = vec![];
         assert!(cfg.validate(&mut errors, vec![0, 1]).is_none());
         assert_eq!(
             errors,
-            ["io.relay_sockets: 'shared' works with io.backend = 'mmsg', not 'io_uring'"]
+            ["io.relay_sockets: 'shared' works with io.backend = 'mmsg' or 'glommio', not 'io_uring'"]
         );
         let (cfg, _) = parse("[io]\nrelay_sockets = \"shared\"\n").unwrap();
         let mut errors = vec![];
@@ -859,6 +756,9 @@ mod tests {
             [io]
             coalesce_us = 50000
             relay_sockets = "bogus"
+            backend = "epoll"
+            [log]
+            format = "xml"
             [stun.extra]
         "#;
         let (cfg, unknown) = parse(text).unwrap();
@@ -884,6 +784,8 @@ mod tests {
             "cores.control: core 0 also runs a shard",
             "io.coalesce_us: 50000 is above 10000",
             "io.relay_sockets: 'bogus' is not per_allocation or shared",
+            "io.backend: 'epoll' is not mmsg, io_uring or glommio",
+            "log.format: 'xml' is not text or json",
         ] {
             assert!(all.contains(needle), "missing '{needle}' in:\n{all}");
         }
@@ -921,23 +823,6 @@ mod tests {
             all.contains("1 IPv4 address(es) for 3 IPv4 relay address(es)"),
             "{all}"
         );
-    }
-
-    #[test]
-    fn port_slices_and_inverse_agree() {
-        for shards in 1..7 {
-            let s = port_slices(49152, 65535, shards);
-            assert_eq!(s[0].0, 49152);
-            assert_eq!(s[shards - 1].1, 65535);
-            for (i, (lo, hi)) in s.iter().enumerate() {
-                assert_eq!(shard_of_port(49152, 65535, shards, *lo), Some(i));
-                assert_eq!(shard_of_port(49152, 65535, shards, *hi), Some(i));
-                if i > 0 {
-                    assert_eq!(*lo, s[i - 1].1 + 1);
-                }
-            }
-        }
-        assert_eq!(shard_of_port(100, 200, 2, 99), None);
     }
 
     #[test]

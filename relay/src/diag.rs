@@ -12,7 +12,7 @@
 //! Credentials are typed by the operator, or minted for the page by `GET /diag/credential`
 //! when a TURN REST secret is given in [`DiagOptions::rest_secret`]: username
 //! `<now + ttl>:diag`, password base64(HMAC-SHA1(secret, username)), the formula of
-//! [`crate::auth::rest_password`]. Anyone who can reach that route gets a short-lived TURN
+//! [`actrix_proto::auth::rest_password`]. Anyone who can reach that route gets a short-lived TURN
 //! credential, so leave `rest_secret` at `None` unless the operator asked for it; the route
 //! also refuses requests a browser marks as cross-site, so another web page cannot mint one.
 //!
@@ -111,7 +111,7 @@ pub fn mint_credential(secret: &str, ttl: u64, now_unix: u64) -> Credential {
         ttl
     };
     let username = format!("{}:diag", now_unix.saturating_add(ttl));
-    let password = crate::auth::rest_password(secret.as_bytes(), username.as_bytes());
+    let password = actrix_proto::auth::rest_password(secret.as_bytes(), username.as_bytes());
     Credential {
         username,
         password,
@@ -356,7 +356,7 @@ pub fn router_with_handle(opts: DiagOptions) -> (Router, DiagHandle) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{AuthConfig, KeyCache, Lookup, UserKey};
+    use actrix_proto::auth::{AuthConfig, KeyCache, Lookup, UserKey};
     use base64::Engine;
     use hmac::{Hmac, Mac};
     use sha1::Sha1;
@@ -384,12 +384,12 @@ mod tests {
         assert_eq!(c.password, want);
         assert_eq!(
             c.password,
-            crate::auth::rest_password(SECRET.as_bytes(), c.username.as_bytes())
+            actrix_proto::auth::rest_password(SECRET.as_bytes(), c.username.as_bytes())
         );
         // A fixed vector (Python: base64(hmac.new(secret, user, sha1).digest())).
         assert_eq!(c.password, "+dWbS9vAIXHJVG5mBTVyYrScMn8=");
         assert_eq!(
-            crate::auth::rest_expiry(c.username.as_bytes()),
+            actrix_proto::auth::rest_expiry(c.username.as_bytes()),
             Some(1_700_000_120)
         );
         // ttl 0 means the default.
@@ -411,12 +411,12 @@ mod tests {
             b"actor-rtc.local",
             c.password.as_bytes(),
         );
-        match cache.lookup(c.username.as_bytes(), now + 60) {
+        match cache.lookup(now + 60, c.username.as_bytes()) {
             Lookup::Found(found) => assert_eq!(found.key, want),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            cache.lookup(c.username.as_bytes(), now + 121),
+            cache.lookup(now + 121, c.username.as_bytes()),
             Lookup::Refused
         ));
     }
@@ -434,7 +434,7 @@ mod tests {
         assert_eq!(v["ttl"], 120);
         assert_eq!(
             v["password"],
-            crate::auth::rest_password(SECRET.as_bytes(), b"1120:diag")
+            actrix_proto::auth::rest_password(SECRET.as_bytes(), b"1120:diag")
         );
         assert_eq!(
             v["urls"],
@@ -597,11 +597,11 @@ mod tests {
         assert_eq!(ct, "application/json");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let user = v["username"].as_str().unwrap();
-        let expiry = crate::auth::rest_expiry(user.as_bytes()).unwrap();
+        let expiry = actrix_proto::auth::rest_expiry(user.as_bytes()).unwrap();
         assert!(expiry.abs_diff(now_unix() + 120) <= 5);
         assert_eq!(
             v["password"],
-            crate::auth::rest_password(SECRET.as_bytes(), user.as_bytes())
+            actrix_proto::auth::rest_password(SECRET.as_bytes(), user.as_bytes())
         );
         h.shutdown().unwrap();
 
@@ -631,7 +631,7 @@ mod tests {
         let user = v["username"].as_str().unwrap();
         assert_eq!(
             v["password"],
-            crate::auth::rest_password(b"another-secret-0123456789", user.as_bytes())
+            actrix_proto::auth::rest_password(b"another-secret-0123456789", user.as_bytes())
         );
         assert!(page(&agent).contains("\"credential\":true"));
         h.shutdown().unwrap();

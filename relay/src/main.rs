@@ -1,8 +1,8 @@
 //! The `actrix` binary: `run`, `check` and `tune`.
 
-use actrix::config::{self, Config, Resolved};
-use actrix::dataplane::shard::IdentityResolver;
-use actrix::dataplane::DataPlane;
+use actrix::config::{self, Config, LogFormat, Resolved, Rotation};
+use actrix::plane::Plane;
+use actrix_dataplane::{DataPlane, IdentityLinks};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -61,6 +61,12 @@ fn print_errors(errors: &[String]) {
 fn check(path: &std::path::Path) -> i32 {
     match config::load(Some(path)) {
         Ok((_, r)) => {
+            // The service runs under its own limits (the systemd unit raises RLIMIT_MEMLOCK);
+            // this checks the ones of the shell `check` runs in.
+            if let Some(e) = actrix_dataplane::memlock_problem(&r.io) {
+                print_errors(&[format!("{e} (checked in this shell)")]);
+                return 1;
+            }
             println!(
                 "{}: ok ({} shard(s) on cores {:?}, control on {:?}, listeners {:?})",
                 path.display(),
@@ -106,7 +112,7 @@ fn init_logging(
         let fmt = tracing_subscriber::fmt::layer()
             .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr);
-        if cfg.log.format == "json" {
+        if cfg.log.format.or(LogFormat::Text) == LogFormat::Json {
             registry.with(fmt.json()).init();
         } else {
             registry.with(fmt).init();
@@ -122,10 +128,10 @@ fn init_logging(
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("actrix.log");
-    let rotation = match cfg.log.rotation.as_str() {
-        "hourly" => tracing_appender::rolling::Rotation::HOURLY,
-        "never" => tracing_appender::rolling::Rotation::NEVER,
-        _ => tracing_appender::rolling::Rotation::DAILY,
+    let rotation = match cfg.log.rotation.or(Rotation::Daily) {
+        Rotation::Hourly => tracing_appender::rolling::Rotation::HOURLY,
+        Rotation::Never => tracing_appender::rolling::Rotation::NEVER,
+        Rotation::Daily => tracing_appender::rolling::Rotation::DAILY,
     };
     let appender = tracing_appender::rolling::Builder::new()
         .rotation(rotation)
@@ -137,42 +143,12 @@ fn init_logging(
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(false)
         .with_writer(writer);
-    if cfg.log.format == "json" {
+    if cfg.log.format.or(LogFormat::Text) == LogFormat::Json {
         registry.with(fmt.json()).init();
     } else {
         registry.with(fmt).init();
     }
     Ok((handle, Some(guard)))
-}
-
-/// Bridges shard identity requests to the control thread's bounded channel.
-struct ControlResolver {
-    tx: crossbeam_channel::Sender<actrix_control::IdentityQuery>,
-}
-
-impl IdentityResolver for ControlResolver {
-    fn resolve(
-        &self,
-        username: Box<[u8]>,
-        reply: Box<dyn FnOnce(actrix::auth::IdentityAnswer) + Send>,
-    ) -> bool {
-        let name = username.clone();
-        let q = actrix_control::IdentityQuery {
-            username,
-            reply: Box::new(move |r| {
-                let (key_md5, expires_at) = match r {
-                    Ok(id) => (Some(id.key), id.expires_at),
-                    Err(_) => (None, 0),
-                };
-                reply(actrix::auth::IdentityAnswer {
-                    username: name,
-                    key_md5,
-                    expires_at,
-                });
-            }),
-        };
-        self.tx.try_send(q).is_ok()
-    }
 }
 
 fn run(path: Option<PathBuf>) -> i32 {
@@ -235,7 +211,8 @@ fn run(path: Option<PathBuf>) -> i32 {
             return 1;
         }
     }
-    let stats = DataPlane::new_stats(&resolved);
+    let shards = resolved.shard_cores.len().max(1);
+    let stats = DataPlane::new_stats(shards);
     let (diag, diag_handle) = actrix::diag::router_with_handle(diag_options(&cfg, &resolved));
     let http_stats = actrix_control::http_stats::HttpStats::new();
     let signaling_on = cfg.services.signaling_enabled();
@@ -265,7 +242,19 @@ fn run(path: Option<PathBuf>) -> i32 {
     let ais_service_out = ais_service.clone();
     let signaling_cfg = cfg.signaling.clone();
     let data_dir = cfg.node.data_dir.clone();
-    let control = match actrix_control::ControlBuilder::new(control_cfg)
+    // Identity credentials: shards ask the control thread by message and read its answers from
+    // a channel of their own.
+    let mut builder = actrix_control::ControlBuilder::new(control_cfg);
+    let identity = if cfg.turn.enabled && cfg.turn.identity_credentials {
+        let (requests, requests_rx) = tokio::sync::mpsc::channel(actrix_control::IDENTITY_QUEUE);
+        let (answers_tx, answers): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| crossbeam_channel::unbounded()).unzip();
+        builder = builder.identity(requests_rx, answers_tx);
+        Some(IdentityLinks { requests, answers })
+    } else {
+        None
+    };
+    let control = match builder
         .pin_core(resolved.control_core.filter(|_| cfg.cores.pin))
         .routes(actrix::metrics::router(registry))
         .routes(diag)
@@ -308,16 +297,8 @@ fn run(path: Option<PathBuf>) -> i32 {
             return 1;
         }
     };
-    let resolver: Option<Arc<dyn IdentityResolver>> = if cfg.turn.identity_credentials {
-        Some(Arc::new(ControlResolver {
-            tx: control.identity_sender(),
-        }))
-    } else {
-        None
-    };
-
     let dp = if cfg.turn.enabled {
-        match DataPlane::start(&cfg, &resolved, resolver, stats) {
+        match Plane::start(&cfg, &resolved, identity, stats) {
             Ok(dp) => Some(dp),
             Err(e) => {
                 eprintln!("actrix: {e:#}");
@@ -348,8 +329,8 @@ fn run(path: Option<PathBuf>) -> i32 {
             Ok(None) => tracing::info!("not running as root; node.user ignored"),
             Err(e) => {
                 eprintln!("actrix: cannot switch to user {}: {e}", cfg.node.user);
-                if let Some(dp) = dp {
-                    dp.stop();
+                if let Some(p) = dp {
+                    p.dp.stop();
                 }
                 let _ = control.shutdown();
                 return 1;
@@ -393,8 +374,8 @@ fn run(path: Option<PathBuf>) -> i32 {
         &events_rx,
         Duration::from_secs(cfg.turn.shutdown_grace_secs),
     );
-    if let Some(dp) = dp {
-        dp.stop();
+    if let Some(p) = dp {
+        p.dp.stop();
     }
     if let Err(e) = control.shutdown() {
         tracing::warn!(error = %e, "control thread did not stop cleanly");
@@ -533,7 +514,7 @@ struct Reloader {
 impl Reloader {
     fn reload(
         &mut self,
-        dp: Option<&DataPlane>,
+        dp: Option<&Plane>,
         control: &actrix_control::ControlHandle,
     ) -> Result<Vec<String>, Vec<String>> {
         let Some(path) = &self.path else {
@@ -610,7 +591,7 @@ impl Reloader {
 /// drain: no new allocations until none is left or the grace period ends. A second signal ends
 /// the drain at once.
 fn run_until_shutdown(
-    dp: Option<&DataPlane>,
+    dp: Option<&Plane>,
     control: &actrix_control::ControlHandle,
     mut reloader: Reloader,
     events: &crossbeam_channel::Receiver<Event>,
@@ -653,7 +634,9 @@ fn run_until_shutdown(
             Err(_) => return,
         }
     }
-    let Some(dp) = dp else { return };
+    let Some(dp) = dp.map(|p| &p.dp) else {
+        return;
+    };
     dp.drain();
     let deadline = Instant::now() + grace;
     loop {

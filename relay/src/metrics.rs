@@ -4,8 +4,8 @@
 //! relaxed loads and never touches a shard, so it cannot stall the data plane. Labels carry only
 //! bounded values (shard number, drop reason, direction); never a username or an address.
 
-use crate::dataplane::stats::ShardStats;
-use crate::turn::{AUTH_FAILURE_REASONS, DROP_REASONS};
+use actrix_dataplane::stats::ShardStats;
+use actrix_proto::turn::{AUTH_FAILURE_REASONS, DROP_REASONS};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;

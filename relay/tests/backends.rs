@@ -1,10 +1,10 @@
-//! Both I/O backends (io_uring and recvmmsg/sendmmsg) relay the same traffic: two clients of
-//! one node relaying to each other through their relay addresses, with Send/Data indications
-//! and ChannelData, under the default peer policy.
+//! Every I/O backend (recvmmsg/sendmmsg, io_uring, glommio) relays the same traffic: two
+//! clients of one node relaying to each other through their relay addresses, with Send/Data
+//! indications and ChannelData, under the default peer policy.
 
 mod common;
 
-use actrix::stun::{attr, encode_xor_addr, method, Class, Message, MessageWriter};
+use actrix_proto::stun::{attr, encode_xor_addr, method, Class, Message, MessageWriter};
 use common::{Appliance, TurnClient};
 use std::time::Duration;
 
@@ -14,25 +14,24 @@ fn relay_between_two_clients(backend: &str) {
         tmp.path(),
         &format!("[io]\nbackend = \"{backend}\"\n[turn]\nusers = [{{ name = \"alice\", password = \"secret-pass\" }}]\nidentity_credentials = false\n"),
     );
-    if backend == "io_uring" {
-        // The shard really runs on io_uring (no silent fallback on this kernel). The line may
-        // come before or after "actrix ready".
-        let ready = |l: &str| l.contains("shard I/O ready") && l.contains("io_uring");
-        if let Some(l) = app
-            .early_log
-            .iter()
-            .find(|l| l.contains("io_uring unavailable"))
-        {
-            panic!("{l}");
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        if !app.early_log.iter().any(|l| ready(l)) {
-            loop {
-                match app.log.recv_timeout(Duration::from_millis(100)) {
-                    Ok(l) if l.contains("io_uring unavailable") => panic!("{l}"),
-                    Ok(l) if ready(&l) => break,
-                    _ => assert!(std::time::Instant::now() < deadline, "no io_uring shard"),
-                }
+    // The shard really runs on the backend asked for (no silent fallback on this kernel). The
+    // line may come before or after "actrix ready".
+    let ready =
+        |l: &str| l.contains("shard I/O ready") && l.contains(&format!("backend=\"{backend}\""));
+    let fallback = |l: &str| l.contains(&format!("{backend} unavailable"));
+    if let Some(l) = app.early_log.iter().find(|l| fallback(l)) {
+        panic!("{l}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    if !app.early_log.iter().any(|l| ready(l)) {
+        loop {
+            match app.log.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) if fallback(&l) => panic!("{l}"),
+                Ok(l) if ready(&l) => break,
+                _ => assert!(
+                    std::time::Instant::now() < deadline,
+                    "no shard running on {backend}"
+                ),
             }
         }
     }
@@ -95,4 +94,9 @@ fn io_uring_backend_relays_both_ways() {
 #[test]
 fn mmsg_backend_relays_both_ways() {
     relay_between_two_clients("mmsg");
+}
+
+#[test]
+fn glommio_backend_relays_both_ways() {
+    relay_between_two_clients("glommio");
 }

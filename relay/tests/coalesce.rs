@@ -1,10 +1,10 @@
-//! Wake-up coalescing (`io.coalesce_us`) on both I/O backends: dense relay traffic is paced
+//! Wake-up coalescing (`io.coalesce_us`) on every I/O backend: dense relay traffic is paced
 //! (fewer wake-ups than datagrams, pauses counted) and still arrives complete and in order;
 //! STUN transactions never pause; with the period at 0 nothing pauses.
 
 mod common;
 
-use actrix::stun::{attr, method, Class, Message, MessageWriter};
+use actrix_proto::stun::{attr, method, Class, Message, MessageWriter};
 use common::{Appliance, TurnClient};
 use std::net::UdpSocket;
 use std::time::Duration;
@@ -165,4 +165,14 @@ fn io_uring_paces_dense_relay_traffic() {
 #[test]
 fn io_uring_without_coalescing_never_pauses() {
     relayed_bursts("io_uring", 0);
+}
+
+#[test]
+fn glommio_paces_dense_relay_traffic() {
+    relayed_bursts("glommio", 2000);
+}
+
+#[test]
+fn glommio_without_coalescing_never_pauses() {
+    relayed_bursts("glommio", 0);
 }

@@ -4,9 +4,9 @@
 
 mod common;
 
-use actrix::stun::{attr, method};
 use actrix_control::ais::proto::{register_response, ActrType, RegisterRequest, RegisterResponse};
 use actrix_control::{provision_realm, Realm, RealmStatus};
+use actrix_proto::stun::{attr, method};
 use common::{Appliance, TurnClient};
 use prost::Message as _;
 use std::net::UdpSocket;
@@ -103,7 +103,7 @@ fn identity_credentials_allocate_and_relay_and_bad_ones_get_401() {
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
     let (n, _) = c.sock.recv_from(&mut buf).expect("data indication");
-    let m = actrix::stun::Message::parse(&buf[..n]).unwrap();
+    let m = actrix_proto::stun::Message::parse(&buf[..n]).unwrap();
     assert_eq!(m.get(attr::DATA).unwrap(), b"hello identity");
 
     // Tampered token: one byte of the ciphertext flipped.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use actrix::stun::{method, Class, MessageWriter};
+use actrix_proto::stun::{method, Class, MessageWriter};
 use common::{Appliance, TurnClient};
 use std::collections::HashMap;
 use std::net::UdpSocket;

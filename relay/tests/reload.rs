@@ -3,7 +3,7 @@
 
 mod common;
 
-use actrix::stun::{attr, method};
+use actrix_proto::stun::{attr, method};
 use common::{Appliance, TurnClient};
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
@@ -142,7 +142,7 @@ fn admin_reload_endpoint_requires_a_signature() {
         .unwrap()
         .as_secs();
     let cred =
-        actrix_control::nonce_auth::make_credential(key.trim().as_bytes(), now, "admin_reload");
+        actrix_control::nonce_auth::make_credential(now, key.trim().as_bytes(), "admin_reload");
     let mut resp = ureq::post(&url)
         .header("x-actrix-timestamp", &cred.timestamp.to_string())
         .header("x-actrix-nonce", &cred.nonce)
@@ -178,10 +178,10 @@ fn sighup_changes_rate_limits_and_signaling_limits() {
         let mut n = 0;
         for i in 0..20u8 {
             let mut buf = [0u8; 64];
-            let mut w = actrix::stun::MessageWriter::new(
+            let mut w = actrix_proto::stun::MessageWriter::new(
                 &mut buf,
                 method::ALLOCATE,
-                actrix::stun::Class::Request,
+                actrix_proto::stun::Class::Request,
                 &[i; 12],
             )
             .unwrap();

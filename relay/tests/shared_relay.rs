@@ -9,7 +9,7 @@
 
 mod common;
 
-use actrix::stun::{attr, encode_xor_addr, method, Class, Message, MessageWriter};
+use actrix_proto::stun::{attr, encode_xor_addr, method, Class, Message, MessageWriter};
 use common::{Appliance, TurnClient};
 use std::net::UdpSocket;
 use std::time::Duration;

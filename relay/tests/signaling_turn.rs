@@ -4,8 +4,8 @@
 
 mod common;
 
-use actrix::stun::attr;
 use actrix_control::{provision_realm, Realm, RealmStatus};
+use actrix_proto::stun::attr;
 use actrix_signaling::proto::{
     actr_to_signaling, peer_to_signaling, register_response, signaling_envelope, signaling_to_actr,
     ActrToSignaling, ActrType, PeerToSignaling, Ping, RegisterRequest, SignalingEnvelope,

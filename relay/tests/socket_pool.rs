@@ -4,7 +4,7 @@
 
 mod common;
 
-use actrix::stun::{attr, method, Class, Message};
+use actrix_proto::stun::{attr, method, Class, Message};
 use common::{Appliance, TurnClient};
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;

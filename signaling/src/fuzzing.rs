@@ -43,10 +43,10 @@ const MAX_CONNS: usize = 8;
 struct Realms;
 
 impl RealmCheck for Realms {
-    fn check_realm(&mut self, realm_id: u32, now_ms: u64) -> Result<(), String> {
+    fn check_realm(&mut self, now_unix_ms: u64, realm_id: u32) -> Result<(), String> {
         match realm_id {
             1 => Ok(()),
-            2 if now_ms < START_MS + 3_600_000 => Ok(()),
+            2 if now_unix_ms < START_MS + 3_600_000 => Ok(()),
             2 => Err("realm expired".into()),
             _ => Err("realm not found".into()),
         }
@@ -102,8 +102,8 @@ fn hub(stats: Arc<SignalingStats>, ais: bool, few_subs: bool) -> Hub {
 }
 
 /// The credential verdict chosen by `v & 7` for an envelope whose source is `src`.
-fn verdict(v: u8, src: &ActrId, now_ms: u64) -> Option<CredentialVerdict> {
-    let now = now_ms / 1000;
+fn verdict(now_unix_ms: u64, v: u8, src: &ActrId) -> Option<CredentialVerdict> {
+    let now = now_unix_ms / 1000;
     let realm = src.realm.realm_id;
     let valid = |id: &ActrId, realm_id: u32, expr_time: u64, key_exp: u64, tol: u64| {
         Some(CredentialVerdict::Valid(Arc::new(VerifiedCredential {
@@ -177,7 +177,7 @@ enum Pending {
 struct Harness {
     hub: Hub,
     stats: Arc<SignalingStats>,
-    now: u64,
+    now_unix_ms: u64,
     /// Open connections in connect order (the slots).
     open: Vec<ConnId>,
     /// Connections that sent an undecodable frame: the I/O layer ignores their later frames.
@@ -207,7 +207,7 @@ impl Harness {
         self.open.push(conn);
         let identity = (f & 1 != 0).then(|| ident(f >> 1));
         self.hub
-            .handle_connect(conn, identity, f & 0x10 != 0, self.now);
+            .handle_connect(self.now_unix_ms, conn, identity, f & 0x10 != 0);
     }
 
     fn disconnect(&mut self, s: u8) {
@@ -216,7 +216,7 @@ impl Harness {
         }
         let conn = self.open.remove(usize::from(s) % self.open.len());
         self.closing.remove(&conn);
-        self.hub.handle_disconnect(conn, self.now);
+        self.hub.handle_disconnect(self.now_unix_ms, conn);
     }
 
     fn frame(&mut self, s: u8, v: u8, bytes: &[u8]) {
@@ -229,8 +229,12 @@ impl Harness {
         let mut env = match SignalingEnvelope::decode(bytes) {
             Ok(env) => env,
             Err(e) => {
-                self.hub
-                    .envelope_error(conn, 400, format!("Malformed envelope: {e}"), self.now);
+                self.hub.envelope_error(
+                    self.now_unix_ms,
+                    conn,
+                    400,
+                    format!("Malformed envelope: {e}"),
+                );
                 self.closing.insert(conn);
                 return;
             }
@@ -251,14 +255,14 @@ impl Harness {
             Some(signaling_envelope::Flow::ActrRelay(r)) => Some(r.source.clone()),
             _ => None,
         };
-        let verdict = source.and_then(|src| verdict(v, &src, self.now));
+        let verdict = source.and_then(|src| verdict(self.now_unix_ms, v, &src));
         self.hub
-            .handle_envelope(conn, env, verdict, &mut Realms, self.now);
+            .handle_envelope(self.now_unix_ms, conn, env, verdict, &mut Realms);
     }
 
     fn advance(&mut self, units: u16) {
-        self.now += u64::from(units) * 250;
-        self.hub.handle_timeout(self.now);
+        self.now_unix_ms += u64::from(units) * 250;
+        self.hub.handle_timeout(self.now_unix_ms);
     }
 
     fn answer(&mut self, p: Pending, a: u8) {
@@ -294,7 +298,7 @@ impl Harness {
                     }))
                 };
                 self.hub
-                    .handle_register_result(conn, reply_for, request, result, self.now);
+                    .handle_register_result(self.now_unix_ms, conn, reply_for, request, result);
             }
             Pending::Ais(AisCall::Refresh {
                 conn,
@@ -307,19 +311,19 @@ impl Harness {
                     Ok(ok(source.clone()))
                 };
                 self.hub
-                    .handle_refresh_result(conn, reply_for, source, result, self.now);
+                    .handle_refresh_result(self.now_unix_ms, conn, reply_for, source, result);
             }
             Pending::Restore(p) => {
                 let row = if fail {
                     None
                 } else {
-                    let now = self.now / 1000;
+                    let now = self.now_unix_ms / 1000;
                     self.db
                         .get(&ActorKey::of(&p.source))
                         .filter(|r| r.expires_at >= now)
                         .cloned()
                 };
-                self.hub.handle_restored(p, row, self.now);
+                self.hub.handle_restored(self.now_unix_ms, p, row);
             }
         }
     }
@@ -474,7 +478,7 @@ pub fn script(data: &[u8]) {
     let mut h = Harness {
         hub: hub(stats.clone(), setup & 1 != 0, setup & 4 != 0),
         stats,
-        now: START_MS,
+        now_unix_ms: START_MS,
         open: Vec::new(),
         closing: BTreeSet::new(),
         next_conn: 1,
@@ -503,8 +507,12 @@ pub fn script(data: &[u8]) {
                     }
                     _ => {
                         if let Some(conn) = h.slot(p) {
-                            h.hub
-                                .envelope_error(conn, 429, "Too many messages".into(), h.now);
+                            h.hub.envelope_error(
+                                h.now_unix_ms,
+                                conn,
+                                429,
+                                "Too many messages".into(),
+                            );
                         }
                     }
                 }

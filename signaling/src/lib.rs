@@ -9,9 +9,11 @@
 //! credential, URL identities validated, credentials never forwarded, default-deny ACL).
 //!
 //! Code map:
-//! - [`proto`]: the protobuf messages, written by hand from wire section 1 (no `protoc`).
-//! - [`hub`]: the sans-IO routing core ([`Hub`]), fed `(connection events, envelopes, now)`,
-//!   drained with [`Hub::poll_output`].
+//! - [`proto`]: the protobuf messages, written by hand from wire section 1 (no `protoc`); the
+//!   identity types and `RegisterRequest` are the control crate's.
+//! - [`hub`]: the sans-IO routing core ([`Hub`]), fed `(now, connection events, envelopes)`,
+//!   drained with [`Hub::poll_output`]; one file per concern (registry, ACL, presence,
+//!   discovery, relay).
 //! - `server`: the WebSocket I/O layer (admission, timers, queues, blocking work).
 //! - `store`: `<data_dir>/signaling.db` (ACL, registry rows, specs) behind a writer thread.
 //! - [`config`]: `[signaling]` ([`SignalingConfig`]); [`stats`]: counters ([`SignalingStats`]).

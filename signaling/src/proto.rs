@@ -7,13 +7,15 @@
 //! forms. Enums are carried as `i32` so unknown values survive decoding. Decoding is lenient
 //! like prost is for Actrix: a missing required field takes its zero value.
 //!
-//! The identity types shared with the AIS ([`ActrId`], [`ActrType`], [`Realm`],
-//! [`AIdCredential`], [`ErrorResponse`], [`Timestamp`], [`RegisterResponse`]) are re-exported
-//! from the control crate so both sides use one definition.
+//! The messages shared with the AIS ([`ActrId`], [`ActrType`], [`Realm`], [`AIdCredential`],
+//! [`ErrorResponse`], [`Timestamp`], [`RegisterRequest`] with its [`ServiceSpec`] and [`Acl`],
+//! [`RegisterResponse`]) are re-exported from the control crate so both sides use one
+//! definition; this module defines only the messages of the signaling flows.
 
 pub use actrix_control::ais::proto::{
-    actr_id_string, actr_type_string, register_response, AIdCredential, ActrId, ActrType,
-    ErrorResponse, Realm, RegisterResponse, Timestamp,
+    acl_rule, actr_id_string, actr_type_string, register_response, service_spec, AIdCredential,
+    Acl, AclRule, ActrId, ActrType, ErrorResponse, Realm, RegisterRequest, RegisterResponse,
+    ServiceSpec, Timestamp,
 };
 
 /// `actr.ServiceAvailabilityState` values (lower is healthier).
@@ -47,37 +49,6 @@ pub mod ranking {
     pub const CLIENT_AFFINITY: i32 = 4;
 }
 
-/// `actr.ServiceSpec`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ServiceSpec {
-    #[prost(string, required, tag = "1")]
-    pub name: String,
-    #[prost(string, optional, tag = "2")]
-    pub description: Option<String>,
-    #[prost(string, required, tag = "3")]
-    pub fingerprint: String,
-    #[prost(message, repeated, tag = "4")]
-    pub protobufs: Vec<service_spec::Protobuf>,
-    #[prost(int64, optional, tag = "5")]
-    pub published_at: Option<i64>,
-    #[prost(string, repeated, tag = "6")]
-    pub tags: Vec<String>,
-}
-
-/// Nested types of [`ServiceSpec`].
-pub mod service_spec {
-    /// `ServiceSpec.Protobuf`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Protobuf {
-        #[prost(string, required, tag = "1")]
-        pub package: String,
-        #[prost(string, required, tag = "2")]
-        pub content: String,
-        #[prost(string, required, tag = "3")]
-        pub fingerprint: String,
-    }
-}
-
 /// `actr.ServiceLocation`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ServiceLocation {
@@ -87,57 +58,6 @@ pub struct ServiceLocation {
     pub latitude: Option<f64>,
     #[prost(double, optional, tag = "3")]
     pub longitude: Option<f64>,
-}
-
-/// `actr.Acl`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Acl {
-    #[prost(message, repeated, tag = "1")]
-    pub rules: Vec<AclRule>,
-}
-
-/// `actr.AclRule`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct AclRule {
-    #[prost(message, repeated, tag = "1")]
-    pub principals: Vec<acl_rule::Principal>,
-    /// `AclRule.Permission`: DENY = 0, ALLOW = 1.
-    #[prost(int32, required, tag = "2")]
-    pub permission: i32,
-}
-
-/// Nested types of [`AclRule`].
-pub mod acl_rule {
-    /// `AclRule.Permission.ALLOW`.
-    pub const ALLOW: i32 = 1;
-    /// `AclRule.Permission.DENY`.
-    pub const DENY: i32 = 0;
-
-    /// `AclRule.Principal`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Principal {
-        #[prost(message, optional, tag = "1")]
-        pub realm: Option<super::Realm>,
-        #[prost(message, optional, tag = "2")]
-        pub actr_type: Option<super::ActrType>,
-    }
-}
-
-/// `actr.RegisterRequest` (all fields; the control crate's copy models only what the AIS reads).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RegisterRequest {
-    #[prost(message, required, tag = "1")]
-    pub actr_type: ActrType,
-    #[prost(message, required, tag = "2")]
-    pub realm: Realm,
-    #[prost(message, optional, tag = "3")]
-    pub service_spec: Option<ServiceSpec>,
-    #[prost(message, optional, tag = "4")]
-    pub acl: Option<Acl>,
-    #[prost(string, optional, tag = "5")]
-    pub service: Option<String>,
-    #[prost(string, optional, tag = "6")]
-    pub ws_address: Option<String>,
 }
 
 /// `actr.CredentialUpdateRequest`.

@@ -6,6 +6,9 @@
 //! runtime is current-thread, so the lock is never contended; it exists because axum needs
 //! `Send` futures. It is never held across an `.await`.
 
+// The I/O layer of the hub: the one place in this crate that reads clocks (see clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -80,20 +83,20 @@ struct RealmCache {
 }
 
 impl RealmCheck for RealmCache {
-    fn check_realm(&mut self, realm_id: u32, now_ms: u64) -> Result<(), String> {
+    fn check_realm(&mut self, now_unix_ms: u64, realm_id: u32) -> Result<(), String> {
         if let Some((r, at)) = self.map.get(&realm_id) {
-            if now_ms.saturating_sub(*at) < self.ttl_ms {
+            if now_unix_ms.saturating_sub(*at) < self.ttl_ms {
                 return r.clone();
             }
         }
         let r = self
             .store
-            .check(realm_id, now_ms / 1000)
+            .check(now_unix_ms / 1000, realm_id)
             .map_err(|e| e.to_string());
         if self.map.len() >= 65_536 {
             self.map.clear();
         }
-        self.map.insert(realm_id, (r.clone(), now_ms));
+        self.map.insert(realm_id, (r.clone(), now_unix_ms));
         r
     }
 }
@@ -129,7 +132,7 @@ impl Shared {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn now_ms(&self) -> u64 {
+    fn now_unix_ms(&self) -> u64 {
         self.clock.now_unix_ms()
     }
 }
@@ -161,8 +164,8 @@ impl Signaling {
         if !problems.is_empty() {
             return Err(SignalingError::Config(problems));
         }
-        let now = ctx.clock.now_unix();
-        let (store, loaded) = store::start(data_dir, stats.clone(), now, cfg.spec_ttl_secs)?;
+        let now_unix = ctx.clock.now_unix();
+        let (store, loaded) = store::start(now_unix, data_dir, stats.clone(), cfg.spec_ttl_secs)?;
         let hub = Hub::new(
             cfg.clone(),
             stats.clone(),
@@ -269,15 +272,15 @@ fn drain_caused_by(shared: &Arc<Shared>, core: &mut Core, arrived: Option<Instan
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 shared.store.submit(DbOp::Lookup {
                     key: crate::hub::ActorKey::of(&pending.source),
-                    now: shared.now_ms() / 1000,
+                    now_unix: shared.now_unix_ms() / 1000,
                     reply: tx,
                 });
                 let sh = shared.clone();
                 tokio::spawn(async move {
                     let row = rx.await.ok().flatten();
-                    let now = sh.now_ms();
+                    let now_unix_ms = sh.now_unix_ms();
                     let mut core = sh.lock();
-                    core.hub.handle_restored(pending, row, now);
+                    core.hub.handle_restored(now_unix_ms, pending, row);
                     drain(&sh, &mut core);
                 });
             }
@@ -319,13 +322,7 @@ fn spawn_ais(shared: Arc<Shared>, call: AisCall) {
                 reply_for,
                 request,
             } => {
-                let body = actrix_control::ais::proto::RegisterRequest {
-                    actr_type: request.actr_type.clone(),
-                    realm: request.realm.clone(),
-                    service: None,
-                    ws_address: None,
-                }
-                .encode_to_vec();
+                let body = verify::ais_register_body(&request.actr_type, &request.realm);
                 let res = tokio::task::spawn_blocking(move || ais.register(&body)).await;
                 let result = match res {
                     Ok(resp) => match resp.result {
@@ -337,10 +334,10 @@ fn spawn_ais(shared: Arc<Shared>, call: AisCall) {
                     },
                     Err(e) => Err(e.to_string()),
                 };
-                let now = shared.now_ms();
+                let now_unix_ms = shared.now_unix_ms();
                 let mut core = shared.lock();
                 core.hub
-                    .handle_register_result(conn, reply_for, request, result, now);
+                    .handle_register_result(now_unix_ms, conn, reply_for, request, result);
                 drain(&shared, &mut core);
             }
             AisCall::Refresh {
@@ -349,17 +346,17 @@ fn spawn_ais(shared: Arc<Shared>, call: AisCall) {
                 source,
             } => {
                 let keys = shared.keys.clone();
-                let now_s = shared.now_ms() / 1000;
+                let now_unix = shared.now_unix_ms() / 1000;
                 let src = source.clone();
                 let res = tokio::task::spawn_blocking(move || {
-                    verify::reissue_blocking(&ais, &keys, &src, now_s)
+                    verify::reissue_blocking(now_unix, &ais, &keys, &src)
                 })
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
-                let now = shared.now_ms();
+                let now_unix_ms = shared.now_unix_ms();
                 let mut core = shared.lock();
                 core.hub
-                    .handle_refresh_result(conn, reply_for, source, res, now);
+                    .handle_refresh_result(now_unix_ms, conn, reply_for, source, res);
                 drain(&shared, &mut core);
             }
         }
@@ -390,7 +387,7 @@ impl Drop for Admission {
     }
 }
 
-fn admit(shared: &Arc<Shared>, ip: IpAddr, now_ms: u64) -> Result<Admission, Refusal> {
+fn admit(now_unix_ms: u64, shared: &Arc<Shared>, ip: IpAddr) -> Result<Admission, Refusal> {
     let cfg = shared.cfg();
     let mut core = shared.lock();
     if core.open_total >= cfg.max_conns {
@@ -402,21 +399,21 @@ fn admit(shared: &Arc<Shared>, ip: IpAddr, now_ms: u64) -> Result<Admission, Ref
         let rate = f64::from(cfg.conn_rate_per_sec);
         core.ips.retain(|_, s| {
             s.open > 0
-                || s.tokens + (now_ms.saturating_sub(s.last_ms) as f64 / 1000.0) * rate < burst
+                || s.tokens + (now_unix_ms.saturating_sub(s.last_ms) as f64 / 1000.0) * rate < burst
         });
     }
     let st = core.ips.entry(ip).or_insert_with(|| IpState {
         tokens: f64::from(cfg.conn_burst),
-        last_ms: now_ms,
+        last_ms: now_unix_ms,
         open: 0,
     });
     if st.open >= cfg.max_conns_per_ip {
         return Err(Refusal::Concurrency);
     }
-    let elapsed = now_ms.saturating_sub(st.last_ms) as f64 / 1000.0;
+    let elapsed = now_unix_ms.saturating_sub(st.last_ms) as f64 / 1000.0;
     st.tokens =
         (st.tokens + elapsed * f64::from(cfg.conn_rate_per_sec)).min(f64::from(cfg.conn_burst));
-    st.last_ms = now_ms;
+    st.last_ms = now_unix_ms;
     if st.tokens < 1.0 {
         return Err(Refusal::Rate);
     }
@@ -473,16 +470,17 @@ async fn validate_url_identity(
         token_key_id: u.token_key_id,
     };
     let keys = shared.keys.clone();
-    let now_ms = shared.now_ms();
+    let now_unix_ms = shared.now_unix_ms();
     let c2 = cred.clone();
-    let verdict =
-        tokio::task::spawn_blocking(move || verify::verify_blocking(&keys, &c2, now_ms / 1000))
-            .await
-            .ok()?;
+    let verdict = tokio::task::spawn_blocking(move || {
+        verify::verify_blocking(now_unix_ms / 1000, &keys, &c2)
+    })
+    .await
+    .ok()?;
     let CredentialVerdict::Valid(v) = verdict else {
         return None;
     };
-    if now_ms / 1000 > v.expr_time
+    if now_unix_ms / 1000 > v.expr_time
         || v.realm_id != id.realm.realm_id
         || v.actor_id != actor_id
         || v.actor_id != actr_id_string(&id)
@@ -490,7 +488,9 @@ async fn validate_url_identity(
         return None;
     }
     let mut core = shared.lock();
-    core.realms.check_realm(id.realm.realm_id, now_ms).ok()?;
+    core.realms
+        .check_realm(now_unix_ms, id.realm.realm_id)
+        .ok()?;
     Some((id, cred, v))
 }
 
@@ -558,8 +558,8 @@ async fn ws_handler(
     }
     ensure_sweeper(&shared);
 
-    let now = shared.now_ms();
-    let admission = match admit(&shared, peer.ip().to_canonical(), now) {
+    let now_unix_ms = shared.now_unix_ms();
+    let admission = match admit(now_unix_ms, &shared, peer.ip().to_canonical()) {
         Ok(a) => a,
         Err(r) => {
             match r {
@@ -674,7 +674,7 @@ async fn run_conn(
     let kill = Arc::new(Notify::new());
     let local_tx = tx.clone();
     {
-        let now = shared.now_ms();
+        let now_unix_ms = shared.now_unix_ms();
         let mut core = shared.lock();
         core.conns.insert(
             conn,
@@ -683,7 +683,8 @@ async fn run_conn(
                 kill: kill.clone(),
             },
         );
-        core.hub.handle_connect(conn, identity, wants_answer, now);
+        core.hub
+            .handle_connect(now_unix_ms, conn, identity, wants_answer);
         drain(&shared, &mut core);
     }
     let mut writer = tokio::spawn(write_loop(
@@ -765,13 +766,13 @@ async fn run_conn(
                 stats::inc(&shared.stats.frames_in);
                 // Wire section 8.1, per frame in order: (1) rate limit, (2) decode, (3) dispatch.
                 if !bucket.take(last_activity) {
-                    let now = shared.now_ms();
+                    let now_unix_ms = shared.now_unix_ms();
                     let mut core = shared.lock();
                     core.hub.envelope_error(
+                        now_unix_ms,
                         conn,
                         429,
                         format!("Too many messages. Limit: {} messages/second", cfg.msg_rate_per_sec),
-                        now,
                     );
                     drain(&shared, &mut core);
                     continue;
@@ -782,10 +783,10 @@ async fn run_conn(
                         // Actrix closes the connection on an undecodable frame; we first say
                         // why with an envelope_error, then close with 1007 (invalid data).
                         stats::inc(&shared.stats.decode_errors);
-                        let now = shared.now_ms();
+                        let now_unix_ms = shared.now_unix_ms();
                         {
                             let mut core = shared.lock();
-                            core.hub.envelope_error(conn, 400, format!("Malformed envelope: {e}"), now);
+                            core.hub.envelope_error(now_unix_ms, conn, 400, format!("Malformed envelope: {e}"));
                             drain(&shared, &mut core);
                         }
                         close(1007, "malformed envelope");
@@ -800,9 +801,9 @@ async fn run_conn(
                         None => {
                             let keys = shared.keys.clone();
                             let c2 = c.clone();
-                            let now_s = shared.now_ms() / 1000;
+                            let now_unix = shared.now_unix_ms() / 1000;
                             let verdict = tokio::task::spawn_blocking(move || {
-                                verify::verify_blocking(&keys, &c2, now_s)
+                                verify::verify_blocking(now_unix, &keys, &c2)
                             })
                             .await
                             .unwrap_or_else(|e| CredentialVerdict::Invalid(e.to_string()));
@@ -813,20 +814,20 @@ async fn run_conn(
                         }
                     },
                 };
-                let now = shared.now_ms();
+                let now_unix_ms = shared.now_unix_ms();
                 let mut core = shared.lock();
                 let Core { hub, realms, .. } = &mut *core;
-                hub.handle_envelope(conn, env, verdict, realms, now);
+                hub.handle_envelope(now_unix_ms, conn, env, verdict, realms);
                 drain_caused_by(&shared, &mut core, Some(last_activity));
 
             }
         }
     }
     {
-        let now = shared.now_ms();
+        let now_unix_ms = shared.now_unix_ms();
         let mut core = shared.lock();
         core.conns.remove(&conn);
-        core.hub.handle_disconnect(conn, now);
+        core.hub.handle_disconnect(now_unix_ms, conn);
         drain(&shared, &mut core);
     }
     drop(local_tx);
@@ -927,17 +928,18 @@ fn ensure_sweeper(shared: &Arc<Shared>) {
         loop {
             tick.tick().await;
             let Some(sh) = weak.upgrade() else { return };
-            let now = sh.now_ms();
+            let now_unix_ms = sh.now_unix_ms();
             {
                 let mut core = sh.lock();
-                core.hub.handle_timeout(now);
+                core.hub.handle_timeout(now_unix_ms);
                 drain(&sh, &mut core);
             }
             if last_purge.elapsed() >= PURGE_EVERY {
                 last_purge = Instant::now();
+                let now_unix = now_unix_ms / 1000;
                 sh.store.submit(DbOp::Purge {
-                    now: now / 1000,
-                    spec_cutoff: (now / 1000).saturating_sub(sh.cfg().spec_ttl_secs),
+                    now_unix,
+                    spec_cutoff: now_unix.saturating_sub(sh.cfg().spec_ttl_secs),
                 });
             }
         }

@@ -43,13 +43,15 @@ fn err(path: &Path, e: impl std::fmt::Display) -> StoreError {
 /// A request to the writer thread.
 pub(crate) enum DbOp {
     Persist(Box<PersistOp>),
+    /// The row of `key`, unless it expired before `now_unix`.
     Lookup {
         key: ActorKey,
-        now: u64,
+        now_unix: u64,
         reply: tokio::sync::oneshot::Sender<Option<PersistedEntry>>,
     },
+    /// Delete the rows expired at `now_unix` and the specs stored before `spec_cutoff`.
     Purge {
-        now: u64,
+        now_unix: u64,
         spec_cutoff: u64,
     },
     Flush(std::sync::mpsc::Sender<()>),
@@ -117,9 +119,9 @@ fn to_i64(v: u64) -> i64 {
 
 /// Open the database, load what the hub needs, and start the writer thread.
 pub(crate) fn start(
+    now_unix: u64,
     data_dir: &Path,
     stats: Arc<SignalingStats>,
-    now: u64,
     spec_ttl: u64,
 ) -> Result<(Store, Loaded), StoreError> {
     std::fs::create_dir_all(data_dir).map_err(|e| err(data_dir, e))?;
@@ -146,7 +148,7 @@ pub(crate) fn start(
                 loaded.acl.push((realm, from, to, allow != 0));
             }
         }
-        let cutoff = to_i64(now.saturating_sub(spec_ttl));
+        let cutoff = to_i64(now_unix.saturating_sub(spec_ttl));
         let mut st = conn
             .prepare("SELECT type_base, spec FROM signaling_specs WHERE stored_at >= ?1")
             .map_err(|e| err(&path, e))?;
@@ -207,13 +209,20 @@ fn writer(mut conn: Connection, rx: Receiver<DbOp>, stats: Arc<SignalingStats>, 
             for op in batch {
                 match op {
                     DbOp::Persist(p) => apply(&tx, *p)?,
-                    DbOp::Lookup { key, now, reply } => {
-                        let _ = reply.send(lookup(&tx, key, now)?);
+                    DbOp::Lookup {
+                        key,
+                        now_unix,
+                        reply,
+                    } => {
+                        let _ = reply.send(lookup(now_unix, &tx, key)?);
                     }
-                    DbOp::Purge { now, spec_cutoff } => {
+                    DbOp::Purge {
+                        now_unix,
+                        spec_cutoff,
+                    } => {
                         tx.execute(
                             "DELETE FROM signaling_registry WHERE expires_at < ?1",
-                            params![to_i64(now)],
+                            params![to_i64(now_unix)],
                         )?;
                         tx.execute(
                             "DELETE FROM signaling_specs WHERE stored_at < ?1",
@@ -336,9 +345,9 @@ type Row = (
 );
 
 fn lookup(
+    now_unix: u64,
     tx: &rusqlite::Transaction<'_>,
     key: ActorKey,
-    now: u64,
 ) -> rusqlite::Result<Option<PersistedEntry>> {
     let row: Option<Row> = tx
         .prepare_cached(
@@ -347,7 +356,11 @@ fn lookup(
              FROM signaling_registry WHERE realm_id = ?1 AND serial = ?2 AND expires_at >= ?3",
         )?
         .query_row(
-            params![i64::from(key.realm), serial_sql(key.serial), to_i64(now)],
+            params![
+                i64::from(key.realm),
+                serial_sql(key.serial),
+                to_i64(now_unix)
+            ],
             |r| {
                 Ok((
                     r.get(0)?,

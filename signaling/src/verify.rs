@@ -12,7 +12,9 @@ use prost::Message as _;
 use zeroize::Zeroizing;
 
 use crate::hub::{CredentialVerdict, VerifiedCredential};
-use crate::proto::{actr_id_string, register_response, AIdCredential, ActrId};
+use crate::proto::{
+    actr_id_string, register_response, AIdCredential, ActrId, ActrType, Realm, RegisterRequest,
+};
 
 /// Longest token accepted for decryption (Actrix tokens are about 250-420 bytes).
 const MAX_TOKEN_LEN: usize = 8 * 1024;
@@ -55,16 +57,19 @@ impl KeyCache {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The secret key `key_id`. Blocking on a miss.
-    pub(crate) fn secret(&self, key_id: u32, now: u64) -> Result<SecretRecord, String> {
+    /// The secret key `key_id` at `now_unix` (Unix seconds). Blocking on a miss.
+    pub(crate) fn secret(&self, now_unix: u64, key_id: u32) -> Result<SecretRecord, String> {
         {
             let g = self.lock();
             if let Some(r) = g.secrets.get(&key_id) {
-                if r.expires_at == 0 || now < r.expires_at {
+                if r.expires_at == 0 || now_unix < r.expires_at {
                     return Ok(r.clone());
                 }
             }
-            if g.unknown.get(&key_id).is_some_and(|&until| now < until) {
+            if g.unknown
+                .get(&key_id)
+                .is_some_and(|&until| now_unix < until)
+            {
                 return Err("unknown key".into());
             }
         }
@@ -85,7 +90,7 @@ impl KeyCache {
                 }
                 g.secrets.remove(&key_id);
                 g.unknown
-                    .insert(key_id, now.saturating_add(NEGATIVE_TTL_SECS));
+                    .insert(key_id, now_unix.saturating_add(NEGATIVE_TTL_SECS));
                 Err("unknown key".into())
             }
             Err(e) => Err(e.to_string()),
@@ -96,14 +101,14 @@ impl KeyCache {
 /// Decrypt and parse a credential (wire section 5.4 steps 1-3). Expiry, realm and identity are
 /// checked by the hub, which knows the time and the claimed source. Blocking.
 pub(crate) fn verify_blocking(
+    now_unix: u64,
     keys: &KeyCache,
     cred: &AIdCredential,
-    now: u64,
 ) -> CredentialVerdict {
     if cred.encrypted_token.is_empty() || cred.encrypted_token.len() > MAX_TOKEN_LEN {
         return CredentialVerdict::Invalid("invalid token".into());
     }
-    let rec = match keys.secret(cred.token_key_id, now) {
+    let rec = match keys.secret(now_unix, cred.token_key_id) {
         Ok(r) => r,
         Err(e) => return CredentialVerdict::Invalid(e),
     };
@@ -122,28 +127,34 @@ pub(crate) fn verify_blocking(
     }))
 }
 
+/// The body of the AIS call of a registration: a new RegisterRequest holding only the type and
+/// the realm (wire section 8.3), whatever else the client's request carried; the hub keeps the
+/// rest (spec, ACL, address).
+pub(crate) fn ais_register_body(actr_type: &ActrType, realm: &Realm) -> Vec<u8> {
+    RegisterRequest {
+        actr_type: actr_type.clone(),
+        realm: realm.clone(),
+        ..RegisterRequest::default()
+    }
+    .encode_to_vec()
+}
+
 /// Credential update for the SAME ActrId (wire section 9.8). The AIS only issues for new
 /// serials, so this asks it for a fresh credential (same key, TTL, PSK rules), then re-encrypts
 /// the claims with `actor_id` set to `source` under the same KS key. Blocking.
 pub(crate) fn reissue_blocking(
+    now_unix: u64,
     ais: &AisService,
     keys: &KeyCache,
     source: &ActrId,
-    now: u64,
 ) -> Result<register_response::RegisterOk, String> {
-    let body = actrix_control::ais::proto::RegisterRequest {
-        actr_type: source.r#type.clone(),
-        realm: source.realm.clone(),
-        service: None,
-        ws_address: None,
-    }
-    .encode_to_vec();
+    let body = ais_register_body(&source.r#type, &source.realm);
     let mut ok = match ais.register(&body).result {
         Some(register_response::Result::Success(ok)) => ok,
         Some(register_response::Result::Error(e)) => return Err(e.message),
         None => return Err("empty AIS response".into()),
     };
-    let rec = keys.secret(ok.credential.token_key_id, now)?;
+    let rec = keys.secret(now_unix, ok.credential.token_key_id)?;
     let plain = crypto::ecies_decrypt(&rec.secret_key[..], &ok.credential.encrypted_token)
         .map_err(|_| "cannot open the issued token".to_owned())?;
     let mut claims: IdentityClaims =
@@ -157,4 +168,36 @@ pub(crate) fn reissue_blocking(
         crypto::ecies_encrypt(&public, &json).map_err(|_| "encryption failed".to_owned())?;
     ok.actr_id = source.clone();
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Acl, ServiceSpec};
+
+    #[test]
+    fn the_ais_is_asked_with_type_and_realm_only() {
+        let req = RegisterRequest {
+            actr_type: ActrType {
+                manufacturer: "acme".into(),
+                name: "echo".into(),
+                version: Some("1.0.0".into()),
+            },
+            realm: Realm { realm_id: 101 },
+            service_spec: Some(ServiceSpec::default()),
+            acl: Some(Acl::default()),
+            service: Some("echo".into()),
+            ws_address: Some("ws://a".into()),
+        };
+        let body = ais_register_body(&req.actr_type, &req.realm);
+        let sent = RegisterRequest::decode(&body[..]).unwrap();
+        assert_eq!(
+            sent,
+            RegisterRequest {
+                actr_type: req.actr_type.clone(),
+                realm: req.realm.clone(),
+                ..RegisterRequest::default()
+            }
+        );
+    }
 }

@@ -1,5 +1,8 @@
 //! End-to-end tests over real WebSocket connections against a real control server.
 
+// Tests drive real servers in real time; the purity rule of clippy.toml is the hub's.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;
@@ -713,15 +716,30 @@ async fn message_rate_limit_gives_429() {
     assert_eq!(limited, 6);
 }
 
-async fn http_status(url: &str) -> Option<u16> {
-    match tokio_tungstenite::connect_async(url).await {
+/// The HTTP status of the WebSocket upgrade of `req` (None when no response came). An
+/// accepted connection is leaked when `keep_open`, so it keeps its admission slot for the rest
+/// of the test, and closed otherwise.
+async fn upgrade_status<R>(req: R, keep_open: bool) -> Option<u16>
+where
+    R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+{
+    match tokio_tungstenite::connect_async(req).await {
         Ok((ws, resp)) => {
-            std::mem::forget(ws);
+            if keep_open {
+                std::mem::forget(ws);
+            } else {
+                drop(ws);
+            }
             Some(resp.status().as_u16())
         }
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Some(r.status().as_u16()),
         Err(_) => None,
     }
+}
+
+/// Upgrade status of a plain (non-browser) request; an accepted connection stays open.
+async fn http_status(url: &str) -> Option<u16> {
+    upgrade_status(url, true).await
 }
 
 #[tokio::test]
@@ -1018,14 +1036,7 @@ async fn status_with_origin(url: &str, origin: &str) -> Option<u16> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = url.into_client_request().unwrap();
     req.headers_mut().insert("origin", origin.parse().unwrap());
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((ws, resp)) => {
-            drop(ws);
-            Some(resp.status().as_u16())
-        }
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Some(r.status().as_u16()),
-        Err(_) => None,
-    }
+    upgrade_status(req, false).await
 }
 
 #[tokio::test]

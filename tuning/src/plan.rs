@@ -951,7 +951,9 @@ fn limit_items(host: &Host, input: &PlanInput, shards: usize, items: &mut Vec<Pl
             host.limits.memlock,
             memlock,
             format!(
-                "io_uring rings and registered buffers, max(64 MiB, 8 MiB/shard) = {}",
+                "io_uring rings and registered buffers (io.backend = io_uring or glommio; glommio \
+                 refuses to start below 512 KiB and registers 3 x io.glommio_io_memory per \
+                 shard), max(64 MiB, 8 MiB/shard) = {}",
                 human_bytes(memlock)
             ),
         ),

@@ -115,8 +115,8 @@ pub struct CurrentKey {
 }
 
 impl CurrentKey {
-    fn needs_refresh(&self, now: u64, ahead: u64) -> bool {
-        self.expires_at != 0 && now.saturating_add(ahead) >= self.expires_at
+    fn needs_refresh(&self, now_unix: u64, ahead: u64) -> bool {
+        self.expires_at != 0 && now_unix.saturating_add(ahead) >= self.expires_at
     }
 
     /// Verifiers can fetch the secret until `expires_at + tolerance`.
@@ -128,8 +128,8 @@ impl CurrentKey {
         }
     }
 
-    fn usable(&self, now: u64) -> bool {
-        self.fetchable_until() > now.saturating_add(MIN_KEY_REMAINING_SECS)
+    fn usable(&self, now_unix: u64) -> bool {
+        self.fetchable_until() > now_unix.saturating_add(MIN_KEY_REMAINING_SECS)
     }
 }
 
@@ -342,12 +342,14 @@ impl AisService {
         }
     }
 
-    /// Handle an encoded `RegisterRequest` (wire section 5.2). Blocking.
     /// Change the per-IP rate limit of `/ais/*` (live reload).
     pub fn set_rate_limit(&self, burst: u32, refill_secs: u64) {
         self.limiter.set_limits(burst, refill_secs);
     }
 
+    /// Handle an encoded `RegisterRequest` (wire section 5.2): only `actr_type` and `realm` are
+    /// used; the other fields decode and are ignored. Blocking.
+    #[must_use = "the reply to send"]
     pub fn register(&self, body: &[u8]) -> RegisterResponse {
         let req = match RegisterRequest::decode(body) {
             Ok(r) => r,
@@ -495,6 +497,7 @@ fn auth_status(e: &AuthError) -> (StatusCode, &'static str) {
 }
 
 /// Whether an unsigned register from `peer` is acceptable.
+#[must_use]
 pub fn unsigned_register_allowed(peer: IpAddr, cfg: &AisConfig) -> bool {
     cfg.allow_unsigned_loopback_register && peer.to_canonical().is_loopback()
 }
@@ -519,10 +522,9 @@ fn json_error(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
-/// Verify a signed admin request on the blocking pool, then run `f` there too.
-/// Verify a request signed with the shared key in the `X-Actrix-*` headers, for admin routes
-/// mounted outside this module (the appliance's reload endpoint, for one). `context` keeps the
-/// nonce spaces of different callers apart.
+/// Verify a request signed with the shared key in the `X-Actrix-*` headers, for the admin
+/// routes of this module and those mounted outside it (the appliance's reload endpoint, for
+/// one). `context` keeps the nonce spaces of different callers apart.
 pub async fn verify_signed_headers(
     auth: crate::nonce_auth::NonceAuthenticator,
     headers: &HeaderMap,
@@ -550,6 +552,7 @@ pub async fn verify_signed_headers(
         })
 }
 
+/// Verify a signed admin request (context `ais`), then run `f` on the blocking pool.
 async fn signed_admin<T, F>(
     svc: Arc<AisService>,
     headers: &HeaderMap,
@@ -560,23 +563,7 @@ where
     T: Send + 'static,
     F: FnOnce(&AisService) -> T + Send + 'static,
 {
-    let cred = match header_credential(headers) {
-        None => {
-            return Err(json_error(
-                StatusCode::UNAUTHORIZED,
-                "Authentication required: sign with X-Actrix-Timestamp, X-Actrix-Nonce, X-Actrix-Signature",
-            ))
-        }
-        Some(Err(e)) => {
-            let (s, m) = auth_status(&e);
-            return Err(json_error(s, m));
-        }
-        Some(Ok(c)) => c,
-    };
-    if let Err(e) = svc.auth.verify_async(AIS_CONTEXT, &cred, &payload).await {
-        let (s, m) = auth_status(&e);
-        return Err(json_error(s, m));
-    }
+    verify_signed_headers(svc.auth.clone(), headers, AIS_CONTEXT, payload).await?;
     tokio::task::spawn_blocking(move || f(&svc))
         .await
         .map_err(|_| json_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error"))
@@ -738,7 +725,7 @@ async fn rate_limit(State(svc): State<Arc<AisService>>, req: Request, next: Next
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip().to_canonical());
     if let Some(ip) = ip {
-        if let Err(retry_after) = svc.limiter.check(ip, svc.clock.now_unix_ms()) {
+        if let Err(retry_after) = svc.limiter.check(svc.clock.now_unix_ms(), ip) {
             return (
                 StatusCode::TOO_MANY_REQUESTS,
                 [(header::RETRY_AFTER, retry_after.to_string())],

@@ -1,10 +1,15 @@
 //! The protobuf messages of `POST /ais/register`, written from the tables of wire reference
-//! section 1 (package `actr`, proto2).
+//! section 1 (package `actr`, proto2), and the identity types every Actrix message is built
+//! from. This is the one definition of each: the signaling crate re-exports these and adds
+//! only the messages of its own flows.
 //!
 //! proto2 semantics: `required` fields are plain (non-`Option`) fields and are always emitted,
 //! `optional` fields are `Option` and emitted only when set. Decoding is lenient like prost is
-//! for Actrix: a missing required field takes its zero value and unknown fields (for example
-//! `service_spec` and `acl`, which the AIS ignores) are skipped.
+//! for Actrix: a missing required field takes its zero value and unknown fields are skipped.
+//!
+//! [`RegisterRequest`] is modelled completely because the signaling hub reads every field of
+//! it; the AIS itself uses only `actr_type` and `realm` and ignores the rest (`service_spec`,
+//! `acl`, `service`, `ws_address`), though it decodes them like any other field.
 
 use std::fmt::Write as _;
 
@@ -64,14 +69,83 @@ pub struct Timestamp {
     pub nanos: i32,
 }
 
-/// `actr.RegisterRequest`. Fields 3 (`service_spec`) and 4 (`acl`) are ignored by the AIS and
-/// therefore not modelled; prost skips them when decoding.
+/// `actr.ServiceSpec`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ServiceSpec {
+    #[prost(string, required, tag = "1")]
+    pub name: String,
+    #[prost(string, optional, tag = "2")]
+    pub description: Option<String>,
+    #[prost(string, required, tag = "3")]
+    pub fingerprint: String,
+    #[prost(message, repeated, tag = "4")]
+    pub protobufs: Vec<service_spec::Protobuf>,
+    #[prost(int64, optional, tag = "5")]
+    pub published_at: Option<i64>,
+    #[prost(string, repeated, tag = "6")]
+    pub tags: Vec<String>,
+}
+
+/// Nested types of [`ServiceSpec`].
+pub mod service_spec {
+    /// `ServiceSpec.Protobuf`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Protobuf {
+        #[prost(string, required, tag = "1")]
+        pub package: String,
+        #[prost(string, required, tag = "2")]
+        pub content: String,
+        #[prost(string, required, tag = "3")]
+        pub fingerprint: String,
+    }
+}
+
+/// `actr.Acl`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Acl {
+    #[prost(message, repeated, tag = "1")]
+    pub rules: Vec<AclRule>,
+}
+
+/// `actr.AclRule`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AclRule {
+    #[prost(message, repeated, tag = "1")]
+    pub principals: Vec<acl_rule::Principal>,
+    /// `AclRule.Permission`: DENY = 0, ALLOW = 1.
+    #[prost(int32, required, tag = "2")]
+    pub permission: i32,
+}
+
+/// Nested types of [`AclRule`].
+pub mod acl_rule {
+    /// `AclRule.Permission.ALLOW`.
+    pub const ALLOW: i32 = 1;
+    /// `AclRule.Permission.DENY`.
+    pub const DENY: i32 = 0;
+
+    /// `AclRule.Principal`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Principal {
+        #[prost(message, optional, tag = "1")]
+        pub realm: Option<super::Realm>,
+        #[prost(message, optional, tag = "2")]
+        pub actr_type: Option<super::ActrType>,
+    }
+}
+
+/// `actr.RegisterRequest`, every field. The AIS reads only `actr_type` and `realm`; the
+/// signaling hub reads all of them.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RegisterRequest {
     #[prost(message, required, tag = "1")]
     pub actr_type: ActrType,
     #[prost(message, required, tag = "2")]
     pub realm: Realm,
+    #[prost(message, optional, tag = "3")]
+    pub service_spec: Option<ServiceSpec>,
+    #[prost(message, optional, tag = "4")]
+    pub acl: Option<Acl>,
     #[prost(string, optional, tag = "5")]
     pub service: Option<String>,
     #[prost(string, optional, tag = "6")]
@@ -114,6 +188,7 @@ pub mod register_response {
 
 impl RegisterResponse {
     /// An error response.
+    #[must_use]
     pub fn error(code: u32, message: impl Into<String>) -> Self {
         RegisterResponse {
             result: Some(register_response::Result::Error(ErrorResponse {

@@ -55,9 +55,10 @@ impl Snowflake {
         }
     }
 
-    /// The next serial at time `unix_ms`.
-    pub fn next(&self, unix_ms: u64) -> u64 {
-        let now = unix_ms.saturating_sub(EPOCH_MS) & TIME_MASK;
+    /// The next serial at `now_unix_ms`.
+    #[must_use = "a serial is used up whether or not it is kept"]
+    pub fn next(&self, now_unix_ms: u64) -> u64 {
+        let now = now_unix_ms.saturating_sub(EPOCH_MS) & TIME_MASK;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let last_ms = last >> (WORKER_BITS + SEQ_BITS);

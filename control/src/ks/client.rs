@@ -99,7 +99,7 @@ impl KsClient {
     }
 
     fn credential(&self, payload: &str) -> NonceCredential {
-        make_credential(&self.secret, self.clock.now_unix(), payload)
+        make_credential(self.clock.now_unix(), &self.secret, payload)
     }
 
     fn read<T: DeserializeOwned>(

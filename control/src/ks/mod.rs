@@ -191,13 +191,13 @@ impl KsService {
         self.auth
             .verify_async(KS_CONTEXT, cred, &format!("get_secret_key:{key_id}"))
             .await?;
-        let now = self.clock.now_unix();
-        let rec = match self.store.cached_secret(key_id, now) {
+        let now_unix = self.clock.now_unix();
+        let rec = match self.store.cached_secret(now_unix, key_id) {
             Some(rec) => rec,
             None => {
                 let store = self.store.clone();
                 blocking(move || {
-                    store.get_secret(key_id, now).map_err(|e| {
+                    store.get_secret(now_unix, key_id).map_err(|e| {
                         if e != StoreError::NotFound {
                             tracing::error!(key_id, error = %e, "KS secret lookup failed");
                         }
@@ -404,7 +404,7 @@ impl KeySource {
     /// The secret key `key_id`. Blocking.
     pub fn secret(&self, key_id: KeyId) -> Result<SecretRecord, KeySourceError> {
         match self {
-            KeySource::Local { store, clock } => Ok(store.get_secret(key_id, clock.now_unix())?),
+            KeySource::Local { store, clock } => Ok(store.get_secret(clock.now_unix(), key_id)?),
             KeySource::Remote(c) => Ok(c.get_secret_key(key_id)?),
             KeySource::Unconfigured => Err(KeySourceError::Unavailable(
                 "no key server configured".into(),

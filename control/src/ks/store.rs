@@ -214,13 +214,14 @@ impl KeyStore {
         self.tolerance_seconds
     }
 
-    /// Generate, encrypt and durably store a new key pair. Returns only after the commit.
-    pub fn generate(&self, now: u64) -> Result<KeyRecord, StoreError> {
+    /// Generate, encrypt and durably store a new key pair, created at `now_unix`. Returns
+    /// only after the commit.
+    pub fn generate(&self, now_unix: u64) -> Result<KeyRecord, StoreError> {
         let (secret, public_key) = crypto::generate_keypair();
         let expires_at = if self.key_ttl_seconds == 0 {
             0
         } else {
-            now.saturating_add(self.key_ttl_seconds)
+            now_unix.saturating_add(self.key_ttl_seconds)
         };
         let mut inner = self.lock()?;
         let tx = inner
@@ -231,7 +232,7 @@ impl KeyStore {
         tx.execute(
             "INSERT INTO ks_keys (public_key, secret_sealed, created_at, expires_at)
              VALUES (?1, x'', ?2, ?3)",
-            params![&public_key[..], to_i64(now), to_i64(expires_at)],
+            params![&public_key[..], to_i64(now_unix), to_i64(expires_at)],
         )?;
         let rowid = tx.last_insert_rowid();
         let key_id = KeyId::try_from(rowid)
@@ -249,7 +250,7 @@ impl KeyStore {
         let run_purge = inner.generated % PURGE_EVERY == 0;
         inner.generated += 1;
         if run_purge {
-            if let Err(e) = Self::purge_locked(&inner.conn, now, self.tolerance_seconds) {
+            if let Err(e) = Self::purge_locked(now_unix, &inner.conn, self.tolerance_seconds) {
                 tracing::warn!(error = %e, "key store purge failed");
             }
         }
@@ -260,27 +261,30 @@ impl KeyStore {
         })
     }
 
-    /// The secret key `key_id`, while `now <= expires_at + tolerance` (or it never expires).
-    /// The secret of `key_id` if it was served before and is still within its tolerance.
-    /// Never touches the disk and never waits on a writer: callable from the event loop.
-    pub fn cached_secret(&self, key_id: KeyId, now: u64) -> Option<SecretRecord> {
+    /// The secret of `key_id` if it was served before and is still within its tolerance at
+    /// `now_unix`. Never touches the disk and never waits on a writer: callable from the event
+    /// loop.
+    pub fn cached_secret(&self, now_unix: u64, key_id: KeyId) -> Option<SecretRecord> {
         let cache = self.cache.lock().ok()?;
         let rec = cache.get(&key_id)?;
-        if rec.expires_at != 0 && now > rec.expires_at.saturating_add(self.tolerance_seconds) {
+        if rec.expires_at != 0 && now_unix > rec.expires_at.saturating_add(self.tolerance_seconds) {
             return None;
         }
         Some(rec.clone())
     }
 
-    pub fn get_secret(&self, key_id: KeyId, now: u64) -> Result<SecretRecord, StoreError> {
-        if let Some(rec) = self.cached_secret(key_id, now) {
+    /// The secret key `key_id`, while `now_unix <= expires_at + tolerance` (or it never
+    /// expires).
+    pub fn get_secret(&self, now_unix: u64, key_id: KeyId) -> Result<SecretRecord, StoreError> {
+        if let Some(rec) = self.cached_secret(now_unix, key_id) {
             return Ok(rec);
         }
-        let rec = self.read_secret(key_id, now)?;
+        let rec = self.read_secret(now_unix, key_id)?;
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= SECRET_CACHE_CAPACITY {
                 cache.retain(|_, r| {
-                    r.expires_at == 0 || now <= r.expires_at.saturating_add(self.tolerance_seconds)
+                    r.expires_at == 0
+                        || now_unix <= r.expires_at.saturating_add(self.tolerance_seconds)
                 });
                 if cache.len() >= SECRET_CACHE_CAPACITY {
                     cache.clear();
@@ -291,7 +295,7 @@ impl KeyStore {
         Ok(rec)
     }
 
-    fn read_secret(&self, key_id: KeyId, now: u64) -> Result<SecretRecord, StoreError> {
+    fn read_secret(&self, now_unix: u64, key_id: KeyId) -> Result<SecretRecord, StoreError> {
         let inner = self.lock()?;
         let row: Option<(Vec<u8>, Vec<u8>, i64)> = inner
             .conn
@@ -305,7 +309,7 @@ impl KeyStore {
         drop(inner);
         let (public_key, sealed, expires_at) = row.ok_or(StoreError::NotFound)?;
         let expires_at = u64::try_from(expires_at).unwrap_or(0);
-        if expires_at != 0 && now > expires_at.saturating_add(self.tolerance_seconds) {
+        if expires_at != 0 && now_unix > expires_at.saturating_add(self.tolerance_seconds) {
             return Err(StoreError::NotFound);
         }
         let plain = self
@@ -336,13 +340,13 @@ impl KeyStore {
 
     /// Delete keys expired beyond tolerance. Fixes Actrix's purge, which ignored tolerance
     /// (wire reference section 9, item 9).
-    pub fn purge_expired(&self, now: u64) -> Result<usize, StoreError> {
+    pub fn purge_expired(&self, now_unix: u64) -> Result<usize, StoreError> {
         let inner = self.lock()?;
-        Self::purge_locked(&inner.conn, now, self.tolerance_seconds)
+        Self::purge_locked(now_unix, &inner.conn, self.tolerance_seconds)
     }
 
-    fn purge_locked(conn: &Connection, now: u64, tolerance: u64) -> Result<usize, StoreError> {
-        let cutoff = to_i64(now).saturating_sub(to_i64(tolerance));
+    fn purge_locked(now_unix: u64, conn: &Connection, tolerance: u64) -> Result<usize, StoreError> {
+        let cutoff = to_i64(now_unix).saturating_sub(to_i64(tolerance));
         Ok(conn.execute(
             "DELETE FROM ks_keys WHERE expires_at > 0 AND expires_at < ?1",
             params![cutoff],

@@ -7,22 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use actrix_control::nonce_auth::{self, NonceCredential};
-use actrix_control::{ControlBuilder, ControlConfig, ControlHandle, ManualClock, SecretString};
+use actrix_control::{ControlBuilder, ControlConfig, ControlHandle, ManualClock};
 
-pub const SHARED_KEY: &str = "integration-test-shared-key-0123456789";
-pub const KEK_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+pub const SHARED_KEY: &str = actrix_control::testing::SHARED_KEY;
+pub const KEK_HEX: &str = actrix_control::testing::KEK_HEX;
 
 /// A config on 127.0.0.1:0 with `dir` as data directory and fixed secrets.
 pub fn config(dir: &Path) -> ControlConfig {
-    let mut cfg = ControlConfig {
-        node_id: "test-node".into(),
-        data_dir: dir.to_owned(),
-        ..ControlConfig::default()
-    };
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.ks.shared_key = Some(SecretString::from(SHARED_KEY));
-    cfg.ks.kek = Some(SecretString::from(KEK_HEX));
-    cfg
+    actrix_control::testing::config(dir, "test-node")
 }
 
 pub fn start(cfg: ControlConfig) -> ControlHandle {

@@ -335,38 +335,14 @@ pub fn attach(
 /// The receiving socket of a shard for one family: UDP, bound to `addr` port 0 (any address
 /// works: the program picks it by descriptor), reporting each datagram's original destination.
 pub fn shared_socket(addr: std::net::IpAddr, recv_buffer: usize) -> io::Result<socket2::Socket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(
-        Domain::for_address(SocketAddr::new(addr, 0)),
-        Type::DGRAM.cloexec(),
-        Some(Protocol::UDP),
-    )?;
-    s.set_nonblocking(true)?;
-    if recv_buffer > 0 {
-        let _ = s.set_recv_buffer_size(recv_buffer);
-    }
-    let (level, opt) = if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-        (libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR)
-    } else {
-        (libc::SOL_IP, libc::IP_RECVORIGDSTADDR)
-    };
-    let on: libc::c_int = 1;
-    // SAFETY: valid socket and option value.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            opt,
-            &on as *const _ as *const libc::c_void,
-            std::mem::size_of_val(&on) as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    s.bind(&SocketAddr::new(addr, 0).into())?;
-    Ok(s)
+    actrix_udp::udp_socket(
+        SocketAddr::new(addr, 0),
+        &actrix_udp::UdpOptions {
+            recv_buffer,
+            orig_dst: true,
+            ..Default::default()
+        },
+    )
 }
 
 /// The sending socket of a shard for one family: raw, the caller writes the IP and UDP
@@ -602,7 +578,7 @@ mod kernel_tests {
         if n < 0 {
             return None;
         }
-        let port = super::super::io::orig_dst(&m).map(|a| a.port())?;
+        let port = actrix_udp::orig_dst(&m).map(|a| a.port())?;
         Some((buf[..n as usize].to_vec(), port))
     }
 }

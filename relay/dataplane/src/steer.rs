@@ -2,7 +2,8 @@
 //!
 //! Without a program the kernel picks a socket of the reuseport group by a hash of the 4-tuple
 //! with a random seed. The program below makes the choice a documented, pure function of the
-//! client address: `(source IP's low 32 bits + source port) mod shards`. It is stable for the
+//! client address: `(source IP's low 32 bits + source port) mod shards`
+//! ([`actrix_proto::plan::shard_of_client`]). It is stable for the
 //! life of the process and lets tests and operators predict which shard serves a client.
 //!
 //! For UDP the program runs with the packet data positioned after the UDP header, so the
@@ -44,17 +45,9 @@ pub fn program(shards: u32, ipv6: bool) -> Vec<libc::sock_filter> {
     ]
 }
 
-/// The shard a client lands on under [`program`] (for tests and diagnostics).
-pub fn shard_of_client(addr: &std::net::SocketAddr, shards: usize) -> usize {
-    let word = match addr.ip() {
-        std::net::IpAddr::V4(v4) => u32::from(v4),
-        std::net::IpAddr::V6(v6) => {
-            let o = v6.octets();
-            u32::from_be_bytes([o[12], o[13], o[14], o[15]])
-        }
-    };
-    (word.wrapping_add(addr.port() as u32) % shards.max(1) as u32) as usize
-}
+/// The shard a client lands on under [`program`]: [`actrix_proto::plan::shard_of_client`]
+/// is the same function, computed in user space.
+pub use actrix_proto::plan::shard_of_client;
 
 /// Attach the steering program to a socket of the group (it applies to the whole group).
 pub fn attach(fd: RawFd, shards: u32, ipv6: bool) -> io::Result<()> {

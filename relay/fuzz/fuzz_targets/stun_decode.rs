@@ -2,5 +2,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    actrix::fuzzing::stun_decode(data);
+    actrix_proto::fuzzing::stun_decode(data);
 });

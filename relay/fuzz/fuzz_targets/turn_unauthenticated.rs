@@ -2,5 +2,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = actrix::fuzzing::turn_core(data, false);
+    let _ = actrix_proto::fuzzing::turn_core(data, false);
 });

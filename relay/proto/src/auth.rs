@@ -140,7 +140,7 @@ fn unhex_into(src: &[u8], dst: &mut [u8]) -> bool {
 }
 
 /// Make a nonce for `client` at `now_unix`.
-pub fn make_nonce(key: &[u8; 32], now_unix: u64, client: SocketAddr) -> [u8; NONCE_LEN] {
+pub fn make_nonce(now_unix: u64, key: &[u8; 32], client: SocketAddr) -> [u8; NONCE_LEN] {
     let mut out = [0u8; NONCE_LEN];
     out[..13].copy_from_slice(NONCE_PREFIX);
     hex_into(&now_unix.to_be_bytes(), &mut out[13..29]);
@@ -150,10 +150,10 @@ pub fn make_nonce(key: &[u8; 32], now_unix: u64, client: SocketAddr) -> [u8; NON
 
 /// Check a nonce presented by `client`. A nonce from the future by more than 5 s is invalid.
 pub fn check_nonce(
+    now_unix: u64,
     key: &[u8; 32],
     lifetime: u64,
     nonce: &[u8],
-    now_unix: u64,
     client: SocketAddr,
 ) -> NonceCheck {
     if nonce.len() != NONCE_LEN || &nonce[..13] != NONCE_PREFIX {
@@ -208,13 +208,40 @@ pub enum Lookup {
     Pending,
 }
 
+/// A shard's request to the control thread: resolve this identity username. Plain data over a
+/// channel; the answer goes back to the shard named here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityRequest {
+    pub shard: crate::plan::ShardId,
+    pub username: Box<[u8]>,
+}
+
 /// Answer from the control thread for an identity username.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityAnswer {
     pub username: Box<[u8]>,
-    /// `None`: refused (tampered, expired, unknown key, bad realm).
-    pub key_md5: Option<[u8; 16]>,
+    pub outcome: Result<IdentityKey, IdentityRefusal>,
+}
+
+/// A verified identity credential: its long-term key and when it stops being valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityKey {
+    /// MD5(username ":" realm ":" password), as for any long-term credential.
+    pub key_md5: [u8; 16],
+    /// Unix seconds.
     pub expires_at: u64,
+}
+
+/// Why the control thread did not verify an identity username.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityRefusal {
+    /// For logs and tests ("invalid token", "key server unavailable", ...).
+    pub reason: &'static str,
+    /// Asking again later may succeed (the key server was unreachable, the control thread
+    /// overloaded): the refusal is not remembered and the client's next retransmission asks
+    /// again. Otherwise (tampered, expired, unknown key, bad realm) the username is refused
+    /// for a while.
+    pub retryable: bool,
 }
 
 /// Per-shard cache of derived keys for REST and identity credentials. Bounded: when full, the
@@ -279,7 +306,7 @@ impl KeyCache {
     /// Find the key for `username` at `now_unix`. REST credentials are derived on a miss;
     /// identity credentials return `Pending` the first time and are resolved by
     /// [`KeyCache::handle_identity_answer`].
-    pub fn lookup(&mut self, username: &[u8], now_unix: u64) -> Lookup {
+    pub fn lookup(&mut self, now_unix: u64, username: &[u8]) -> Lookup {
         if let Some(c) = self.static_creds.get(username) {
             return Lookup::Found(c.clone());
         }
@@ -295,7 +322,7 @@ impl KeyCache {
         if hit {
             return Lookup::Found(self.entries[username].clone());
         }
-        if let Some(cred) = self.derive_rest(username, now_unix) {
+        if let Some(cred) = self.derive_rest(now_unix, username) {
             return Lookup::Found(cred);
         }
         if !self.config.identities || looks_like_rest(username) {
@@ -312,7 +339,7 @@ impl KeyCache {
 
     /// Record that a resolution for `username` was requested at `now_unix`; returns false when
     /// one is already outstanding (so the caller does not ask twice).
-    pub fn mark_pending(&mut self, username: &[u8], now_unix: u64) -> bool {
+    pub fn mark_pending(&mut self, now_unix: u64, username: &[u8]) -> bool {
         if let Some(&t) = self.pending.get(username) {
             if now_unix.saturating_sub(t) < 5 {
                 return false;
@@ -328,27 +355,31 @@ impl KeyCache {
         true
     }
 
-    pub fn handle_identity_answer(&mut self, a: IdentityAnswer, now_unix: u64) {
+    pub fn handle_identity_answer(&mut self, now_unix: u64, a: IdentityAnswer) {
         self.pending.remove(&a.username);
         self.make_room();
-        match a.key_md5 {
-            Some(md5) if a.expires_at >= now_unix => {
+        match a.outcome {
+            Ok(k) if k.expires_at >= now_unix => {
                 self.entries.insert(
                     a.username,
                     Credential {
-                        key: UserKey { md5, sha256: None },
-                        expires_at: a.expires_at,
+                        key: UserKey {
+                            md5: k.key_md5,
+                            sha256: None,
+                        },
+                        expires_at: k.expires_at,
                         kind: CredentialKind::Identity,
                     },
                 );
             }
+            Err(r) if r.retryable => {}
             _ => {
                 self.negative.insert(a.username, now_unix + 30);
             }
         }
     }
 
-    fn derive_rest(&self, username: &[u8], now_unix: u64) -> Option<Credential> {
+    fn derive_rest(&self, now_unix: u64, username: &[u8]) -> Option<Credential> {
         if self.config.rest_secrets.is_empty() {
             return None;
         }
@@ -452,73 +483,73 @@ mod tests {
     #[test]
     fn nonce_roundtrip_and_boundaries() {
         let key = [7u8; 32];
-        let n = make_nonce(&key, 1000, client());
+        let n = make_nonce(1000, &key, client());
         assert_eq!(
-            check_nonce(&key, 600, &n, 1000, client()),
+            check_nonce(1000, &key, 600, &n, client()),
             NonceCheck::Valid
         );
         assert_eq!(
-            check_nonce(&key, 600, &n, 1600, client()),
+            check_nonce(1600, &key, 600, &n, client()),
             NonceCheck::Valid,
             "at exactly the lifetime"
         );
         assert_eq!(
-            check_nonce(&key, 600, &n, 1601, client()),
+            check_nonce(1601, &key, 600, &n, client()),
             NonceCheck::Stale,
             "one second later"
         );
         assert_eq!(
-            check_nonce(&key, 600, &n, 995, client()),
+            check_nonce(995, &key, 600, &n, client()),
             NonceCheck::Valid,
             "5 s skew"
         );
         assert_eq!(
-            check_nonce(&key, 600, &n, 994, client()),
+            check_nonce(994, &key, 600, &n, client()),
             NonceCheck::Invalid,
             "from the future"
         );
         let other_port: SocketAddr = "192.0.2.10:5001".parse().unwrap();
         let other_ip: SocketAddr = "192.0.2.11:5000".parse().unwrap();
         assert_eq!(
-            check_nonce(&key, 600, &n, 1000, other_port),
+            check_nonce(1000, &key, 600, &n, other_port),
             NonceCheck::Invalid
         );
         assert_eq!(
-            check_nonce(&key, 600, &n, 1000, other_ip),
+            check_nonce(1000, &key, 600, &n, other_ip),
             NonceCheck::Invalid
         );
         assert_eq!(
-            check_nonce(&[8u8; 32], 600, &n, 1000, client()),
+            check_nonce(1000, &[8u8; 32], 600, &n, client()),
             NonceCheck::Invalid
         );
         // One character tampered, uppercase, too short, too long.
         let mut t = n;
         t[40] = if t[40] == b'0' { b'1' } else { b'0' };
         assert_eq!(
-            check_nonce(&key, 600, &t, 1000, client()),
+            check_nonce(1000, &key, 600, &t, client()),
             NonceCheck::Invalid
         );
         let upper: Vec<u8> = n.iter().map(|c| c.to_ascii_uppercase()).collect();
         assert_eq!(
-            check_nonce(&key, 600, &upper, 1000, client()),
+            check_nonce(1000, &key, 600, &upper, client()),
             NonceCheck::Invalid
         );
         assert_eq!(
-            check_nonce(&key, 600, &n[..NONCE_LEN - 1], 1000, client()),
+            check_nonce(1000, &key, 600, &n[..NONCE_LEN - 1], client()),
             NonceCheck::Invalid
         );
         let mut long = n.to_vec();
         long.push(b'0');
         assert_eq!(
-            check_nonce(&key, 600, &long, 1000, client()),
+            check_nonce(1000, &key, 600, &long, client()),
             NonceCheck::Invalid
         );
         // Tampered timestamp (to make an old nonce look fresh) breaks the MAC.
-        let stale = make_nonce(&key, 100, client());
+        let stale = make_nonce(100, &key, client());
         let mut forged = stale;
         forged[13..29].copy_from_slice(&n[13..29]);
         assert_eq!(
-            check_nonce(&key, 600, &forged, 1000, client()),
+            check_nonce(1000, &key, 600, &forged, client()),
             NonceCheck::Invalid
         );
     }
@@ -531,7 +562,7 @@ mod tests {
         let user = b"2000:alice";
         let pw_new = rest_password(b"new-secret", user);
         let want = UserKey::from_password(user, b"example.org", pw_new.as_bytes());
-        match cache.lookup(user, 1500) {
+        match cache.lookup(1500, user) {
             Lookup::Found(c) => assert_eq!(c.key, want),
             other => panic!("{other:?}"),
         }
@@ -546,9 +577,9 @@ mod tests {
             )]
         );
         // Expired usernames are refused, also on a cache hit.
-        assert!(matches!(cache.lookup(user, 2001), Lookup::Refused));
-        assert!(matches!(cache.lookup(b"1000:bob", 1500), Lookup::Refused));
-        assert!(matches!(cache.lookup(b"notrest", 1500), Lookup::Refused));
+        assert!(matches!(cache.lookup(2001, user), Lookup::Refused));
+        assert!(matches!(cache.lookup(1500, b"1000:bob"), Lookup::Refused));
+        assert!(matches!(cache.lookup(1500, b"notrest"), Lookup::Refused));
     }
 
     #[test]
@@ -556,37 +587,57 @@ mod tests {
         let mut cfg = AuthConfig::new("r", [1; 32]);
         cfg.identities = true;
         let mut cache = KeyCache::new(Arc::new(cfg), 16);
-        assert!(matches!(cache.lookup(b"opaque", 100), Lookup::Pending));
-        assert!(cache.mark_pending(b"opaque", 100));
+        assert!(matches!(cache.lookup(100, b"opaque"), Lookup::Pending));
+        assert!(cache.mark_pending(100, b"opaque"));
         assert!(
-            !cache.mark_pending(b"opaque", 101),
+            !cache.mark_pending(101, b"opaque"),
             "one outstanding request per username"
         );
         cache.handle_identity_answer(
+            100,
             IdentityAnswer {
                 username: b"opaque".to_vec().into(),
-                key_md5: Some([9; 16]),
-                expires_at: 200,
+                outcome: Ok(IdentityKey {
+                    key_md5: [9; 16],
+                    expires_at: 200,
+                }),
             },
-            100,
         );
-        assert!(matches!(cache.lookup(b"opaque", 200), Lookup::Found(_)));
+        assert!(matches!(cache.lookup(200, b"opaque"), Lookup::Found(_)));
         assert!(
-            matches!(cache.lookup(b"opaque", 201), Lookup::Refused),
+            matches!(cache.lookup(201, b"opaque"), Lookup::Refused),
             "expiry re-checked on hit"
         );
         cache.handle_identity_answer(
+            100,
             IdentityAnswer {
                 username: b"bad".to_vec().into(),
-                key_md5: None,
-                expires_at: 0,
+                outcome: Err(IdentityRefusal {
+                    reason: "invalid token",
+                    retryable: false,
+                }),
             },
-            100,
         );
         assert!(
-            matches!(cache.lookup(b"bad", 110), Lookup::Refused),
+            matches!(cache.lookup(110, b"bad"), Lookup::Refused),
             "negative cache"
         );
+        // A retryable refusal (key server unreachable) is not remembered: the next request
+        // asks again.
+        assert!(matches!(cache.lookup(100, b"later"), Lookup::Pending));
+        assert!(cache.mark_pending(100, b"later"));
+        cache.handle_identity_answer(
+            100,
+            IdentityAnswer {
+                username: b"later".to_vec().into(),
+                outcome: Err(IdentityRefusal {
+                    reason: "key server unavailable",
+                    retryable: true,
+                }),
+            },
+        );
+        assert!(matches!(cache.lookup(101, b"later"), Lookup::Pending));
+        assert!(cache.mark_pending(101, b"later"), "asked again at once");
     }
 
     #[test]
@@ -596,7 +647,7 @@ mod tests {
         let mut cache = KeyCache::new(Arc::new(cfg), 8);
         for i in 0..100 {
             let u = format!("9999:user{i}");
-            assert!(matches!(cache.lookup(u.as_bytes(), 1), Lookup::Found(_)));
+            assert!(matches!(cache.lookup(1, u.as_bytes()), Lookup::Found(_)));
         }
         assert!(cache.len() <= 8);
     }
@@ -614,11 +665,18 @@ pub struct RateTable {
 }
 
 impl RateTable {
-    pub fn new(slots: usize, per_second: u32) -> Self {
+    /// `seed` keys the slot hash, so which sources share a slot is not predictable from
+    /// outside.
+    pub fn new(slots: usize, per_second: u32, seed: u64) -> Self {
         RateTable {
             slots: vec![(0, u64::MAX, 0); slots.max(1)].into_boxed_slice(),
             limit: per_second,
-            hasher: ahash::RandomState::new(),
+            hasher: ahash::RandomState::with_seeds(
+                seed,
+                seed ^ 0x9E37_79B9_7F4A_7C15,
+                seed.rotate_left(29),
+                !seed,
+            ),
         }
     }
 
@@ -628,7 +686,7 @@ impl RateTable {
     }
 
     /// Count one event from `ip` in second `now_unix`; false when over the limit.
-    pub fn allow(&mut self, ip: IpAddr, now_unix: u64) -> bool {
+    pub fn allow(&mut self, now_unix: u64, ip: IpAddr) -> bool {
         let key = self.hasher.hash_one(ip);
         let n = self.slots.len();
         let slot = &mut self.slots[(key % n as u64) as usize];
@@ -647,15 +705,15 @@ mod rate_tests {
 
     #[test]
     fn per_source_per_second() {
-        let mut t = RateTable::new(64, 3);
+        let mut t = RateTable::new(64, 3, 7);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        assert!((0..3).all(|_| t.allow(a, 10)));
-        assert!(!t.allow(a, 10));
+        assert!((0..3).all(|_| t.allow(10, a)));
+        assert!(!t.allow(10, a));
         assert!(
-            t.allow(b, 10) || t.allow(b, 10),
+            t.allow(10, b) || t.allow(10, b),
             "another source is not throttled by a"
         );
-        assert!(t.allow(a, 11), "a new second");
+        assert!(t.allow(11, a), "a new second");
     }
 }

@@ -5,8 +5,10 @@ use crate::auth::{make_nonce, AuthConfig};
 use crate::policy::PeerPolicy;
 use crate::stun::{self, channel, Message, MessageWriter};
 use crate::turn::{
-    Data, Family, Now, Quotas, RelayBinder, RelayPort, Server, TurnConfig, HEADROOM, TAILROOM,
+    BindRequest, CrossShard, Data, Effects, Family, Now, RelayPort, Reply, Server, TurnConfig,
+    HEADROOM, TAILROOM,
 };
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -51,13 +53,36 @@ pub fn stun_decode(data: &[u8]) {
     }
 }
 
-struct NullBinder;
+/// Relay sockets that only exist on paper: the harness checks that the core never binds a
+/// port twice, releases only what it bound (or kept warm), and releases everything at the end.
+#[derive(Default)]
+struct PaperSockets {
+    bound: BTreeSet<(bool, RelayPort)>,
+    warm: BTreeSet<(bool, RelayPort)>,
+}
 
-impl RelayBinder for NullBinder {
-    fn bind(&mut self, _: Family, _: RelayPort) -> bool {
+impl Effects for PaperSockets {
+    fn bind(&mut self, req: &BindRequest) -> bool {
+        for (on, v6) in [(req.v4, false), (req.v6, true)] {
+            if on {
+                let key = (v6, req.port);
+                self.warm.remove(&key);
+                assert!(self.bound.insert(key), "double bind of {:?}", req.port);
+            }
+        }
         true
     }
-    fn unbind(&mut self, _: Family, _: RelayPort) {}
+    fn release(&mut self, family: Family, port: RelayPort, keep: bool) {
+        let key = (family == Family::V6, port);
+        assert!(
+            self.bound.remove(&key) || (!keep && self.warm.remove(&key)),
+            "release of an unbound port {port:?}"
+        );
+        if keep {
+            self.warm.insert(key);
+        }
+    }
+    fn resolve_identity(&mut self, _: Box<[u8]>) {}
 }
 
 const USER: &str = "fuzz";
@@ -70,15 +95,12 @@ fn server(now: Now) -> Server {
     auth.rest_secrets = vec![b"fuzz-rest-secret-0123".to_vec().into()];
     let mut policy = PeerPolicy::new(vec!["127.0.0.0/8".parse().expect("literal")], vec![]);
     policy.service_ports = vec![3478];
-    let mut cfg = TurnConfig::new(
-        Arc::new(auth),
-        Arc::new(policy),
-        Arc::new(Quotas::new(64, 16)),
-    );
+    let mut cfg = TurnConfig::new(Arc::new(auth), Arc::new(policy));
     cfg.port_min = 50000;
     cfg.port_max = 50031;
     cfg.relay_v6 = vec!["::1".parse().expect("literal")];
-    Server::new(cfg, now, 1)
+    cfg.relay_socket_pool = 4;
+    Server::new(cfg, Arc::new(CrossShard::new(64, 16, 1, 1)), now, 1)
 }
 
 /// What a [`turn_core`] run produced, so tests can check the harness reaches the handlers.
@@ -101,7 +123,7 @@ pub fn turn_core(data: &[u8], authenticated: bool) -> Outcome {
         unix: 1_700_000_000,
     };
     let mut s = server(now);
-    let mut b = NullBinder;
+    let mut b = PaperSockets::default();
     let mut rest = data;
     let mut buf = vec![0u8; 4096];
     while rest.len() >= 3 {
@@ -114,7 +136,8 @@ pub fn turn_core(data: &[u8], authenticated: bool) -> Outcome {
         if kind & 0x10 != 0 {
             now.ms += 1000 * (kind as u64 >> 5);
             now.unix += kind as u64 >> 5;
-            s.handle_timeout(now, &mut b);
+            s.handle_timeout(now);
+            s.drain_commands(&mut b);
         }
         let src = SocketAddr::from((
             [127, 0, 0, 1 + ((kind >> 1) & 7)],
@@ -128,7 +151,8 @@ pub fn turn_core(data: &[u8], authenticated: bool) -> Outcome {
         };
         let range = HEADROOM..HEADROOM + n;
         let out = if kind & 1 == 0 {
-            s.handle_client(now, 0, src, &mut buf, range, &mut b)
+            let r = s.handle_client(now, 0, src, &mut buf, range);
+            s.settle(now, r, &mut b)
         } else {
             s.handle_peer(
                 now,
@@ -139,26 +163,31 @@ pub fn turn_core(data: &[u8], authenticated: bool) -> Outcome {
                 range,
             )
         };
-        if let Some(t) = out {
+        if let Reply::Transmit(t) = out {
             match t.data {
                 Data::Buf(r) => {
                     assert!(r.end <= buf.len() && r.start <= r.end);
                     outcome.relayed += 1;
                 }
                 Data::Scratch(n) => {
-                    assert!(n <= s.scratch().len());
-                    if n > 0 {
-                        let m = Message::parse(&s.scratch()[..n]).expect("our responses parse");
-                        match m.class() {
-                            stun::Class::Success => outcome.successes += 1,
-                            _ => outcome.errors += 1,
-                        }
+                    assert!(n > 0 && n <= s.scratch().len());
+                    let m = Message::parse(&s.scratch()[..n]).expect("our responses parse");
+                    match m.class() {
+                        stun::Class::Success => outcome.successes += 1,
+                        _ => outcome.errors += 1,
                     }
                 }
             }
         }
     }
-    s.close_all(&mut b);
+    s.close_all();
+    s.drain_commands(&mut b);
+    assert!(
+        b.bound.is_empty() && b.warm.is_empty(),
+        "sockets left open: {:?} {:?}",
+        b.bound,
+        b.warm
+    );
     let _ = TAILROOM;
     outcome
 }
@@ -188,7 +217,7 @@ fn wrap_authenticated(body: &[u8], src: SocketAddr, now: Now, out: &mut [u8]) ->
         r = &r[3 + l..];
     }
     let key = stun::long_term_key_md5(USER.as_bytes(), REALM.as_bytes(), PASS.as_bytes());
-    let nonce = make_nonce(&[3; 32], now.unix, src);
+    let nonce = make_nonce(now.unix, &[3; 32], src);
     let ok = w.add(stun::attr::USERNAME, USER.as_bytes()).is_ok()
         && w.add(stun::attr::REALM, REALM.as_bytes()).is_ok()
         && w.add(stun::attr::NONCE, &nonce).is_ok()

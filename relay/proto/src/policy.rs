@@ -15,7 +15,6 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 /// An inclusive range of addresses of one family, not necessarily prefix-aligned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,9 +164,8 @@ pub struct PeerPolicy {
     /// Ports of the appliance's own services (STUN/TURN listeners, HTTP control server).
     pub service_ports: Vec<u16>,
     /// Relay addresses of this appliance (advertised and bound) with their address index, for
-    /// the relay-to-relay rule.
+    /// the relay-to-relay rule (with the live [`RelayPortSet`] passed to [`PeerPolicy::check`]).
     pub relay_ips: Vec<(IpAddr, u8)>,
-    pub relay_ports: Arc<RelayPortSet>,
 }
 
 impl PeerPolicy {
@@ -178,12 +176,13 @@ impl PeerPolicy {
             own_ips: Vec::new(),
             service_ports: Vec::new(),
             relay_ips: Vec::new(),
-            relay_ports: Arc::new(RelayPortSet::default()),
         }
     }
 
     /// Decide whether `peer` may be the target of a permission, channel or Send.
-    pub fn check(&self, peer: SocketAddr) -> Result<(), Denied> {
+    /// `relay_ports` are the relay ports allocated on this appliance right now (shared by all
+    /// shards; see [`crate::turn::CrossShard`]).
+    pub fn check(&self, peer: SocketAddr, relay_ports: &RelayPortSet) -> Result<(), Denied> {
         let ip = peer.ip();
         let effective = embedded_v4(ip).map(IpAddr::V4).unwrap_or(ip);
         if peer.port() == 0 {
@@ -196,7 +195,7 @@ impl PeerPolicy {
         if self
             .relay_ips
             .iter()
-            .any(|&(r, i)| (r == ip || r == effective) && self.relay_ports.contains(i, peer.port()))
+            .any(|&(r, i)| (r == ip || r == effective) && relay_ports.contains(i, peer.port()))
         {
             return Ok(());
         }
@@ -318,6 +317,10 @@ fn classify_v6(ip: Ipv6Addr) -> Result<(), Denied> {
 mod tests {
     use super::*;
 
+    /// No relay port allocated.
+    static NO_PORTS: std::sync::LazyLock<RelayPortSet> =
+        std::sync::LazyLock::new(RelayPortSet::default);
+
     fn sa(s: &str) -> SocketAddr {
         if let Ok(a) = s.parse() {
             return a;
@@ -359,7 +362,7 @@ mod tests {
             "192.0.0.1",
             "64:ff9b:1::a00:1",
         ] {
-            assert!(p.check(sa(ip)).is_err(), "{ip} must be denied");
+            assert!(p.check(sa(ip), &NO_PORTS).is_err(), "{ip} must be denied");
         }
     }
 
@@ -373,9 +376,12 @@ mod tests {
             "64:ff9b::808:808",
             "::ffff:8.8.8.8",
         ] {
-            assert_eq!(p.check(sa(ip)), Ok(()), "{ip}");
+            assert_eq!(p.check(sa(ip), &NO_PORTS), Ok(()), "{ip}");
         }
-        assert_eq!(p.check("8.8.8.8:0".parse().unwrap()), Err(Denied::PortZero));
+        assert_eq!(
+            p.check("8.8.8.8:0".parse().unwrap(), &NO_PORTS),
+            Err(Denied::PortZero)
+        );
     }
 
     #[test]
@@ -407,17 +413,20 @@ mod tests {
                 "2001:db8::5-2001:db8::1:3".parse().unwrap(),
             ],
         );
-        assert_eq!(p.check(sa("127.0.0.1")), Ok(()));
+        assert_eq!(p.check(sa("127.0.0.1"), &NO_PORTS), Ok(()));
         assert_eq!(
-            p.check(sa("::ffff:127.0.0.1")),
+            p.check(sa("::ffff:127.0.0.1"), &NO_PORTS),
             Ok(()),
             "mapped follows its v4 rule"
         );
-        assert_eq!(p.check(sa("127.0.0.9")), Err(Denied::DenyRange));
-        assert_eq!(p.check(sa("8.8.8.8")), Err(Denied::DenyRange));
-        assert_eq!(p.check(sa("2001:db8::4")), Ok(()));
-        assert_eq!(p.check(sa("2001:db8::6")), Err(Denied::DenyRange));
-        assert_eq!(p.check(sa("2001:db8::1:4")), Ok(()));
+        assert_eq!(p.check(sa("127.0.0.9"), &NO_PORTS), Err(Denied::DenyRange));
+        assert_eq!(p.check(sa("8.8.8.8"), &NO_PORTS), Err(Denied::DenyRange));
+        assert_eq!(p.check(sa("2001:db8::4"), &NO_PORTS), Ok(()));
+        assert_eq!(
+            p.check(sa("2001:db8::6"), &NO_PORTS),
+            Err(Denied::DenyRange)
+        );
+        assert_eq!(p.check(sa("2001:db8::1:4"), &NO_PORTS), Ok(()));
     }
 
     #[test]
@@ -426,15 +435,27 @@ mod tests {
         p.service_ports = vec![3478, 8080];
         p.own_ips = vec!["203.0.113.7".parse().unwrap()];
         p.relay_ips = vec![("127.0.0.1".parse().unwrap(), 0)];
-        assert_eq!(p.check(sa("127.0.0.1:3478")), Err(Denied::ServicePort));
-        assert_eq!(p.check(sa("127.0.0.2:8080")), Err(Denied::ServicePort));
         assert_eq!(
-            p.check(sa("[::ffff:127.0.0.1]:8080")),
+            p.check(sa("127.0.0.1:3478"), &NO_PORTS),
             Err(Denied::ServicePort)
         );
-        assert_eq!(p.check(sa("0.0.0.0:3478")), Err(Denied::ServicePort));
-        assert_eq!(p.check(sa("203.0.113.7:3478")), Err(Denied::ServicePort));
-        assert_eq!(p.check(sa("127.0.0.1:5000")), Ok(()));
+        assert_eq!(
+            p.check(sa("127.0.0.2:8080"), &NO_PORTS),
+            Err(Denied::ServicePort)
+        );
+        assert_eq!(
+            p.check(sa("[::ffff:127.0.0.1]:8080"), &NO_PORTS),
+            Err(Denied::ServicePort)
+        );
+        assert_eq!(
+            p.check(sa("0.0.0.0:3478"), &NO_PORTS),
+            Err(Denied::ServicePort)
+        );
+        assert_eq!(
+            p.check(sa("203.0.113.7:3478"), &NO_PORTS),
+            Err(Denied::ServicePort)
+        );
+        assert_eq!(p.check(sa("127.0.0.1:5000"), &NO_PORTS), Ok(()));
 
         let strict = {
             let mut q = PeerPolicy::new(vec![], vec![]);
@@ -442,26 +463,35 @@ mod tests {
                 ("127.0.0.1".parse().unwrap(), 0),
                 ("127.0.0.2".parse().unwrap(), 1),
             ];
-            q.relay_ports = Arc::new(RelayPortSet::new(2));
             q.service_ports = vec![3478];
             q
         };
-        assert_eq!(strict.check(sa("127.0.0.1:50000")), Err(Denied::Special));
-        strict.relay_ports.set(0, 50000, true);
+        let ports = RelayPortSet::new(2);
         assert_eq!(
-            strict.check(sa("127.0.0.1:50000")),
+            strict.check(sa("127.0.0.1:50000"), &ports),
+            Err(Denied::Special)
+        );
+        ports.set(0, 50000, true);
+        assert_eq!(
+            strict.check(sa("127.0.0.1:50000"), &ports),
             Ok(()),
             "allocated relay address"
         );
         assert_eq!(
-            strict.check(sa("127.0.0.2:50000")),
+            strict.check(sa("127.0.0.2:50000"), &ports),
             Err(Denied::Special),
             "same port on the other relay address is not allocated"
         );
-        assert_eq!(strict.check(sa("127.0.0.3:50000")), Err(Denied::Special));
-        strict.relay_ports.set(1, 50000, true);
-        assert_eq!(strict.check(sa("127.0.0.2:50000")), Ok(()));
-        strict.relay_ports.set(0, 50000, false);
-        assert_eq!(strict.check(sa("127.0.0.1:50000")), Err(Denied::Special));
+        assert_eq!(
+            strict.check(sa("127.0.0.3:50000"), &ports),
+            Err(Denied::Special)
+        );
+        ports.set(1, 50000, true);
+        assert_eq!(strict.check(sa("127.0.0.2:50000"), &ports), Ok(()));
+        ports.set(0, 50000, false);
+        assert_eq!(
+            strict.check(sa("127.0.0.1:50000"), &ports),
+            Err(Denied::Special)
+        );
     }
 }

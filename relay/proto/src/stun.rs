@@ -485,6 +485,49 @@ pub fn encode_xor_addr(addr: SocketAddr, tid: &[u8; 12], out: &mut [u8; 20]) -> 
     }
 }
 
+/// The most bytes a Data indication puts before its payload: STUN header, XOR-PEER-ADDRESS
+/// of an IPv6 peer, DATA attribute header.
+pub const DATA_INDICATION_MAX_HEADER: usize = HEADER_LEN + 4 + 20 + 4;
+
+/// Frame `buf[payload]` in place as a Data indication from `peer` (RFC 8656 §10.3): the
+/// header, XOR-PEER-ADDRESS and the DATA attribute header are written into the bytes before
+/// the payload, zero padding to a multiple of 4 after it. Returns the range of the whole
+/// message, or `None` when the headroom, the tailroom or the 16-bit length cannot hold it.
+pub fn frame_data_indication(
+    buf: &mut [u8],
+    payload: std::ops::Range<usize>,
+    tid: &[u8; 12],
+    peer: SocketAddr,
+) -> Option<std::ops::Range<usize>> {
+    let n = payload.len();
+    let addr_len = if peer.is_ipv4() { 8 } else { 20 };
+    let hdr_len = HEADER_LEN + 4 + addr_len + 4;
+    let pad = (4 - n % 4) % 4;
+    if payload.start < hdr_len
+        || payload.end + pad > buf.len()
+        || hdr_len + n + pad > u16::MAX as usize
+    {
+        return None;
+    }
+    let start = payload.start - hdr_len;
+    let h = &mut buf[start..payload.start];
+    let t = message_type(method::DATA, Class::Indication);
+    h[0..2].copy_from_slice(&t.to_be_bytes());
+    h[2..4].copy_from_slice(&((hdr_len - HEADER_LEN + n + pad) as u16).to_be_bytes());
+    h[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+    h[8..20].copy_from_slice(tid);
+    h[20..22].copy_from_slice(&attr::XOR_PEER_ADDRESS.to_be_bytes());
+    h[22..24].copy_from_slice(&(addr_len as u16).to_be_bytes());
+    let mut xa = [0u8; 20];
+    encode_xor_addr(peer, tid, &mut xa);
+    h[24..24 + addr_len].copy_from_slice(&xa[..addr_len]);
+    let d = 24 + addr_len;
+    h[d..d + 2].copy_from_slice(&attr::DATA.to_be_bytes());
+    h[d + 2..d + 4].copy_from_slice(&(n as u16).to_be_bytes());
+    buf[payload.end..payload.end + pad].fill(0);
+    Some(start..payload.end + pad)
+}
+
 /// Parse an ERROR-CODE value into (code, reason).
 pub fn decode_error_code(v: &[u8]) -> Option<(u16, &[u8])> {
     if v.len() < 4 {
@@ -704,10 +747,32 @@ pub mod channel {
         Ok((ch, len))
     }
 
+    /// Bytes of a ChannelData header.
+    pub const HEADER_LEN: usize = 4;
+
     /// Write a ChannelData header into `hdr`.
     pub fn write_header(hdr: &mut [u8; 4], ch: u16, len: u16) {
         hdr[..2].copy_from_slice(&ch.to_be_bytes());
         hdr[2..].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Frame `buf[payload]` in place as ChannelData on channel `ch`: the header goes into
+    /// the 4 bytes before the payload (no padding: over UDP it is optional, RFC 8656 §12.5).
+    /// Returns the range of the whole message, or `None` without the headroom or when the
+    /// payload is longer than the 16-bit length allows.
+    pub fn frame_in_place(
+        buf: &mut [u8],
+        payload: std::ops::Range<usize>,
+        ch: u16,
+    ) -> Option<std::ops::Range<usize>> {
+        let n = payload.len();
+        if payload.start < HEADER_LEN || n > u16::MAX as usize || payload.end > buf.len() {
+            return None;
+        }
+        let start = payload.start - HEADER_LEN;
+        let hdr: &mut [u8; 4] = (&mut buf[start..payload.start]).try_into().ok()?;
+        write_header(hdr, ch, n as u16);
+        Some(start..payload.end)
     }
 }
 

@@ -1,18 +1,29 @@
 //! The TURN server core (RFC 8656 over UDP, plus RFC 8489 Binding), sans-IO.
 //!
 //! One [`Server`] is owned by one shard. It is fed datagrams with the time they arrived
-//! ([`Server::handle_client`], [`Server::handle_peer`]) and returns where to send what: a
-//! [`Transmit`] naming the source socket, the destination, and either a byte range of the
-//! caller's own buffer (relayed data, framed in place) or the server's scratch buffer (a
-//! response). It never reads a clock, never touches a socket (relay sockets are opened and
-//! closed through the [`RelayBinder`] the caller passes in) and never allocates per relayed
-//! packet.
+//! ([`Server::handle_client`], [`Server::handle_peer`]) and answers with a [`Reply`]:
+//! - [`Reply::Transmit`]: where to send which bytes: a [`Transmit`] naming the source socket,
+//!   the destination, and either a byte range of the caller's own buffer (relayed data, framed
+//!   in place) or the server's scratch buffer (a response);
+//! - [`Reply::Bind`]: an Allocate needs a relay port bound; the caller binds it (or fails to)
+//!   and reports back through [`Server::handle_bound`], which answers with the next `Reply`;
+//! - [`Reply::Drop`]: nothing to send, for a reason that is already counted.
+//!
+//! Side effects with no answer (close or keep a relay socket, ask the control thread about an
+//! identity) queue up as [`Command`]s for [`Server::poll_command`]. The core never reads a
+//! clock, never touches a socket and never allocates per relayed packet; the state shared
+//! with other shards (allocation quotas, the bitmap of allocated relay ports) is the explicit
+//! [`CrossShard`] handle given to [`Server::new`].
+//!
+//! The run-loop contract: after every `handle_*` call, carry out its `Reply` and then drain
+//! [`Server::poll_command`] before the next call (a released port may be handed out again by
+//! the next Allocate); call [`Server::handle_timeout`] when [`Server::poll_timeout`] is due.
 //!
 //! Handlers follow the numbered processing steps of RFC 8656 §7-§12; the step is quoted where
 //! it is enforced.
 
-use crate::auth::{self, KeyCache, Lookup, NonceCheck, PasswordAlgorithm, UserKey};
-use crate::policy::{Denied, PeerPolicy};
+use crate::auth::{self, IdentityAnswer, KeyCache, Lookup, NonceCheck, PasswordAlgorithm, UserKey};
+use crate::policy::{Denied, PeerPolicy, RelayPortSet};
 use crate::stun::{
     self, attr, channel, code, method, Class, IntegrityKind, Message, MessageWriter,
 };
@@ -35,7 +46,7 @@ pub struct Now {
 
 /// Bytes of headroom the caller must leave before a peer datagram so a Data indication header
 /// (20 + 24 + 4 bytes at most) can be written in place.
-pub const HEADROOM: usize = 48;
+pub const HEADROOM: usize = stun::DATA_INDICATION_MAX_HEADER;
 /// Bytes of tailroom after a peer datagram for Data indication padding.
 pub const TAILROOM: usize = 4;
 
@@ -62,7 +73,7 @@ pub struct ClientKey {
 }
 
 /// A relay port number of this shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RelayPort {
     /// Index into the configured relay addresses of each family.
     pub addr: u8,
@@ -87,10 +98,12 @@ pub enum Src {
 pub enum Data {
     /// A range of the buffer the caller passed in (relayed data, framed in place).
     Buf(Range<usize>),
-    /// The first `n` bytes of [`Server::scratch`] (a STUN response).
+    /// The first `n` bytes of [`Server::scratch`] (a STUN response); `n > 0`.
     Scratch(usize),
 }
 
+/// One datagram to send.
+#[must_use = "a transmit is a datagram the caller has to send"]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     pub src: Src,
@@ -98,23 +111,70 @@ pub struct Transmit {
     pub data: Data,
 }
 
-/// Opens and closes relay sockets on behalf of the core.
-pub trait RelayBinder {
-    /// Bind a relay socket for `family` on `port`; false if the port is unavailable.
-    fn bind(&mut self, family: Family, port: RelayPort) -> bool;
-    fn unbind(&mut self, family: Family, port: RelayPort);
-    /// A port whose socket is still open from an earlier allocation and may be reused (bound
-    /// again without a system call), if the binder keeps such a pool.
-    fn parked(&mut self, _family: Family) -> Option<RelayPort> {
-        None
+/// Identifies the Allocate a [`BindRequest`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BindTicket(u64);
+
+/// The caller is asked to bind relay sockets on `port` for the families set (both at once for
+/// a dual-stack allocation: all or nothing) and to report with [`Server::handle_bound`].
+#[must_use = "the Allocate waits for Server::handle_bound"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindRequest {
+    pub ticket: BindTicket,
+    pub port: RelayPort,
+    pub v4: bool,
+    pub v6: bool,
+}
+
+/// What the core answers to one input.
+#[must_use = "a reply is a datagram to send, a port to bind or a counted drop"]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Transmit(Transmit),
+    Bind(BindRequest),
+    /// Nothing to send; the reason is already counted in [`Counters::drops`].
+    Drop(DropReason),
+}
+
+impl Reply {
+    /// The transmit, if this reply is one.
+    pub fn transmit(self) -> Option<Transmit> {
+        match self {
+            Reply::Transmit(t) => Some(t),
+            _ => None,
+        }
     }
 }
 
-/// Things the shard must do outside the core.
+/// Side effects the I/O layer carries out for the core, in order ([`Server::poll_command`]).
+#[must_use]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// Ask the control thread to resolve an Actrix identity username.
+pub enum Command {
+    /// The allocation that held this relay port is gone. With `keep` the socket stays open
+    /// (bound and read, its datagrams dropped as "no allocation") because the core may hand
+    /// the port to a later allocation, which then comes as an ordinary [`BindRequest`] for
+    /// the same port; otherwise close it.
+    Release {
+        family: Family,
+        port: RelayPort,
+        keep: bool,
+    },
+    /// Ask the control thread to resolve an Actrix identity username; the answer comes back
+    /// through [`Server::handle_identity_answer`].
     ResolveIdentity(Box<[u8]>),
+}
+
+/// What carries out the core's side effects: the shard's relay sockets and its link to the
+/// control thread (or a recording stand-in in tests and benchmarks). The core never calls it
+/// from `handle_*`; [`Server::settle`] drives it between calls.
+pub trait Effects {
+    /// Bind relay sockets on `req.port` for the families it names, all or nothing; false if
+    /// the port is unavailable.
+    fn bind(&mut self, req: &BindRequest) -> bool;
+    /// See [`Command::Release`].
+    fn release(&mut self, family: Family, port: RelayPort, keep: bool);
+    /// See [`Command::ResolveIdentity`].
+    fn resolve_identity(&mut self, username: Box<[u8]>);
 }
 
 /// Why a datagram was dropped without an answer. Counted per shard, never logged per packet.
@@ -135,9 +195,13 @@ pub enum DropReason {
     RateLimited,
     /// Over the allocation's bandwidth cap (`turn.max_bytes_per_sec`).
     Bandwidth,
+    /// The answer did not fit the response buffer (never expected; counted, not sent).
+    ResponseTooLarge,
+    /// A [`Server::handle_bound`] for an Allocate that is no longer waiting (a caller bug).
+    StaleBind,
 }
 
-pub const N_DROP_REASONS: usize = 13;
+pub const N_DROP_REASONS: usize = 15;
 
 pub const DROP_REASONS: [&str; N_DROP_REASONS] = [
     "not_stun",
@@ -153,6 +217,8 @@ pub const DROP_REASONS: [&str; N_DROP_REASONS] = [
     "draining",
     "rate_limited",
     "bandwidth",
+    "response_too_large",
+    "stale_bind",
 ];
 
 /// Why an authenticated request was refused (401). Counted by reason; the answer on the wire
@@ -183,42 +249,49 @@ pub const AUTH_FAILURE_REASONS: [&str; 6] = [
     "integrity",
 ];
 
-/// Shard-local counters. Plain integers: one owner, published by copying.
-#[derive(Debug, Default, Clone)]
-pub struct Counters {
-    pub client_packets: u64,
-    pub client_bytes: u64,
-    pub peer_packets: u64,
-    pub peer_bytes: u64,
-    pub relayed_to_peer: u64,
-    pub relayed_to_client: u64,
-    pub drops: [u64; N_DROP_REASONS],
-    pub binding_requests: u64,
-    pub allocations_created: u64,
-    pub allocations_expired: u64,
-    pub allocations_deleted: u64,
-    pub allocations_refused_quota: u64,
-    pub allocations_refused_capacity: u64,
-    pub permissions_created: u64,
-    pub channels_bound: u64,
-    pub peers_denied: u64,
-    pub auth_challenges: u64,
-    pub auth_failures: u64,
-    pub auth_failures_by_reason: [u64; 6],
-    pub stale_nonces: u64,
-    pub error_responses: u64,
+/// The list of the core's plain counters, written once: `with_turn_counters!(m)` expands to
+/// `m! { client_packets, client_bytes, ... }`. The core's [`Counters`] and the data plane's
+/// published atomics are both generated from it.
+#[macro_export]
+macro_rules! with_turn_counters {
+    ($m:ident) => {
+        $m! {
+            client_packets,
+            client_bytes,
+            peer_packets,
+            peer_bytes,
+            relayed_to_peer,
+            relayed_to_client,
+            binding_requests,
+            allocations_created,
+            allocations_expired,
+            allocations_deleted,
+            allocations_refused_quota,
+            allocations_refused_capacity,
+            permissions_created,
+            channels_bound,
+            peers_denied,
+            auth_challenges,
+            auth_failures,
+            stale_nonces,
+            error_responses,
+        }
+    };
 }
 
-/// Allocation quotas shared by every shard. Touched on allocate and free only (never per
-/// packet); exact under concurrency: the total is a compare-and-swap counter and each user's
-/// count is updated under its map entry.
-#[derive(Debug)]
-pub struct Quotas {
-    max_total: AtomicUsize,
-    max_per_user: AtomicUsize,
-    total: AtomicUsize,
-    users: DashMap<Box<[u8]>, usize, ahash::RandomState>,
+macro_rules! plain_counters {
+    ($($field:ident),* $(,)?) => {
+        /// Shard-local counters. Plain integers: one owner, published by copying.
+        #[derive(Debug, Default, Clone)]
+        pub struct Counters {
+            $(pub $field: u64,)*
+            pub drops: [u64; N_DROP_REASONS],
+            pub auth_failures_by_reason: [u64; AUTH_FAILURE_REASONS.len()],
+        }
+    };
 }
+
+with_turn_counters!(plain_counters);
 
 impl Counters {
     fn auth_fail(&mut self, why: AuthFailure) {
@@ -227,13 +300,49 @@ impl Counters {
     }
 }
 
+/// What all shards of one data plane share: allocation quotas and the bitmap of allocated
+/// relay ports. Touched on allocate and free (and the bitmap read when a peer is checked),
+/// never per relayed packet. The data plane makes one and hands it to every shard's
+/// [`Server::new`]; it survives live reloads.
+#[derive(Debug)]
+pub struct CrossShard {
+    pub quotas: Quotas,
+    pub relay_ports: RelayPortSet,
+}
+
+impl CrossShard {
+    /// `relay_addresses`: the most relay addresses of one family; `seed` keys the per-user
+    /// quota map's hasher.
+    pub fn new(max_total: usize, max_per_user: usize, relay_addresses: usize, seed: u64) -> Self {
+        CrossShard {
+            quotas: Quotas::new(max_total, max_per_user, seed),
+            relay_ports: RelayPortSet::new(relay_addresses),
+        }
+    }
+}
+
+/// Allocation quotas shared by every shard. Exact under concurrency: the total is a
+/// compare-and-swap counter and each user's count is updated under its map entry.
+#[derive(Debug)]
+pub struct Quotas {
+    max_total: AtomicUsize,
+    max_per_user: AtomicUsize,
+    total: AtomicUsize,
+    users: DashMap<Box<[u8]>, usize, ahash::RandomState>,
+}
+
 impl Quotas {
-    pub fn new(max_total: usize, max_per_user: usize) -> Self {
+    pub fn new(max_total: usize, max_per_user: usize, seed: u64) -> Self {
         Quotas {
             max_total: AtomicUsize::new(max_total),
             max_per_user: AtomicUsize::new(max_per_user),
             total: AtomicUsize::new(0),
-            users: DashMap::with_hasher(ahash::RandomState::new()),
+            users: DashMap::with_hasher(ahash::RandomState::with_seeds(
+                seed,
+                seed.rotate_left(17),
+                seed.rotate_left(31),
+                seed.rotate_left(47),
+            )),
         }
     }
 
@@ -296,7 +405,6 @@ impl Quotas {
 pub struct TurnConfig {
     pub auth: Arc<auth::AuthConfig>,
     pub policy: Arc<PeerPolicy>,
-    pub quotas: Arc<Quotas>,
     /// Advertised relay addresses (what XOR-RELAYED-ADDRESS says), one per family available.
     /// Several addresses per family lift the limit of one allocation per port: allocations are
     /// spread over (address, port) pairs, each shard owning the same port slice on every
@@ -324,14 +432,17 @@ pub struct TurnConfig {
     pub challenges_per_source: u32,
     /// Identity resolutions (ECIES decryptions on the control thread) per source IP per second.
     pub identity_lookups_per_source: u32,
+    /// Released relay ports whose socket the I/O layer keeps open for reuse
+    /// (`io.relay_socket_pool`): the next single-family allocation without EVEN-PORT takes one
+    /// of them (binding again costs no system call). 0: every released socket is closed.
+    pub relay_socket_pool: usize,
 }
 
 impl TurnConfig {
-    pub fn new(auth: Arc<auth::AuthConfig>, policy: Arc<PeerPolicy>, quotas: Arc<Quotas>) -> Self {
+    pub fn new(auth: Arc<auth::AuthConfig>, policy: Arc<PeerPolicy>) -> Self {
         TurnConfig {
             auth,
             policy,
-            quotas,
             relay_v4: vec![IpAddr::from([127, 0, 0, 1])],
             relay_v6: Vec::new(),
             port_min: 49152,
@@ -347,6 +458,7 @@ impl TurnConfig {
             max_bytes_per_sec: 0,
             challenges_per_source: 50,
             identity_lookups_per_source: 10,
+            relay_socket_pool: 0,
         }
     }
 }
@@ -395,7 +507,7 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn take(&mut self, rate: u64, now_ms: u64, n: usize) -> bool {
+    fn take(&mut self, now_ms: u64, rate: u64, n: usize) -> bool {
         if rate == 0 {
             return true;
         }
@@ -414,7 +526,7 @@ impl Bucket {
 }
 
 impl Allocation {
-    fn permitted(&self, ip: IpAddr, now_ms: u64) -> bool {
+    fn permitted(&self, now_ms: u64, ip: IpAddr) -> bool {
         self.permissions
             .iter()
             .any(|p| p.ip == ip && p.expires_ms > now_ms)
@@ -454,10 +566,72 @@ impl AuthOk {
     }
 }
 
+/// The request a response answers: enough to write it after the request's bytes are gone (an
+/// Allocate answered once its relay port is bound).
+#[derive(Clone, Copy)]
+struct Txn {
+    method: u16,
+    tid: [u8; 12],
+    fingerprint: bool,
+}
+
+impl From<&Message<'_>> for Txn {
+    fn from(m: &Message<'_>) -> Txn {
+        Txn {
+            method: m.method(),
+            tid: *m.transaction_id(),
+            fingerprint: m.has_fingerprint(),
+        }
+    }
+}
+
+/// A request handler's outcome, before it becomes a [`Reply`].
+enum Answer {
+    /// A response of this many bytes in the scratch buffer.
+    Respond(usize),
+    /// The Allocate waits for a relay port.
+    Bind(BindRequest),
+    /// Nothing is sent; counted when it becomes a `Reply`.
+    Drop(DropReason),
+}
+
 enum Authn {
     Ok(AuthOk),
-    Reply(usize),
-    Drop(DropReason),
+    Reply(Answer),
+}
+
+/// An Allocate between its [`Reply::Bind`] and [`Server::handle_bound`].
+struct PendingAllocate {
+    ticket: BindTicket,
+    client: ClientKey,
+    txn: Txn,
+    username: Box<[u8]>,
+    ok: AuthOk,
+    v4: bool,
+    v6: bool,
+    /// The IPv6 relay address was asked for as the additional family but this node has none
+    /// (ADDRESS-ERROR-CODE in the success).
+    v6_error: bool,
+    lifetime: u32,
+    port: RelayPort,
+    search: PortSearch,
+}
+
+/// How the port of a pending Allocate was chosen, and so what a failed bind leads to.
+#[derive(Clone, Copy)]
+enum PortSearch {
+    /// The port reserved by an earlier EVEN-PORT (R bit) Allocate: no second try.
+    Reserved,
+    /// A port kept open from an earlier allocation; on failure, go on scanning.
+    Warm { even: bool },
+    /// Scanning the shard's ports from the cursor; `examined` indices so far, `failures` binds
+    /// refused (after 64, 508).
+    Scan {
+        even: bool,
+        reserve_next: bool,
+        examined: usize,
+        failures: u32,
+    },
 }
 
 /// Comprehension-required attributes this server understands. DONT-FRAGMENT is deliberately
@@ -496,9 +670,13 @@ const MAX_REALM_NONCE: usize = 763;
 
 const SCRATCH_LEN: usize = 1500;
 
+/// Binds refused in a row before an Allocate gets 508.
+const MAX_BIND_FAILURES: u32 = 64;
+
 /// One shard's TURN server state.
 pub struct Server {
     cfg: TurnConfig,
+    shared: Arc<CrossShard>,
     keys: KeyCache,
     allocs: Vec<Option<Allocation>>,
     free_slots: Vec<u32>,
@@ -508,10 +686,16 @@ pub struct Server {
     by_port: Vec<u32>,
     port_used: Vec<bool>,
     port_cursor: usize,
+    /// Released ports whose sockets the I/O layer keeps open (at most
+    /// `cfg.relay_socket_pool` of each family), most recent last.
+    warm_v4: Vec<RelayPort>,
+    warm_v6: Vec<RelayPort>,
     reservations: AHashMap<u64, (RelayPort, u64)>,
+    pending: Option<PendingAllocate>,
+    next_ticket: u64,
     wheel: Wheel,
     fired: Vec<(u64, TimerKey)>,
-    events: std::collections::VecDeque<Event>,
+    commands: std::collections::VecDeque<Command>,
     scratch: Box<[u8; SCRATCH_LEN]>,
     rng: u64,
     draining: bool,
@@ -520,18 +704,20 @@ pub struct Server {
     /// Identity resolutions (an ECIES decryption on the control thread) per source IP per
     /// second.
     identity_limit: auth::RateTable,
-    /// Time of the datagram being handled (set on entry, never read from a clock).
-    now: Now,
     pub counters: Counters,
 }
 
 impl Server {
-    pub fn new(cfg: TurnConfig, now: Now, seed: u64) -> Self {
+    /// A shard's core. `shared` is the data plane's one [`CrossShard`]; `seed` drives every
+    /// choice the core makes at random (ports, indication transaction ids, reservation tokens,
+    /// hash seeds).
+    pub fn new(cfg: TurnConfig, shared: Arc<CrossShard>, now: Now, seed: u64) -> Self {
         let span = ((cfg.port_max as usize).saturating_sub(cfg.port_min as usize) + 1)
             * cfg.relay_v4.len().max(cfg.relay_v6.len()).max(1);
         let horizon = (cfg.max_lifetime.max(cfg.channel_lifetime) as usize + 64).min(1 << 16);
         let mut s = Server {
             keys: KeyCache::new(cfg.auth.clone(), cfg.key_cache_capacity),
+            shared,
             allocs: Vec::new(),
             free_slots: Vec::new(),
             next_generation: 1,
@@ -539,16 +725,19 @@ impl Server {
             by_port: vec![u32::MAX; span],
             port_used: vec![false; span],
             port_cursor: 0,
+            warm_v4: Vec::new(),
+            warm_v6: Vec::new(),
             reservations: AHashMap::default(),
-            wheel: Wheel::new(horizon, now.ms),
+            pending: None,
+            next_ticket: 1,
+            wheel: Wheel::new(now.ms, horizon),
             fired: Vec::new(),
-            events: Default::default(),
+            commands: Default::default(),
             scratch: Box::new([0u8; SCRATCH_LEN]),
             rng: seed | 1,
             draining: false,
-            challenge_limit: auth::RateTable::new(4096, cfg.challenges_per_source),
-            identity_limit: auth::RateTable::new(4096, cfg.identity_lookups_per_source),
-            now,
+            challenge_limit: auth::RateTable::new(4096, cfg.challenges_per_source, seed),
+            identity_limit: auth::RateTable::new(4096, cfg.identity_lookups_per_source, !seed),
             counters: Counters::default(),
             cfg,
         };
@@ -560,8 +749,13 @@ impl Server {
         &self.cfg
     }
 
-    /// Apply a new configuration (live reload). Allocations are kept; the port slice must not
-    /// change.
+    /// The state shared with the other shards.
+    pub fn cross_shard(&self) -> &Arc<CrossShard> {
+        &self.shared
+    }
+
+    /// Apply a new configuration (live reload). Allocations are kept; the port slice and the
+    /// relay addresses must not change. Warm ports beyond a lowered pool size are released.
     pub fn reconfigure(&mut self, mut cfg: TurnConfig) {
         cfg.port_min = self.cfg.port_min;
         cfg.port_max = self.cfg.port_max;
@@ -569,9 +763,24 @@ impl Server {
         self.challenge_limit.set_limit(cfg.challenges_per_source);
         self.identity_limit
             .set_limit(cfg.identity_lookups_per_source);
+        let pool = cfg.relay_socket_pool;
+        for (family, warm) in [
+            (Family::V4, &mut self.warm_v4),
+            (Family::V6, &mut self.warm_v6),
+        ] {
+            while warm.len() > pool {
+                let port = warm.remove(0);
+                self.commands.push_back(Command::Release {
+                    family,
+                    port,
+                    keep: false,
+                });
+            }
+        }
         self.cfg = cfg;
     }
 
+    /// The response bytes a [`Data::Scratch`] transmit names.
     pub fn scratch(&self) -> &[u8] {
         &self.scratch[..]
     }
@@ -585,21 +794,51 @@ impl Server {
         self.draining = on;
     }
 
-    pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+    /// The next side effect to carry out (see [`Command`]); drain after every `handle_*`.
+    #[must_use]
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// Carry out the run-loop contract for one reply: drain the commands into `fx`, perform a
+    /// [`Reply::Bind`] through it and feed the outcome back, until the reply is a transmit or
+    /// a drop (which it returns).
+    pub fn settle(&mut self, now: Now, mut reply: Reply, fx: &mut impl Effects) -> Reply {
+        loop {
+            self.drain_commands(fx);
+            match reply {
+                Reply::Bind(req) => {
+                    let ok = fx.bind(&req);
+                    reply = self.handle_bound(now, req.ticket, ok);
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// Hand every queued [`Command`] to `fx`, in order.
+    pub fn drain_commands(&mut self, fx: &mut impl Effects) {
+        while let Some(c) = self.commands.pop_front() {
+            match c {
+                Command::Release { family, port, keep } => fx.release(family, port, keep),
+                Command::ResolveIdentity(u) => fx.resolve_identity(u),
+            }
+        }
     }
 
     /// When the core next needs [`Server::handle_timeout`], in monotonic ms.
+    #[must_use]
     pub fn poll_timeout(&self) -> u64 {
         self.wheel.next_tick_ms()
     }
 
-    pub fn handle_identity_answer(&mut self, a: auth::IdentityAnswer, now: Now) {
-        self.keys.handle_identity_answer(a, now.unix);
+    /// The control thread's answer about an identity username.
+    pub fn handle_identity_answer(&mut self, now: Now, a: IdentityAnswer) {
+        self.keys.handle_identity_answer(now.unix, a);
     }
 
     fn next_random(&mut self) -> u64 {
-        // xorshift64*: cheap, per shard, seeded from the OS; used for transaction ids of
+        // xorshift64*: cheap, per shard, seeded by the caller; used for transaction ids of
         // indications, port selection and reservation tokens (the latter also MAC-free but
         // only meaningful together with a valid credential).
         let mut x = self.rng;
@@ -610,9 +849,23 @@ impl Server {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn drop(&mut self, why: DropReason) -> Option<Transmit> {
+    /// Count a drop and say so.
+    fn drop(&mut self, why: DropReason) -> Reply {
         self.counters.drops[why as usize] += 1;
-        None
+        Reply::Drop(why)
+    }
+
+    /// Turn a handler's answer to `client` into the reply the caller sees.
+    fn reply(&mut self, client: ClientKey, a: Answer) -> Reply {
+        match a {
+            Answer::Respond(n) => Reply::Transmit(Transmit {
+                src: Src::Listener(client.listener),
+                dst: client.addr,
+                data: Data::Scratch(n),
+            }),
+            Answer::Bind(b) => Reply::Bind(b),
+            Answer::Drop(why) => self.drop(why),
+        }
     }
 
     // ----------------------------------------------------------------------------------------
@@ -627,9 +880,7 @@ impl Server {
         from: SocketAddr,
         buf: &mut [u8],
         range: Range<usize>,
-        binder: &mut dyn RelayBinder,
-    ) -> Option<Transmit> {
-        self.now = now;
+    ) -> Reply {
         self.counters.client_packets += 1;
         self.counters.client_bytes += range.len() as u64;
         let client = ClientKey {
@@ -638,7 +889,7 @@ impl Server {
         };
         let data = &buf[range.clone()];
         match data.first().map(|b| b >> 6) {
-            Some(0) => self.handle_stun(now, client, &buf[range.clone()], range.start, binder),
+            Some(0) => self.handle_stun(now, client, data, range.start),
             Some(1) => self.handle_channel_data(now, client, data, range.start),
             _ => self.drop(DropReason::NotStun),
         }
@@ -651,7 +902,7 @@ impl Server {
         client: ClientKey,
         data: &[u8],
         start: usize,
-    ) -> Option<Transmit> {
+    ) -> Reply {
         let (ch, len) = match channel::parse_range(data, self.cfg.channel_max) {
             Ok(v) => v,
             Err(_) => return self.drop(DropReason::Malformed),
@@ -671,29 +922,22 @@ impl Server {
             return self.drop(DropReason::NoChannel);
         };
         let peer = c.peer;
-        if !a.permitted(peer.ip(), now.ms) {
+        if !a.permitted(now.ms, peer.ip()) {
             return self.drop(DropReason::NoPermission);
         }
-        if !a.to_peer.take(rate, now.ms, len) {
+        if !a.to_peer.take(now.ms, rate, len) {
             return self.drop(DropReason::Bandwidth);
         }
         let port = a.port;
         self.counters.relayed_to_peer += 1;
-        Some(Transmit {
+        Reply::Transmit(Transmit {
             src: Src::Relay(Family::of(&peer), port),
             dst: peer,
-            data: Data::Buf(start + 4..start + 4 + len),
+            data: Data::Buf(start + channel::HEADER_LEN..start + channel::HEADER_LEN + len),
         })
     }
 
-    fn handle_stun(
-        &mut self,
-        now: Now,
-        client: ClientKey,
-        data: &[u8],
-        start: usize,
-        binder: &mut dyn RelayBinder,
-    ) -> Option<Transmit> {
+    fn handle_stun(&mut self, now: Now, client: ClientKey, data: &[u8], start: usize) -> Reply {
         let msg = match Message::parse(data) {
             Ok(m) => m,
             Err(stun::DecodeError::BadFingerprint) => return self.drop(DropReason::BadFingerprint),
@@ -706,7 +950,7 @@ impl Server {
             }
             _ => return self.drop(DropReason::UnexpectedClass),
         }
-        let reply = match msg.method() {
+        let answer = match msg.method() {
             // A Binding that carries MESSAGE-INTEGRITY must verify (RFC 8489 §9.1.3, §9.2.4):
             // long-term credentials (REALM present) go through authentication; a short-term
             // credential cannot be known here, so it gets 401 and never a success.
@@ -716,14 +960,14 @@ impl Server {
                 }),
             method::BINDING if msg.has_integrity() => {
                 self.counters.auth_fail(AuthFailure::ShortTerm);
-                Ok(self.error_reply(&msg, code::UNAUTHORIZED, None))
+                self.error_reply(&msg, code::UNAUTHORIZED, None)
             }
             method::BINDING => self.handle_binding(&msg, client),
             method::ALLOCATE => self.with_auth(now, client, &msg, |s, ok| {
-                s.handle_allocate(now, client, &msg, ok, binder)
+                s.handle_allocate(now, client, &msg, ok)
             }),
             method::REFRESH => self.with_auth(now, client, &msg, |s, ok| {
-                s.handle_refresh(now, client, &msg, ok, binder)
+                s.handle_refresh(now, client, &msg, ok)
             }),
             method::CREATE_PERMISSION => self.with_auth(now, client, &msg, |s, ok| {
                 s.handle_create_permission(now, client, &msg, ok)
@@ -733,18 +977,10 @@ impl Server {
             }),
             _ => {
                 // RFC 8489 §6.3.1: an unknown method in a request gets 400.
-                Ok(self.error_reply(&msg, code::BAD_REQUEST, None))
+                self.error_reply(&msg, code::BAD_REQUEST, None)
             }
         };
-        match reply {
-            Ok(0) => None,
-            Ok(n) => Some(Transmit {
-                src: Src::Listener(client.listener),
-                dst: client.addr,
-                data: Data::Scratch(n),
-            }),
-            Err(why) => self.drop(why),
-        }
+        self.reply(client, answer)
     }
 
     fn unknown_required(msg: &Message<'_>, out: &mut [u16; 16]) -> usize {
@@ -762,22 +998,16 @@ impl Server {
     /// RFC 8489 §7.3.1: Binding needs no authentication. The answer carries only
     /// XOR-MAPPED-ADDRESS (and FINGERPRINT when the request had one): no SOFTWARE, no
     /// reason phrase, nothing that makes the response larger than needed.
-    fn handle_binding(
-        &mut self,
-        msg: &Message<'_>,
-        client: ClientKey,
-    ) -> Result<usize, DropReason> {
+    fn handle_binding(&mut self, msg: &Message<'_>, client: ClientKey) -> Answer {
         self.counters.binding_requests += 1;
         let mut unknown = [0u16; 16];
         let n = Self::unknown_required(msg, &mut unknown);
         if n > 0 {
-            return Ok(
-                self.error_reply_with(msg, code::UNKNOWN_ATTRIBUTE, None, |w| {
-                    w.add_unknown_attributes(&unknown[..n])
-                }),
-            );
+            return self.error_reply_with(msg, code::UNKNOWN_ATTRIBUTE, None, |w| {
+                w.add_unknown_attributes(&unknown[..n])
+            });
         }
-        Ok(self.binding_success(msg, client, None))
+        self.binding_success(msg, client, None)
     }
 
     /// XOR-MAPPED-ADDRESS, MESSAGE-INTEGRITY when the request was authenticated, FINGERPRINT
@@ -787,30 +1017,23 @@ impl Server {
         msg: &Message<'_>,
         client: ClientKey,
         ok: Option<&AuthOk>,
-    ) -> usize {
-        match ok {
-            Some(ok) => self.success_reply(msg, ok, |w| {
-                w.add_xor_addr(attr::XOR_MAPPED_ADDRESS, client.addr)
-            }),
-            None => {
-                let fp = msg.has_fingerprint();
-                let Ok(mut w) = MessageWriter::new(
-                    &mut self.scratch[..],
-                    method::BINDING,
-                    Class::Success,
-                    msg.transaction_id(),
-                ) else {
-                    return 0;
-                };
-                let r = (|| {
+    ) -> Answer {
+        let txn = Txn::from(msg);
+        let written =
+            MessageWriter::new(&mut self.scratch[..], txn.method, Class::Success, &txn.tid)
+                .and_then(|mut w| {
                     w.add_xor_addr(attr::XOR_MAPPED_ADDRESS, client.addr)?;
-                    if fp {
+                    if let Some(ok) = ok {
+                        w.add_integrity_kind(ok.kind, ok.key())?;
+                    }
+                    if txn.fingerprint {
                         w.add_fingerprint()?;
                     }
-                    Ok::<_, stun::BufferFull>(w.finish())
-                })();
-                r.unwrap_or(0)
-            }
+                    Ok(w.finish())
+                });
+        match written {
+            Ok(n) => Answer::Respond(n),
+            Err(stun::BufferFull) => Answer::Drop(DropReason::ResponseTooLarge),
         }
     }
 
@@ -823,24 +1046,20 @@ impl Server {
         now: Now,
         client: ClientKey,
         msg: &Message<'_>,
-        f: impl FnOnce(&mut Self, &AuthOk) -> usize,
-    ) -> Result<usize, DropReason> {
+        f: impl FnOnce(&mut Self, &AuthOk) -> Answer,
+    ) -> Answer {
         match self.authenticate(now, client, msg) {
             Authn::Ok(ok) => {
                 let mut unknown = [0u16; 16];
                 let n = Self::unknown_required(msg, &mut unknown);
                 if n > 0 {
-                    return Ok(self.error_reply_with(
-                        msg,
-                        code::UNKNOWN_ATTRIBUTE,
-                        Some(&ok),
-                        |w| w.add_unknown_attributes(&unknown[..n]),
-                    ));
+                    return self.error_reply_with(msg, code::UNKNOWN_ATTRIBUTE, Some(&ok), |w| {
+                        w.add_unknown_attributes(&unknown[..n])
+                    });
                 }
-                Ok(f(self, &ok))
+                f(self, &ok)
             }
-            Authn::Reply(n) => Ok(n),
-            Authn::Drop(d) => Err(d),
+            Authn::Reply(a) => a,
         }
     }
 
@@ -848,7 +1067,7 @@ impl Server {
         // Step 1: no integrity at all → 401 with REALM and NONCE. Nothing is stored.
         if !msg.has_integrity() {
             self.counters.auth_challenges += 1;
-            return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
+            return Authn::Reply(self.challenge(now, msg, client, code::UNAUTHORIZED));
         }
         // Step 2: integrity without USERNAME, REALM or NONCE → 400.
         let (Some(username), Some(realm), Some(nonce)) = (
@@ -874,42 +1093,42 @@ impl Server {
         // Step 3: the nonce must be ours, for this client, and fresh.
         let cfg = self.keys.config();
         match auth::check_nonce(
+            now.unix,
             &cfg.nonce_key,
             cfg.nonce_lifetime,
             nonce,
-            now.unix,
             client.addr,
         ) {
             NonceCheck::Valid => {}
             NonceCheck::Stale => {
                 self.counters.stale_nonces += 1;
-                return Authn::Reply(self.challenge(msg, client, code::STALE_NONCE));
+                return Authn::Reply(self.challenge(now, msg, client, code::STALE_NONCE));
             }
             NonceCheck::Invalid => {
                 self.counters.auth_fail(AuthFailure::Nonce);
-                return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
+                return Authn::Reply(self.challenge(now, msg, client, code::UNAUTHORIZED));
             }
         }
         if realm != cfg.realm.as_bytes() {
             self.counters.auth_fail(AuthFailure::Realm);
-            return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
+            return Authn::Reply(self.challenge(now, msg, client, code::UNAUTHORIZED));
         }
         // Step 4: find the key. An unknown user gets the same 401 as a wrong password.
-        let cred = match self.keys.lookup(username, now.unix) {
+        let cred = match self.keys.lookup(now.unix, username) {
             Lookup::Found(c) => c,
             Lookup::Refused => {
                 self.counters.auth_fail(AuthFailure::Credential);
-                return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
+                return Authn::Reply(self.challenge(now, msg, client, code::UNAUTHORIZED));
             }
             Lookup::Pending => {
-                if !self.identity_limit.allow(client.addr.ip(), now.unix) {
-                    return Authn::Drop(DropReason::RateLimited);
+                if !self.identity_limit.allow(now.unix, client.addr.ip()) {
+                    return Authn::Reply(Answer::Drop(DropReason::RateLimited));
                 }
-                if self.keys.mark_pending(username, now.unix) && self.events.len() < 1024 {
-                    self.events
-                        .push_back(Event::ResolveIdentity(username.into()));
+                if self.keys.mark_pending(now.unix, username) && self.commands.len() < 1024 {
+                    self.commands
+                        .push_back(Command::ResolveIdentity(username.into()));
                 }
-                return Authn::Drop(DropReason::AuthPending);
+                return Authn::Reply(Answer::Drop(DropReason::AuthPending));
             }
         };
         let kind = msg.integrity_kind().expect("checked has_integrity");
@@ -917,7 +1136,7 @@ impl Server {
             Some(ok) => ok,
             None => {
                 self.counters.auth_fail(AuthFailure::Algorithm);
-                return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
+                return Authn::Reply(self.challenge(now, msg, client, code::UNAUTHORIZED));
             }
         };
         // Step 5: verify the MAC (constant time).
@@ -941,7 +1160,7 @@ impl Server {
                 }
                 None => {
                     self.counters.auth_fail(AuthFailure::Integrity);
-                    return Authn::Reply(self.challenge(msg, client, code::UNAUTHORIZED));
+                    return Authn::Reply(self.challenge(now, msg, client, code::UNAUTHORIZED));
                 }
             }
         }
@@ -975,14 +1194,13 @@ impl Server {
     }
 
     /// 401 or 438 with REALM and a fresh NONCE (no MESSAGE-INTEGRITY: we have no key yet).
-    /// Over the per-source limit nothing is sent (length 0 means "drop").
-    fn challenge(&mut self, msg: &Message<'_>, client: ClientKey, code: u16) -> usize {
-        if !self.challenge_limit.allow(client.addr.ip(), self.now.unix) {
-            self.counters.drops[DropReason::RateLimited as usize] += 1;
-            return 0;
+    /// Over the per-source limit nothing is sent.
+    fn challenge(&mut self, now: Now, msg: &Message<'_>, client: ClientKey, code: u16) -> Answer {
+        if !self.challenge_limit.allow(now.unix, client.addr.ip()) {
+            return Answer::Drop(DropReason::RateLimited);
         }
         let cfg = self.keys.config();
-        let nonce = auth::make_nonce(&cfg.nonce_key, self.now.unix, client.addr);
+        let nonce = auth::make_nonce(now.unix, &cfg.nonce_key, client.addr);
         let realm_len = cfg.realm.len().min(MAX_REALM_NONCE);
         let mut realm = [0u8; MAX_REALM_NONCE];
         realm[..realm_len].copy_from_slice(&cfg.realm.as_bytes()[..realm_len]);
@@ -992,72 +1210,57 @@ impl Server {
         })
     }
 
-    fn error_reply(&mut self, msg: &Message<'_>, code: u16, ok: Option<&AuthOk>) -> usize {
-        self.error_reply_with(msg, code, ok, |_| Ok(()))
+    fn error_reply(&mut self, to: impl Into<Txn>, code: u16, ok: Option<&AuthOk>) -> Answer {
+        self.error_reply_with(to, code, ok, |_| Ok(()))
     }
 
     fn error_reply_with(
         &mut self,
-        msg: &Message<'_>,
+        to: impl Into<Txn>,
         code: u16,
         ok: Option<&AuthOk>,
         extra: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), stun::BufferFull>,
-    ) -> usize {
+    ) -> Answer {
         self.counters.error_responses += 1;
-        let fp = msg.has_fingerprint();
-        let mut w = match MessageWriter::new(
-            &mut self.scratch[..],
-            msg.method(),
-            Class::Error,
-            msg.transaction_id(),
-        ) {
-            Ok(w) => w,
-            Err(_) => return 0,
-        };
-        let r = (|| {
-            w.add_error(code)?;
-            extra(&mut w)?;
-            if let Some(ok) = ok {
-                w.add_integrity_kind(ok.kind, ok.key())?;
-            }
-            if fp {
-                w.add_fingerprint()?;
-            }
-            Ok::<_, stun::BufferFull>(())
-        })();
-        match r {
-            Ok(()) => w.finish(),
-            Err(_) => 0,
+        let txn = to.into();
+        let written = MessageWriter::new(&mut self.scratch[..], txn.method, Class::Error, &txn.tid)
+            .and_then(|mut w| {
+                w.add_error(code)?;
+                extra(&mut w)?;
+                if let Some(ok) = ok {
+                    w.add_integrity_kind(ok.kind, ok.key())?;
+                }
+                if txn.fingerprint {
+                    w.add_fingerprint()?;
+                }
+                Ok(w.finish())
+            });
+        match written {
+            Ok(n) => Answer::Respond(n),
+            Err(stun::BufferFull) => Answer::Drop(DropReason::ResponseTooLarge),
         }
     }
 
     fn success_reply(
         &mut self,
-        msg: &Message<'_>,
+        to: impl Into<Txn>,
         ok: &AuthOk,
         body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), stun::BufferFull>,
-    ) -> usize {
-        let fp = msg.has_fingerprint();
-        let mut w = match MessageWriter::new(
-            &mut self.scratch[..],
-            msg.method(),
-            Class::Success,
-            msg.transaction_id(),
-        ) {
-            Ok(w) => w,
-            Err(_) => return 0,
-        };
-        let r = (|| {
-            body(&mut w)?;
-            w.add_integrity_kind(ok.kind, ok.key())?;
-            if fp {
-                w.add_fingerprint()?;
-            }
-            Ok::<_, stun::BufferFull>(())
-        })();
-        match r {
-            Ok(()) => w.finish(),
-            Err(_) => 0,
+    ) -> Answer {
+        let txn = to.into();
+        let written =
+            MessageWriter::new(&mut self.scratch[..], txn.method, Class::Success, &txn.tid)
+                .and_then(|mut w| {
+                    body(&mut w)?;
+                    w.add_integrity_kind(ok.kind, ok.key())?;
+                    if txn.fingerprint {
+                        w.add_fingerprint()?;
+                    }
+                    Ok(w.finish())
+                });
+        match written {
+            Ok(n) => Answer::Respond(n),
+            Err(stun::BufferFull) => Answer::Drop(DropReason::ResponseTooLarge),
         }
     }
 
@@ -1071,14 +1274,15 @@ impl Server {
         client: ClientKey,
         msg: &Message<'_>,
         ok: &AuthOk,
-        binder: &mut dyn RelayBinder,
-    ) -> usize {
+    ) -> Answer {
+        // An Allocate left waiting by a caller that never reported its bind is abandoned.
+        self.abandon_pending();
         // Step 2: an existing allocation on this 5-tuple. A retransmission of the request that
         // created it gets the same success again; anything else is 437.
         if let Some(&slot) = self.by_client.get(&client) {
             let a = self.allocs[slot as usize].as_ref().expect("live");
             if &a.tid == msg.transaction_id() {
-                return self.allocate_success(now, msg, ok, slot);
+                return self.allocate_success(now, Txn::from(msg), ok, slot, false);
             }
             return self.error_reply(msg, code::ALLOCATION_MISMATCH, Some(ok));
         }
@@ -1109,7 +1313,7 @@ impl Server {
         // Address families (RFC 8656 §7.2 step 6/7 and §18.11).
         let (mut want_v4, mut want_v6) = (true, false);
         if let Some(r) = requested {
-            if requested.is_some() && additional.is_some() {
+            if additional.is_some() {
                 return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
             }
             match r {
@@ -1149,24 +1353,30 @@ impl Server {
         }
         let username = msg.get(attr::USERNAME).expect("authenticated");
         // Step 8: quotas, counted by username (never by IP).
-        if !self.cfg.quotas.try_acquire(username) {
+        if !self.shared.quotas.try_acquire(username) {
             self.counters.allocations_refused_quota += 1;
             return self.error_reply(msg, code::ALLOCATION_QUOTA_REACHED, Some(ok));
         }
-        // Pick the relay port.
-        let mut reservation_token = None;
-        let port = if let Some(t) = token {
+        let lifetime = self.clamp_lifetime(msg.get_u32(attr::LIFETIME), false);
+        let mut pending = PendingAllocate {
+            ticket: BindTicket(0),
+            client,
+            txn: Txn::from(msg),
+            username: username.into(),
+            ok: ok.clone(),
+            v4: want_v4,
+            v6: want_v6,
+            v6_error,
+            lifetime,
+            port: RelayPort::new(0, 0),
+            search: PortSearch::Reserved,
+        };
+        // Pick the relay port: the reserved one, a warm one, or the next free one.
+        let first = if let Some(t) = token {
             let t = u64::from_be_bytes(t.try_into().expect("length checked"));
             match self.reservations.remove(&t) {
-                Some((p, exp)) if exp > now.ms => {
-                    // The reserved port was held in `port_used`; bind it now.
-                    if self.bind_port(p, want_v4, want_v6, binder) {
-                        Some(p)
-                    } else {
-                        self.release_port(p);
-                        None
-                    }
-                }
+                // The reserved port was held in `port_used` since the EVEN-PORT Allocate.
+                Some((p, exp)) if exp > now.ms => Some(p),
                 Some((p, _)) => {
                     self.release_port(p);
                     None
@@ -1174,39 +1384,145 @@ impl Server {
                 None => None,
             }
         } else {
-            let reserve = matches!(even, Some(e) if e[0] & 0x80 != 0);
-            let p = self.find_port(even.is_some(), reserve, want_v4, want_v6, binder);
-            if let (Some(p), true) = (p, reserve) {
-                let t = self.next_random();
-                let next = RelayPort::new(p.addr, p.port + 1);
-                let i = self.port_index(next);
-                self.port_used[i] = true;
-                let exp = now.ms + self.cfg.reservation_lifetime as u64 * 1000;
-                self.reservations.insert(t, (next, exp));
-                self.wheel.insert(exp, TimerKey::Reservation { token: t });
-                reservation_token = Some(t);
+            let even = even.map(|e| (true, e[0] & 0x80 != 0));
+            let (even, reserve_next) = even.unwrap_or((false, false));
+            pending.search = PortSearch::Scan {
+                even,
+                reserve_next,
+                examined: 0,
+                failures: 0,
+            };
+            if !even && want_v4 != want_v6 {
+                if let Some(p) = self.take_warm(if want_v4 { Family::V4 } else { Family::V6 }) {
+                    pending.search = PortSearch::Warm { even };
+                    Some(p)
+                } else {
+                    self.scan_port(&mut pending)
+                }
+            } else {
+                self.scan_port(&mut pending)
             }
-            p
         };
-        let Some(port) = port else {
-            self.cfg.quotas.release(username);
-            self.counters.allocations_refused_capacity += 1;
-            return self.error_reply(msg, code::INSUFFICIENT_CAPACITY, Some(ok));
+        match first {
+            Some(port) => Answer::Bind(self.request_bind(pending, port)),
+            None => self.allocate_failed(pending),
+        }
+    }
+
+    /// Record `pending` as waiting for `port` and ask for the bind.
+    fn request_bind(&mut self, mut pending: PendingAllocate, port: RelayPort) -> BindRequest {
+        let ticket = BindTicket(self.next_ticket);
+        self.next_ticket += 1;
+        pending.ticket = ticket;
+        pending.port = port;
+        let req = BindRequest {
+            ticket,
+            port,
+            v4: pending.v4,
+            v6: pending.v6,
         };
-        let lifetime = self.clamp_lifetime(msg.get_u32(attr::LIFETIME), false);
+        self.pending = Some(pending);
+        req
+    }
+
+    /// The caller bound (or failed to bind) the relay port of a [`Reply::Bind`]. Answers with
+    /// the Allocate's response, or with the next port to try.
+    pub fn handle_bound(&mut self, now: Now, ticket: BindTicket, bound: bool) -> Reply {
+        let Some(mut p) = self.pending.take_if(|p| p.ticket == ticket) else {
+            return self.drop(DropReason::StaleBind);
+        };
+        let client = p.client;
+        if bound {
+            let answer = self.finish_allocate(now, p);
+            return self.reply(client, answer);
+        }
+        self.release_port(p.port);
+        let next = match &mut p.search {
+            PortSearch::Reserved => None,
+            PortSearch::Warm { even } => {
+                // A warm socket is open, so this should not happen; scan as if it had not
+                // been offered.
+                p.search = PortSearch::Scan {
+                    even: *even,
+                    reserve_next: false,
+                    examined: 0,
+                    failures: 1,
+                };
+                self.scan_port(&mut p)
+            }
+            PortSearch::Scan { failures, .. } => {
+                *failures += 1;
+                if *failures >= MAX_BIND_FAILURES {
+                    None
+                } else {
+                    self.scan_port(&mut p)
+                }
+            }
+        };
+        let answer = match next {
+            Some(port) => Answer::Bind(self.request_bind(p, port)),
+            None => self.allocate_failed(p),
+        };
+        self.reply(client, answer)
+    }
+
+    /// No port for this Allocate: give its quota back and answer 508.
+    fn allocate_failed(&mut self, p: PendingAllocate) -> Answer {
+        self.shared.quotas.release(&p.username);
+        self.counters.allocations_refused_capacity += 1;
+        self.error_reply(p.txn, code::INSUFFICIENT_CAPACITY, Some(&p.ok))
+    }
+
+    /// Forget an Allocate whose bind was never reported (the caller broke the run-loop
+    /// contract): its quota and port go back, and if the socket was bound after all, the
+    /// release closes it.
+    fn abandon_pending(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.shared.quotas.release(&p.username);
+            self.release_port(p.port);
+            for (on, family) in [(p.v4, Family::V4), (p.v6, Family::V6)] {
+                if on {
+                    self.commands.push_back(Command::Release {
+                        family,
+                        port: p.port,
+                        keep: false,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The port is bound: install the allocation and answer with its success.
+    fn finish_allocate(&mut self, now: Now, p: PendingAllocate) -> Answer {
+        let port = p.port;
+        // EVEN-PORT with the R bit: hold the next port for a later Allocate with the token.
+        let mut reservation = None;
+        if let PortSearch::Scan {
+            reserve_next: true, ..
+        } = p.search
+        {
+            let t = self.next_random();
+            let next = RelayPort::new(port.addr, port.port + 1);
+            let i = self.port_index(next);
+            self.port_used[i] = true;
+            let exp = now.ms + self.cfg.reservation_lifetime as u64 * 1000;
+            self.reservations.insert(t, (next, exp));
+            self.wheel.insert(exp, TimerKey::Reservation { token: t });
+            reservation = Some(t);
+        }
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
         let alloc = Allocation {
             generation,
-            client,
-            username: username.into(),
-            credential_expires: ok.expires_at,
+            client: p.client,
+            username: p.username,
+            credential_expires: p.ok.expires_at,
             port,
-            v4: want_v4,
-            v6: want_v6,
-            expires_ms: now.ms + lifetime as u64 * 1000,
-            tid: *msg.transaction_id(),
-            reservation: reservation_token,
+            v4: p.v4,
+            v6: p.v6,
+            expires_ms: now.ms + p.lifetime as u64 * 1000,
+            tid: p.txn.tid,
+            reservation,
             permissions: Vec::new(),
             channels: Vec::new(),
             armed: 0,
@@ -1229,27 +1545,23 @@ impl Server {
                 (self.allocs.len() - 1) as u32
             }
         };
-        self.by_client.insert(client, slot);
+        self.by_client.insert(p.client, slot);
         let pi = self.port_index(port);
         self.by_port[pi] = slot;
-        self.cfg.policy.relay_ports.set(port.addr, port.port, true);
+        self.shared.relay_ports.set(port.addr, port.port, true);
         self.arm(slot);
         self.counters.allocations_created += 1;
-        self.allocate_success_ext(now, msg, ok, slot, v6_error)
+        self.allocate_success(now, p.txn, &p.ok, slot, p.v6_error)
     }
 
-    fn allocate_success(&mut self, now: Now, msg: &Message<'_>, ok: &AuthOk, slot: u32) -> usize {
-        self.allocate_success_ext(now, msg, ok, slot, false)
-    }
-
-    fn allocate_success_ext(
+    fn allocate_success(
         &mut self,
         now: Now,
-        msg: &Message<'_>,
+        txn: Txn,
         ok: &AuthOk,
         slot: u32,
         v6_error: bool,
-    ) -> usize {
+    ) -> Answer {
         let a = self.allocs[slot as usize].as_ref().expect("live");
         let (ai, port) = (a.port.addr as usize, a.port.port);
         let v4 =
@@ -1263,7 +1575,7 @@ impl Server {
         let remaining = (a.expires_ms.saturating_sub(now.ms) / 1000) as u32;
         let token = a.reservation;
         let mapped = a.client.addr;
-        self.success_reply(msg, ok, |w| {
+        self.success_reply(txn, ok, |w| {
             if let Some(r) = v4 {
                 w.add_xor_addr(attr::XOR_RELAYED_ADDRESS, r)?;
             }
@@ -1295,82 +1607,77 @@ impl Server {
         }
     }
 
-    fn find_port(
-        &mut self,
-        even: bool,
-        reserve_next: bool,
-        v4: bool,
-        v6: bool,
-        binder: &mut dyn RelayBinder,
-    ) -> Option<RelayPort> {
+    /// A released port whose socket is still open, chosen at random among the warm ones (so
+    /// the port a client gets next is not predictable from the last one released).
+    fn take_warm(&mut self, family: Family) -> Option<RelayPort> {
+        let n_addr = match family {
+            Family::V4 => self.cfg.relay_v4.len(),
+            Family::V6 => self.cfg.relay_v6.len(),
+        };
+        let len = match family {
+            Family::V4 => self.warm_v4.len(),
+            Family::V6 => self.warm_v6.len(),
+        };
+        if len == 0 {
+            return None;
+        }
+        let i = (self.next_random() % len as u64) as usize;
+        let port = match family {
+            Family::V4 => self.warm_v4.swap_remove(i),
+            Family::V6 => self.warm_v6.swap_remove(i),
+        };
+        let idx = self.port_index(port);
+        if (port.addr as usize) >= n_addr || idx >= self.port_used.len() || self.port_used[idx] {
+            // Cannot be handed out (relay addresses changed under it): close it.
+            self.commands.push_back(Command::Release {
+                family,
+                port,
+                keep: false,
+            });
+            return None;
+        }
+        self.port_used[idx] = true;
+        Some(port)
+    }
+
+    /// Continue `p`'s scan of this shard's (address, port) pairs from the cursor; the port
+    /// returned is marked used.
+    fn scan_port(&mut self, p: &mut PendingAllocate) -> Option<RelayPort> {
+        let PortSearch::Scan {
+            even,
+            reserve_next,
+            examined,
+            ..
+        } = &mut p.search
+        else {
+            return None;
+        };
         let total = self.port_used.len();
         let span = self.port_span();
         // Addresses usable for this family mix: dual-stack allocations need index i in both.
-        let n_addr = match (v4, v6) {
+        let n_addr = match (p.v4, p.v6) {
             (true, true) => self.cfg.relay_v4.len().min(self.cfg.relay_v6.len()),
             (true, false) => self.cfg.relay_v4.len(),
             (false, true) => self.cfg.relay_v6.len(),
             (false, false) => 0,
         };
-        // A single-family allocation without EVEN-PORT first tries a socket the binder kept
-        // open from an earlier allocation (no socket, bind and close per allocation).
-        if !even && !reserve_next && v4 != v6 {
-            let family = if v4 { Family::V4 } else { Family::V6 };
-            if let Some(port) = binder.parked(family) {
-                let idx = self.port_index(port);
-                if (port.addr as usize) < n_addr && idx < total && !self.port_used[idx] {
-                    self.port_used[idx] = true;
-                    if self.bind_port(port, v4, v6, binder) {
-                        return Some(port);
-                    }
-                    self.port_used[idx] = false;
-                }
-            }
-        }
-        let mut bind_failures = 0;
-        for i in 0..total {
-            let idx = (self.port_cursor + i) % total;
-
+        while *examined < total {
+            let idx = (self.port_cursor + *examined) % total;
+            *examined += 1;
             let (ai, off) = (idx / span, idx % span);
-            let p = self.cfg.port_min as usize + off;
-            if ai >= n_addr || self.port_used[idx] || (even && !p.is_multiple_of(2)) {
+            let port = self.cfg.port_min as usize + off;
+            if ai >= n_addr || self.port_used[idx] || (*even && !port.is_multiple_of(2)) {
                 continue;
             }
-            if reserve_next && (off + 1 >= span || self.port_used[idx + 1]) {
+            if *reserve_next && (off + 1 >= span || self.port_used[idx + 1]) {
                 continue;
             }
-            let port = RelayPort::new(ai as u8, p as u16);
             self.port_used[idx] = true;
-            if self.bind_port(port, v4, v6, binder) {
-                self.port_cursor = (idx + 1) % total;
-                return Some(port);
-            }
-            self.port_used[idx] = false;
-            bind_failures += 1;
-            if bind_failures >= 64 {
-                break;
-            }
+            self.port_cursor = (idx + 1) % total;
+            *examined = 0;
+            return Some(RelayPort::new(ai as u8, port as u16));
         }
         None
-    }
-
-    fn bind_port(
-        &mut self,
-        port: RelayPort,
-        v4: bool,
-        v6: bool,
-        binder: &mut dyn RelayBinder,
-    ) -> bool {
-        if v4 && !binder.bind(Family::V4, port) {
-            return false;
-        }
-        if v6 && !binder.bind(Family::V6, port) {
-            if v4 {
-                binder.unbind(Family::V4, port);
-            }
-            return false;
-        }
-        true
     }
 
     fn release_port(&mut self, port: RelayPort) {
@@ -1399,7 +1706,7 @@ impl Server {
         client: ClientKey,
         msg: &Message<'_>,
         ok: &AuthOk,
-    ) -> Result<u32, usize> {
+    ) -> Result<u32, Answer> {
         let Some(&slot) = self.by_client.get(&client) else {
             return Err(self.error_reply(msg, code::ALLOCATION_MISMATCH, Some(ok)));
         };
@@ -1417,11 +1724,10 @@ impl Server {
         client: ClientKey,
         msg: &Message<'_>,
         ok: &AuthOk,
-        binder: &mut dyn RelayBinder,
-    ) -> usize {
+    ) -> Answer {
         let slot = match self.owned_allocation(client, msg, ok) {
             Ok(s) => s,
-            Err(n) => return n,
+            Err(a) => return a,
         };
         if let Some(r) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
             let fam = match r {
@@ -1439,7 +1745,7 @@ impl Server {
         }
         let lifetime = self.clamp_lifetime(msg.get_u32(attr::LIFETIME), true);
         if lifetime == 0 {
-            self.free_allocation(slot, binder);
+            self.free_allocation(slot);
             self.counters.allocations_deleted += 1;
         } else {
             let a = self.allocs[slot as usize].as_mut().expect("live");
@@ -1456,7 +1762,7 @@ impl Server {
         if !a.has_family(Family::of(&peer)) {
             return Err(code::PEER_ADDRESS_FAMILY_MISMATCH);
         }
-        match self.cfg.policy.check(peer) {
+        match self.cfg.policy.check(peer, &self.shared.relay_ports) {
             Ok(()) => Ok(()),
             Err(
                 Denied::DenyRange
@@ -1477,10 +1783,10 @@ impl Server {
         client: ClientKey,
         msg: &Message<'_>,
         ok: &AuthOk,
-    ) -> usize {
+    ) -> Answer {
         let slot = match self.owned_allocation(client, msg, ok) {
             Ok(s) => s,
-            Err(n) => return n,
+            Err(a) => return a,
         };
         // RFC 8656 §9.2: at least one XOR-PEER-ADDRESS; every one must be acceptable before
         // any permission is installed (all or nothing).
@@ -1531,10 +1837,10 @@ impl Server {
         client: ClientKey,
         msg: &Message<'_>,
         ok: &AuthOk,
-    ) -> usize {
+    ) -> Answer {
         let slot = match self.owned_allocation(client, msg, ok) {
             Ok(s) => s,
-            Err(n) => return n,
+            Err(a) => return a,
         };
         // RFC 8656 §11.2: CHANNEL-NUMBER in 0x4000-0x4FFF and an XOR-PEER-ADDRESS, else 400.
         let number = match msg.get(attr::CHANNEL_NUMBER) {
@@ -1594,7 +1900,7 @@ impl Server {
         client: ClientKey,
         msg: &Message<'_>,
         start: usize,
-    ) -> Option<Transmit> {
+    ) -> Reply {
         let Some(&slot) = self.by_client.get(&client) else {
             return self.drop(DropReason::NoAllocation);
         };
@@ -1613,24 +1919,29 @@ impl Server {
         if !a.has_family(Family::of(&peer)) {
             return self.drop(DropReason::BadIndication);
         }
-        if !a.permitted(peer.ip(), now.ms) {
+        if !a.permitted(now.ms, peer.ip()) {
             return self.drop(DropReason::NoPermission);
         }
         // The permission was policy-checked when installed, but the port was not: a Send to
         // one of our own service ports on a permitted IP is refused here.
-        if self.cfg.policy.check(peer).is_err() {
+        if self
+            .cfg
+            .policy
+            .check(peer, &self.shared.relay_ports)
+            .is_err()
+        {
             self.counters.peers_denied += 1;
             return self.drop(DropReason::PeerDenied);
         }
         let rate = self.cfg.max_bytes_per_sec;
         let a = self.allocs[slot as usize].as_mut().expect("live");
-        if !a.to_peer.take(rate, now.ms, range.len()) {
+        if !a.to_peer.take(now.ms, rate, range.len()) {
             return self.drop(DropReason::Bandwidth);
         }
         let port = a.port;
         self.counters.relayed_to_peer += 1;
         // `range` is relative to the message, which starts at `start` in the caller's buffer.
-        Some(Transmit {
+        Reply::Transmit(Transmit {
             src: Src::Relay(Family::of(&peer), port),
             dst: peer,
             data: Data::Buf(start + range.start..start + range.end),
@@ -1651,7 +1962,7 @@ impl Server {
         from: SocketAddr,
         buf: &mut [u8],
         range: Range<usize>,
-    ) -> Option<Transmit> {
+    ) -> Reply {
         self.counters.peer_packets += 1;
         self.counters.peer_bytes += range.len() as u64;
         if port.port < self.cfg.port_min || port.port > self.cfg.port_max {
@@ -1666,70 +1977,37 @@ impl Server {
         let a = self.allocs[slot as usize]
             .as_mut()
             .expect("indexed slot is live");
-        if !a.has_family(family) || !a.permitted(from.ip(), now.ms) {
+        if !a.has_family(family) || !a.permitted(now.ms, from.ip()) {
             return self.drop(DropReason::NoPermission);
         }
-        let n = range.len();
-        if !a.to_client.take(rate, now.ms, n) {
+        if !a.to_client.take(now.ms, rate, range.len()) {
             return self.drop(DropReason::Bandwidth);
         }
         let client = a.client;
-        if let Some(c) = a
+        let framed = match a
             .channels
             .iter()
             .find(|c| c.peer == from && c.expires_ms > now.ms)
         {
-            // ChannelData: a 4-byte header written in the headroom. No padding over UDP.
-            if range.start < 4 || n > u16::MAX as usize {
-                return self.drop(DropReason::Malformed);
+            // ChannelData: a 4-byte header in the headroom. No padding over UDP.
+            Some(c) => channel::frame_in_place(buf, range, c.number),
+            // Data indication: header, XOR-PEER-ADDRESS and DATA header before the payload,
+            // zero padding after it.
+            None => {
+                let mut tid = [0u8; 12];
+                tid[..8].copy_from_slice(&self.next_random().to_be_bytes());
+                tid[8..].copy_from_slice(&(self.counters.relayed_to_client as u32).to_be_bytes());
+                stun::frame_data_indication(buf, range, &tid, from)
             }
-            let start = range.start - 4;
-            let hdr: &mut [u8; 4] = (&mut buf[start..range.start]).try_into().expect("4 bytes");
-            channel::write_header(hdr, c.number, n as u16);
-            self.counters.relayed_to_client += 1;
-            return Some(Transmit {
-                src: Src::Listener(client.listener),
-                dst: client.addr,
-                data: Data::Buf(start..range.end),
-            });
-        }
-        // Data indication: header + XOR-PEER-ADDRESS + DATA header before the payload, zero
-        // padding after it.
-        let addr_len = if from.is_ipv4() { 8 } else { 20 };
-        let hdr_len = stun::HEADER_LEN + 4 + addr_len + 4;
-        let pad = (4 - n % 4) % 4;
-        if range.start < hdr_len
-            || range.end + pad > buf.len()
-            || hdr_len + n + pad > u16::MAX as usize
-        {
+        };
+        let Some(framed) = framed else {
             return self.drop(DropReason::Malformed);
-        }
-        let tid_rand = self.next_random();
-        let start = range.start - hdr_len;
-        let h = &mut buf[start..range.start];
-        let t = stun::message_type(method::DATA, Class::Indication);
-        h[0..2].copy_from_slice(&t.to_be_bytes());
-        h[2..4].copy_from_slice(&((hdr_len - stun::HEADER_LEN + n + pad) as u16).to_be_bytes());
-        h[4..8].copy_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
-        h[8..16].copy_from_slice(&tid_rand.to_be_bytes());
-        h[16..20].copy_from_slice(&(self.counters.relayed_to_client as u32).to_be_bytes());
-        let tid: [u8; 12] = h[8..20].try_into().expect("12 bytes");
-        h[20..22].copy_from_slice(&attr::XOR_PEER_ADDRESS.to_be_bytes());
-        h[22..24].copy_from_slice(&(addr_len as u16).to_be_bytes());
-        let mut xa = [0u8; 20];
-        stun::encode_xor_addr(from, &tid, &mut xa);
-        h[24..24 + addr_len].copy_from_slice(&xa[..addr_len]);
-        let d = 24 + addr_len;
-        h[d..d + 2].copy_from_slice(&attr::DATA.to_be_bytes());
-        h[d + 2..d + 4].copy_from_slice(&(n as u16).to_be_bytes());
-        for b in &mut buf[range.end..range.end + pad] {
-            *b = 0;
-        }
+        };
         self.counters.relayed_to_client += 1;
-        Some(Transmit {
+        Reply::Transmit(Transmit {
             src: Src::Listener(client.listener),
             dst: client.addr,
-            data: Data::Buf(start..range.end + pad),
+            data: Data::Buf(framed),
         })
     }
 
@@ -1754,8 +2032,7 @@ impl Server {
     }
 
     /// Expire allocations, permissions, channels and reservations due by `now`.
-    pub fn handle_timeout(&mut self, now: Now, binder: &mut dyn RelayBinder) {
-        self.now = now;
+    pub fn handle_timeout(&mut self, now: Now) {
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.advance(now.ms, &mut fired);
         for (tick, key) in fired.drain(..) {
@@ -1777,7 +2054,7 @@ impl Server {
                         continue; // stale entry: the deadline moved
                     }
                     if a.expires_ms <= now.ms {
-                        self.free_allocation(slot, binder);
+                        self.free_allocation(slot);
                         self.counters.allocations_expired += 1;
                         continue;
                     }
@@ -1791,33 +2068,61 @@ impl Server {
         self.fired = fired;
     }
 
-    fn free_allocation(&mut self, slot: u32, binder: &mut dyn RelayBinder) {
+    fn free_allocation(&mut self, slot: u32) {
         let Some(a) = self.allocs[slot as usize].take() else {
             return;
         };
-        if a.v4 {
-            binder.unbind(Family::V4, a.port);
-        }
-        if a.v6 {
-            binder.unbind(Family::V6, a.port);
+        // The relay sockets go back to the I/O layer: kept open (warm) while the pool has
+        // room, closed otherwise. A dual-stack port is never warm (warm ports serve
+        // single-family allocations).
+        let single = a.v4 != a.v6;
+        for (on, family) in [(a.v4, Family::V4), (a.v6, Family::V6)] {
+            if !on {
+                continue;
+            }
+            let warm = match family {
+                Family::V4 => &mut self.warm_v4,
+                Family::V6 => &mut self.warm_v6,
+            };
+            let keep = single && warm.len() < self.cfg.relay_socket_pool;
+            if keep {
+                warm.push(a.port);
+            }
+            self.commands.push_back(Command::Release {
+                family,
+                port: a.port,
+                keep,
+            });
         }
         self.by_client.remove(&a.client);
         let pi = self.port_index(a.port);
         self.by_port[pi] = u32::MAX;
         self.release_port(a.port);
-        self.cfg
-            .policy
-            .relay_ports
-            .set(a.port.addr, a.port.port, false);
-        self.cfg.quotas.release(&a.username);
+        self.shared.relay_ports.set(a.port.addr, a.port.port, false);
+        self.shared.quotas.release(&a.username);
         self.free_slots.push(slot);
     }
 
-    /// Delete every allocation (final shutdown).
-    pub fn close_all(&mut self, binder: &mut dyn RelayBinder) {
+    /// Delete every allocation and release every relay socket, warm ones included (final
+    /// shutdown).
+    pub fn close_all(&mut self) {
+        self.abandon_pending();
+        self.cfg.relay_socket_pool = 0;
         for slot in 0..self.allocs.len() as u32 {
             if self.allocs[slot as usize].is_some() {
-                self.free_allocation(slot, binder);
+                self.free_allocation(slot);
+            }
+        }
+        for (family, warm) in [
+            (Family::V4, std::mem::take(&mut self.warm_v4)),
+            (Family::V6, std::mem::take(&mut self.warm_v6)),
+        ] {
+            for port in warm {
+                self.commands.push_back(Command::Release {
+                    family,
+                    port,
+                    keep: false,
+                });
             }
         }
     }

@@ -22,7 +22,7 @@ pub struct Wheel {
 impl Wheel {
     /// A wheel covering `horizon_secs` seconds (deadlines further out are clamped and simply
     /// fire early; the owner re-arms).
-    pub fn new(horizon_secs: usize, now_ms: u64) -> Self {
+    pub fn new(now_ms: u64, horizon_secs: usize) -> Self {
         Wheel {
             slots: (0..horizon_secs.max(8)).map(|_| Vec::new()).collect(),
             tick: now_ms / 1000,
@@ -75,7 +75,7 @@ mod tests {
 
     #[test]
     fn fires_at_the_first_second_at_or_after_the_deadline() {
-        let mut w = Wheel::new(64, 10_000);
+        let mut w = Wheel::new(10_000, 64);
         let k = TimerKey::Reservation { token: 1 };
         assert_eq!(w.insert(12_500, k), 13);
         let mut out = Vec::new();
@@ -87,7 +87,7 @@ mod tests {
 
     #[test]
     fn far_deadlines_are_clamped_and_long_stalls_cover_every_slot() {
-        let mut w = Wheel::new(16, 0);
+        let mut w = Wheel::new(0, 16);
         let k = TimerKey::Reservation { token: 2 };
         assert_eq!(w.insert(1_000_000, k), 15);
         let mut out = Vec::new();

@@ -7,7 +7,7 @@ use std::path::Path;
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("../fuzz/corpus")
         .join(target);
     let mut out = Vec::new();
     for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
@@ -20,22 +20,22 @@ fn corpus(target: &str) -> Vec<Vec<u8>> {
 #[test]
 fn stun_decode_corpus() {
     for c in corpus("stun_decode") {
-        actrix::fuzzing::stun_decode(&c);
+        actrix_proto::fuzzing::stun_decode(&c);
     }
 }
 
 #[test]
 fn turn_unauthenticated_corpus() {
     for c in corpus("turn_unauthenticated") {
-        actrix::fuzzing::turn_core(&c, false);
+        actrix_proto::fuzzing::turn_core(&c, false);
     }
 }
 
 #[test]
 fn turn_authenticated_corpus() {
-    let mut total = actrix::fuzzing::Outcome::default();
+    let mut total = actrix_proto::fuzzing::Outcome::default();
     for c in corpus("turn_authenticated") {
-        let o = actrix::fuzzing::turn_core(&c, true);
+        let o = actrix_proto::fuzzing::turn_core(&c, true);
         total.successes += o.successes;
         total.relayed += o.relayed;
     }
@@ -49,7 +49,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
     #[test]
     fn random_inputs_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600), auth in any::<bool>()) {
-        actrix::fuzzing::stun_decode(&data);
-        actrix::fuzzing::turn_core(&data, auth);
+        actrix_proto::fuzzing::stun_decode(&data);
+        actrix_proto::fuzzing::turn_core(&data, auth);
     }
 }

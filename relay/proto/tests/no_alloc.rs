@@ -2,11 +2,12 @@
 //! Binding, and every attacker-reachable error path (garbage, challenges, bad credentials, bad
 //! REST usernames, stale nonces, unbound channels) run under a counting global allocator.
 
-use actrix::auth::{make_nonce, AuthConfig};
-use actrix::policy::PeerPolicy;
-use actrix::stun::{attr, encode_xor_addr, long_term_key_md5, method, Class, MessageWriter};
-use actrix::turn::{
-    Data, Family, Now, Quotas, RelayBinder, RelayPort, Server, TurnConfig, HEADROOM,
+use actrix_proto::auth::{make_nonce, AuthConfig};
+use actrix_proto::policy::PeerPolicy;
+use actrix_proto::stun::{attr, encode_xor_addr, long_term_key_md5, method, Class, MessageWriter};
+use actrix_proto::turn::{
+    BindRequest, CrossShard, Data, Effects, Family, Now, RelayPort, Reply, Server, TurnConfig,
+    HEADROOM,
 };
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -42,11 +43,12 @@ unsafe impl GlobalAlloc for Counting {
 static A: Counting = Counting;
 
 struct Binder;
-impl RelayBinder for Binder {
-    fn bind(&mut self, _: Family, _: RelayPort) -> bool {
+impl Effects for Binder {
+    fn bind(&mut self, _: &BindRequest) -> bool {
         true
     }
-    fn unbind(&mut self, _: Family, _: RelayPort) {}
+    fn release(&mut self, _: Family, _: RelayPort, _: bool) {}
+    fn resolve_identity(&mut self, _: Box<[u8]>) {}
 }
 
 const REALM: &str = "example.org";
@@ -91,32 +93,29 @@ fn relay_and_error_paths_do_not_allocate() {
     auth.add_user("alice", "secret-pass");
     auth.rest_secrets = vec![b"rest-secret-0123456789".to_vec().into()];
     let policy = PeerPolicy::new(vec!["203.0.113.0/24".parse().unwrap()], vec![]);
-    let mut cfg = TurnConfig::new(
-        Arc::new(auth),
-        Arc::new(policy),
-        Arc::new(Quotas::new(10, 10)),
-    );
+    let mut cfg = TurnConfig::new(Arc::new(auth), Arc::new(policy));
     cfg.port_min = 50000;
     cfg.port_max = 50009;
     let mut now = Now {
         ms: 5_000_000,
         unix: 1_700_000_000,
     };
-    let mut s = Server::new(cfg, now, 9);
+    let mut s = Server::new(cfg, Arc::new(CrossShard::new(10, 10, 1, 9)), now, 9);
     let mut b = Binder;
     let client: SocketAddr = "198.51.100.1:4000".parse().unwrap();
     let peer_ch: SocketAddr = "203.0.113.5:7000".parse().unwrap();
     let peer_data: SocketAddr = "203.0.113.6:7000".parse().unwrap();
-    let nonce = make_nonce(&NONCE_KEY, now.unix, client);
+    let nonce = make_nonce(now.unix, &NONCE_KEY, client);
     let mut buf = vec![0u8; 2048];
     let feed = |s: &mut Server,
                 now: Now,
                 bytes: &[u8],
                 buf: &mut Vec<u8>,
                 b: &mut Binder|
-     -> Option<actrix::turn::Transmit> {
+     -> Option<actrix_proto::turn::Transmit> {
         buf[HEADROOM..HEADROOM + bytes.len()].copy_from_slice(bytes);
-        s.handle_client(now, 0, client, buf, HEADROOM..HEADROOM + bytes.len(), b)
+        let r = s.handle_client(now, 0, client, buf, HEADROOM..HEADROOM + bytes.len());
+        s.settle(now, r, b).transmit()
     };
 
     // Setup (allowed to allocate): allocation, permission for the data peer, channel.
@@ -130,7 +129,7 @@ fn relay_and_error_paths_do_not_allocate() {
     );
     let t = feed(&mut s, now, &alloc, &mut buf, &mut b).unwrap();
     let Data::Scratch(n) = t.data else { panic!() };
-    let relay = actrix::stun::Message::parse(&s.scratch()[..n])
+    let relay = actrix_proto::stun::Message::parse(&s.scratch()[..n])
         .unwrap()
         .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
         .unwrap()
@@ -196,7 +195,7 @@ fn relay_and_error_paths_do_not_allocate() {
         &[],
         "alice",
         "secret-pass",
-        &make_nonce(&NONCE_KEY, now.unix - 10_000, client),
+        &make_nonce(now.unix - 10_000, &NONCE_KEY, client),
     );
     let payload = [0xAB; 160];
 
@@ -220,6 +219,7 @@ fn relay_and_error_paths_do_not_allocate() {
                     &mut buf,
                     HEADROOM..HEADROOM + payload.len(),
                 )
+                .transmit()
                 .is_some() as u32;
         }
         for bytes in [
@@ -235,7 +235,13 @@ fn relay_and_error_paths_do_not_allocate() {
             let _ = feed(&mut s, now, bytes, &mut buf, &mut b);
         }
         if i % 100 == 0 {
-            s.handle_timeout(now, &mut b);
+            s.handle_timeout(now);
+            let r = s.settle(
+                now,
+                Reply::Drop(actrix_proto::turn::DropReason::NotStun),
+                &mut b,
+            );
+            assert!(matches!(r, Reply::Drop(_)));
         }
     }
     COUNTING.with(|c| c.set(false));

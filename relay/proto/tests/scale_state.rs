@@ -4,7 +4,7 @@
 //! The appliance gives every allocation its own relay socket, so a real 100k run needs a host
 //! whose `nofile` limit exceeds 100k (these VMs are capped at 20,000 per process; the bench's
 //! `idle-many.toml` measures 15,000 there, sockets and all). This test runs the real core
-//! (`turn::Server`) with a binder that records binds instead of opening sockets, and checks:
+//! (`turn::Server`) with effects that record binds instead of opening sockets, and checks:
 //! - 100k allocations from distinct clients all succeed on seven relay addresses (one port
 //!   range holds 16,384), every relayed transport address distinct;
 //! - an eighth of a million would not fit: the core answers 508 when (address, port) pairs run
@@ -12,11 +12,11 @@
 //! - the core's heap per allocation (each with a permission and a channel) is far under the
 //!   2 KiB budget, counted by this binary's allocator.
 
-use actrix::auth::{make_nonce, AuthConfig};
-use actrix::policy::PeerPolicy;
-use actrix::stun::{self, attr, channel, Class, Message, MessageWriter};
-use actrix::turn::{
-    Data, Family, Now, Quotas, RelayBinder, RelayPort, Server, TurnConfig, HEADROOM,
+use actrix_proto::auth::{make_nonce, AuthConfig};
+use actrix_proto::policy::PeerPolicy;
+use actrix_proto::stun::{self, attr, channel, Class, Message, MessageWriter};
+use actrix_proto::turn::{
+    BindRequest, CrossShard, Data, Effects, Family, Now, RelayPort, Server, TurnConfig, HEADROOM,
 };
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashSet;
@@ -32,15 +32,15 @@ static LIVE: AtomicIsize = AtomicIsize::new(0);
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        System.alloc(l)
+        unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        System.dealloc(p, l)
+        unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
-        System.realloc(p, l, new)
+        unsafe { System.realloc(p, l, new) }
     }
 }
 
@@ -57,24 +57,21 @@ struct Binder {
     bound: HashSet<(u8, u16)>,
 }
 
-impl RelayBinder for Binder {
-    fn bind(&mut self, _: Family, p: RelayPort) -> bool {
-        self.bound.insert((p.addr, p.port))
+impl Effects for Binder {
+    fn bind(&mut self, req: &BindRequest) -> bool {
+        self.bound.insert((req.port.addr, req.port.port))
     }
-    fn unbind(&mut self, _: Family, p: RelayPort) {
+    fn release(&mut self, _: Family, p: RelayPort, _: bool) {
         self.bound.remove(&(p.addr, p.port));
     }
+    fn resolve_identity(&mut self, _: Box<[u8]>) {}
 }
 
 fn server(addresses: u8, now: Now) -> Server {
     let mut auth = AuthConfig::new(REALM, NONCE_KEY);
     auth.add_user(USER, PASS);
     let policy = PeerPolicy::new(vec!["198.51.100.0/24".parse().unwrap()], vec![]);
-    let mut cfg = TurnConfig::new(
-        Arc::new(auth),
-        Arc::new(policy),
-        Arc::new(Quotas::new(1_000_000, 1_000_000)),
-    );
+    let mut cfg = TurnConfig::new(Arc::new(auth), Arc::new(policy));
     cfg.relay_v4 = (1..=addresses)
         .map(|i| IpAddr::V4(Ipv4Addr::new(203, 0, 113, i)))
         .collect();
@@ -82,7 +79,8 @@ fn server(addresses: u8, now: Now) -> Server {
     cfg.port_min = 49152;
     cfg.port_max = 65535;
     cfg.challenges_per_source = u32::MAX;
-    Server::new(cfg, now, 1)
+    let shared = CrossShard::new(1_000_000, 1_000_000, addresses as usize, 1);
+    Server::new(cfg, Arc::new(shared), now, 1)
 }
 
 /// Client `i`: a distinct 5-tuple (10.x.y.z, port).
@@ -114,7 +112,7 @@ impl Driver {
         self.tid += 1;
         let mut tid = [0u8; 12];
         tid[4..].copy_from_slice(&self.tid.to_be_bytes());
-        let nonce = make_nonce(&NONCE_KEY, self.now.unix, from);
+        let nonce = make_nonce(self.now.unix, &NONCE_KEY, from);
         let n = {
             let out = &mut self.buf[HEADROOM..];
             let mut w = MessageWriter::new(out, method, Class::Request, &tid).unwrap();
@@ -125,16 +123,13 @@ impl Driver {
             w.add_integrity(&self.key).unwrap();
             w.finish()
         };
+        let r = self
+            .s
+            .handle_client(self.now, 0, from, &mut self.buf, HEADROOM..HEADROOM + n);
         let t = self
             .s
-            .handle_client(
-                self.now,
-                0,
-                from,
-                &mut self.buf,
-                HEADROOM..HEADROOM + n,
-                &mut self.b,
-            )
+            .settle(self.now, r, &mut self.b)
+            .transmit()
             .expect("every request is answered");
         let Data::Scratch(len) = t.data else {
             panic!("a STUN answer comes from the scratch buffer")

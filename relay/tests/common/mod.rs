@@ -1,7 +1,7 @@
 //! Helpers for integration tests that run the real `actrix` binary on loopback.
 #![allow(dead_code)]
 
-use actrix::stun::{self, attr, method, Class, Message, MessageWriter};
+use actrix_proto::stun::{self, attr, method, Class, Message, MessageWriter};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};

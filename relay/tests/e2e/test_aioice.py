@@ -82,12 +82,16 @@ def run(coro, timeout: float = 40):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def test_aioice_allocate_permission_channel_refresh_echo(appliance_factory, caplog):
+@pytest.mark.parametrize("backend", ["mmsg", "glommio"])
+def test_aioice_allocate_permission_channel_refresh_echo(appliance_factory, caplog, backend):
     caplog.set_level(logging.INFO, logger="aioice.turn")
     # Short lifetimes so aioice's own refresh task has to keep the allocation alive while we
     # watch (it refreshes at 5/6 of the granted lifetime).
     app = appliance_factory(
-        {"turn": {"allow_peers": ["127.0.0.0/8"], "default_lifetime": 3}}
+        {
+            "turn": {"allow_peers": ["127.0.0.0/8"], "default_lifetime": 3},
+            "io": {"backend": backend},
+        }
     )
 
     async def main():
@@ -154,10 +158,14 @@ def test_aioice_allocate_permission_channel_refresh_echo(appliance_factory, capl
         assert proto.transport.is_closing()
 
     run(main())
+    # The shards ran on the backend asked for (no fallback).
+    assert f'backend="{backend}"' in app.stderr()
+    assert f"{backend} unavailable" not in app.stderr()
 
 
-def test_aioice_two_clients_relay_to_each_other_under_default_policy(appliance_factory):
-    app = appliance_factory()  # no allow_peers: loopback peers are refused...
+@pytest.mark.parametrize("backend", ["mmsg", "glommio"])
+def test_aioice_two_clients_relay_to_each_other_under_default_policy(appliance_factory, backend):
+    app = appliance_factory({"io": {"backend": backend}})  # no allow_peers: loopback refused...
     assert "allow_peers" not in app.config["turn"]
 
     async def main():
@@ -206,3 +214,6 @@ def test_aioice_two_clients_relay_to_each_other_under_default_policy(appliance_f
             echo_t.close()
 
     run(main())
+    # The shards ran on the backend asked for (no fallback).
+    assert f'backend="{backend}"' in app.stderr()
+    assert f"{backend} unavailable" not in app.stderr()

@@ -133,6 +133,39 @@ def test_uclient_channels_with_the_mmsg_backend(appliance_factory, turnutils_pee
     assert 'backend="io_uring"' not in app.stderr()
 
 
+def glommio_appliance(appliance_factory, **turn):
+    """The appliance with its shards on glommio executors (io.backend = "glommio")."""
+    app = appliance_factory({"turn": turn, "io": {"backend": "glommio"}})
+    return app
+
+
+def assert_on_glommio(app):
+    err = app.stderr()
+    assert 'backend="glommio"' in err, err[-3000:]
+    assert "glommio unavailable" not in err, err[-3000:]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [pytest.param([], id="channels"), pytest.param(["-s"], id="send-indications")],
+)
+def test_uclient_relays_through_the_glommio_backend(appliance_factory, turnutils_peer, flags):
+    """coturn's client and peer through a shard that runs on a glommio executor."""
+    app = glommio_appliance(appliance_factory, allow_peers=["127.0.0.0/8"])
+    peer = turnutils_peer()
+    r, lost = run_uclient(uclient_args(app, peer, *flags))
+    check_relayed(r, lost)
+    assert_on_glommio(app)
+
+
+def test_uclient_client_to_client_through_the_glommio_backend(appliance_factory):
+    """-y: coturn's clients relay to each other's relayed addresses, glommio backend."""
+    app = glommio_appliance(appliance_factory)
+    r, lost = run_uclient(uclient_args(app, None, "-y"))
+    check_relayed(r, lost)
+    assert_on_glommio(app)
+
+
 def shared_relay_appliance(appliance_factory, **turn):
     """The appliance with shared relay sockets on 127.0.0.2 (the steering program takes the
     relay ports of that address; the clients and peers stay on 127.0.0.1)."""

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actrix_control::server::ControlContext;
-use actrix_control::{ControlBuilder, ControlConfig, ControlHandle, RealmStatus, SecretString};
+use actrix_control::{ControlBuilder, ControlConfig, ControlHandle, RealmStatus};
 use actrix_signaling::proto::*;
 use actrix_signaling::{SignalingConfig, SignalingStats};
 use futures_util::{SinkExt, StreamExt};
@@ -18,8 +18,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const SHARED_KEY: &str = "integration-test-shared-key-0123456789";
-pub const KEK_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+pub const SHARED_KEY: &str = actrix_control::testing::SHARED_KEY;
+pub const KEK_HEX: &str = actrix_control::testing::KEK_HEX;
 pub const REALM: u32 = 101;
 pub const OTHER_REALM: u32 = 202;
 
@@ -46,16 +46,9 @@ impl Server {
     }
 }
 
+/// A control config on 127.0.0.1:0 with `dir` as data directory and the fixed test secrets.
 pub fn control_config(dir: &Path) -> ControlConfig {
-    let mut cfg = ControlConfig {
-        node_id: "sig-test".into(),
-        data_dir: dir.to_owned(),
-        ..ControlConfig::default()
-    };
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.ks.shared_key = Some(SecretString::from(SHARED_KEY));
-    cfg.ks.kek = Some(SecretString::from(KEK_HEX));
-    cfg
+    actrix_control::testing::config(dir, "sig-test")
 }
 
 /// Limits loose enough for functional tests; specific tests tighten one.

@@ -5,7 +5,7 @@ use super::*;
 use proptest::prelude::*;
 use std::collections::HashMap;
 
-const VECTORS: &str = include_str!("../../tests/vectors/rfc5769-vectors.txt");
+const VECTORS: &str = include_str!("../../../tests/vectors/rfc5769-vectors.txt");
 
 fn vectors() -> HashMap<String, HashMap<String, String>> {
     let mut out = HashMap::new();

@@ -10,41 +10,50 @@ use std::collections::BTreeSet;
 const REALM: &str = "example.org";
 const T0: u64 = 1_700_000_000;
 
+/// The shard's side effects, recorded: relay sockets open (`open`, with the kept ones also in
+/// `kept`), ports whose bind is refused, identity lookups asked for.
 #[derive(Default)]
 struct FakeBinder {
-    bound: BTreeSet<(bool, u8, u16)>,
+    open: BTreeSet<(bool, u8, u16)>,
+    kept: BTreeSet<(bool, u8, u16)>,
     refuse: BTreeSet<u16>,
-    /// Keep unbound IPv4 sockets open and offer them again (the shards' socket pool).
-    pool: bool,
-    parked: Vec<RelayPort>,
+    identities: Vec<Box<[u8]>>,
 }
 
-impl RelayBinder for FakeBinder {
-    fn bind(&mut self, family: Family, port: RelayPort) -> bool {
-        if self.refuse.contains(&port.port) {
+impl Effects for FakeBinder {
+    fn bind(&mut self, req: &BindRequest) -> bool {
+        if self.refuse.contains(&req.port.port) {
             return false;
         }
-        assert!(
-            self.bound
-                .insert((family == Family::V6, port.addr, port.port)),
-            "double bind {port:?}"
-        );
+        for (on, v6) in [(req.v4, false), (req.v6, true)] {
+            if on {
+                let key = (v6, req.port.addr, req.port.port);
+                if !self.kept.remove(&key) {
+                    assert!(self.open.insert(key), "double bind {req:?}");
+                }
+            }
+        }
         true
     }
-    fn unbind(&mut self, family: Family, port: RelayPort) {
-        assert!(
-            self.bound
-                .remove(&(family == Family::V6, port.addr, port.port)),
-            "unbind of unbound {port:?}"
-        );
-        if self.pool && family == Family::V4 {
-            self.parked.push(port);
+    fn release(&mut self, family: Family, port: RelayPort, keep: bool) {
+        let key = (family == Family::V6, port.addr, port.port);
+        assert!(self.open.contains(&key), "release of unbound {port:?}");
+        if keep {
+            assert!(self.kept.insert(key), "kept twice {port:?}");
+        } else {
+            self.open.remove(&key);
+            self.kept.remove(&key);
         }
     }
-    fn parked(&mut self, family: Family) -> Option<RelayPort> {
-        (family == Family::V4)
-            .then(|| self.parked.last().copied())
-            .flatten()
+    fn resolve_identity(&mut self, username: Box<[u8]>) {
+        self.identities.push(username);
+    }
+}
+
+impl FakeBinder {
+    /// Sockets that serve a live allocation (open and not kept for reuse).
+    fn bound(&self) -> BTreeSet<(bool, u8, u16)> {
+        self.open.difference(&self.kept).copied().collect()
     }
 }
 
@@ -52,7 +61,6 @@ struct H {
     s: Server,
     b: FakeBinder,
     now: Now,
-    policy: Arc<PeerPolicy>,
 }
 
 #[derive(Clone)]
@@ -152,6 +160,15 @@ impl H {
     }
 
     fn with(f: impl FnOnce(&mut TurnConfig, &mut AuthConfig)) -> Self {
+        Self::with_limits(100, 10, f)
+    }
+
+    /// With allocation quotas of `max_total` and `max_per_user`.
+    fn with_limits(
+        max_total: usize,
+        max_per_user: usize,
+        f: impl FnOnce(&mut TurnConfig, &mut AuthConfig),
+    ) -> Self {
         let mut auth = AuthConfig::new(REALM, [42; 32]);
         auth.add_user("alice", "secret");
         auth.add_user("bob", "hunter2");
@@ -163,46 +180,47 @@ impl H {
         policy.service_ports = vec![3478, 8080];
         policy.relay_ips = vec![("127.0.0.1".parse().unwrap(), 0)];
         let policy = Arc::new(policy);
-        let mut cfg = TurnConfig::new(
-            Arc::new(auth.clone()),
-            policy.clone(),
-            Arc::new(Quotas::new(100, 10)),
-        );
+        let mut cfg = TurnConfig::new(Arc::new(auth.clone()), policy.clone());
         cfg.port_min = 50000;
         cfg.port_max = 50099;
         f(&mut cfg, &mut auth);
         cfg.auth = Arc::new(auth);
-        let policy = cfg.policy.clone();
         let now = Now {
             ms: 1_000_000,
             unix: T0,
         };
+        let shared = Arc::new(CrossShard::new(
+            max_total,
+            max_per_user,
+            cfg.relay_v4.len().max(cfg.relay_v6.len()),
+            3,
+        ));
         H {
-            s: Server::new(cfg, now, 7),
+            s: Server::new(cfg, shared, now, 7),
             b: FakeBinder::default(),
             now,
-            policy,
         }
     }
 
     fn advance(&mut self, secs: u64) {
         self.now.ms += secs * 1000;
         self.now.unix += secs;
-        self.s.handle_timeout(self.now, &mut self.b);
+        self.s.handle_timeout(self.now);
+        self.s.drain_commands(&mut self.b);
     }
 
     /// Feed a client datagram; returns the transmit and the bytes it names.
     fn client_raw(&mut self, from: SocketAddr, bytes: &[u8]) -> Option<(Transmit, Vec<u8>)> {
         let mut buf = vec![0u8; HEADROOM + bytes.len() + TAILROOM];
         buf[HEADROOM..HEADROOM + bytes.len()].copy_from_slice(bytes);
-        let t = self.s.handle_client(
+        let r = self.s.handle_client(
             self.now,
             0,
             from,
             &mut buf,
             HEADROOM..HEADROOM + bytes.len(),
-            &mut self.b,
-        )?;
+        );
+        let t = self.s.settle(self.now, r, &mut self.b).transmit()?;
         let out = match &t.data {
             Data::Buf(r) => buf[r.clone()].to_vec(),
             Data::Scratch(n) => self.s.scratch()[..*n].to_vec(),
@@ -295,14 +313,17 @@ impl H {
             *b = 0xEE;
         }
         let fam = Family::of(&relay);
-        let t = self.s.handle_peer(
-            self.now,
-            fam,
-            RelayPort::new(0, relay.port()),
-            from,
-            &mut buf,
-            HEADROOM..HEADROOM + payload.len(),
-        )?;
+        let t = self
+            .s
+            .handle_peer(
+                self.now,
+                fam,
+                RelayPort::new(0, relay.port()),
+                from,
+                &mut buf,
+                HEADROOM..HEADROOM + payload.len(),
+            )
+            .transmit()?;
         let Data::Buf(r) = &t.data else {
             panic!("peer data is framed in place")
         };
@@ -447,7 +468,7 @@ fn unauthenticated_allocate_gets_401_with_realm_and_nonce_and_no_state() {
     assert!(m.get(attr::REALM).is_some() && m.get(attr::NONCE).is_some());
     assert!(m.get(attr::MESSAGE_INTEGRITY).is_none());
     assert_eq!(h.s.allocation_count(), 0);
-    assert!(h.b.bound.is_empty());
+    assert!(h.b.bound().is_empty());
     // No SOFTWARE and no reason phrase: the error is small.
     assert!(r.bytes.len() <= 20 + 8 + 16 + 4 + 60 + 8);
 }
@@ -476,8 +497,8 @@ fn allocate_success_and_idempotent_retransmission_and_437() {
         c.addr
     );
     assert!(m.verify_integrity(&c.key()));
-    assert!(h.b.bound.contains(&(false, 0, relay.port())));
-    assert!(h.policy.relay_ports.contains(0, relay.port()));
+    assert!(h.b.bound().contains(&(false, 0, relay.port())));
+    assert!(h.s.cross_shard().relay_ports.contains(0, relay.port()));
 
     // The same request again (a retransmission): the same allocation, no second bind.
     let r2 = h.send(&c, &req).unwrap();
@@ -663,7 +684,7 @@ fn allocate_parameter_errors() {
         Some(400)
     );
     assert_eq!(h.s.allocation_count(), 0);
-    assert!(h.b.bound.is_empty());
+    assert!(h.b.bound().is_empty());
     // ADDITIONAL-ADDRESS-FAMILY IPv6 on a node without IPv6: IPv4 only, with ADDRESS-ERROR-CODE.
     let r = h.call(
         &mut c,
@@ -704,7 +725,7 @@ fn dual_stack_allocation_and_peer_family_checks() {
     assert_eq!(relays.len(), 2);
     assert!(relays[0].is_ipv4() && relays[1].is_ipv6());
     assert_eq!(relays[0].port(), relays[1].port());
-    assert_eq!(h.b.bound.len(), 2);
+    assert_eq!(h.b.bound().len(), 2);
     assert!(h.permit(&mut c, peer()).ok());
     assert!(h.permit(&mut c, "[2001:db8::7]:9".parse().unwrap()).ok());
 
@@ -754,7 +775,7 @@ fn lifetimes_are_clamped_and_refresh_zero_deletes() {
         Some(3600),
         "clamped to the maximum"
     );
-    assert_eq!(h.b.bound.len(), 1);
+    assert_eq!(h.b.bound().len(), 1);
     let r = h.call(
         &mut c,
         method::REFRESH,
@@ -763,8 +784,8 @@ fn lifetimes_are_clamped_and_refresh_zero_deletes() {
     assert!(r.ok());
     assert_eq!(r.msg().get_u32(attr::LIFETIME), Some(0));
     assert_eq!(h.s.allocation_count(), 0);
-    assert!(h.b.bound.is_empty());
-    assert_eq!(h.s.config().quotas.total(), 0);
+    assert!(h.b.bound().is_empty());
+    assert_eq!(h.s.cross_shard().quotas.total(), 0);
     // Refresh without an allocation: 437.
     assert_eq!(h.call(&mut c, method::REFRESH, &[]).code(), Some(437));
 }
@@ -794,14 +815,14 @@ fn another_users_credentials_get_441_and_change_nothing() {
     // Alice's allocation has no permission for the peer.
     let relay = SocketAddr::new(
         "127.0.0.1".parse().unwrap(),
-        *h.b.bound.iter().next().map(|(_, _, p)| p).unwrap(),
+        *h.b.bound().iter().next().map(|(_, _, p)| p).unwrap(),
     );
     assert!(h.peer_send(relay, peer(), b"x").is_none());
 }
 
 #[test]
 fn quotas_per_user_and_total_are_exact_and_released() {
-    let mut h = H::with(|cfg, _| cfg.quotas = Arc::new(Quotas::new(3, 2)));
+    let mut h = H::with_limits(3, 2, |_, _| {});
     let mut a1 = Client::new("198.51.100.1:1", "alice", "secret");
     let mut a2 = Client::new("198.51.100.1:2", "alice", "secret");
     let mut a3 = Client::new("198.51.100.99:3", "alice", "secret");
@@ -827,7 +848,7 @@ fn quotas_per_user_and_total_are_exact_and_released() {
 
 #[test]
 fn quotas_are_exact_under_concurrency() {
-    let q = Arc::new(Quotas::new(1000, 5));
+    let q = Arc::new(Quotas::new(1000, 5, 11));
     let granted = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..8)
         .map(|_| {
@@ -1084,10 +1105,10 @@ fn permissions_channels_and_allocations_expire_on_time() {
     );
     h.advance(251);
     assert_eq!(h.s.allocation_count(), 0);
-    assert!(h.b.bound.is_empty(), "relay socket closed");
+    assert!(h.b.bound().is_empty(), "relay socket closed");
     assert_eq!(h.s.counters.allocations_expired, 1);
-    assert_eq!(h.s.config().quotas.total(), 0);
-    assert!(!h.policy.relay_ports.contains(0, relay.port()));
+    assert_eq!(h.s.cross_shard().quotas.total(), 0);
+    assert!(!h.s.cross_shard().relay_ports.contains(0, relay.port()));
     assert!(h.peer_send(relay, peer(), b"x").is_none());
 }
 
@@ -1200,10 +1221,9 @@ fn even_port_reservation_token_and_its_expiry() {
 
 #[test]
 fn ports_exhausted_gives_508_and_unbindable_ports_are_skipped() {
-    let mut h = H::with(|cfg, _| {
+    let mut h = H::with_limits(100, 100, |cfg, _| {
         cfg.port_min = 50000;
         cfg.port_max = 50003;
-        cfg.quotas = Arc::new(Quotas::new(100, 100));
     });
     h.b.refuse.insert(50001);
     let mut got = BTreeSet::new();
@@ -1215,7 +1235,7 @@ fn ports_exhausted_gives_508_and_unbindable_ports_are_skipped() {
     let mut x = Client::new("198.51.100.1:999", "alice", "secret");
     assert_eq!(h.call(&mut x, method::ALLOCATE, &[udp()]).code(), Some(508));
     assert_eq!(
-        h.s.config().quotas.total(),
+        h.s.cross_shard().quotas.total(),
         3,
         "a refused allocation gives its quota back"
     );
@@ -1399,18 +1419,20 @@ fn identity_usernames_are_resolved_once_off_the_core() {
     );
     assert!(h.send(&c, &req).is_none());
     assert_eq!(
-        h.s.poll_event(),
-        Some(Event::ResolveIdentity(b"opaque-identity".to_vec().into()))
+        h.b.identities,
+        [Box::from(&b"opaque-identity"[..])],
+        "asked once, not per retransmission"
     );
-    assert_eq!(h.s.poll_event(), None, "asked once, not per retransmission");
     let key = long_term_key_md5(b"opaque-identity", REALM.as_bytes(), b"00ff");
     h.s.handle_identity_answer(
+        h.now,
         auth::IdentityAnswer {
             username: b"opaque-identity".to_vec().into(),
-            key_md5: Some(key),
-            expires_at: T0 + 100,
+            outcome: Ok(auth::IdentityKey {
+                key_md5: key,
+                expires_at: T0 + 100,
+            }),
         },
-        h.now,
     );
     assert!(
         h.send(&c, &req).unwrap().ok(),
@@ -1427,12 +1449,14 @@ fn identity_usernames_are_resolved_once_off_the_core() {
     let req = bad.request(method::ALLOCATE, tid, &[udp()], true);
     assert!(h.send(&bad, &req).is_none());
     h.s.handle_identity_answer(
+        h.now,
         auth::IdentityAnswer {
             username: b"forged".to_vec().into(),
-            key_md5: None,
-            expires_at: 0,
+            outcome: Err(auth::IdentityRefusal {
+                reason: "invalid token",
+                retryable: false,
+            }),
         },
-        h.now,
     );
     assert_eq!(h.send(&bad, &req).unwrap().code(), Some(401));
 }
@@ -1530,7 +1554,6 @@ fn several_relay_addresses_multiply_capacity_and_route_by_address_and_port() {
         cfg.port_max = 50001;
         let mut p = (*cfg.policy).clone();
         p.allow = vec!["203.0.113.0/24".parse().unwrap()];
-        p.relay_ports = Arc::new(crate::policy::RelayPortSet::new(2));
         cfg.policy = Arc::new(p);
     });
     let mut relays = BTreeSet::new();
@@ -1567,6 +1590,7 @@ fn several_relay_addresses_multiply_capacity_and_route_by_address_and_port() {
                 &mut buf,
                 HEADROOM..HEADROOM + 8,
             )
+            .transmit()
             .expect("relayed");
         assert_eq!(t.dst, c.addr);
     }
@@ -1582,29 +1606,28 @@ fn several_relay_addresses_multiply_capacity_and_route_by_address_and_port() {
 }
 
 #[test]
-fn a_parked_relay_socket_is_reused_only_when_its_port_is_free() {
-    let mut h = H::new();
-    h.b.pool = true;
+fn a_kept_relay_socket_is_reused_only_when_its_port_is_free() {
+    let mut h = H::with(|cfg, _| cfg.relay_socket_pool = 4);
     let mut a = alice();
     let first = h.allocate(&mut a);
-    // Without a parked socket the cursor moves on: the next allocation gets another port.
+    // Without a kept socket the cursor moves on: the next allocation gets another port.
     let mut b = Client::new("192.0.2.7:5000", &a.user, &a.pass);
     let second = h.allocate(&mut b);
     assert_ne!(first.port(), second.port());
-    // Alice's allocation ends: its socket is parked and the next allocation reuses it.
+    // Alice's allocation ends: its socket is kept open and the next allocation reuses it.
     assert!(h
         .call(&mut a, method::REFRESH, &[(attr::LIFETIME, vec![0; 4])])
         .ok());
-    assert_eq!(h.b.parked.len(), 1);
+    assert_eq!(h.b.kept.len(), 1);
     let mut c = Client::new("192.0.2.8:5000", &a.user, &a.pass);
     let third = h.allocate(&mut c);
-    assert_eq!(third.port(), first.port(), "the parked port is reused");
-    // A parked port that is in use again is never offered twice: the binder still offers it
-    // (its list is stale on purpose) but the core sees the port taken and searches as usual.
+    assert_eq!(third.port(), first.port(), "the kept port is reused");
+    assert!(h.b.kept.is_empty(), "reused, so no longer kept");
+    // A port in use again is never handed out twice: the next allocation scans as usual.
     let mut d = Client::new("192.0.2.9:5000", &a.user, &a.pass);
     let fourth = h.allocate(&mut d);
     assert!(![first.port(), second.port()].contains(&fourth.port()));
-    assert_eq!(h.b.bound.len(), 3);
+    assert_eq!(h.b.bound().len(), 3);
     // EVEN-PORT still gets an even port with a pool of parked sockets around.
     assert!(h
         .call(&mut c, method::REFRESH, &[(attr::LIFETIME, vec![0; 4])])
