@@ -3,7 +3,7 @@
 # machine, alternating runs, fixed cores. Writes one comparison report (markdown + JSON).
 #
 #   scripts/bench-compare.sh [--quick] [--rounds N] [--out DIR] [--scenarios "a b ..."]
-#                            [--no-build]
+#                            [--no-build] [--variant NAME=BINARY[:BACKEND] ...] [--ours NAME]
 #
 # Defaults: 3 rounds, every scenario of bench/scenarios/ used for comparisons (under 10
 # minutes on a 2-core VM). --quick: 1 round, durations scaled by 0.25 (under a minute once
@@ -14,6 +14,11 @@
 # (e.g. ACTRIX_CONFIG_EXTRA=$'[io]\ncoalesce_us = 0'); ACTRIX_RELAY_ADDRESS: its relay address
 # (127.0.0.1; use another loopback address such as 127.0.0.2 with io.relay_sockets = "shared",
 # whose steering program would otherwise take the generator's own ephemeral ports).
+# --variant: measure several builds or I/O backends of our appliance in the same rounds, e.g.
+# --variant before=/tmp/old/actrix --variant mmsg=target/release/actrix:mmsg
+# --variant glommio=target/release/actrix:glommio --ours mmsg (default: one variant "actrix",
+# target/release/actrix on its default backend; --ours defaults to the first variant). The
+# comparison gives ours over the reference, coturn and every other variant.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -23,6 +28,8 @@ TIME_SCALE=1
 OUT=""
 SCENARIOS="binding churn relay-channel-20k relay-channel-50k relay-channel relay-send relay-max idle"
 BUILD=1
+VARIANTS=()
+OURS=""
 SERVER_CORE=${SERVER_CORE:-1}
 GEN_CORE=${GEN_CORE:-0}
 ACTRIX_PORT=${ACTRIX_PORT:-34780}
@@ -37,7 +44,9 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --scenarios) SCENARIOS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    --variant) VARIANTS+=("$2"); shift 2 ;;
+    --ours) OURS=$2; shift 2 ;;
+    -h|--help) sed -n 2,23p "$0"; exit 0 ;;
     *) echo "bench-compare: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -60,9 +69,23 @@ if [ "$BUILD" = 1 ]; then
   log "building release binaries"
   cargo build --release -q -p actrix -p actrix-bench
 fi
-ACTRIX=$ROOT/target/release/actrix
 BENCH=$ROOT/target/release/actrix-bench
-for b in "$ACTRIX" "$BENCH"; do
+[ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=("actrix=$ROOT/target/release/actrix")
+declare -A VBIN VBACKEND
+VNAMES=()
+for v in "${VARIANTS[@]}"; do
+  name=${v%%=*}; rest=${v#*=}
+  if [ "$name" = "$v" ] || [ -z "$name" ]; then
+    echo "bench-compare: --variant takes NAME=BINARY[:BACKEND], got $v" >&2; exit 2
+  fi
+  case "$name" in reference|coturn) echo "bench-compare: variant name $name is taken" >&2; exit 2 ;; esac
+  bin=${rest%%:*}; backend=""
+  [ "$bin" != "$rest" ] && backend=${rest#*:}
+  VBIN[$name]=$bin; VBACKEND[$name]=$backend; VNAMES+=("$name")
+done
+OURS=${OURS:-${VNAMES[0]}}
+[ -n "${VBIN[$OURS]:-}" ] || { echo "bench-compare: --ours $OURS is not a variant" >&2; exit 2; }
+for b in "$BENCH" "${VBIN[@]}"; do
   [ -x "$b" ] || { echo "bench-compare: $b is missing (build it or drop --no-build)" >&2; exit 2; }
 done
 
@@ -95,10 +118,13 @@ wait_port() {
   return 1
 }
 
+# write_actrix_config NAME: the configuration of variant NAME (its backend, if given).
 write_actrix_config() {
-  cat > "$OUT/actrix.toml" <<EOF
+  local name=$1 io=""
+  [ -n "${VBACKEND[$name]}" ] && io=$'[io]\nbackend = "'"${VBACKEND[$name]}"'"'
+  cat > "$OUT/actrix-$name.toml" <<EOF
 [node]
-data_dir = "$OUT/actrix-data"
+data_dir = "$OUT/actrix-data-$name"
 [cores]
 shards = [$SERVER_CORE]
 control = $GEN_CORE
@@ -112,10 +138,11 @@ rest_secrets = ["bench-rest-secret-0123456789"]
 max_allocations_per_user = 1000000
 [http]
 listen = "127.0.0.1:$HTTP_PORT"
+${io}
 ${ACTRIX_CONFIG_EXTRA:-}
 EOF
-  mkdir -p "$OUT/actrix-data"
-  "$ACTRIX" check -c "$OUT/actrix.toml" >/dev/null
+  mkdir -p "$OUT/actrix-data-$name"
+  "${VBIN[$name]}" check -c "$OUT/actrix-$name.toml" >/dev/null
 }
 
 # start_server NAME LOGFILE: starts it pinned, sets SERVER_PID and PORT.
@@ -137,10 +164,10 @@ start_server() {
         --allow-loopback-peers --no-tls --no-dtls --no-stdout-log --simple-log \
         --log-file="$logf" --pidfile="$OUT/coturn.pid" >/dev/null 2>&1 &
       SERVER_PID=$! ;;
-    actrix)
+    *)
       PORT=$ACTRIX_PORT
       port_free "$PORT" || { echo "bench-compare: UDP $PORT is in use" >&2; exit 2; }
-      RUST_LOG=warn "$ACTRIX" run -c "$OUT/actrix.toml" >"$logf" 2>&1 &
+      RUST_LOG=warn "${VBIN[$name]}" run -c "$OUT/actrix-$name.toml" >"$logf" 2>&1 &
       SERVER_PID=$! ;;
   esac
   local found
@@ -153,14 +180,15 @@ start_server() {
   SERVER_PID=$found
 }
 
-# --- rounds: A/B/C, rotated every round -----------------------------------------------
-write_actrix_config
-TARGETS=(reference coturn actrix)
+# --- rounds: every target once per round, the order rotated every round -----------------
+for name in "${VNAMES[@]}"; do write_actrix_config "$name"; done
+TARGETS=(reference coturn "${VNAMES[@]}")
+NT=${#TARGETS[@]}
 FAILED_OURS=0
 COMPARE_ARGS=()
 for round in $(seq 1 "$ROUNDS"); do
-  for i in 0 1 2; do
-    name=${TARGETS[$(( (i + round - 1) % 3 ))]}
+  for i in $(seq 0 $((NT - 1))); do
+    name=${TARGETS[$(( (i + round - 1) % NT ))]}
     dir=$OUT/round$round/$name
     mkdir -p "$dir"
     log "round $round/$ROUNDS: $name"
@@ -179,7 +207,7 @@ for round in $(seq 1 "$ROUNDS"); do
     if [ $rc -ne 0 ]; then
       log "$name: some scenario failed (exit $rc); see $dir/bench.stderr"
       grep FAILED "$dir/bench.stderr" >&2 || true
-      [ "$name" = actrix ] && FAILED_OURS=1
+      [ -n "${VBIN[$name]:-}" ] && FAILED_OURS=1
     fi
     cleanup
     sleep 0.5
@@ -188,8 +216,12 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 log "writing the comparison"
-"$BENCH" compare "${COMPARE_ARGS[@]}" --ours actrix --reference reference --coturn coturn \
-  --out "$OUT" >/dev/null
+RATIOS=()
+for name in "${VNAMES[@]}"; do
+  if [ "$name" != "$OURS" ]; then RATIOS+=(--ratio-to "$name"); fi
+done
+"$BENCH" compare "${COMPARE_ARGS[@]}" --ours "$OURS" --reference reference --coturn coturn \
+  "${RATIOS[@]}" --out "$OUT" >/dev/null
 cat "$OUT/comparison.md"
 log "done in $(( $(date +%s) - START ))s: $OUT/comparison.md, $OUT/comparison.json"
 if grep -q "contended" "$OUT"/round*/*/summary.txt 2>/dev/null; then

@@ -101,6 +101,8 @@ pub struct Row {
     pub values: BTreeMap<String, Cell>,
     pub ours_over_reference: Option<f64>,
     pub ours_over_coturn: Option<f64>,
+    /// Ours over each label of [`Comparison::ratios_to`], in that order.
+    pub ours_over: Vec<Option<f64>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -109,8 +111,25 @@ pub struct Comparison {
     pub reference: Option<String>,
     pub coturn: Option<String>,
     pub labels: Vec<String>,
+    /// Further labels ours is divided by (another build, another backend).
+    pub ratios_to: Vec<String>,
     pub host: HostInfo,
     pub rows: Vec<Row>,
+}
+
+/// Add a ratio column ours/`label` for each of `labels` (labels without runs are skipped).
+pub fn add_ratios(c: &mut Comparison, labels: &[String]) {
+    for l in labels {
+        if !c.labels.contains(l) || *l == c.ours || c.ratios_to.contains(l) {
+            continue;
+        }
+        c.ratios_to.push(l.clone());
+        for r in &mut c.rows {
+            let med = |x: &str| r.values.get(x).and_then(|v| v.median);
+            let v = ratio(med(&c.ours), med(l));
+            r.ours_over.push(v);
+        }
+    }
 }
 
 fn cell(runs: &[&RunReport], scenario: &str, key: &str) -> Cell {
@@ -187,6 +206,7 @@ pub fn compare(
                 better,
                 ours_over_reference: ratio(med(Some(ours)), med(reference)),
                 ours_over_coturn: ratio(med(Some(ours)), med(coturn)),
+                ours_over: Vec::new(),
                 values,
             });
         }
@@ -196,6 +216,7 @@ pub fn compare(
         reference: reference.map(String::from),
         coturn: coturn.map(String::from),
         labels,
+        ratios_to: Vec::new(),
         host: runs
             .first()
             .map(|(_, r)| r.host.clone())
@@ -252,6 +273,10 @@ pub fn markdown(c: &Comparison) -> String {
         ));
         sep.push_str("---:|");
     }
+    for l in &c.ratios_to {
+        header.push_str(&format!(" {}/{l} |", c.ours));
+        sep.push_str("---:|");
+    }
     s.push_str(&header);
     s.push('\n');
     s.push_str(&sep);
@@ -290,6 +315,9 @@ pub fn markdown(c: &Comparison) -> String {
         }
         if c.coturn.is_some() {
             line.push_str(&format!(" {} |", fmt_ratio(r.ours_over_coturn)));
+        }
+        for v in &r.ours_over {
+            line.push_str(&format!(" {} |", fmt_ratio(*v)));
         }
         s.push_str(&line);
         s.push('\n');
@@ -390,5 +418,26 @@ mod tests {
         );
         assert!(md.contains("1.200 [1.000-5.000]"), "{md}");
         assert!(md.contains("1.50x") && md.contains("0.90x") && md.contains("3.00x"));
+    }
+
+    #[test]
+    fn ratios_to_other_builds_and_backends() {
+        let runs = vec![
+            run("before", &[("relay", "cpu_us_per_relayed_pkt", 2.0)]),
+            run("after", &[("relay", "cpu_us_per_relayed_pkt", 1.9)]),
+            run("glommio", &[("relay", "cpu_us_per_relayed_pkt", 2.5)]),
+        ];
+        let mut c = compare(&runs, "after", None, None);
+        add_ratios(
+            &mut c,
+            &["before".into(), "glommio".into(), "missing".into(), "after".into()],
+        );
+        assert_eq!(c.ratios_to, ["before", "glommio"]);
+        let row = &c.rows[0];
+        assert!((row.ours_over[0].unwrap() - 0.95).abs() < 1e-9);
+        assert!((row.ours_over[1].unwrap() - 0.76).abs() < 1e-9);
+        let md = markdown(&c);
+        assert!(md.contains("after/before") && md.contains("after/glommio"), "{md}");
+        assert!(md.contains("0.95x") && md.contains("0.76x"), "{md}");
     }
 }

@@ -115,6 +115,9 @@ enum Cmd {
         reference: Option<String>,
         #[arg(long)]
         coturn: Option<String>,
+        /// More labels to put ours over (another build, another backend); repeatable.
+        #[arg(long = "ratio-to")]
+        ratio_to: Vec<String>,
         #[arg(short, long)]
         out: PathBuf,
     },
@@ -246,6 +249,7 @@ fn main() {
             ours,
             reference,
             coturn,
+            ratio_to,
             out,
         } => {
             let mut loaded = Vec::new();
@@ -262,7 +266,9 @@ fn main() {
                     }
                 }
             }
-            let c = compare::compare(&loaded, &ours, reference.as_deref(), coturn.as_deref());
+            let mut c =
+                compare::compare(&loaded, &ours, reference.as_deref(), coturn.as_deref());
+            compare::add_ratios(&mut c, &ratio_to);
             match compare::write(&c, &out) {
                 Ok(()) => {
                     print!("{}", compare::markdown(&c));
