@@ -430,14 +430,22 @@ mod tests {
         let mut c = compare(&runs, "after", None, None);
         add_ratios(
             &mut c,
-            &["before".into(), "glommio".into(), "missing".into(), "after".into()],
+            &[
+                "before".into(),
+                "glommio".into(),
+                "missing".into(),
+                "after".into(),
+            ],
         );
         assert_eq!(c.ratios_to, ["before", "glommio"]);
         let row = &c.rows[0];
         assert!((row.ours_over[0].unwrap() - 0.95).abs() < 1e-9);
         assert!((row.ours_over[1].unwrap() - 0.76).abs() < 1e-9);
         let md = markdown(&c);
-        assert!(md.contains("after/before") && md.contains("after/glommio"), "{md}");
+        assert!(
+            md.contains("after/before") && md.contains("after/glommio"),
+            "{md}"
+        );
         assert!(md.contains("0.95x") && md.contains("0.76x"), "{md}");
     }
 }

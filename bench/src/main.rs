@@ -266,8 +266,7 @@ fn main() {
                     }
                 }
             }
-            let mut c =
-                compare::compare(&loaded, &ours, reference.as_deref(), coturn.as_deref());
+            let mut c = compare::compare(&loaded, &ours, reference.as_deref(), coturn.as_deref());
             compare::add_ratios(&mut c, &ratio_to);
             match compare::write(&c, &out) {
                 Ok(()) => {

@@ -40,7 +40,10 @@ impl Batches {
     pub fn drain(&mut self, core: &mut ShardCore, id: SocketId, fd: RawFd) {
         for _ in 0..DRAIN_BUDGET {
             if self.rb.n - self.base < self.batch {
-                self.flush(core);
+                // Out of slots mid-round: what is queued leaves early, counters first (see
+                // ShardCore::end_round).
+                core.publish();
+                self.send(core);
             }
             let start = self.base;
             let n = match self.rb.recv(fd, start, self.batch) {
@@ -77,10 +80,10 @@ impl Batches {
         }
     }
 
-    /// Send everything queued (after publishing the counters) and start the slots over.
-    pub fn flush(&mut self, core: &mut ShardCore) {
+    /// Send everything queued and start the slots over (at the end of a round, after
+    /// `ShardCore::end_round` published the counters).
+    pub fn send(&mut self, core: &mut ShardCore) {
         if self.sb.len > 0 {
-            core.publish();
             let f = self.sb.flush();
             core.account(f);
         }

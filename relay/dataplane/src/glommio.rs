@@ -126,7 +126,7 @@ async fn drive(mut core: ShardCore) {
         }
         core.end_round();
         apply_changes(&mut core, &mut watchers, &ready);
-        io.flush(&mut core);
+        io.send(&mut core);
         core.relays.close_released();
     }
     core.finish();

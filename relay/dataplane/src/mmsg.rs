@@ -43,7 +43,7 @@ pub fn run(mut core: ShardCore) {
         }
         core.end_round();
         apply_changes(&mut core, &epoll);
-        io.flush(&mut core);
+        io.send(&mut core);
         core.relays.close_released();
     }
     core.finish();
@@ -51,7 +51,11 @@ pub fn run(mut core: ShardCore) {
     core.relays.close_released();
 }
 
+#[inline]
 fn apply_changes(core: &mut ShardCore, epoll: &Epoll) {
+    if !core.relays.has_changes() {
+        return;
+    }
     let id = core.id;
     core.relays.take_changes(|c| match c {
         Change::Opened(sock, fd) => {

@@ -231,20 +231,32 @@ impl RelaySockets {
         }
     }
 
+    /// Whether [`RelaySockets::take_changes`] has anything to report.
+    #[inline]
+    pub fn has_changes(&self) -> bool {
+        matches!(self, RelaySockets::PerAllocation(p) if !p.changes.is_empty())
+    }
+
     /// Sockets opened or released since the last call, in order.
+    #[inline]
     pub fn take_changes(&mut self, mut apply: impl FnMut(Change)) {
         if let RelaySockets::PerAllocation(p) = self {
-            for c in p.changes.drain(..) {
-                apply(c);
+            if !p.changes.is_empty() {
+                for c in p.changes.drain(..) {
+                    apply(c);
+                }
             }
         }
     }
 
     /// Close the sockets released since the last call (after [`RelaySockets::take_changes`]
     /// told the backend).
+    #[inline]
     pub fn close_released(&mut self) {
         if let RelaySockets::PerAllocation(p) = self {
-            p.closing.clear();
+            if !p.closing.is_empty() {
+                p.closing.clear();
+            }
         }
     }
 

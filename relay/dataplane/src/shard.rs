@@ -122,6 +122,8 @@ struct ShardEffects<'a> {
     shard: ShardId,
     relays: &'a mut RelaySockets,
     identity: Option<&'a IdentityLink>,
+    /// Lookups asked for and not answered yet.
+    outstanding: &'a mut usize,
     stats: &'a ShardStats,
 }
 
@@ -143,6 +145,8 @@ impl Effects for ShardEffects<'_> {
         if link.requests.try_send(req).is_err() {
             // The client retransmits; the lookup is asked again then.
             self.stats.identity_queue_full.fetch_add(1, Relaxed);
+        } else {
+            *self.outstanding += 1;
         }
     }
 }
@@ -158,6 +162,9 @@ pub struct ShardCore {
     waker: Arc<Waker>,
     stats: Arc<ShardStats>,
     identity: Option<IdentityLink>,
+    /// Identity lookups asked for and not answered yet: the answer channel is read only while
+    /// some are (no channel operation per round otherwise).
+    identity_outstanding: usize,
     pacer: Pacer,
     pub warn: WarnLimiter,
     now: Now,
@@ -183,6 +190,7 @@ impl ShardCore {
             waker: s.waker,
             stats: s.stats,
             identity: s.identity,
+            identity_outstanding: 0,
             pacer: Pacer::new(s.coalesce_us as u64 * 1000),
             warn: WarnLimiter::new(s.warn_per_sec),
             now,
@@ -273,9 +281,12 @@ impl ShardCore {
         self.now = pacer::now();
         self.pacer.round_started();
         self.stats.wakeups.fetch_add(1, Relaxed);
-        if let Some(link) = &self.identity {
-            while let Ok(a) = link.answers.try_recv() {
-                self.server.handle_identity_answer(self.now, a);
+        if self.identity_outstanding > 0 {
+            if let Some(link) = &self.identity {
+                while let Ok(a) = link.answers.try_recv() {
+                    self.identity_outstanding = self.identity_outstanding.saturating_sub(1);
+                    self.server.handle_identity_answer(self.now, a);
+                }
             }
         }
     }
@@ -307,6 +318,7 @@ impl ShardCore {
                 shard: self.id,
                 relays: &mut self.relays,
                 identity: self.identity.as_ref(),
+                outstanding: &mut self.identity_outstanding,
                 stats: &self.stats,
             },
         )
