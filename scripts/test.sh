@@ -14,6 +14,14 @@ cargo fmt --all -- --check
 echo "== cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+echo "== actrix-proto: no runtime, HTTP, io_uring, metrics or logging crate in its tree"
+forbidden=$(cargo tree -p actrix-proto -e normal --prefix none | awk '{print $1}' |
+  grep -xE 'tokio|mio|axum|hyper|io-uring|glommio|prometheus|prometheus-client|tracing|log|socket2' || true)
+if [ -n "$forbidden" ]; then
+  echo "actrix-proto depends on: $forbidden" >&2
+  exit 1
+fi
+
 echo "== cargo build (release binary for the end-to-end tests)"
 cargo build --release -p actrix -p actrix-bench
 
