@@ -5,8 +5,10 @@
 //! [`Config::validate`], so one bad value does not hide the next: `actrix check` reports all of
 //! them, each with the key that holds it.
 
-use actrix_dataplane::{IoConfig, IoSettings, Mode};
+use actrix_dataplane::streams::StreamSettings;
+use actrix_dataplane::{Backend, IoConfig, IoSettings, Mode};
 use actrix_proto::policy::IpRange;
+use actrix_proto::turn::Transport;
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -143,12 +145,45 @@ pub enum CoreChoice {
 pub struct StunConfig {
     /// STUN/TURN UDP listeners; every shard opens each with SO_REUSEPORT.
     pub listen: Vec<String>,
+    /// STUN/TURN over TCP (RFC 8656 §3.1): every shard listens on each with SO_REUSEPORT and
+    /// serves the connections it accepts.
+    pub listen_tcp: Vec<String>,
+    /// STUN/TURN over TLS (RFC 7350; TLS 1.2 and 1.3, ALPN `stun.turn`/`stun.nat-discovery`).
+    /// Needs `tls_cert` and `tls_key`.
+    pub listen_tls: Vec<String>,
+    /// PEM certificate chain and private key for `listen_tls` (re-read on SIGHUP).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Stream connections open at once, all transports and shards together.
+    pub max_connections: usize,
+    /// Stream connections open at once from one source address.
+    pub max_connections_per_ip: usize,
+    /// Seconds a TLS client has to finish its handshake.
+    pub tls_handshake_timeout_secs: u32,
+    /// Seconds a stream client has to make its allocation after connecting.
+    pub first_request_timeout_secs: u32,
+    /// Seconds a stream connection without an allocation may stay idle.
+    pub idle_timeout_secs: u32,
+    /// Bytes waiting to be written to one stream client, at most; relayed data beyond it is
+    /// dropped and counted (a slow reader).
+    pub stream_send_buffer: usize,
 }
 
 impl Default for StunConfig {
     fn default() -> Self {
+        let s = actrix_dataplane::streams::StreamSettings::default();
         StunConfig {
             listen: vec!["127.0.0.1:3478".into()],
+            listen_tcp: Vec::new(),
+            listen_tls: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            max_connections: s.max_connections,
+            max_connections_per_ip: s.max_connections_per_ip,
+            tls_handshake_timeout_secs: s.tls_handshake_timeout_secs,
+            first_request_timeout_secs: s.first_request_timeout_secs,
+            idle_timeout_secs: s.idle_timeout_secs,
+            stream_send_buffer: s.send_buffer,
         }
     }
 }
@@ -252,6 +287,7 @@ data_dir = "actrix-data"
 
 [stun]
 listen = ["127.0.0.1:3478"]
+listen_tcp = ["127.0.0.1:3478"]
 
 [turn]
 realm = "actor-rtc.local"
@@ -266,6 +302,9 @@ listen = "127.0.0.1:8080"
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub listen: Vec<SocketAddr>,
+    /// Stream listeners and their transports, in TURN listener order after `listen`.
+    pub listen_streams: Vec<(SocketAddr, Transport)>,
+    pub streams: StreamSettings,
     /// (bind, advertised) relay addresses of each family.
     pub relay_v4: Vec<(IpAddr, IpAddr)>,
     pub relay_v6: Vec<(IpAddr, IpAddr)>,
@@ -378,6 +417,72 @@ impl Config {
             }
         }
 
+        let mut listen_streams: Vec<(SocketAddr, Transport)> = Vec::new();
+        for (key, list, transport) in [
+            ("stun.listen_tcp", &self.stun.listen_tcp, Transport::Tcp),
+            ("stun.listen_tls", &self.stun.listen_tls, Transport::Tls),
+        ] {
+            for (i, l) in list.iter().enumerate() {
+                match l.parse::<SocketAddr>() {
+                    Ok(a) if a.port() == 0 => err(format!("{key}[{i}]: '{l}' needs a port")),
+                    Ok(a) => {
+                        if listen_streams.iter().any(|(b, _)| *b == a) {
+                            err(format!(
+                                "{key}[{i}]: '{l}' is already a TCP or TLS listener"
+                            ));
+                        }
+                        listen_streams.push((a, transport))
+                    }
+                    Err(_) => err(format!("{key}[{i}]: '{l}' is not an IP:port address")),
+                }
+            }
+        }
+        if listen.len() + listen_streams.len() > 255 {
+            err("stun: more than 255 listeners in all".into());
+        }
+        if !self.stun.listen_tls.is_empty()
+            && (self.stun.tls_cert.is_none() || self.stun.tls_key.is_none())
+        {
+            err("stun.listen_tls: needs stun.tls_cert and stun.tls_key (actrix cert --self-signed makes a pair for trying it)".into());
+        }
+        for (key, path) in [
+            ("stun.tls_cert", &self.stun.tls_cert),
+            ("stun.tls_key", &self.stun.tls_key),
+        ] {
+            if let Some(p) = path {
+                if !p.is_file() {
+                    err(format!("{key}: {} is not a readable file", p.display()));
+                }
+            }
+        }
+        if !listen_streams.is_empty() && matches!(self.io.backend, Mode::Known(Backend::Glommio)) {
+            err("stun.listen_tcp/listen_tls: stream transports are served by the mmsg and io_uring backends, not glommio".into());
+        }
+        let st = &self.stun;
+        if st.max_connections == 0 || st.max_connections_per_ip == 0 {
+            err("stun.max_connections and stun.max_connections_per_ip must be positive".into());
+        }
+        if st.tls_handshake_timeout_secs == 0
+            || st.first_request_timeout_secs == 0
+            || st.idle_timeout_secs == 0
+        {
+            err("stun.tls_handshake_timeout_secs, first_request_timeout_secs and idle_timeout_secs must be positive".into());
+        }
+        if !(4096..=16 << 20).contains(&st.stream_send_buffer) {
+            err(format!(
+                "stun.stream_send_buffer: {} is not between 4096 and 16777216",
+                st.stream_send_buffer
+            ));
+        }
+        let streams = StreamSettings {
+            max_connections: st.max_connections,
+            max_connections_per_ip: st.max_connections_per_ip,
+            tls_handshake_timeout_secs: st.tls_handshake_timeout_secs,
+            first_request_timeout_secs: st.first_request_timeout_secs,
+            idle_timeout_secs: st.idle_timeout_secs,
+            send_buffer: st.stream_send_buffer,
+        };
+
         let t = &self.turn;
         if t.realm.is_empty() || t.realm.len() > 763 {
             err("turn.realm: must be 1 to 763 bytes".into());
@@ -453,7 +558,7 @@ impl Config {
             Ok((a, b)) => {
                 port_min = a;
                 port_max = b;
-                for l in &listen {
+                for l in listen.iter().chain(listen_streams.iter().map(|(a, _)| a)) {
                     if (a..=b).contains(&l.port()) {
                         err(format!(
                             "turn.relay_port_range: {a}-{b} overlaps the listener port {}",
@@ -614,6 +719,8 @@ impl Config {
         }
         Some(Resolved {
             listen,
+            listen_streams,
+            streams,
             relay_v4,
             relay_v6,
             port_min,

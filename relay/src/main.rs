@@ -353,6 +353,9 @@ fn run(path: Option<PathBuf>) -> i32 {
         for l in &resolved.listen {
             println!("  STUN/TURN  udp://{l}   realm {}", cfg.turn.realm);
         }
+        for (l, t) in &resolved.listen_streams {
+            println!("  STUN/TURN  {}://{l}", t.name());
+        }
         println!("  HTTP       http://{http}  (/healthz, /metrics, /ks, /ais, /signaling/ws)");
         println!("  demo user  demo / {pw}");
         println!("  try: turnutils_uclient -y -s -u demo -w {pw} -n 100 127.0.0.1");

@@ -169,6 +169,54 @@ impl Collector for DataPlaneCollector {
             "Datagrams dropped without an answer, by reason",
             &drops,
         )?;
+        let (mut s_open, mut s_acc, mut s_closed, mut s_over) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, st) in self.shards.iter().enumerate() {
+            for (t, tr) in actrix_dataplane::streams::STREAM_TRANSPORTS
+                .iter()
+                .enumerate()
+            {
+                let l = vec![
+                    ("shard", i.to_string()),
+                    ("transport", tr.name().to_string()),
+                ];
+                s_open.push((l.clone(), st.streams_open[t].load(Relaxed) as i64));
+                s_acc.push((l.clone(), st.streams_accepted[t].load(Relaxed)));
+                s_over.push((l.clone(), st.streams_send_overflow[t].load(Relaxed)));
+                for (r, v) in actrix_dataplane::streams::CLOSE_REASONS
+                    .iter()
+                    .zip(st.streams_closed[t].iter())
+                {
+                    let mut l = l.clone();
+                    l.push(("reason", r.to_string()));
+                    s_closed.push((l, v.load(Relaxed)));
+                }
+            }
+        }
+        gauge(
+            &mut enc,
+            "actrix_stream_connections",
+            "Client connections over TCP and TLS open now",
+            &s_open,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_stream_accepted",
+            "Client connections accepted over TCP and TLS",
+            &s_acc,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_stream_closed",
+            "Client connections closed or refused, by reason",
+            &s_closed,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_stream_send_overflow",
+            "Datagrams for a stream client dropped because its send buffer was full (a slow reader)",
+            &s_over,
+        )?;
         gauge(
             &mut enc,
             "actrix_allocations_active",

@@ -8,7 +8,7 @@ use actrix_proto::auth::AuthConfig;
 use actrix_proto::plan::port_slices;
 use actrix_proto::policy::PeerPolicy;
 use actrix_proto::stun::channel;
-use actrix_proto::turn::{CrossShard, TurnConfig};
+use actrix_proto::turn::{CrossShard, Transport, TurnConfig};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -35,6 +35,7 @@ pub fn build_policy(cfg: &Config, r: &Resolved) -> Arc<PeerPolicy> {
     let mut policy = PeerPolicy::new(r.allow.clone(), r.deny.clone());
     let mut own: Vec<IpAddr> = actrix_udp::interface_addresses();
     own.extend(r.listen.iter().map(|a| a.ip()));
+    own.extend(r.listen_streams.iter().map(|(a, _)| a.ip()));
     for list in [&r.relay_v4, &r.relay_v6] {
         for (i, (bind, adv)) in list.iter().enumerate() {
             own.push(*bind);
@@ -48,7 +49,12 @@ pub fn build_policy(cfg: &Config, r: &Resolved) -> Arc<PeerPolicy> {
     own.sort();
     own.dedup();
     policy.own_ips = own;
-    let mut ports: Vec<u16> = r.listen.iter().map(|a| a.port()).collect();
+    let mut ports: Vec<u16> = r
+        .listen
+        .iter()
+        .chain(r.listen_streams.iter().map(|(a, _)| a))
+        .map(|a| a.port())
+        .collect();
     ports.push(cfg.http.listen.port());
     ports.sort();
     ports.dedup();
@@ -77,6 +83,13 @@ fn turn_config(
     turn.relay_v6 = r.relay_v6.iter().map(|(_, adv)| *adv).collect();
     turn.port_min = slice.0;
     turn.port_max = slice.1;
+    // Listener indices: the UDP listeners, then the stream listeners.
+    turn.listener_transports = r
+        .listen
+        .iter()
+        .map(|_| Transport::Udp)
+        .chain(r.listen_streams.iter().map(|(_, t)| *t))
+        .collect();
     turn.default_lifetime = cfg.turn.default_lifetime;
     turn.max_lifetime = cfg.turn.max_lifetime;
     turn.permission_lifetime = cfg.turn.permission_lifetime;
@@ -134,6 +147,8 @@ impl Plane {
         let dp = DataPlane::start(DataPlaneSpec {
             io: r.io.clone(),
             listen: r.listen.clone(),
+            listen_streams: r.listen_streams.clone(),
+            streams: r.streams.clone(),
             bind_v4: r.relay_v4.iter().map(|(b, _)| *b).collect(),
             bind_v6: r.relay_v6.iter().map(|(b, _)| *b).collect(),
             shards,
@@ -157,8 +172,11 @@ impl Plane {
     /// keep their old values.
     pub fn reload(&self, old: (&Config, &Resolved), cfg: &Config, r: &Resolved) -> Vec<String> {
         let mut needs_restart = Vec::new();
-        if old.1.listen != r.listen {
-            needs_restart.push("stun.listen");
+        if old.1.listen != r.listen || old.1.listen_streams != r.listen_streams {
+            needs_restart.push("stun.listen/listen_tcp/listen_tls");
+        }
+        if old.1.streams != r.streams {
+            needs_restart.push("stun (stream limits)");
         }
         if old.1.relay_v4 != r.relay_v4 || old.1.relay_v6 != r.relay_v6 {
             needs_restart.push("turn.relay_addresses/advertised_addresses");
@@ -183,6 +201,8 @@ impl Plane {
         // Values that need new sockets keep the running ones.
         let effective = Resolved {
             listen: old.1.listen.clone(),
+            listen_streams: old.1.listen_streams.clone(),
+            streams: old.1.streams.clone(),
             relay_v4: old.1.relay_v4.clone(),
             relay_v6: old.1.relay_v6.clone(),
             port_min: old.1.port_min,

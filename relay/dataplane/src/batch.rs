@@ -90,3 +90,51 @@ impl Batches {
         self.base = 0;
     }
 }
+
+impl crate::streams::DatagramSink for Batches {
+    fn push(&mut self, out: &crate::shard::Outgoing, data: &[u8]) -> Option<actrix_udp::Flushed> {
+        let early = if self.sb.is_full() {
+            Some(self.sb.flush())
+        } else {
+            None
+        };
+        // `data` points into a connection's receive buffer, which stays put until flush.
+        self.sb.push(out.fd, &out.dst, data);
+        early
+    }
+
+    fn flush(&mut self) -> Option<actrix_udp::Flushed> {
+        (self.sb.len > 0).then(|| self.sb.flush())
+    }
+}
+
+/// A send batch of its own for the datagrams a backend without recvmmsg rounds (io_uring)
+/// relays from stream clients: queued while a connection's frames are handled, sent with
+/// sendmmsg at the end of the round (or when full).
+pub struct StreamBatch {
+    sb: SendBatch,
+}
+
+impl StreamBatch {
+    pub fn new(n: usize) -> StreamBatch {
+        StreamBatch {
+            sb: SendBatch::new(n.max(1)),
+        }
+    }
+}
+
+impl crate::streams::DatagramSink for StreamBatch {
+    fn push(&mut self, out: &crate::shard::Outgoing, data: &[u8]) -> Option<actrix_udp::Flushed> {
+        let early = if self.sb.is_full() {
+            Some(self.sb.flush())
+        } else {
+            None
+        };
+        self.sb.push(out.fd, &out.dst, data);
+        early
+    }
+
+    fn flush(&mut self) -> Option<actrix_udp::Flushed> {
+        (self.sb.len > 0).then(|| self.sb.flush())
+    }
+}

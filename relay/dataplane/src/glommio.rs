@@ -127,11 +127,11 @@ async fn drive(mut core: ShardCore) {
         core.end_round();
         apply_changes(&mut core, &mut watchers, &ready);
         io.send(&mut core);
-        core.relays.close_released();
+        core.close_released();
     }
     core.finish();
     apply_changes(&mut core, &mut watchers, &ready);
-    core.relays.close_released();
+    core.close_released();
 }
 
 fn apply_changes(
@@ -139,12 +139,17 @@ fn apply_changes(
     watchers: &mut HashMap<SocketId, Watcher>,
     ready: &Rc<Ready>,
 ) {
-    core.relays.take_changes(|c| match c {
+    if !core.has_changes() {
+        return;
+    }
+    core.take_changes(|c| match c {
         Change::Opened(id, fd) => {
             if let Some(w) = watch(id, fd, ready.clone()) {
                 watchers.insert(id, w);
             }
         }
+        // Streams are not served on this backend (configuration validation refuses them).
+        Change::Writable(..) => {}
         Change::Closed(id, _) => {
             watchers.remove(&id);
         }

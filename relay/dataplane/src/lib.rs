@@ -27,6 +27,7 @@ pub mod relays;
 pub mod shard;
 pub mod stats;
 pub mod steer;
+pub mod streams;
 pub mod token;
 pub mod uring;
 
@@ -72,7 +73,12 @@ pub struct ShardSpec {
 /// Everything the data plane is started with.
 pub struct DataPlaneSpec {
     pub io: IoSettings,
+    /// UDP listen addresses (TURN listener indices 0..).
     pub listen: Vec<SocketAddr>,
+    /// Stream listen addresses and their transports (TURN listener indices after the UDP
+    /// ones, in this order).
+    pub listen_streams: Vec<(SocketAddr, actrix_proto::turn::Transport)>,
+    pub streams: streams::StreamSettings,
     /// Addresses relay sockets bind to, per family, in the order of the TURN core's relay
     /// addresses (which are the advertised ones).
     pub bind_v4: Vec<IpAddr>,
@@ -188,6 +194,21 @@ impl DataPlane {
                 sockets.push(s);
             }
         }
+        let mut stream_listeners: Vec<Vec<streams::StreamListener>> =
+            (0..n).map(|_| Vec::new()).collect();
+        for (j, (addr, transport)) in spec.listen_streams.iter().enumerate() {
+            for l in stream_listeners.iter_mut() {
+                let sock = tcp_listener(*addr).map_err(|e| {
+                    fail(format!("cannot listen on {} {addr}: {e}", transport.name()))
+                })?;
+                l.push(streams::StreamListener {
+                    sock,
+                    listener: (spec.listen.len() + j) as u8,
+                    transport: *transport,
+                });
+            }
+        }
+        let stream_limits = Arc::new(streams::StreamLimits::default());
         let (mut relays, steer) = match spec.io.relay_sockets {
             RelaySocketMode::Shared => {
                 let (r, s) = shared_relay_sockets(&spec, &slices)?;
@@ -214,6 +235,7 @@ impl DataPlane {
                 None => (0..n).map(|_| None).collect(),
             };
         let mut shards = Vec::new();
+        let mut stream_listeners = stream_listeners.into_iter();
         for (i, (listeners, shard)) in per_shard.into_iter().zip(spec.shards).enumerate() {
             let (tx, rx) = crossbeam_channel::unbounded();
             let waker = Arc::new(Waker::new().map_err(|e| fail(format!("shard waker: {e}")))?);
@@ -229,6 +251,9 @@ impl DataPlane {
                 id,
                 core: shard.core,
                 listeners,
+                stream_listeners: stream_listeners.next().unwrap_or_default(),
+                stream_settings: spec.streams.clone(),
+                stream_limits: stream_limits.clone(),
                 turn: shard.turn,
                 shared: spec.shared.clone(),
                 relays: relays[i].take().expect("one per shard"),
@@ -311,6 +336,26 @@ impl DataPlane {
             }
         }
     }
+}
+
+/// One listening TCP socket of a shard's SO_REUSEPORT group (non-blocking, close-on-exec,
+/// IPv6-only for an IPv6 address).
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<Socket> {
+    use socket2::{Domain, Protocol, Type};
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s)
 }
 
 /// A shard's thread: the configured backend, falling back to mmsg when the kernel refuses

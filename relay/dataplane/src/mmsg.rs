@@ -22,17 +22,26 @@ pub fn run(mut core: ShardCore) {
         }
     }
     let mut io = Batches::new(core.batch, core.relays.reports_destination());
-    let mut ready: Vec<u64> = Vec::with_capacity(256);
+    let mut ready: Vec<(u64, u32)> = Vec::with_capacity(256);
     tracing::info!(shard = %core.id, backend = "mmsg", ports = %core.ports(), "shard I/O ready");
     while !core.stopping() {
         if core.pause_due() {
             core.pause();
         }
-        epoll.wait(core.timeout_ms() as i32, &mut ready);
+        epoll.wait_events(core.timeout_ms() as i32, &mut ready);
         core.begin_round();
-        for &token in &ready {
+        for &(token, events) in &ready {
             match SocketId::from_token(token) {
                 Some(SocketId::Waker) => core.handle_inbox(),
+                Some(SocketId::StreamListener(i)) => core.accept(i),
+                Some(id @ SocketId::Conn(..)) => {
+                    if events & libc::EPOLLOUT as u32 != 0 {
+                        core.write_conn(id);
+                    }
+                    if events & !(libc::EPOLLOUT as u32) != 0 {
+                        core.read_conn(id, &mut io);
+                    }
+                }
                 Some(id) => {
                     if let Some(fd) = core.fd_of(id) {
                         io.drain(&mut core, id, fd);
@@ -44,24 +53,27 @@ pub fn run(mut core: ShardCore) {
         core.end_round();
         apply_changes(&mut core, &epoll);
         io.send(&mut core);
-        core.relays.close_released();
+        core.close_released();
     }
     core.finish();
     apply_changes(&mut core, &epoll);
-    core.relays.close_released();
+    core.close_released();
 }
 
 #[inline]
 fn apply_changes(core: &mut ShardCore, epoll: &Epoll) {
-    if !core.relays.has_changes() {
+    if !core.has_changes() {
         return;
     }
     let id = core.id;
-    core.relays.take_changes(|c| match c {
+    core.take_changes(|c| match c {
         Change::Opened(sock, fd) => {
             if let Err(e) = epoll.add(fd, sock.token()) {
-                tracing::error!(shard = %id, error = %e, "epoll add of a relay socket failed");
+                tracing::error!(shard = %id, error = %e, "epoll add failed");
             }
+        }
+        Change::Writable(sock, fd, on) => {
+            let _ = epoll.modify(fd, sock.token(), on);
         }
         Change::Closed(_, fd) => epoll.del(fd),
     });

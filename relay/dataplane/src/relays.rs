@@ -6,18 +6,12 @@
 //! know which strategy runs.
 
 use crate::lookup;
+pub use crate::token::Change;
 use crate::token::SocketId;
 use actrix_proto::turn::{BindRequest, Family, RelayPort};
 use socket2::Socket;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
-
-/// A socket the backend must start or stop waiting on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
-    Opened(SocketId, RawFd),
-    Closed(SocketId, RawFd),
-}
 
 /// Where a datagram to a peer leaves from.
 pub enum SendVia {
@@ -206,6 +200,14 @@ impl RelaySockets {
                 };
                 sh.map(|sh| sh.recv.as_raw_fd())
             }
+            _ => None,
+        }
+    }
+
+    /// Where a transmit from a relay port leaves (`None` for any other source).
+    pub fn send_via_for(&self, t: &actrix_proto::turn::Transmit) -> Option<SendVia> {
+        match t.src {
+            actrix_proto::turn::Src::Relay(f, p) => self.send_via(f, p),
             _ => None,
         }
     }

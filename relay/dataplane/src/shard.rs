@@ -21,7 +21,8 @@
 use crate::pacer::{self, Pacer};
 use crate::relays::{RelaySockets, SendVia};
 use crate::stats::ShardStats;
-use crate::token::SocketId;
+use crate::streams::{StreamLimits, StreamListener, StreamSettings, Streams};
+use crate::token::{Change, SocketId};
 use crate::{lookup, IdentityLink};
 use actrix_proto::auth::IdentityRequest;
 use actrix_proto::plan::ShardId;
@@ -55,6 +56,10 @@ pub struct ShardSetup {
     /// The core to pin the shard to (`None`: not pinned).
     pub core: Option<usize>,
     pub listeners: Vec<Socket>,
+    /// Stream (TCP, TLS) listeners, with their TURN listener indices after the UDP ones.
+    pub stream_listeners: Vec<StreamListener>,
+    pub stream_settings: StreamSettings,
+    pub stream_limits: Arc<StreamLimits>,
     pub turn: TurnConfig,
     pub shared: Arc<CrossShard>,
     pub relays: RelaySockets,
@@ -118,13 +123,13 @@ impl WarnLimiter {
 }
 
 /// The core's side effects, carried out by the shard.
-struct ShardEffects<'a> {
-    shard: ShardId,
-    relays: &'a mut RelaySockets,
-    identity: Option<&'a IdentityLink>,
+pub(crate) struct ShardEffects<'a> {
+    pub(crate) shard: ShardId,
+    pub(crate) relays: &'a mut RelaySockets,
+    pub(crate) identity: Option<&'a IdentityLink>,
     /// Lookups asked for and not answered yet.
-    outstanding: &'a mut usize,
-    stats: &'a ShardStats,
+    pub(crate) outstanding: &'a mut usize,
+    pub(crate) stats: &'a ShardStats,
 }
 
 impl Effects for ShardEffects<'_> {
@@ -154,20 +159,21 @@ impl Effects for ShardEffects<'_> {
 /// The backend-independent part of a shard (see the module documentation).
 pub struct ShardCore {
     pub id: ShardId,
-    server: Server,
+    pub(crate) server: Server,
     pub relays: RelaySockets,
+    pub(crate) streams: Streams,
     listeners: Vec<Socket>,
     listener_fds: Vec<RawFd>,
     inbox: Receiver<ShardMsg>,
     waker: Arc<Waker>,
-    stats: Arc<ShardStats>,
-    identity: Option<IdentityLink>,
+    pub(crate) stats: Arc<ShardStats>,
+    pub(crate) identity: Option<IdentityLink>,
     /// Identity lookups asked for and not answered yet: the answer channel is read only while
     /// some are (no channel operation per round otherwise).
-    identity_outstanding: usize,
+    pub(crate) identity_outstanding: usize,
     pacer: Pacer,
     pub warn: WarnLimiter,
-    now: Now,
+    pub(crate) now: Now,
     stopping: bool,
     /// Peer datagrams and client datagrams relayed, as of the last round (the pacer's signal).
     relay_mark: u64,
@@ -184,6 +190,12 @@ impl ShardCore {
             id: s.id,
             server: Server::new(s.turn, s.shared, now, s.seed),
             relays: s.relays,
+            streams: Streams::new(
+                s.stream_listeners,
+                s.stream_settings,
+                s.stream_limits,
+                now.ms,
+            ),
             listeners: s.listeners,
             listener_fds,
             inbox: s.inbox,
@@ -238,6 +250,7 @@ impl ShardCore {
                 .map(|(i, fd)| (SocketId::Listener(i as u8), *fd)),
         );
         v.extend(self.relays.initial());
+        v.extend(self.streams.initial());
         v
     }
 
@@ -246,6 +259,7 @@ impl ShardCore {
         match id {
             SocketId::Waker => Some(self.waker.fd()),
             SocketId::Listener(i) => self.listener_fds.get(i as usize).copied(),
+            SocketId::StreamListener(_) | SocketId::Conn(..) => self.streams.fd_of(id),
             _ => self.relays.fd_of(id),
         }
     }
@@ -272,8 +286,30 @@ impl ShardCore {
     pub fn timeout_ms(&self) -> u64 {
         self.server
             .poll_timeout()
+            .min(self.streams.poll_timeout())
             .saturating_sub(self.now.ms)
             .min(1000)
+    }
+
+    /// Whether [`ShardCore::take_changes`] has anything to report.
+    #[inline]
+    pub fn has_changes(&self) -> bool {
+        self.relays.has_changes() || self.streams.has_changes()
+    }
+
+    /// The sockets opened, closed or changed since the last call (relay sockets, stream
+    /// connections), in order within each kind.
+    pub fn take_changes(&mut self, mut apply: impl FnMut(Change)) {
+        self.relays.take_changes(&mut apply);
+        self.streams.take_changes(&mut apply);
+    }
+
+    /// Close for good what was released this round (after the backend stopped waiting on it
+    /// and the round's batch was sent).
+    #[inline]
+    pub fn close_released(&mut self) {
+        self.relays.close_released();
+        self.streams.close_released();
     }
 
     /// A round starts: read the clock, apply identity answers.
@@ -356,8 +392,18 @@ impl ShardCore {
     /// Where and what a transmit sends. Responses are copied from the core's scratch buffer
     /// into the buffer the request came in (the request is fully handled by then); relayed
     /// data already sits there, framed in place.
-    fn outgoing(&self, buf: &mut [u8], t: Transmit) -> Option<Outgoing> {
+    fn outgoing(&mut self, buf: &mut [u8], t: Transmit) -> Option<Outgoing> {
         let fd = match t.src {
+            Src::Listener(i) if (i as usize) >= self.listener_fds.len() => {
+                // Peer data for a client on a stream: queued on its connection, written at the
+                // round's end. (Answers to stream clients are queued where their frames are
+                // handled, `streams.rs`.)
+                if let Data::Buf(r) = &t.data {
+                    let bytes = buf.get(r.clone())?;
+                    self.deliver_to_stream(&t, bytes);
+                }
+                return None;
+            }
             Src::Listener(i) => *self.listener_fds.get(i as usize)?,
             Src::Relay(f, p) => match self.relays.send_via(f, p)? {
                 SendVia::Socket(fd) => fd,
@@ -428,6 +474,7 @@ impl ShardCore {
         if now.ms >= self.server.poll_timeout() {
             self.server.handle_timeout(now);
         }
+        self.end_streams();
         let (server, mut fx) = self.effects();
         server.drain_commands(&mut fx);
         let c = &self.server.counters;
@@ -442,6 +489,7 @@ impl ShardCore {
     /// Copy the counters out for other threads.
     pub fn publish(&self) {
         self.stats.publish(&self.server, self.relays.bind_errors());
+        self.stats.publish_streams(&self.streams);
     }
 
     /// Count a batch of sends.
@@ -458,6 +506,9 @@ impl ShardCore {
 
     /// Shutdown: delete every allocation, release every relay socket, publish.
     pub fn finish(&mut self) {
+        let mut closed = Vec::new();
+        self.streams.close_all(&mut closed);
+        self.stream_clients_closed(&closed);
         self.server.close_all();
         let (server, mut fx) = self.effects();
         server.drain_commands(&mut fx);

@@ -27,6 +27,12 @@ macro_rules! shard_stats {
             pub relay_bind_errors: AtomicU64,
             /// Identity lookups that could not be queued for the control thread.
             pub identity_queue_full: AtomicU64,
+            /// Stream connections, by transport (TCP, TLS): open now, accepted, closed or
+            /// refused by reason, relayed datagrams dropped for a full send buffer.
+            pub streams_open: [AtomicU64; 2],
+            pub streams_accepted: [AtomicU64; 2],
+            pub streams_closed: [[AtomicU64; crate::streams::N_CLOSE_REASONS]; 2],
+            pub streams_send_overflow: [AtomicU64; 2],
         }
 
         impl ShardStats {
@@ -47,6 +53,19 @@ macro_rules! shard_stats {
                 self.allocations_active
                     .store(server.allocation_count() as u64, Relaxed);
                 self.relay_bind_errors.store(bind_errors, Relaxed);
+            }
+
+            /// Copy a shard's stream counters.
+            pub fn publish_streams(&self, s: &crate::streams::Streams) {
+                let open = s.open_by_transport();
+                for t in 0..2 {
+                    self.streams_open[t].store(open[t], Relaxed);
+                    self.streams_accepted[t].store(s.accepted[t], Relaxed);
+                    self.streams_send_overflow[t].store(s.send_overflow[t], Relaxed);
+                    for (d, v) in self.streams_closed[t].iter().zip(s.closed[t].iter()) {
+                        d.store(*v, Relaxed);
+                    }
+                }
             }
 
             /// Name/value pairs of the core's plain counters, for exposition.

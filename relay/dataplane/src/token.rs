@@ -1,7 +1,19 @@
-//! Names of the sockets a shard waits on, and their 64-bit form for epoll events and io_uring
-//! user data.
+//! Names of the sockets a shard waits on, their 64-bit form for epoll events and io_uring
+//! user data, and the changes to the set of sockets a backend waits on.
 
 use actrix_proto::turn::Family;
+use std::os::fd::RawFd;
+
+/// A socket the backend must start or stop waiting on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Wait for it to become readable.
+    Opened(SocketId, RawFd),
+    /// Stop waiting (it is closed once the round is over).
+    Closed(SocketId, RawFd),
+    /// A stream connection: wait for writability too (`true`) or no longer (`false`).
+    Writable(SocketId, RawFd, bool),
+}
 
 /// A socket of a shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -14,6 +26,11 @@ pub enum SocketId {
     Relay(Family, u32, u16),
     /// The shared relay socket of a family.
     Shared(Family),
+    /// The shard's socket on stream (TCP, TLS) listen address `i` (an index of the stream
+    /// listeners).
+    StreamListener(u8),
+    /// A client's stream connection: slot, generation of the slot.
+    Conn(u32, u16),
 }
 
 const WAKER: u64 = 1;
@@ -22,6 +39,8 @@ const RELAY_V4: u64 = 3;
 const RELAY_V6: u64 = 4;
 const SHARED_V4: u64 = 5;
 const SHARED_V6: u64 = 6;
+const STREAM_LISTENER: u64 = 7;
+const CONN: u64 = 8;
 
 impl SocketId {
     /// Layout: kind (8 bits) | generation (16 bits) | index (32 bits). The top byte is free
@@ -34,6 +53,8 @@ impl SocketId {
             SocketId::Relay(Family::V6, i, g) => (RELAY_V6, g, i),
             SocketId::Shared(Family::V4) => (SHARED_V4, 0, 0),
             SocketId::Shared(Family::V6) => (SHARED_V6, 0, 0),
+            SocketId::StreamListener(i) => (STREAM_LISTENER, 0, i as u32),
+            SocketId::Conn(i, g) => (CONN, g, i),
         };
         (kind << 56) | ((gen as u64) << 32) | index as u64
     }
@@ -47,6 +68,8 @@ impl SocketId {
             RELAY_V6 => SocketId::Relay(Family::V6, index, gen),
             SHARED_V4 => SocketId::Shared(Family::V4),
             SHARED_V6 => SocketId::Shared(Family::V6),
+            STREAM_LISTENER => SocketId::StreamListener(index as u8),
+            CONN => SocketId::Conn(index, gen),
             _ => return None,
         })
     }
@@ -70,6 +93,8 @@ mod tests {
             SocketId::Relay(Family::V6, 0, u16::MAX),
             SocketId::Shared(Family::V4),
             SocketId::Shared(Family::V6),
+            SocketId::StreamListener(2),
+            SocketId::Conn(123_456, 7),
         ] {
             assert_eq!(SocketId::from_token(id.token()), Some(id));
             assert!(id.token() >> 56 < 0x80);

@@ -32,6 +32,13 @@ const ENTRIES: u16 = 2048;
 const K_SEND: u64 = 0x80 << 56;
 const K_CANCEL: u64 = 0x81 << 56;
 const K_WAKER: u64 = 0x82 << 56;
+/// One-shot polls on stream sockets: a listener's readability (connections to accept), a
+/// connection's readability and its writability. The low 56 bits are the socket token's
+/// generation and index.
+const K_POLL_LISTENER: u64 = 0x83 << 56;
+const K_POLL_IN: u64 = 0x84 << 56;
+const K_POLL_OUT: u64 = 0x85 << 56;
+const LOW_56: u64 = (1 << 56) - 1;
 
 /// The provided-buffer ring: `entries` buffers of [`BUF_SIZE`] bytes, registered as group 0.
 struct BufRing {
@@ -151,6 +158,29 @@ pub fn run(core: ShardCore) -> Result<(), Box<(std::io::Error, ShardCore)>> {
     Ok(())
 }
 
+/// A one-shot poll on a stream socket (a listener or a connection; `out`: writability).
+fn arm_poll(ring: &mut IoUring, fd: RawFd, id: SocketId, out: bool) {
+    let (kind, mask) = match (id, out) {
+        (SocketId::StreamListener(_), _) => (K_POLL_LISTENER, libc::POLLIN),
+        (_, false) => (K_POLL_IN, libc::POLLIN | libc::POLLRDHUP),
+        (_, true) => (K_POLL_OUT, libc::POLLOUT),
+    };
+    let e = opcode::PollAdd::new(types::Fd(fd), mask as u32)
+        .build()
+        .user_data(kind | (id.token() & LOW_56));
+    push_sqe(ring, &e);
+}
+
+/// The socket a stream poll's user data names.
+fn polled(user: u64) -> Option<SocketId> {
+    let (gen, index) = ((user >> 32) as u16, user as u32);
+    match user & !LOW_56 {
+        K_POLL_LISTENER => Some(SocketId::StreamListener(index as u8)),
+        K_POLL_IN | K_POLL_OUT => Some(SocketId::Conn(index, gen)),
+        _ => None,
+    }
+}
+
 fn arm_recv(ring: &mut IoUring, fd: RawFd, recv_hdr: &libc::msghdr, user: u64) {
     let e = opcode::RecvMsgMulti::new(types::Fd(fd), recv_hdr, 0)
         .build()
@@ -177,10 +207,13 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
         push_sqe(ring, &e);
     };
     for (id, fd) in core.initial_sockets() {
-        if id != SocketId::Waker {
-            arm_recv(&mut ring, fd, &recv_hdr, id.token());
+        match id {
+            SocketId::Waker => {}
+            SocketId::StreamListener(_) => arm_poll(&mut ring, fd, id, false),
+            _ => arm_recv(&mut ring, fd, &recv_hdr, id.token()),
         }
     }
+    let mut streams_out = crate::batch::StreamBatch::new(256);
     arm_waker(&mut ring);
 
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(ENTRIES as usize * 4);
@@ -228,6 +261,41 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
                     arm_waker(&mut ring);
                 }
                 k if k == K_CANCEL >> 56 => {}
+                k if k == K_POLL_LISTENER >> 56
+                    || k == K_POLL_IN >> 56
+                    || k == K_POLL_OUT >> 56 =>
+                {
+                    let Some(id) = polled(user) else { continue };
+                    if res < 0 && res != -libc::ECANCELED {
+                        // The poll failed (the socket is gone): nothing to re-arm.
+                        continue;
+                    }
+                    if res == -libc::ECANCELED {
+                        continue;
+                    }
+                    match id {
+                        SocketId::StreamListener(i) => {
+                            core.accept(i);
+                            if let Some(fd) = core.fd_of(id) {
+                                arm_poll(&mut ring, fd, id, false);
+                            }
+                        }
+                        _ if k == K_POLL_OUT >> 56 => {
+                            core.write_conn(id);
+                            if core.wants_write(id) {
+                                if let Some(fd) = core.fd_of(id) {
+                                    arm_poll(&mut ring, fd, id, true);
+                                }
+                            }
+                        }
+                        _ => {
+                            core.read_conn(id, &mut streams_out);
+                            if let Some(fd) = core.fd_of(id) {
+                                arm_poll(&mut ring, fd, id, false);
+                            }
+                        }
+                    }
+                }
                 _ => {
                     let Some(id) = SocketId::from_token(user) else {
                         continue;
@@ -276,13 +344,16 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
             }
         }
         core.end_round();
+        if let Some(f) = crate::streams::DatagramSink::flush(&mut streams_out) {
+            core.account(f);
+        }
         let closed = apply_changes(&mut core, &mut ring, &recv_hdr);
         if closed {
             // Sends queued for a released socket must reach the kernel before its descriptor
             // is closed (and its number possibly reused).
             let _ = ring.submit();
         }
-        core.relays.close_released();
+        core.close_released();
         bufs.publish();
         let stats = core.stats();
         stats
@@ -296,7 +367,7 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
     core.finish();
     apply_changes(&mut core, &mut ring, &recv_hdr);
     let _ = ring.submit();
-    core.relays.close_released();
+    core.close_released();
     drop(ring);
     drop(bufs);
 }
@@ -304,8 +375,24 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
 /// Arm receives on opened relay sockets, cancel those on released ones; whether any closed.
 fn apply_changes(core: &mut ShardCore, ring: &mut IoUring, recv_hdr: &libc::msghdr) -> bool {
     let mut closed = false;
-    core.relays.take_changes(|c| match c {
+    if !core.has_changes() {
+        return false;
+    }
+    core.take_changes(|c| match c {
+        Change::Opened(id @ SocketId::Conn(..), fd) => arm_poll(ring, fd, id, false),
         Change::Opened(id, fd) => arm_recv(ring, fd, recv_hdr, id.token()),
+        Change::Writable(id, fd, true) => arm_poll(ring, fd, id, true),
+        Change::Writable(_, _, false) => {}
+        Change::Closed(id @ SocketId::Conn(..), _) => {
+            // Its polls hold references to the file: cancel them, then close.
+            for kind in [K_POLL_IN, K_POLL_OUT] {
+                let e = opcode::AsyncCancel::new(kind | (id.token() & LOW_56))
+                    .build()
+                    .user_data(K_CANCEL);
+                push_sqe(ring, &e);
+            }
+            closed = true;
+        }
         Change::Closed(id, _) => {
             // The multishot receive holds a reference to the file: cancel it, then close.
             let e = opcode::AsyncCancel::new(id.token())

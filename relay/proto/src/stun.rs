@@ -757,22 +757,78 @@ pub mod channel {
     }
 
     /// Frame `buf[payload]` in place as ChannelData on channel `ch`: the header goes into
-    /// the 4 bytes before the payload (no padding: over UDP it is optional, RFC 8656 §12.5).
-    /// Returns the range of the whole message, or `None` without the headroom or when the
-    /// payload is longer than the 16-bit length allows.
+    /// the 4 bytes before the payload. `padded`: zero padding to a multiple of 4 goes into the
+    /// bytes after it, as streams require (RFC 8656 §12.5: over TCP and TLS the message MUST
+    /// be padded; over UDP padding is optional and left out). Returns the range of the whole
+    /// message, or `None` without the headroom or tailroom, or when the payload is longer
+    /// than the 16-bit length allows.
     pub fn frame_in_place(
         buf: &mut [u8],
         payload: std::ops::Range<usize>,
         ch: u16,
+        padded: bool,
     ) -> Option<std::ops::Range<usize>> {
         let n = payload.len();
-        if payload.start < HEADER_LEN || n > u16::MAX as usize || payload.end > buf.len() {
+        let pad = if padded { (4 - n % 4) % 4 } else { 0 };
+        if payload.start < HEADER_LEN || n > u16::MAX as usize || payload.end + pad > buf.len() {
             return None;
         }
         let start = payload.start - HEADER_LEN;
         let hdr: &mut [u8; 4] = (&mut buf[start..payload.start]).try_into().ok()?;
         write_header(hdr, ch, n as u16);
-        Some(start..payload.end)
+        buf[payload.end..payload.end + pad].fill(0);
+        Some(start..payload.end + pad)
+    }
+}
+
+/// Framing on stream transports (TCP, TLS): STUN messages and ChannelData back to back, the
+/// latter padded to a multiple of 4 (RFC 8656 §12.5). A framer looks at the start of what it
+/// has buffered and learns how long the next message is.
+pub mod stream {
+    use super::HEADER_LEN;
+
+    /// What the bytes at the start of a stream buffer hold.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Frame {
+        /// A complete STUN message of this many bytes.
+        Stun(usize),
+        /// A complete ChannelData message taking `total` bytes of the stream (header, payload
+        /// and padding); the message itself, as a datagram, is the first `len` of them.
+        ChannelData { len: usize, total: usize },
+        /// More bytes are needed (at least this many in all).
+        Incomplete(usize),
+        /// Neither STUN nor ChannelData (first two bits 10 or 11), or longer than the limit:
+        /// the stream cannot be resynchronised and must be closed.
+        Invalid,
+    }
+
+    /// The next frame at the start of `buf`, accepting messages up to `max` bytes. Lengths are
+    /// computed in `usize`, so a length near 65535 never wraps to a small value (RFC 5769
+    /// negative vectors `neg-tcp-len-*`): it is incomplete until it arrives, or over `max`.
+    pub fn next(buf: &[u8], max: usize) -> Frame {
+        if buf.len() < 4 {
+            return Frame::Incomplete(4);
+        }
+        let field = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+        let (need, frame) = match buf[0] >> 6 {
+            0 => {
+                let n = HEADER_LEN + field;
+                (n, Frame::Stun(n))
+            }
+            1 => {
+                let len = 4 + field;
+                let total = len + (4 - field % 4) % 4;
+                (total, Frame::ChannelData { len, total })
+            }
+            _ => return Frame::Invalid,
+        };
+        if need > max {
+            Frame::Invalid
+        } else if buf.len() < need {
+            Frame::Incomplete(need)
+        } else {
+            frame
+        }
     }
 }
 

@@ -86,6 +86,33 @@ impl RelayPort {
     }
 }
 
+/// The transport a client reaches a listener over (RFC 8656 §3.1, RFC 7350).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Transport {
+    #[default]
+    Udp,
+    Tcp,
+    Tls,
+    Dtls,
+}
+
+impl Transport {
+    /// A byte stream (messages framed back to back, ChannelData padded to 4 bytes).
+    pub fn is_stream(self) -> bool {
+        matches!(self, Transport::Tcp | Transport::Tls)
+    }
+
+    /// The label used in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Dtls => "dtls",
+        }
+    }
+}
+
 /// Which socket a datagram leaves from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Src {
@@ -432,6 +459,9 @@ pub struct TurnConfig {
     pub challenges_per_source: u32,
     /// Identity resolutions (ECIES decryptions on the control thread) per source IP per second.
     pub identity_lookups_per_source: u32,
+    /// The transport of each listener index (`ClientKey::listener`); a listener not listed
+    /// is UDP.
+    pub listener_transports: Vec<Transport>,
     /// Released relay ports whose socket the I/O layer keeps open for reuse
     /// (`io.relay_socket_pool`): the next single-family allocation without EVEN-PORT takes one
     /// of them (binding again costs no system call). 0: every released socket is closed.
@@ -459,7 +489,16 @@ impl TurnConfig {
             challenges_per_source: 50,
             identity_lookups_per_source: 10,
             relay_socket_pool: 0,
+            listener_transports: Vec::new(),
         }
+    }
+
+    /// The transport of listener `i`.
+    pub fn transport(&self, listener: u8) -> Transport {
+        self.listener_transports
+            .get(listener as usize)
+            .copied()
+            .unwrap_or_default()
     }
 }
 
@@ -787,6 +826,11 @@ impl Server {
 
     pub fn allocation_count(&self) -> usize {
         self.by_client.len()
+    }
+
+    /// Whether `client` holds an allocation.
+    pub fn has_allocation(&self, client: &ClientKey) -> bool {
+        self.by_client.contains_key(client)
     }
 
     /// Stop granting new allocations (shutdown drain); existing ones keep working.
@@ -1989,8 +2033,11 @@ impl Server {
             .iter()
             .find(|c| c.peer == from && c.expires_ms > now.ms)
         {
-            // ChannelData: a 4-byte header in the headroom. No padding over UDP.
-            Some(c) => channel::frame_in_place(buf, range, c.number),
+            // ChannelData: a 4-byte header in the headroom; padding only toward a stream.
+            Some(c) => {
+                let padded = self.cfg.transport(client.listener).is_stream();
+                channel::frame_in_place(buf, range, c.number, padded)
+            }
             // Data indication: header, XOR-PEER-ADDRESS and DATA header before the payload,
             // zero padding after it.
             None => {
@@ -2009,6 +2056,16 @@ impl Server {
             dst: client.addr,
             data: Data::Buf(framed),
         })
+    }
+
+    /// A client's stream connection (TCP, TLS) closed: over a stream the connection is the
+    /// allocation's 5-tuple, so its allocation ends now (RFC 8656 §3.1), counted as deleted.
+    pub fn handle_client_closed(&mut self, now: Now, client: ClientKey) {
+        let _ = now;
+        if let Some(&slot) = self.by_client.get(&client) {
+            self.free_allocation(slot);
+            self.counters.allocations_deleted += 1;
+        }
     }
 
     // ----------------------------------------------------------------------------------------

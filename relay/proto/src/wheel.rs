@@ -13,13 +13,15 @@ pub enum TimerKey {
     Reservation { token: u64 },
 }
 
-pub struct Wheel {
-    slots: Vec<Vec<TimerKey>>,
+/// A wheel of timers keyed by `K` (the TURN core's [`TimerKey`] by default; the data plane
+/// keys its connection deadlines with its own type).
+pub struct Wheel<K = TimerKey> {
+    slots: Vec<Vec<K>>,
     /// The last tick (second) processed.
     tick: u64,
 }
 
-impl Wheel {
+impl<K: Copy> Wheel<K> {
     /// A wheel covering `horizon_secs` seconds (deadlines further out are clamped and simply
     /// fire early; the owner re-arms).
     pub fn new(now_ms: u64, horizon_secs: usize) -> Self {
@@ -37,7 +39,7 @@ impl Wheel {
     }
 
     /// Arm `key` for `deadline_ms`; returns the tick it will fire at.
-    pub fn insert(&mut self, deadline_ms: u64, key: TimerKey) -> u64 {
+    pub fn insert(&mut self, deadline_ms: u64, key: K) -> u64 {
         let t = self.tick_for(deadline_ms);
         let n = self.slots.len() as u64;
         self.slots[(t % n) as usize].push(key);
@@ -45,7 +47,7 @@ impl Wheel {
     }
 
     /// Advance to `now_ms`, appending every fired key with its tick to `out`.
-    pub fn advance(&mut self, now_ms: u64, out: &mut Vec<(u64, TimerKey)>) {
+    pub fn advance(&mut self, now_ms: u64, out: &mut Vec<(u64, K)>) {
         let target = now_ms / 1000;
         let n = self.slots.len() as u64;
         // After a long stall, a full turn of the wheel covers every slot once.
@@ -75,7 +77,7 @@ mod tests {
 
     #[test]
     fn fires_at_the_first_second_at_or_after_the_deadline() {
-        let mut w = Wheel::new(10_000, 64);
+        let mut w: Wheel = Wheel::new(10_000, 64);
         let k = TimerKey::Reservation { token: 1 };
         assert_eq!(w.insert(12_500, k), 13);
         let mut out = Vec::new();
@@ -87,7 +89,7 @@ mod tests {
 
     #[test]
     fn far_deadlines_are_clamped_and_long_stalls_cover_every_slot() {
-        let mut w = Wheel::new(0, 16);
+        let mut w: Wheel = Wheel::new(0, 16);
         let k = TimerKey::Reservation { token: 2 };
         assert_eq!(w.insert(1_000_000, k), 15);
         let mut out = Vec::new();

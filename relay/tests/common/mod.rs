@@ -39,14 +39,27 @@ pub struct Appliance {
 impl Appliance {
     /// Start `actrix run -c <dir>/actrix.toml` with `extra` appended to a loopback config.
     pub fn start(dir: &Path, extra: &str) -> Appliance {
-        let port = free_udp_port();
+        Self::start_stun(dir, "", extra)
+    }
+
+    /// As [`Appliance::start`], with `stun` added to the `[stun]` section (`{port}` in it
+    /// stands for the UDP listener's port, e.g. `listen_tcp = ["127.0.0.1:{port}"]`).
+    pub fn start_stun(dir: &Path, stun: &str, extra: &str) -> Appliance {
+        let port = loop {
+            // The same port number must be free for TCP too when streams are asked for.
+            let p = free_udp_port();
+            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                break p;
+            }
+        };
         let http = free_tcp_port();
         // Above the ephemeral range (32768-60999), so the relay range can never contain this or
         // another test's listener port.
         let base = (port as u32 % 20) * 200 + 61000;
         let text = format!(
-            "[node]\ndata_dir = \"{}\"\n[cores]\npin = false\n[stun]\nlisten = [\"127.0.0.1:{port}\"]\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
-            dir.join("data").display()
+            "[node]\ndata_dir = \"{}\"\n[cores]\npin = false\n[stun]\nlisten = [\"127.0.0.1:{port}\"]\n{}\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
+            dir.join("data").display(),
+            stun.replace("{port}", &port.to_string())
         );
         let text = if text.contains("relay_port_range") {
             text
@@ -112,10 +125,8 @@ impl Drop for Appliance {
     }
 }
 
-/// A minimal blocking TURN client over UDP built on the appliance's own codec.
-pub struct TurnClient {
-    pub sock: UdpSocket,
-    pub server: SocketAddr,
+/// What a test client knows to sign its requests, and the requests it builds.
+pub struct Creds {
     pub username: Vec<u8>,
     pub key: [u8; 16],
     pub realm: Vec<u8>,
@@ -123,30 +134,9 @@ pub struct TurnClient {
     tid: u32,
 }
 
-pub struct Reply {
-    pub bytes: Vec<u8>,
-}
-
-impl Reply {
-    pub fn msg(&self) -> Message<'_> {
-        Message::parse(&self.bytes).expect("reply parses")
-    }
-    pub fn code(&self) -> Option<u16> {
-        let m = self.msg();
-        m.get(attr::ERROR_CODE)
-            .and_then(stun::decode_error_code)
-            .map(|(c, _)| c)
-    }
-}
-
-impl TurnClient {
-    pub fn new(server: SocketAddr, username: &[u8], password: &[u8], realm: &str) -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        TurnClient {
-            sock,
-            server,
+impl Creds {
+    pub fn new(username: &[u8], password: &[u8], realm: &str) -> Self {
+        Creds {
             username: username.to_vec(),
             key: stun::long_term_key_md5(username, realm.as_bytes(), password),
             realm: realm.as_bytes().to_vec(),
@@ -208,6 +198,55 @@ impl TurnClient {
         buf.truncate(n);
         (tid, buf)
     }
+}
+
+/// A minimal blocking TURN client over UDP built on the appliance's own codec.
+pub struct TurnClient {
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    pub creds: Creds,
+}
+
+impl std::ops::Deref for TurnClient {
+    type Target = Creds;
+    fn deref(&self) -> &Creds {
+        &self.creds
+    }
+}
+
+impl std::ops::DerefMut for TurnClient {
+    fn deref_mut(&mut self) -> &mut Creds {
+        &mut self.creds
+    }
+}
+
+pub struct Reply {
+    pub bytes: Vec<u8>,
+}
+
+impl Reply {
+    pub fn msg(&self) -> Message<'_> {
+        Message::parse(&self.bytes).expect("reply parses")
+    }
+    pub fn code(&self) -> Option<u16> {
+        let m = self.msg();
+        m.get(attr::ERROR_CODE)
+            .and_then(stun::decode_error_code)
+            .map(|(c, _)| c)
+    }
+}
+
+impl TurnClient {
+    pub fn new(server: SocketAddr, username: &[u8], password: &[u8], realm: &str) -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        TurnClient {
+            sock,
+            server,
+            creds: Creds::new(username, password, realm),
+        }
+    }
 
     /// Send the request `bytes` (as built by [`TurnClient::signed`]) and expect a success.
     #[allow(dead_code)]
@@ -267,5 +306,152 @@ impl TurnClient {
             &[(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
             tries,
         )
+    }
+}
+
+/// A blocking TURN client over a stream (TCP; TLS through `connect_tls`), framing messages
+/// with the appliance's own stream framer.
+#[allow(dead_code)]
+pub struct StreamClient {
+    pub stream: Box<dyn ReadWrite>,
+    pub creds: Creds,
+    rx: Vec<u8>,
+    /// Frames that arrived while waiting for a transaction's answer.
+    pub pending: std::collections::VecDeque<Vec<u8>>,
+}
+
+/// A byte stream a test client speaks over.
+pub trait ReadWrite: std::io::Read + std::io::Write + Send {}
+impl<T: std::io::Read + std::io::Write + Send> ReadWrite for T {}
+
+impl std::ops::Deref for StreamClient {
+    type Target = Creds;
+    fn deref(&self) -> &Creds {
+        &self.creds
+    }
+}
+
+impl std::ops::DerefMut for StreamClient {
+    fn deref_mut(&mut self) -> &mut Creds {
+        &mut self.creds
+    }
+}
+
+impl StreamClient {
+    /// Connect over TCP.
+    pub fn connect_tcp(server: SocketAddr, username: &[u8], password: &[u8], realm: &str) -> Self {
+        let s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(3))
+            .expect("TCP connect");
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        s.set_nodelay(true).unwrap();
+        Self::over(Box::new(s), username, password, realm)
+    }
+
+    pub fn over(stream: Box<dyn ReadWrite>, username: &[u8], password: &[u8], realm: &str) -> Self {
+        StreamClient {
+            stream,
+            creds: Creds::new(username, password, realm),
+            rx: Vec::new(),
+            pending: Default::default(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+        self.stream.flush().expect("flush");
+    }
+
+    /// The next frame (a STUN message or ChannelData without its padding) within `wait`;
+    /// `Err(())` when the server closed the stream.
+    pub fn recv_frame(&mut self, wait: Duration) -> Result<Option<Vec<u8>>, ()> {
+        use actrix_proto::stun::stream::{next, Frame};
+        let until = Instant::now() + wait;
+        loop {
+            match next(&self.rx, 65_600) {
+                Frame::Stun(n) => return Ok(Some(self.rx.drain(..n).collect())),
+                Frame::ChannelData { len, total } => {
+                    let f: Vec<u8> = self.rx[..len].to_vec();
+                    self.rx.drain(..total);
+                    return Ok(Some(f));
+                }
+                Frame::Invalid => panic!("the server sent an unframeable stream: {:?}", self.rx),
+                Frame::Incomplete(_) => {}
+            }
+            if Instant::now() >= until {
+                return Ok(None);
+            }
+            let mut buf = [0u8; 4096];
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(()),
+                Ok(n) => self.rx.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return Err(()),
+            }
+        }
+    }
+
+    /// Whether the server closes the stream within `wait` (frames meanwhile are discarded).
+    pub fn closed_within(&mut self, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if self.recv_frame(Duration::from_millis(50)).is_err() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Send `bytes` and wait for the answer with `tid` (other frames are kept in `pending`).
+    pub fn transact(&mut self, tid: &[u8; 12], bytes: &[u8]) -> Option<Reply> {
+        self.send(bytes);
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            match self.recv_frame(Duration::from_millis(100)) {
+                Ok(Some(f)) => match Message::parse(&f) {
+                    Ok(m) if m.transaction_id() == tid => return Some(Reply { bytes: f }),
+                    _ => self.pending.push_back(f),
+                },
+                Ok(None) => {}
+                Err(()) => return None,
+            }
+        }
+        None
+    }
+
+    /// Authenticated request with the 401 round trip when there is no nonce yet.
+    pub fn call(&mut self, m: u16, attrs: &[(u16, Vec<u8>)]) -> Option<Reply> {
+        if self.nonce.is_empty() {
+            let (tid, bytes) = self.build(m, attrs, false);
+            let r = self.transact(&tid, &bytes)?;
+            assert_eq!(r.code(), Some(401));
+            self.creds.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+        }
+        let (tid, bytes) = self.build(m, attrs, true);
+        self.transact(&tid, &bytes)
+    }
+
+    /// Send a signed request and expect a success.
+    pub fn expect_ok(&mut self, bytes: &[u8]) {
+        let tid = *Message::parse(bytes).unwrap().transaction_id();
+        let r = self.transact(&tid, bytes).expect("answer");
+        assert_eq!(r.code(), None, "success expected");
+    }
+
+    /// Allocate (expecting success) and return the relayed address.
+    pub fn allocate_relayed(&mut self) -> SocketAddr {
+        let r = self
+            .call(
+                method::ALLOCATE,
+                &[(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
+            )
+            .expect("allocate answered");
+        assert_eq!(r.code(), None);
+        r.msg()
+            .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+            .expect("XOR-RELAYED-ADDRESS")
+            .expect("valid address")
     }
 }

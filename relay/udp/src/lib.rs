@@ -323,12 +323,22 @@ impl Epoll {
 
     /// Wait for `fd` to become readable; its events carry `token`.
     pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: token,
-        };
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, false)
+    }
+
+    /// Wait for `fd` to become readable, and writable too when `writable`.
+    pub fn modify(&self, fd: RawFd, token: u64, writable: bool) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, token, writable)
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, writable: bool) -> io::Result<()> {
+        let mut events = libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32;
+        if writable {
+            events |= libc::EPOLLOUT as u32;
+        }
+        let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: valid fds and a valid event struct.
-        if unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+        if unsafe { libc::epoll_ctl(self.fd, op, fd, &mut ev) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -339,6 +349,27 @@ impl Epoll {
         unsafe {
             libc::epoll_ctl(self.fd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut());
         }
+    }
+
+    /// Wait up to `timeout_ms` (-1: forever); `out` gets the token and the events (EPOLLIN,
+    /// EPOLLOUT, EPOLLHUP, ...) of each ready socket.
+    pub fn wait_events(&mut self, timeout_ms: i32, out: &mut Vec<(u64, u32)>) {
+        out.clear();
+        // SAFETY: the events buffer is ours and sized as passed.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd,
+                self.events.as_mut_ptr(),
+                self.events.len() as i32,
+                timeout_ms,
+            )
+        };
+        out.extend(
+            self.events
+                .iter()
+                .take(n.max(0) as usize)
+                .map(|e| (e.u64, e.events)),
+        );
     }
 
     /// Wait up to `timeout_ms` (-1: forever); `out` gets the tokens of the ready sockets.

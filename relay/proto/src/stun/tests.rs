@@ -226,7 +226,71 @@ fn stream_framing_never_wraps() {
         let b = vec_bytes(name);
         assert_eq!(stream_frame_len(&b), Some(need), "{name}");
         assert!(need > b.len(), "incomplete");
+        // The stream framer: incomplete while the limit allows the message, invalid (close
+        // the stream) when it does not; never a small length.
+        assert_eq!(
+            stream::next(&b, 70_000),
+            stream::Frame::Incomplete(need),
+            "{name}"
+        );
+        assert_eq!(stream::next(&b, 4096), stream::Frame::Invalid, "{name}");
     }
+}
+
+#[test]
+fn stream_framer_splits_stun_and_padded_channel_data() {
+    use stream::{next, Frame};
+    assert_eq!(next(&[], 1500), Frame::Incomplete(4));
+    assert_eq!(next(&[0x00, 0x01, 0x00], 1500), Frame::Incomplete(4));
+    let mut binding = [0u8; 20];
+    let n = MessageWriter::new(&mut binding, method::BINDING, Class::Request, &[1; 12])
+        .unwrap()
+        .finish();
+    assert_eq!(n, 20);
+    // Two messages back to back: the framer sees the first, complete.
+    let mut two = binding.to_vec();
+    two.extend_from_slice(&binding[..10]);
+    assert_eq!(next(&two, 1500), Frame::Stun(20));
+    assert_eq!(next(&two[20..], 1500), Frame::Incomplete(20));
+    // ChannelData of 5 payload bytes: 9 bytes of message, 12 on the stream (padding).
+    let cd = [0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0];
+    assert_eq!(next(&cd, 1500), Frame::ChannelData { len: 9, total: 12 });
+    assert_eq!(next(&cd[..9], 1500), Frame::Incomplete(12));
+    let aligned = [0x4F, 0xFF, 0x00, 0x04, 9, 9, 9, 9];
+    assert_eq!(
+        next(&aligned, 1500),
+        Frame::ChannelData { len: 8, total: 8 }
+    );
+    // First bits 10 or 11: neither STUN nor ChannelData.
+    assert_eq!(next(&[0x80, 0, 0, 0], 1500), Frame::Invalid);
+    assert_eq!(next(&[0xC0, 0, 0, 0], 1500), Frame::Invalid);
+    // Over the limit.
+    assert_eq!(next(&[0x40, 0x00, 0x05, 0xDC], 1400), Frame::Invalid);
+}
+
+#[test]
+fn channel_data_is_padded_in_place_only_toward_streams() {
+    let mut buf = [0xEEu8; 4 + 5 + 4];
+    buf[4..9].copy_from_slice(b"hello");
+    let r = channel::frame_in_place(&mut buf, 4..9, 0x4001, false).unwrap();
+    assert_eq!(
+        &buf[r],
+        &[0x40, 0x01, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o']
+    );
+    let mut buf = [0xEEu8; 4 + 5 + 4];
+    buf[4..9].copy_from_slice(b"hello");
+    let r = channel::frame_in_place(&mut buf, 4..9, 0x4001, true).unwrap();
+    assert_eq!(
+        &buf[r],
+        &[0x40, 0x01, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0, 0, 0],
+        "zero padding to a multiple of 4, never the old tailroom bytes"
+    );
+    // No tailroom for the padding: refused, not written past the buffer.
+    let mut short = [0u8; 9];
+    assert_eq!(
+        channel::frame_in_place(&mut short, 4..9, 0x4001, true),
+        None
+    );
 }
 
 #[test]

@@ -1647,3 +1647,51 @@ fn a_kept_relay_socket_is_reused_only_when_its_port_is_free() {
     assert_eq!(relayed.port() % 2, 0);
     assert_eq!(h.s.allocation_count(), 3);
 }
+
+#[test]
+fn a_stream_client_gets_padded_channel_data_and_its_allocation_ends_with_the_connection() {
+    let allow = |cfg: &mut TurnConfig| {
+        let mut p = (*cfg.policy).clone();
+        p.allow = vec!["203.0.113.0/24".parse::<IpRange>().unwrap()];
+        cfg.policy = Arc::new(p);
+    };
+    let mut h = H::with(|cfg, _| {
+        allow(cfg);
+        cfg.listener_transports = vec![Transport::Tcp];
+    });
+    let mut a = alice();
+    let relay = h.allocate(&mut a);
+    assert!(h.bind_channel(&mut a, 0x4000, peer()).ok());
+    let (t, bytes) = h.peer_send(relay, peer(), b"hello").expect("relayed");
+    assert_eq!(t.dst, a.addr);
+    assert_eq!(
+        bytes,
+        [0x40, 0x00, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0, 0, 0],
+        "over a stream ChannelData is padded to 4 bytes (RFC 8656 §12.5)"
+    );
+    assert!(
+        h.peer_send(relay, "203.0.113.51:6000".parse().unwrap(), b"x")
+            .is_none(),
+        "no permission for that peer: nothing relayed"
+    );
+    // The connection closes: the allocation ends with it, its socket and quota go back.
+    h.s.handle_client_closed(
+        h.now,
+        ClientKey {
+            listener: 0,
+            addr: a.addr,
+        },
+    );
+    h.s.drain_commands(&mut h.b);
+    assert_eq!(h.s.allocation_count(), 0);
+    assert!(h.b.bound().is_empty());
+    assert_eq!(h.s.cross_shard().quotas.total(), 0);
+    assert_eq!(h.s.counters.allocations_deleted, 1);
+    // A UDP listener's ChannelData stays unpadded.
+    let mut u = H::with(|cfg, _| allow(cfg));
+    let mut b = alice();
+    let relay = u.allocate(&mut b);
+    assert!(u.bind_channel(&mut b, 0x4000, peer()).ok());
+    let (_, bytes) = u.peer_send(relay, peer(), b"hello").unwrap();
+    assert_eq!(bytes.len(), 9);
+}
