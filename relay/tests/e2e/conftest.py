@@ -176,6 +176,7 @@ class Appliance:
         embedded: bool = False,
         cwd: Path | None = None,
         listen_host: str = "127.0.0.1",
+        tcp: bool = False,
     ):
         self.binary = binary
         self.netns = netns
@@ -195,6 +196,9 @@ class Appliance:
             self.http_port = 8080
         else:
             self.config = merge(base_config(tmp_path, listen_host), overrides or {})
+            if tcp:
+                # TURN over TCP on the same address and port as the UDP listener.
+                self.config["stun"]["listen_tcp"] = list(self.config["stun"]["listen"])
             self.config_path = write_config(tmp_path, self.config)
             listen = self.config["stun"]["listen"][0]
             host, _, port = listen.rpartition(":")

@@ -10,7 +10,7 @@ from aioice import stun
 from aioice.turn import create_turn_endpoint
 
 import turnwire as tw
-from conftest import PASSWORD, USER, client
+from conftest import PASSWORD, USER, client, metrics
 
 
 class Collector(asyncio.DatagramProtocol):
@@ -217,3 +217,41 @@ def test_aioice_two_clients_relay_to_each_other_under_default_policy(appliance_f
     # The shards ran on the backend asked for (no fallback).
     assert f'backend="{backend}"' in app.stderr()
     assert f"{backend} unavailable" not in app.stderr()
+
+
+@pytest.mark.parametrize("backend", ["mmsg", "io_uring"])
+def test_aioice_over_tcp_relays_with_channels(appliance_factory, backend):
+    """aioice with transport="tcp": the TURN session on a TCP connection, relayed over UDP to
+    an echo peer; closing it ends the allocation."""
+    app = appliance_factory(
+        {"turn": {"allow_peers": ["127.0.0.0/8"]}, "io": {"backend": backend}}, tcp=True
+    )
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        echo_t, echo = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        echo_addr = echo_t.get_extra_info("sockname")
+        turn, coll = await create_turn_endpoint(
+            Collector, app.addr, USER, PASSWORD, transport="tcp"
+        )
+        try:
+            relayed = turn.get_extra_info("sockname")
+            resp = await create_permission(turn, echo_addr)
+            assert resp.message_class == stun.Class.RESPONSE
+            payloads = [f"tcp-{i}".encode() * (i + 1) for i in range(30)]
+            for p in payloads:
+                turn.sendto(p, echo_addr)
+                await asyncio.sleep(0.005)
+            assert await coll.wait_for(lambda: len(coll.received) >= len(payloads))
+            assert [d for d, _ in coll.received] == payloads
+            assert set(echo.sources) == {relayed}
+            assert inner_protocol(turn).peer_to_channel.get(echo_addr) is not None
+        finally:
+            turn.close()
+            await asyncio.sleep(0.5)
+            echo_t.close()
+
+    run(main())
+    m = metrics(app)
+    assert m["actrix_stream_accepted_total"] >= 1
+    assert m.get("actrix_allocations_active", 0) == 0, "the allocation ended with the connection"

@@ -10,7 +10,15 @@ import subprocess
 import pytest
 
 import turnwire as tw
-from conftest import PASSWORD, REST_SECRET, USER, client, has_ipv6_loopback, run_uclient
+from conftest import (
+    PASSWORD,
+    REST_SECRET,
+    USER,
+    client,
+    has_ipv6_loopback,
+    metrics,
+    run_uclient,
+)
 
 REFLEXIVE_RE = re.compile(r"UDP reflexive addr: (\S+):(\d+)")
 
@@ -131,6 +139,29 @@ def test_uclient_channels_with_the_mmsg_backend(appliance_factory, turnutils_pee
     r, lost = run_uclient(uclient_args(app, peer))
     check_relayed(r, lost)
     assert 'backend="io_uring"' not in app.stderr()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param([], id="channels"),
+        pytest.param(["-s"], id="send-indications"),
+        pytest.param(["-y"], id="client-to-client"),
+        pytest.param(["-y", "-s", "-c"], id="client-to-client-send-no-rtcp"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["mmsg", "io_uring"])
+def test_uclient_relays_over_tcp(appliance_factory, turnutils_peer, flags, backend):
+    """coturn's client over TCP (-t): STUN and TURN on a stream, relayed over UDP."""
+    app = appliance_factory(
+        {"turn": {"allow_peers": ["127.0.0.0/8"]}, "io": {"backend": backend}}, tcp=True
+    )
+    peer = None if "-y" in flags else turnutils_peer()
+    r, lost = run_uclient(uclient_args(app, peer, "-t", *flags))
+    check_relayed(r, lost)
+    # It really went over TCP: the appliance counted the connections.
+    m = metrics(app)
+    assert m["actrix_stream_accepted_total"] >= 10, m
 
 
 def glommio_appliance(appliance_factory, **turn):
