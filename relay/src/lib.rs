@@ -12,3 +12,4 @@ pub mod diag;
 pub mod metrics;
 pub mod plane;
 pub mod privileges;
+pub mod tls;

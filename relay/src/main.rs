@@ -33,6 +33,20 @@ enum Cmd {
     },
     /// Observe the host and plan core pinning, IRQ affinity and sysctls.
     Tune(actrix_tuning::TuneArgs),
+    /// Make a self-signed certificate and key for trying TURN over TLS and DTLS (clients must
+    /// be told to trust it: for testing only, never for production).
+    Cert {
+        /// Required: say that a self-signed certificate is what you want.
+        #[arg(long)]
+        self_signed: bool,
+        /// Names (DNS names or IP addresses) the certificate is for.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+        #[arg(long, default_value = "actrix-selfsigned.pem")]
+        cert: PathBuf,
+        #[arg(long, default_value = "actrix-selfsigned.key")]
+        key: PathBuf,
+    },
 }
 
 fn main() {
@@ -40,6 +54,34 @@ fn main() {
     let code = match cli.cmd {
         Cmd::Check { config } => check(&config),
         Cmd::Run { config } => run(config),
+        Cmd::Cert {
+            self_signed,
+            names,
+            cert,
+            key,
+        } => {
+            if !self_signed {
+                eprintln!("actrix cert: only --self-signed certificates are made here; use your CA for production");
+                2
+            } else {
+                match actrix::tls::write_self_signed(&names, &cert, &key) {
+                    Ok(()) => {
+                        println!(
+                            "wrote a SELF-SIGNED certificate for {} to {} and its key to {} (for testing only)",
+                            names.join(", "),
+                            cert.display(),
+                            key.display()
+                        );
+                        println!("use them with: [stun] listen_tls = [\"127.0.0.1:5349\"], tls_cert = \"{}\", tls_key = \"{}\"", cert.display(), key.display());
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("actrix cert: {e}");
+                        1
+                    }
+                }
+            }
+        }
         Cmd::Tune(args) => match actrix_tuning::run_cli(args) {
             Ok(c) => c,
             Err(e) => {
@@ -538,8 +580,15 @@ impl Reloader {
         } else if self.current.0.http.tls_cert.is_some() {
             notes.push("http.tls: removing HTTPS takes effect after a restart".into());
         }
+        // The TURN-over-TLS certificate likewise: refused before anything changes.
+        let stun_tls = match (&cfg.stun.tls_cert, &cfg.stun.tls_key) {
+            (Some(c), Some(k)) if !cfg.stun.listen_tls.is_empty() => {
+                Some(actrix::tls::server_config(c, k).map_err(|e| vec![format!("stun.tls: {e}")])?)
+            }
+            _ => None,
+        };
         if let Some(dp) = dp {
-            notes.extend(dp.reload((&self.current.0, &self.current.1), &cfg, &r));
+            notes.extend(dp.reload((&self.current.0, &self.current.1), &cfg, &r, stun_tls));
         }
         if cfg.log.level != self.current.0.log.level {
             match self.log.reload(log_filter(&cfg.log.level)) {

@@ -149,6 +149,13 @@ impl Plane {
             listen: r.listen.clone(),
             listen_streams: r.listen_streams.clone(),
             streams: r.streams.clone(),
+            tls: match (&cfg.stun.tls_cert, &cfg.stun.tls_key) {
+                (Some(c), Some(k)) if !cfg.stun.listen_tls.is_empty() => Some(
+                    crate::tls::server_config(c, k)
+                        .map_err(|e| anyhow::anyhow!("stun.tls: {e}"))?,
+                ),
+                _ => None,
+            },
             bind_v4: r.relay_v4.iter().map(|(b, _)| *b).collect(),
             bind_v6: r.relay_v6.iter().map(|(b, _)| *b).collect(),
             shards,
@@ -170,7 +177,15 @@ impl Plane {
     /// users, REST secrets, quotas, peer ranges, lifetimes. Settings that need new sockets or
     /// threads (listeners, relay addresses, port range, cores, I/O) are returned as notes and
     /// keep their old values.
-    pub fn reload(&self, old: (&Config, &Resolved), cfg: &Config, r: &Resolved) -> Vec<String> {
+    /// `tls`: the TLS configuration already built from the new file's certificate (a renewal),
+    /// for connections accepted from now on.
+    pub fn reload(
+        &self,
+        old: (&Config, &Resolved),
+        cfg: &Config,
+        r: &Resolved,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Vec<String> {
         let mut needs_restart = Vec::new();
         if old.1.listen != r.listen || old.1.listen_streams != r.listen_streams {
             needs_restart.push("stun.listen/listen_tcp/listen_tls");
@@ -213,6 +228,18 @@ impl Plane {
             deny: r.deny.clone(),
             io: old.1.io.clone(),
         };
+        let mut notes = Vec::new();
+        if let Some(tls) = tls {
+            if old
+                .1
+                .listen_streams
+                .iter()
+                .any(|(_, t)| *t == Transport::Tls)
+            {
+                self.dp.set_tls(tls);
+                notes.push("stun.tls: certificate reloaded for new connections".to_string());
+            }
+        }
         let mut cfg = cfg.clone();
         cfg.turn.realm = old.0.turn.realm.clone();
         cfg.http.listen = old.0.http.listen;
@@ -227,9 +254,11 @@ impl Plane {
                 .map(|s| turn_config(&cfg, &effective, *s, &auth, &policy))
                 .collect(),
         );
-        needs_restart
-            .into_iter()
-            .map(|k| format!("{k}: changed, takes effect after a restart"))
-            .collect()
+        notes.extend(
+            needs_restart
+                .into_iter()
+                .map(|k| format!("{k}: changed, takes effect after a restart")),
+        );
+        notes
     }
 }

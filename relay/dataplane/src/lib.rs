@@ -79,6 +79,8 @@ pub struct DataPlaneSpec {
     /// ones, in this order).
     pub listen_streams: Vec<(SocketAddr, actrix_proto::turn::Transport)>,
     pub streams: streams::StreamSettings,
+    /// The TLS configuration for TLS listeners (required when there are any).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Addresses relay sockets bind to, per family, in the order of the TURN core's relay
     /// addresses (which are the advertised ones).
     pub bind_v4: Vec<IpAddr>,
@@ -208,6 +210,14 @@ impl DataPlane {
                 });
             }
         }
+        if spec.tls.is_none()
+            && spec
+                .listen_streams
+                .iter()
+                .any(|(_, t)| *t == actrix_proto::turn::Transport::Tls)
+        {
+            return Err(fail("a TLS listener needs a TLS configuration"));
+        }
         let stream_limits = Arc::new(streams::StreamLimits::default());
         let (mut relays, steer) = match spec.io.relay_sockets {
             RelaySocketMode::Shared => {
@@ -254,6 +264,7 @@ impl DataPlane {
                 stream_listeners: stream_listeners.next().unwrap_or_default(),
                 stream_settings: spec.streams.clone(),
                 stream_limits: stream_limits.clone(),
+                tls: spec.tls.clone(),
                 turn: shard.turn,
                 shared: spec.shared.clone(),
                 relays: relays[i].take().expect("one per shard"),
@@ -311,6 +322,15 @@ impl DataPlane {
     pub fn reconfigure(&self, turns: Vec<TurnConfig>) {
         for (s, turn) in self.shards.iter().zip(turns) {
             if s.tx.send(ShardMsg::Reconfigure(Box::new(turn))).is_ok() {
+                s.waker.wake();
+            }
+        }
+    }
+
+    /// Use `tls` for TLS connections accepted from now on (a renewed certificate).
+    pub fn set_tls(&self, tls: Arc<rustls::ServerConfig>) {
+        for s in &self.shards {
+            if s.tx.send(ShardMsg::Tls(tls.clone())).is_ok() {
                 s.waker.wake();
             }
         }

@@ -23,6 +23,7 @@ pub fn run(mut core: ShardCore) {
     }
     let mut io = Batches::new(core.batch, core.relays.reports_destination());
     let mut ready: Vec<(u64, u32)> = Vec::with_capacity(256);
+    let mut again: Vec<SocketId> = Vec::new();
     tracing::info!(shard = %core.id, backend = "mmsg", ports = %core.ports(), "shard I/O ready");
     while !core.stopping() {
         if core.pause_due() {
@@ -30,6 +31,10 @@ pub fn run(mut core: ShardCore) {
         }
         epoll.wait_events(core.timeout_ms() as i32, &mut ready);
         core.begin_round();
+        core.take_read_again(&mut again);
+        for id in again.drain(..) {
+            core.read_conn(id, &mut io);
+        }
         for &(token, events) in &ready {
             match SocketId::from_token(token) {
                 Some(SocketId::Waker) => core.handle_inbox(),

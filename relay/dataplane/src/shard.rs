@@ -48,6 +48,8 @@ pub enum ShardMsg {
     Stop,
     /// A new configuration (live reload).
     Reconfigure(Box<TurnConfig>),
+    /// A new TLS configuration (a renewed certificate) for connections accepted from now on.
+    Tls(Arc<rustls::ServerConfig>),
 }
 
 /// Everything a shard needs, built on the main thread before the shard's thread starts.
@@ -60,6 +62,8 @@ pub struct ShardSetup {
     pub stream_listeners: Vec<StreamListener>,
     pub stream_settings: StreamSettings,
     pub stream_limits: Arc<StreamLimits>,
+    /// The TLS configuration of TLS listeners.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub turn: TurnConfig,
     pub shared: Arc<CrossShard>,
     pub relays: RelaySockets,
@@ -194,6 +198,7 @@ impl ShardCore {
                 s.stream_listeners,
                 s.stream_settings,
                 s.stream_limits,
+                s.tls,
                 now.ms,
             ),
             listeners: s.listeners,
@@ -284,6 +289,9 @@ impl ShardCore {
 
     /// How long the backend may wait: until the core's next timer, at most a second.
     pub fn timeout_ms(&self) -> u64 {
+        if self.read_again_pending() {
+            return 0;
+        }
         self.server
             .poll_timeout()
             .min(self.streams.poll_timeout())
@@ -343,6 +351,7 @@ impl ShardCore {
                 }
                 ShardMsg::Stop => self.stopping = true,
                 ShardMsg::Reconfigure(c) => self.server.reconfigure(*c),
+                ShardMsg::Tls(t) => self.streams.set_tls(t),
             }
         }
     }

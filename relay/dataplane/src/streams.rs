@@ -207,6 +207,8 @@ struct Conn {
     /// The client has held an allocation on this connection (idle timeout, not the first
     /// request's deadline, applies once it has none).
     had_allocation: bool,
+    /// TLS: the rustls server side of the connection (None over plain TCP).
+    tls: Option<Box<rustls::ServerConnection>>,
     opened_ms: u64,
     last_active_ms: u64,
 }
@@ -247,12 +249,17 @@ pub struct Streams {
     fired: Vec<(u64, ConnTimer)>,
     settings: StreamSettings,
     limits: Arc<StreamLimits>,
+    /// The TLS configuration for TLS listeners (replaced on reload; connections keep theirs).
+    tls: Option<Arc<rustls::ServerConfig>>,
     changes: Vec<Change>,
     /// Connections closed this round, dropped (socket and buffers) once the round's batch is
     /// sent and the backend stopped waiting on them.
     closing: Vec<Conn>,
     /// Connections with bytes waiting to be written.
     dirty: Vec<u32>,
+    /// TLS connections whose decrypted bytes did not all fit this round: read them again next
+    /// round without waiting for the socket (rustls holds them, not the kernel).
+    again: Vec<SocketId>,
     /// Counters, by transport (TCP, TLS).
     pub accepted: [u64; 2],
     pub closed: [[u64; N_CLOSE_REASONS]; 2],
@@ -265,9 +272,11 @@ impl Streams {
         listeners: Vec<StreamListener>,
         settings: StreamSettings,
         limits: Arc<StreamLimits>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         now_ms: u64,
     ) -> Streams {
         Streams {
+            tls,
             listeners,
             conns: Vec::new(),
             free: Vec::new(),
@@ -280,6 +289,7 @@ impl Streams {
             changes: Vec::new(),
             closing: Vec::new(),
             dirty: Vec::new(),
+            again: Vec::new(),
             accepted: [0; 2],
             closed: [[0; N_CLOSE_REASONS]; 2],
             send_overflow: [0; 2],
@@ -330,6 +340,11 @@ impl Streams {
 
     pub fn has_changes(&self) -> bool {
         !self.changes.is_empty()
+    }
+
+    /// A new TLS configuration (a renewed certificate) for connections accepted from now on.
+    pub fn set_tls(&mut self, tls: Arc<rustls::ServerConfig>) {
+        self.tls = Some(tls);
     }
 
     pub fn take_changes(&mut self, apply: &mut impl FnMut(Change)) {
@@ -405,6 +420,79 @@ impl Streams {
     }
 }
 
+/// What one read from a connection brought into its receive buffer.
+enum Fill {
+    /// Bytes of plaintext; `more`: the read filled what it was offered, try again.
+    Data(usize, bool),
+    /// Nothing now (would block; or TLS records that held no plaintext yet).
+    Nothing,
+    Closed(CloseReason),
+}
+
+/// Read once from `c` into its receive buffer: plain TCP with `recv`, TLS through rustls
+/// (records read from the socket, decrypted, the plaintext copied out).
+fn fill(c: &mut Conn) -> Fill {
+    let end = c.rx_end;
+    let room = c.rx.len() - end;
+    let fd = c.sock.as_raw_fd();
+    let Some(tls) = c.tls.as_mut() else {
+        return match recv(fd, &mut c.rx[end..]) {
+            Ok(0) => Fill::Closed(CloseReason::ByClient),
+            Ok(n) => {
+                c.rx_end += n;
+                Fill::Data(n, n == room)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Fill::Nothing,
+            Err(_) => Fill::Closed(CloseReason::ByClient),
+        };
+    };
+    let got = match tls.read_tls(&mut FdIo(fd)) {
+        Ok(0) => return Fill::Closed(CloseReason::ByClient),
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(_) => return Fill::Closed(CloseReason::ByClient),
+    };
+    if let Err(_e) = tls.process_new_packets() {
+        // rustls queued an alert; it leaves with the close.
+        let _ = tls.write_tls(&mut FdIo(fd));
+        return Fill::Closed(CloseReason::TlsError);
+    }
+    use std::io::Read;
+    match tls.reader().read(&mut c.rx[end..]) {
+        Ok(0) if room > 0 => Fill::Closed(CloseReason::ByClient),
+        Ok(n) => {
+            c.rx_end += n;
+            Fill::Data(n, true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            if got > 0 {
+                Fill::Data(0, true)
+            } else {
+                Fill::Nothing
+            }
+        }
+        Err(_) => Fill::Closed(CloseReason::TlsError),
+    }
+}
+
+/// A socket descriptor as `Read`/`Write` for rustls (non-blocking, no SIGPIPE).
+struct FdIo(RawFd);
+
+impl std::io::Read for FdIo {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        recv(self.0, buf)
+    }
+}
+
+impl std::io::Write for FdIo {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        send(self.0, buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// `recv` into `buf`: bytes read, 0 at the end of the stream, or the error.
 fn recv(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
     // SAFETY: reading into a buffer we own, of the length given.
@@ -473,6 +561,20 @@ impl ShardCore {
                 continue; // dropping the socket closes it
             }
             let _ = sock.set_nodelay(true);
+            let tls = match transport {
+                Transport::Tls => {
+                    let Some(cfg) = s.tls.clone() else { continue };
+                    match rustls::ServerConnection::new(cfg) {
+                        Ok(c) => Some(Box::new(c)),
+                        Err(_) => {
+                            s.limits.close(peer.ip());
+                            s.closed[t][CloseReason::TlsError as usize] += 1;
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
             let slot = s.free.pop().unwrap_or_else(|| {
                 s.conns.push(None);
                 (s.conns.len() - 1) as u32
@@ -497,6 +599,7 @@ impl ShardCore {
                 tx_end: 0,
                 want_write: false,
                 had_allocation: false,
+                tls,
                 opened_ms: now_ms,
                 last_active_ms: now_ms,
             };
@@ -505,7 +608,13 @@ impl ShardCore {
             s.by_client.insert(key, slot);
             s.accepted[t] += 1;
             let first = s.settings.first_request_timeout_secs as u64 * 1000;
-            s.arm(slot, gen, now_ms + first);
+            let hs = s.settings.tls_handshake_timeout_secs as u64 * 1000;
+            let deadline = if transport == Transport::Tls {
+                first.min(hs)
+            } else {
+                first
+            };
+            s.arm(slot, gen, now_ms + deadline);
         }
     }
 
@@ -534,21 +643,21 @@ impl ShardCore {
                 c.rx_start = 0;
             }
             let c = self.streams.get_mut(slot, gen).expect("open");
-            let end = c.rx_end;
-            let room = c.rx.len() - end;
-            let n = match recv(c.fd(), &mut c.rx[end..]) {
-                Ok(0) => {
-                    why = Some(CloseReason::ByClient);
-                    break;
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    why = Some(CloseReason::ByClient);
+            let (n, more) = match fill(c) {
+                Fill::Data(n, more) => (n, more),
+                Fill::Nothing => break,
+                Fill::Closed(r) => {
+                    why = Some(r);
                     break;
                 }
             };
-            c.rx_end += n;
+            if c.tls.as_ref().is_some_and(|t| t.wants_write())
+                && !self.streams.dirty.contains(&slot)
+            {
+                // Handshake records to send (or a TLS alert).
+                self.streams.dirty.push(slot);
+            }
+            let c = self.streams.get_mut(slot, gen).expect("open");
             c.last_active_ms = self.now.ms;
             // Every complete frame to the core.
             loop {
@@ -568,15 +677,40 @@ impl ShardCore {
                     self.account(f);
                 }
             }
-            if n < room {
+            if !more {
                 break; // the socket is drained
             }
+            let _ = n;
         }
         if let Some(why) = why {
             let mut closed = Vec::new();
             self.streams.close(slot, why, &mut closed);
             self.stream_clients_closed(&closed);
+            return;
         }
+        // Plaintext rustls decrypted but this round had no room or budget for: next round.
+        if let Some(c) = self.streams.get_mut(slot, gen) {
+            if let Some(tls) = c.tls.as_mut() {
+                if tls
+                    .process_new_packets()
+                    .is_ok_and(|st| st.plaintext_bytes_to_read() > 0)
+                    && !self.streams.again.contains(&id)
+                {
+                    self.streams.again.push(id);
+                }
+            }
+        }
+    }
+
+    /// Connections to read again without waiting (see [`ShardCore::read_conn`]); the
+    /// backend reads them at the start of its next round.
+    pub fn take_read_again(&mut self, out: &mut Vec<SocketId>) {
+        out.append(&mut self.streams.again);
+    }
+
+    /// Whether some connection is to be read again at once (the backend should not wait).
+    pub fn read_again_pending(&self) -> bool {
+        !self.streams.again.is_empty()
     }
 
     /// One frame from the stream client of connection `slot`, `rx[range]`.
@@ -689,13 +823,33 @@ impl ShardCore {
             return;
         };
         let mut failed = false;
-        while c.tx_start < c.tx_end {
-            match send(c.fd(), &c.tx[c.tx_start..c.tx_end]) {
-                Ok(n) => c.tx_start += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    failed = true;
-                    break;
+        if let Some(tls) = c.tls.as_mut() {
+            // Plaintext goes into rustls only once what it encrypted before has left, so its
+            // own buffer stays bounded: one record per round and connection at most.
+            if !tls.wants_write() && c.tx_start < c.tx_end && !tls.is_handshaking() {
+                use std::io::Write;
+                match tls.writer().write(&c.tx[c.tx_start..c.tx_end]) {
+                    Ok(n) => c.tx_start += n,
+                    Err(_) => failed = true,
+                }
+            }
+            let fd = c.sock.as_raw_fd();
+            while tls.wants_write() && !failed {
+                match tls.write_tls(&mut FdIo(fd)) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => failed = true,
+                }
+            }
+        } else {
+            while c.tx_start < c.tx_end {
+                match send(c.fd(), &c.tx[c.tx_start..c.tx_end]) {
+                    Ok(n) => c.tx_start += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
                 }
             }
         }
@@ -709,7 +863,7 @@ impl ShardCore {
             c.tx_start = 0;
             c.tx_end = 0;
         }
-        let pending = c.tx_start < c.tx_end;
+        let pending = c.tx_start < c.tx_end || c.tls.as_ref().is_some_and(|t| t.wants_write());
         if pending != c.want_write {
             c.want_write = pending;
             let (id, fd) = (c.id(slot), c.fd());
@@ -737,11 +891,19 @@ impl ShardCore {
         for (_, t) in fired.drain(..) {
             let first = self.streams.settings.first_request_timeout_secs as u64 * 1000;
             let idle = self.streams.settings.idle_timeout_secs as u64 * 1000;
+            let hs = self.streams.settings.tls_handshake_timeout_secs as u64 * 1000;
             let Some(c) = self.streams.get_mut(t.slot, t.gen) else {
                 continue;
             };
             let (key, opened, last) = (c.key, c.opened_ms, c.last_active_ms);
-            let next = if self.server.has_allocation(&key) {
+            let handshaking = c.tls.as_ref().is_some_and(|t| t.is_handshaking());
+            let next = if handshaking {
+                if now.ms < opened + hs {
+                    Ok((opened + hs).min(opened + first))
+                } else {
+                    Err(CloseReason::HandshakeTimeout)
+                }
+            } else if self.server.has_allocation(&key) {
                 // The allocation's lifetime governs; look again after an idle period.
                 c.had_allocation = true;
                 Ok(now.ms + idle)

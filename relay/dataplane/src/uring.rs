@@ -214,6 +214,7 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
         }
     }
     let mut streams_out = crate::batch::StreamBatch::new(256);
+    let mut again: Vec<SocketId> = Vec::new();
     arm_waker(&mut ring);
 
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(ENTRIES as usize * 4);
@@ -232,7 +233,13 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
             .sec(wait_ms / 1000)
             .nsec((wait_ms % 1000) as u32 * 1_000_000);
         let args = types::SubmitArgs::new().timespec(&ts);
-        if let Err(e) = ring.submitter().submit_with_args(1, &args) {
+        let entered = if core.read_again_pending() {
+            // Work is waiting in user space: submit, do not wait.
+            ring.submit().map(|_| ())
+        } else {
+            ring.submitter().submit_with_args(1, &args).map(|_| ())
+        };
+        if let Err(e) = entered {
             if e.raw_os_error() != Some(libc::ETIME)
                 && e.raw_os_error() != Some(libc::EINTR)
                 && core.warn.allow(core.now().ms)
@@ -241,6 +248,10 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
             }
         }
         core.begin_round();
+        core.take_read_again(&mut again);
+        for id in again.drain(..) {
+            core.read_conn(id, &mut streams_out);
+        }
         cqes.clear();
         cqes.extend(
             ring.completion()

@@ -455,3 +455,105 @@ impl StreamClient {
             .expect("valid address")
     }
 }
+
+/// A TLS client configuration for tests: trusts whatever certificate the server shows (the
+/// appliance runs on a self-signed one here) and offers `alpn`.
+pub fn tls_client_config(alpn: &[&[u8]]) -> std::sync::Arc<rustls::ClientConfig> {
+    tls_client_config_for(alpn, rustls::DEFAULT_VERSIONS)
+}
+
+/// A client config that accepts any server certificate, offering `alpn` and only `versions`.
+pub fn tls_client_config_for(
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    #[derive(Debug)]
+    struct AnyCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    std::sync::Arc::new(cfg)
+}
+
+impl StreamClient {
+    /// Connect over TLS (rustls) with `cfg`; the negotiated ALPN protocol, if any, is returned.
+    pub fn connect_tls(
+        server: SocketAddr,
+        cfg: std::sync::Arc<rustls::ClientConfig>,
+        username: &[u8],
+        password: &[u8],
+        realm: &str,
+    ) -> (Self, Option<Vec<u8>>) {
+        let s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(3))
+            .expect("TCP connect");
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        s.set_nodelay(true).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut conn = rustls::ClientConnection::new(cfg, name).expect("client");
+        let mut s = s;
+        let until = Instant::now() + Duration::from_secs(5);
+        while conn.is_handshaking() {
+            assert!(Instant::now() < until, "TLS handshake timed out");
+            match conn.complete_io(&mut s) {
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => panic!("TLS handshake failed: {e}"),
+            }
+        }
+        let alpn = conn.alpn_protocol().map(|p| p.to_vec());
+        let stream = rustls::StreamOwned::new(conn, s);
+        (
+            Self::over(Box::new(stream), username, password, realm),
+            alpn,
+        )
+    }
+}
