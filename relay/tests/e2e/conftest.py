@@ -177,6 +177,7 @@ class Appliance:
         cwd: Path | None = None,
         listen_host: str = "127.0.0.1",
         tcp: bool = False,
+        tls: bool = False,
     ):
         self.binary = binary
         self.netns = netns
@@ -199,6 +200,21 @@ class Appliance:
             if tcp:
                 # TURN over TCP on the same address and port as the UDP listener.
                 self.config["stun"]["listen_tcp"] = list(self.config["stun"]["listen"])
+            self.tls_port = None
+            if tls:
+                # TURN over TLS on its own port, with a self-signed pair made by the binary.
+                cert, key = tmp_path / "turn-cert.pem", tmp_path / "turn-key.pem"
+                subprocess.run(
+                    [binary, "cert", "--self-signed", "--cert", str(cert), "--key", str(key)],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
+                host = self.config["stun"]["listen"][0].rpartition(":")[0]
+                self.tls_port = free_port(socket.SOCK_STREAM, host.strip("[]"))
+                self.config["stun"].update(
+                    listen_tls=[f"{host}:{self.tls_port}"], tls_cert=str(cert), tls_key=str(key)
+                )
             self.config_path = write_config(tmp_path, self.config)
             listen = self.config["stun"]["listen"][0]
             host, _, port = listen.rpartition(":")
@@ -624,3 +640,14 @@ def metrics(app: Appliance) -> dict[str, float]:
         name = key.split("{", 1)[0]
         out[name] = out.get(name, 0.0) + v if name != key else v
     return out
+
+
+def metric_sum(m: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of `name` over every series whose labels include `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for key, v in m.items():
+        base, _, rest = key.partition("{")
+        if base == name and rest and all(w in rest for w in want):
+            total += v
+    return total

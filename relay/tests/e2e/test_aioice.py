@@ -10,7 +10,7 @@ from aioice import stun
 from aioice.turn import create_turn_endpoint
 
 import turnwire as tw
-from conftest import PASSWORD, USER, client, metrics
+from conftest import PASSWORD, USER, client, metric_sum, metrics
 
 
 class Collector(asyncio.DatagramProtocol):
@@ -254,4 +254,47 @@ def test_aioice_over_tcp_relays_with_channels(appliance_factory, backend):
     run(main())
     m = metrics(app)
     assert m["actrix_stream_accepted_total"] >= 1
+    assert m.get("actrix_allocations_active", 0) == 0, "the allocation ended with the connection"
+
+
+@pytest.mark.parametrize("backend", ["mmsg", "io_uring"])
+def test_aioice_over_tls_relays_with_channels(appliance_factory, backend):
+    """aioice with transport="tcp" and ssl: the TURN session inside TLS (Python's ssl, i.e.
+    OpenSSL), relayed over UDP to an echo peer and back."""
+    import ssl
+
+    app = appliance_factory(
+        {"turn": {"allow_peers": ["127.0.0.0/8"]}, "io": {"backend": backend}}, tls=True
+    )
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["stun.turn"])
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        echo_t, echo = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        echo_addr = echo_t.get_extra_info("sockname")
+        turn, coll = await create_turn_endpoint(
+            Collector, (app.host, app.tls_port), USER, PASSWORD, transport="tcp", ssl=ctx
+        )
+        try:
+            relayed = turn.get_extra_info("sockname")
+            resp = await create_permission(turn, echo_addr)
+            assert resp.message_class == stun.Class.RESPONSE
+            payloads = [f"tls-{i}".encode() * (i + 1) for i in range(30)]
+            for p in payloads:
+                turn.sendto(p, echo_addr)
+                await asyncio.sleep(0.005)
+            assert await coll.wait_for(lambda: len(coll.received) >= len(payloads))
+            assert [d for d, _ in coll.received] == payloads
+            assert set(echo.sources) == {relayed}
+        finally:
+            turn.close()
+            await asyncio.sleep(0.5)
+            echo_t.close()
+
+    run(main())
+    m = metrics(app)
+    assert metric_sum(m, "actrix_stream_accepted_total", transport="tls") >= 1, m
     assert m.get("actrix_allocations_active", 0) == 0, "the allocation ended with the connection"

@@ -16,6 +16,7 @@ from conftest import (
     USER,
     client,
     has_ipv6_loopback,
+    metric_sum,
     metrics,
     run_uclient,
 )
@@ -162,6 +163,30 @@ def test_uclient_relays_over_tcp(appliance_factory, turnutils_peer, flags, backe
     # It really went over TCP: the appliance counted the connections.
     m = metrics(app)
     assert m["actrix_stream_accepted_total"] >= 10, m
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param([], id="channels"),
+        pytest.param(["-s"], id="send-indications"),
+        pytest.param(["-c"], id="no-rtcp"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["mmsg", "io_uring"])
+def test_uclient_relays_over_tls(appliance_factory, turnutils_peer, flags, backend):
+    """coturn's client over TLS (-t -S, OpenSSL): TURN on a TLS stream, relayed over UDP."""
+    app = appliance_factory(
+        {"turn": {"allow_peers": ["127.0.0.0/8"]}, "io": {"backend": backend}}, tls=True
+    )
+    peer = turnutils_peer()
+    args = uclient_args(app, peer, "-t", "-S", *flags)
+    args[args.index("-p") + 1] = str(app.tls_port)
+    r, lost = run_uclient(args)
+    check_relayed(r, lost)
+    m = metrics(app)
+    assert metric_sum(m, "actrix_stream_accepted_total", transport="tls") >= 10, m
+    assert metric_sum(m, "actrix_stream_accepted_total", transport="tcp") == 0, m
 
 
 def glommio_appliance(appliance_factory, **turn):
