@@ -215,6 +215,10 @@ pub struct TurnSection {
     pub max_allocations: usize,
     pub max_allocations_per_user: usize,
     pub max_permissions_per_allocation: usize,
+    /// RFC 6062 TCP allocations (REQUESTED-TRANSPORT TCP over a TCP or TLS connection).
+    pub tcp_relay: bool,
+    /// Peer data connections one TCP allocation may have open at once.
+    pub max_tcp_connections_per_allocation: usize,
     /// Peer ranges allowed in spite of the default deny list (`CIDR`, `ADDR` or `START-END`).
     pub allow_peers: Vec<String>,
     /// Peer ranges always denied.
@@ -262,6 +266,8 @@ impl Default for TurnSection {
             max_allocations: 100_000,
             max_allocations_per_user: 1_000,
             max_permissions_per_allocation: 256,
+            tcp_relay: true,
+            max_tcp_connections_per_allocation: 32,
             allow_peers: vec![],
             deny_peers: vec![],
             users: vec![],
@@ -601,8 +607,9 @@ impl Config {
         if t.max_allocations == 0
             || t.max_allocations_per_user == 0
             || t.max_permissions_per_allocation == 0
+            || t.max_tcp_connections_per_allocation == 0
         {
-            err("turn.max_allocations, max_allocations_per_user and max_permissions_per_allocation must be positive".into());
+            err("turn.max_allocations, max_allocations_per_user, max_permissions_per_allocation and max_tcp_connections_per_allocation must be positive".into());
         }
         if t.challenges_per_source_per_sec == 0 || t.identity_lookups_per_source_per_sec == 0 {
             err("turn.challenges_per_source_per_sec and identity_lookups_per_source_per_sec must be positive".into());

@@ -268,6 +268,83 @@ impl Collector for DataPlaneCollector {
             "Allocations refused (486 quota, 508 capacity or draining)",
             &refused,
         )?;
+        // RFC 6062 TCP allocations.
+        counter(
+            &mut enc,
+            "actrix_tcp_allocations_created",
+            "TCP allocations (RFC 6062) granted",
+            &self.per_shard(|s| s.tcp_allocations_created.load(Relaxed)),
+        )?;
+        let mut connects = Vec::new();
+        let mut peers = Vec::new();
+        let mut bytes6062 = Vec::new();
+        let mut moved = Vec::new();
+        for (i, s) in self.shards.iter().enumerate() {
+            let l = |k: &'static str, v: &str| vec![("shard", i.to_string()), (k, v.to_string())];
+            connects.push((l("result", "connected"), s.tcp_connects.load(Relaxed)));
+            connects.push((l("result", "failed"), s.tcp_connect_failures.load(Relaxed)));
+            peers.push((
+                l("result", "accepted"),
+                s.tcp_peer_connections_accepted.load(Relaxed),
+            ));
+            peers.push((
+                l("result", "refused"),
+                s.tcp_peer_connections_refused.load(Relaxed),
+            ));
+            bytes6062.push((l("direction", "to_peer"), s.tcp_bytes_to_peer.load(Relaxed)));
+            bytes6062.push((
+                l("direction", "to_client"),
+                s.tcp_bytes_to_client.load(Relaxed),
+            ));
+            moved.push((l("direction", "out"), s.tcp_moved_out.load(Relaxed)));
+            moved.push((l("direction", "in"), s.tcp_moved_in.load(Relaxed)));
+        }
+        counter(
+            &mut enc,
+            "actrix_tcp_connects",
+            "Connect requests (RFC 6062) by outcome: connected to the peer, or 447",
+            &connects,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_tcp_peer_connections_incoming",
+            "Peer connections to a TCP allocation's relayed address: accepted (ConnectionAttempt sent) or refused (no permission, policy, limit)",
+            &peers,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_tcp_connection_binds",
+            "ConnectionBind requests that joined a client data connection to a peer",
+            &self.per_shard(|s| s.tcp_connection_binds.load(Relaxed)),
+        )?;
+        gauge(
+            &mut enc,
+            "actrix_tcp_peer_connections",
+            "Peer data connections open now (RFC 6062)",
+            &self
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    (
+                        vec![("shard", i.to_string())],
+                        s.tcp_peer_connections_open.load(Relaxed) as i64,
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_tcp_relayed_bytes",
+            "Bytes passed between joined client and peer data connections",
+            &bytes6062,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_tcp_connections_moved",
+            "Client connections handed to the shard owning their ConnectionBind (out) or taken over (in)",
+            &moved,
+        )?;
         counter(
             &mut enc,
             "actrix_permissions_created",

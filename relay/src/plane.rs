@@ -95,6 +95,8 @@ fn turn_config(
     turn.permission_lifetime = cfg.turn.permission_lifetime;
     turn.channel_lifetime = cfg.turn.channel_lifetime;
     turn.max_permissions = cfg.turn.max_permissions_per_allocation;
+    turn.tcp_relay = cfg.turn.tcp_relay;
+    turn.max_tcp_connections = cfg.turn.max_tcp_connections_per_allocation;
     turn.max_bytes_per_sec = cfg.turn.max_bytes_per_sec;
     turn.challenges_per_source = cfg.turn.challenges_per_source_per_sec;
     turn.identity_lookups_per_source = cfg.turn.identity_lookups_per_source_per_sec;

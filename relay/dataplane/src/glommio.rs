@@ -149,7 +149,7 @@ fn apply_changes(
             }
         }
         // Streams are not served on this backend (configuration validation refuses them).
-        Change::Writable(..) => {}
+        Change::Interest { .. } => {}
         Change::Closed(id, _) => {
             watchers.remove(&id);
         }

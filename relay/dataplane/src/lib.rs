@@ -244,11 +244,25 @@ impl DataPlane {
                 Some(l) => l.answers.iter().cloned().map(Some).collect(),
                 None => (0..n).map(|_| None).collect(),
             };
+        if n > 256 {
+            // RFC 6062 connection ids carry the shard in one byte.
+            return Err(fail("at most 256 shards"));
+        }
+        let mut inboxes = Vec::new();
+        let mut siblings = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let waker = Arc::new(Waker::new().map_err(|e| fail(format!("shard waker: {e}")))?);
+            siblings.push((tx, waker));
+            inboxes.push(rx);
+        }
+        let siblings: Arc<[(crossbeam_channel::Sender<ShardMsg>, Arc<Waker>)]> = siblings.into();
+        let mut inboxes = inboxes.into_iter();
         let mut shards = Vec::new();
         let mut stream_listeners = stream_listeners.into_iter();
         for (i, (listeners, shard)) in per_shard.into_iter().zip(spec.shards).enumerate() {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            let waker = Arc::new(Waker::new().map_err(|e| fail(format!("shard waker: {e}")))?);
+            let rx = inboxes.next().expect("one per shard");
+            let (tx, waker) = siblings[i].clone();
             let id = ShardId(i as u16);
             let identity = match (&spec.identity, answers[i].take()) {
                 (Some(l), Some(answers)) => Some(IdentityLink {
@@ -273,6 +287,7 @@ impl DataPlane {
                 glommio_io_memory: spec.io.glommio_io_memory,
                 inbox: rx,
                 waker: waker.clone(),
+                siblings: siblings.clone(),
                 stats: spec.stats[i].clone(),
                 identity,
                 warn_per_sec: spec.warn_per_sec,

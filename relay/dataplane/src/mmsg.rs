@@ -33,18 +33,20 @@ pub fn run(mut core: ShardCore) {
         core.begin_round();
         core.take_read_again(&mut again);
         for id in again.drain(..) {
-            core.read_conn(id, &mut io);
+            core.read_conn(id, false, &mut io);
         }
         for &(token, events) in &ready {
             match SocketId::from_token(token) {
                 Some(SocketId::Waker) => core.handle_inbox(),
                 Some(SocketId::StreamListener(i)) => core.accept(i),
+                Some(id @ SocketId::RelayListener(..)) => core.accept_relay(id),
                 Some(id @ SocketId::Conn(..)) => {
                     if events & libc::EPOLLOUT as u32 != 0 {
                         core.write_conn(id);
                     }
                     if events & !(libc::EPOLLOUT as u32) != 0 {
-                        core.read_conn(id, &mut io);
+                        let hangup = events & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
+                        core.read_conn(id, hangup, &mut io);
                     }
                 }
                 Some(id) => {
@@ -70,15 +72,24 @@ fn apply_changes(core: &mut ShardCore, epoll: &Epoll) {
     if !core.has_changes() {
         return;
     }
-    let id = core.id;
+    let id_shard = core.id;
     core.take_changes(|c| match c {
+        // Registered by their first Interest change.
+        Change::Opened(SocketId::Conn(..), _) => {}
         Change::Opened(sock, fd) => {
             if let Err(e) = epoll.add(fd, sock.token()) {
-                tracing::error!(shard = %id, error = %e, "epoll add failed");
+                tracing::error!(shard = %id_shard, error = %e, "epoll add failed");
             }
         }
-        Change::Writable(sock, fd, on) => {
-            let _ = epoll.modify(fd, sock.token(), on);
+        Change::Interest {
+            id,
+            fd,
+            read,
+            write,
+        } => {
+            if let Err(e) = epoll.set(fd, id.token(), read, write) {
+                tracing::error!(shard = %id_shard, error = %e, "epoll_ctl failed");
+            }
         }
         Change::Closed(_, fd) => epoll.del(fd),
     });

@@ -153,6 +153,18 @@ impl RelaySockets {
         }
     }
 
+    /// The local address relay sockets of (`family`, relay address index `addr`) bind to.
+    pub fn bind_ip(&self, family: Family, addr: u8) -> Option<IpAddr> {
+        let (v4, v6) = match self {
+            RelaySockets::PerAllocation(p) => (&p.bind_v4, &p.bind_v6),
+            RelaySockets::Shared(s) => (&s.bind_v4, &s.bind_v6),
+        };
+        match family {
+            Family::V4 => v4.get(addr as usize).copied(),
+            Family::V6 => v6.get(addr as usize).copied(),
+        }
+    }
+
     /// Carry out a release: keep the socket open for reuse, or close it.
     pub fn release(&mut self, family: Family, port: RelayPort, keep: bool) {
         if let RelaySockets::PerAllocation(p) = self {

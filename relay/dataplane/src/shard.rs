@@ -21,17 +21,17 @@
 use crate::pacer::{self, Pacer};
 use crate::relays::{RelaySockets, SendVia};
 use crate::stats::ShardStats;
-use crate::streams::{StreamLimits, StreamListener, StreamSettings, Streams};
+use crate::streams::{MovedConn, StreamLimits, StreamListener, StreamSettings, Streams};
 use crate::token::{Change, SocketId};
 use crate::{lookup, IdentityLink};
 use actrix_proto::auth::IdentityRequest;
 use actrix_proto::plan::ShardId;
 use actrix_proto::turn::{
-    BindRequest, CrossShard, Data, Effects, Family, Now, RelayPort, Reply, Server, Src, Transmit,
-    TurnConfig,
+    BindRequest, CrossShard, Data, Effects, Family, Now, RelayPort, Reply, Server, Src, TcpCommand,
+    Transmit, TurnConfig,
 };
 use actrix_udp::{Flushed, Waker};
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use socket2::Socket;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -50,6 +50,9 @@ pub enum ShardMsg {
     Reconfigure(Box<TurnConfig>),
     /// A new TLS configuration (a renewed certificate) for connections accepted from now on.
     Tls(Arc<rustls::ServerConfig>),
+    /// RFC 6062: a client connection whose ConnectionBind names an allocation of this shard,
+    /// from the shard that accepted it.
+    Adopt(MovedConn),
 }
 
 /// Everything a shard needs, built on the main thread before the shard's thread starts.
@@ -72,6 +75,9 @@ pub struct ShardSetup {
     pub glommio_io_memory: usize,
     pub inbox: Receiver<ShardMsg>,
     pub waker: Arc<Waker>,
+    /// Every shard's inbox and waker, in shard order (this one's included): where a client
+    /// connection goes when its ConnectionBind belongs to another shard.
+    pub siblings: Arc<[(Sender<ShardMsg>, Arc<Waker>)]>,
     pub stats: Arc<ShardStats>,
     pub identity: Option<IdentityLink>,
     pub warn_per_sec: u32,
@@ -130,6 +136,9 @@ impl WarnLimiter {
 pub(crate) struct ShardEffects<'a> {
     pub(crate) shard: ShardId,
     pub(crate) relays: &'a mut RelaySockets,
+    /// TCP allocations' listening sockets, and the RFC 6062 commands carried out once the
+    /// core's call returned ([`ShardCore::run_tcp_commands`]).
+    pub(crate) streams: &'a mut Streams,
     pub(crate) identity: Option<&'a IdentityLink>,
     /// Lookups asked for and not answered yet.
     pub(crate) outstanding: &'a mut usize,
@@ -138,7 +147,15 @@ pub(crate) struct ShardEffects<'a> {
 
 impl Effects for ShardEffects<'_> {
     fn bind(&mut self, req: &BindRequest) -> bool {
-        self.relays.bind(req)
+        if !req.tcp {
+            return self.relays.bind(req);
+        }
+        // A TCP allocation: its listening socket (one family; the core never asks for two).
+        let family = if req.v4 { Family::V4 } else { Family::V6 };
+        match self.relays.bind_ip(family, req.port.addr) {
+            Some(ip) => self.streams.listen_relay(ip, family, req.port),
+            None => false,
+        }
     }
 
     fn release(&mut self, family: Family, port: RelayPort, keep: bool) {
@@ -158,6 +175,16 @@ impl Effects for ShardEffects<'_> {
             *self.outstanding += 1;
         }
     }
+
+    fn tcp(&mut self, cmd: TcpCommand) {
+        match cmd {
+            // At once: a later bind in the same call may reuse the port.
+            TcpCommand::CloseListener { family, port } => {
+                self.streams.close_relay_listener(family, port)
+            }
+            other => self.streams.tcp_pending.push(other),
+        }
+    }
 }
 
 /// The backend-independent part of a shard (see the module documentation).
@@ -170,6 +197,7 @@ pub struct ShardCore {
     listener_fds: Vec<RawFd>,
     inbox: Receiver<ShardMsg>,
     waker: Arc<Waker>,
+    pub(crate) siblings: Arc<[(Sender<ShardMsg>, Arc<Waker>)]>,
     pub(crate) stats: Arc<ShardStats>,
     pub(crate) identity: Option<IdentityLink>,
     /// Identity lookups asked for and not answered yet: the answer channel is read only while
@@ -187,9 +215,10 @@ pub struct ShardCore {
 
 impl ShardCore {
     /// Build the core on the shard's own thread (the pacer adjusts that thread's timer slack).
-    pub fn new(s: ShardSetup) -> ShardCore {
+    pub fn new(mut s: ShardSetup) -> ShardCore {
         let now = pacer::now();
         let listener_fds = s.listeners.iter().map(|l| l.as_raw_fd()).collect();
+        s.turn.shard = s.id.0 as u8;
         ShardCore {
             id: s.id,
             server: Server::new(s.turn, s.shared, now, s.seed),
@@ -205,6 +234,7 @@ impl ShardCore {
             listener_fds,
             inbox: s.inbox,
             waker: s.waker,
+            siblings: s.siblings,
             stats: s.stats,
             identity: s.identity,
             identity_outstanding: 0,
@@ -264,7 +294,9 @@ impl ShardCore {
         match id {
             SocketId::Waker => Some(self.waker.fd()),
             SocketId::Listener(i) => self.listener_fds.get(i as usize).copied(),
-            SocketId::StreamListener(_) | SocketId::Conn(..) => self.streams.fd_of(id),
+            SocketId::StreamListener(_) | SocketId::Conn(..) | SocketId::RelayListener(..) => {
+                self.streams.fd_of(id)
+            }
             _ => self.relays.fd_of(id),
         }
     }
@@ -350,8 +382,12 @@ impl ShardCore {
                     self.server.set_draining(true);
                 }
                 ShardMsg::Stop => self.stopping = true,
-                ShardMsg::Reconfigure(c) => self.server.reconfigure(*c),
+                ShardMsg::Reconfigure(mut c) => {
+                    c.shard = self.id.0 as u8;
+                    self.server.reconfigure(*c)
+                }
                 ShardMsg::Tls(t) => self.streams.set_tls(t),
+                ShardMsg::Adopt(m) => self.streams.adopt(m),
             }
         }
     }
@@ -362,6 +398,7 @@ impl ShardCore {
             ShardEffects {
                 shard: self.id,
                 relays: &mut self.relays,
+                streams: &mut self.streams,
                 identity: self.identity.as_ref(),
                 outstanding: &mut self.identity_outstanding,
                 stats: &self.stats,
@@ -394,7 +431,7 @@ impl ShardCore {
         };
         match reply {
             Reply::Transmit(t) => self.outgoing(buf, t),
-            Reply::Bind(_) | Reply::Drop(_) => None,
+            Reply::Bind(_) | Reply::Drop(_) | Reply::Pending => None,
         }
     }
 
@@ -486,6 +523,7 @@ impl ShardCore {
         self.end_streams();
         let (server, mut fx) = self.effects();
         server.drain_commands(&mut fx);
+        self.run_tcp_commands();
         let c = &self.server.counters;
         let mark = c.peer_packets + c.relayed_to_peer;
         if mark != self.relay_mark {
@@ -521,6 +559,8 @@ impl ShardCore {
         self.server.close_all();
         let (server, mut fx) = self.effects();
         server.drain_commands(&mut fx);
+        self.run_tcp_commands();
+        self.streams.close_all(&mut closed);
         self.publish();
         tracing::info!(shard = %self.id, "shard stopped");
     }

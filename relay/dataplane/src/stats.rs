@@ -33,6 +33,17 @@ macro_rules! shard_stats {
             pub streams_accepted: [AtomicU64; 2],
             pub streams_closed: [[AtomicU64; crate::streams::N_CLOSE_REASONS]; 2],
             pub streams_send_overflow: [AtomicU64; 2],
+            /// RFC 6062 (see [`crate::streams::TcpRelayCounters`]): peer data connections open
+            /// now and TCP allocations' listening sockets.
+            pub tcp_peer_connections_open: AtomicU64,
+            pub tcp_relay_listeners: AtomicU64,
+            pub tcp_peer_connected: AtomicU64,
+            pub tcp_peer_accepted: AtomicU64,
+            pub tcp_peer_closed: AtomicU64,
+            pub tcp_bytes_to_peer: AtomicU64,
+            pub tcp_bytes_to_client: AtomicU64,
+            pub tcp_moved_out: AtomicU64,
+            pub tcp_moved_in: AtomicU64,
         }
 
         impl ShardStats {
@@ -66,6 +77,16 @@ macro_rules! shard_stats {
                         d.store(*v, Relaxed);
                     }
                 }
+                let tcp = &s.tcp;
+                self.tcp_peer_connections_open.store(s.peer_connections(), Relaxed);
+                self.tcp_relay_listeners.store(s.relay_listener_count(), Relaxed);
+                self.tcp_peer_connected.store(tcp.connected, Relaxed);
+                self.tcp_peer_accepted.store(tcp.accepted, Relaxed);
+                self.tcp_peer_closed.store(tcp.closed, Relaxed);
+                self.tcp_bytes_to_peer.store(tcp.bytes_to_peer, Relaxed);
+                self.tcp_bytes_to_client.store(tcp.bytes_to_client, Relaxed);
+                self.tcp_moved_out.store(tcp.moved_out, Relaxed);
+                self.tcp_moved_in.store(tcp.moved_in, Relaxed);
             }
 
             /// Name/value pairs of the core's plain counters, for exposition.

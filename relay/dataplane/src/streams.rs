@@ -18,12 +18,24 @@
 //! accept and close), a deadline for the TLS handshake and for the first allocation, an idle
 //! timeout for a connection without an allocation, and a frame size limit; a garbage stream,
 //! a half-open one or a slowloris closes only that connection.
+//!
+//! RFC 6062 TCP allocations live here too: a TCP allocation's listening socket on its relayed
+//! address, peer data connections (accepted there, or opened from there for a Connect), and
+//! client data connections (a client connection that sent ConnectionBind). A joined pair
+//! passes bytes as they are: what one side reads lands in the other's send buffer, and a side
+//! stops reading while the other's buffer has no room (TCP's own flow control then holds the
+//! sender back; nothing is dropped and nothing grows). A ConnectionBind that arrives on another
+//! shard's listener is handed, connection and buffered bytes, to the shard that owns the
+//! allocation (the shard is in the connection id).
 
 use crate::relays::SendVia;
 use crate::shard::{Outgoing, ShardCore, ShardEffects};
 use crate::token::{Change, SocketId};
 use actrix_proto::stun::stream::{self as framing, Frame};
-use actrix_proto::turn::{ClientKey, Data, Reply, Src, Transmit, Transport};
+use actrix_proto::stun::{attr, method, Class, Message};
+use actrix_proto::turn::{
+    ClientKey, ConnectionId, Data, Family, RelayPort, Reply, Src, TcpCommand, Transmit, Transport,
+};
 use actrix_proto::wheel::Wheel;
 use actrix_udp::Flushed;
 use socket2::Socket;
@@ -41,6 +53,14 @@ const RX_CAP: usize = 2 * MAX_FRAME;
 const ACCEPT_BUDGET: usize = 64;
 /// Reads per connection and round.
 const READ_BUDGET: usize = 8;
+/// Receive buffer of an RFC 6062 peer data connection (raw bytes).
+const PEER_RX_CAP: usize = 16 << 10;
+/// How long a connection attempt to a peer may take (RFC 6062 §5.2: at least 30 seconds).
+const CONNECT_TIMEOUT_MS: u64 = 30_000;
+/// Backlog of a TCP allocation's listening socket.
+const RELAY_BACKLOG: i32 = 16;
+/// The listener index of peer data connections' keys (never a real listener).
+const PEER_LISTENER: u8 = u8::MAX;
 
 /// Why a connection was refused or closed (counted per transport, never logged per event).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,9 +84,11 @@ pub enum CloseReason {
     Idle,
     /// A socket error (reset, unreachable) or the shard shutting down.
     Error,
+    /// RFC 6062: the other side of a joined pair ended, or the allocation did.
+    RelayEnded,
 }
 
-pub const N_CLOSE_REASONS: usize = 9;
+pub const N_CLOSE_REASONS: usize = 10;
 
 pub const CLOSE_REASONS: [&str; N_CLOSE_REASONS] = [
     "too_many",
@@ -78,6 +100,7 @@ pub const CLOSE_REASONS: [&str; N_CLOSE_REASONS] = [
     "tls_error",
     "idle",
     "error",
+    "relay_ended",
 ];
 
 /// Transports with connections, for counters: TCP and TLS.
@@ -146,6 +169,19 @@ impl StreamLimits {
         Ok(())
     }
 
+    /// Count a peer data connection (RFC 6062): the total limit only.
+    fn try_open_total(&self, s: &StreamSettings) -> bool {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= s.max_connections {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn close_total(&self) {
+        self.total.fetch_sub(1, Ordering::AcqRel);
+    }
+
     fn close(&self, ip: IpAddr) {
         self.total.fetch_sub(1, Ordering::AcqRel);
         let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
@@ -188,12 +224,35 @@ struct ConnTimer {
     gen: u16,
 }
 
-/// One client connection.
+/// What a connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A client's STUN/TURN connection: frames to the core.
+    Client,
+    /// RFC 6062: a client data connection, joined to a peer data connection.
+    ClientData(ConnectionId),
+    /// RFC 6062: a peer data connection; `connecting` while the connect is under way.
+    Peer { id: ConnectionId, connecting: bool },
+}
+
+/// One stream connection: a client's, or an RFC 6062 peer data connection.
 struct Conn {
     sock: Socket,
     key: ClientKey,
     transport: Transport,
     gen: u16,
+    role: Role,
+    /// RFC 6062: the connection this one's bytes pass to, and from.
+    partner: Option<u32>,
+    /// Not reading: no room to put what it would read (the partner's send buffer is full;
+    /// or a peer data connection still waiting for its ConnectionBind has a full buffer).
+    read_paused: bool,
+    /// The partner ended: close once the send buffer is written.
+    close_when_flushed: bool,
+    /// Counted against its source address's limit (client connections), or the total only.
+    counted_ip: bool,
+    /// The interest the backend was last told about (read, write).
+    reg: (bool, bool),
     rx: Box<[u8]>,
     rx_start: usize,
     rx_end: usize,
@@ -222,6 +281,61 @@ impl Conn {
         SocketId::Conn(slot, self.gen)
     }
 
+    /// What the backend should wait for: readability unless paused or connecting, writability
+    /// while bytes wait or a connect is under way.
+    fn wants(&self) -> (bool, bool) {
+        let connecting = matches!(
+            self.role,
+            Role::Peer {
+                connecting: true,
+                ..
+            }
+        );
+        (
+            !self.read_paused && !connecting && !self.close_when_flushed,
+            self.want_write || connecting,
+        )
+    }
+
+    fn new(
+        sock: Socket,
+        key: ClientKey,
+        transport: Transport,
+        role: Role,
+        rx: usize,
+        tx: usize,
+        now_ms: u64,
+    ) -> Conn {
+        Conn {
+            sock,
+            key,
+            transport,
+            gen: 0,
+            role,
+            partner: None,
+            read_paused: false,
+            close_when_flushed: false,
+            counted_ip: matches!(role, Role::Client),
+            reg: (true, false),
+            rx: vec![0u8; rx].into_boxed_slice(),
+            rx_start: 0,
+            rx_end: 0,
+            rx_referenced: false,
+            tx: vec![0u8; tx].into_boxed_slice(),
+            tx_start: 0,
+            tx_end: 0,
+            want_write: false,
+            had_allocation: false,
+            tls: None,
+            opened_ms: now_ms,
+            last_active_ms: now_ms,
+        }
+    }
+
+    fn tx_empty(&self) -> bool {
+        self.tx_start == self.tx_end && !self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
     /// Append to the send buffer; false (nothing written) when it does not fit.
     fn queue(&mut self, bytes: &[u8]) -> bool {
         if self.tx.len() - self.tx_end < bytes.len() && self.tx_start > 0 {
@@ -236,6 +350,35 @@ impl Conn {
         self.tx_end += bytes.len();
         true
     }
+}
+
+/// The listening socket of an RFC 6062 TCP allocation.
+struct RelayListener {
+    sock: Socket,
+    family: Family,
+    port: RelayPort,
+    gen: u16,
+}
+
+/// A client connection on its way to the shard that owns the allocation its ConnectionBind
+/// names (see [`crate::shard::ShardMsg::Adopt`]).
+pub struct MovedConn(Box<Conn>);
+
+/// RFC 6062 counters of a shard.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TcpRelayCounters {
+    /// Peer data connections opened (Connect) and accepted (on a relayed address).
+    pub connected: u64,
+    pub accepted: u64,
+    /// Peer data connections closed.
+    pub closed: u64,
+    /// Bytes passed on joined pairs, toward the peer and toward the client.
+    pub bytes_to_peer: u64,
+    pub bytes_to_client: u64,
+    /// Client connections handed to the shard that owns their ConnectionBind, and taken over
+    /// from another shard.
+    pub moved_out: u64,
+    pub moved_in: u64,
 }
 
 /// A shard's stream listeners and connections.
@@ -265,6 +408,18 @@ pub struct Streams {
     pub closed: [[u64; N_CLOSE_REASONS]; 2],
     /// Datagrams for a client whose send buffer was full (a slow reader), dropped.
     pub send_overflow: [u64; 2],
+    /// RFC 6062: TCP allocations' listening sockets (by slot, and by relayed address), peer
+    /// data connections by connection id, the core's commands not carried out yet, and the
+    /// connection ids whose connections closed (for the core).
+    relay_listeners: Vec<Option<RelayListener>>,
+    relay_free: Vec<u32>,
+    listener_of: HashMap<(Family, RelayPort), u32>,
+    listeners_closing: Vec<Socket>,
+    by_conn_id: HashMap<u32, u32>,
+    pub(crate) tcp_pending: Vec<TcpCommand>,
+    closed_ids: Vec<ConnectionId>,
+    failed_connects: Vec<ConnectionId>,
+    pub tcp: TcpRelayCounters,
 }
 
 impl Streams {
@@ -293,6 +448,15 @@ impl Streams {
             accepted: [0; 2],
             closed: [[0; N_CLOSE_REASONS]; 2],
             send_overflow: [0; 2],
+            relay_listeners: Vec::new(),
+            relay_free: Vec::new(),
+            listener_of: HashMap::new(),
+            listeners_closing: Vec::new(),
+            by_conn_id: HashMap::new(),
+            tcp_pending: Vec::new(),
+            closed_ids: Vec::new(),
+            failed_connects: Vec::new(),
+            tcp: TcpRelayCounters::default(),
         }
     }
 
@@ -305,13 +469,26 @@ impl Streams {
             .collect()
     }
 
-    /// Connections open on this shard, by transport.
+    /// Client connections open on this shard, by transport (RFC 6062 peer data connections
+    /// are counted by [`Streams::peer_connections`]).
     pub fn open_by_transport(&self) -> [u64; 2] {
         let mut n = [0u64; 2];
         for c in self.conns.iter().flatten() {
-            n[transport_index(c.transport)] += 1;
+            if c.counted_ip {
+                n[transport_index(c.transport)] += 1;
+            }
         }
         n
+    }
+
+    /// RFC 6062 peer data connections open on this shard.
+    pub fn peer_connections(&self) -> u64 {
+        self.by_conn_id.len() as u64
+    }
+
+    /// RFC 6062 TCP allocations' listening sockets open on this shard.
+    pub fn relay_listener_count(&self) -> u64 {
+        self.listener_of.len() as u64
     }
 
     pub fn fd_of(&self, id: SocketId) -> Option<RawFd> {
@@ -320,6 +497,12 @@ impl Streams {
                 self.listeners.get(i as usize).map(|l| l.sock.as_raw_fd())
             }
             SocketId::Conn(slot, gen) => self.get(slot, gen).map(Conn::fd),
+            SocketId::RelayListener(slot, gen) => self
+                .relay_listeners
+                .get(slot as usize)?
+                .as_ref()
+                .filter(|l| l.gen == gen)
+                .map(|l| l.sock.as_raw_fd()),
             _ => None,
         }
     }
@@ -356,6 +539,9 @@ impl Streams {
     pub fn close_released(&mut self) {
         if !self.closing.is_empty() {
             self.closing.clear();
+        }
+        if !self.listeners_closing.is_empty() {
+            self.listeners_closing.clear();
         }
     }
 
@@ -396,34 +582,172 @@ impl Streams {
         self.wheel.insert(deadline_ms, ConnTimer { slot, gen });
     }
 
-    /// Close connection `slot` for `why`; the TURN core learns of it through `closed`.
-    fn close(&mut self, slot: u32, why: CloseReason, closed: &mut Vec<ClientKey>) {
-        let Some(c) = self.conns[slot as usize].take() else {
+    /// Tell the backend when what connection `slot` waits for changed.
+    fn update_interest(&mut self, slot: u32) {
+        let Some(c) = self.conns[slot as usize].as_mut() else {
             return;
         };
-        self.by_client.remove(&c.key);
-        self.limits.close(c.key.addr.ip());
-        self.closed[transport_index(c.transport)][why as usize] += 1;
-        self.changes.push(Change::Closed(c.id(slot), c.fd()));
-        closed.push(c.key);
-        self.closing.push(c);
-        self.free.push(slot);
+        let w = c.wants();
+        if w != c.reg {
+            c.reg = w;
+            self.changes.push(Change::Interest {
+                id: c.id(slot),
+                fd: c.fd(),
+                read: w.0,
+                write: w.1,
+            });
+        }
     }
 
-    /// Close every connection (shutdown).
+    /// Put `c` in a free slot and tell the backend about it.
+    fn insert(&mut self, mut c: Conn) -> u32 {
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            (self.conns.len() - 1) as u32
+        });
+        c.gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        // Registered with no interest: the first Interest change says what to wait for.
+        c.reg = (false, false);
+        self.changes.push(Change::Opened(c.id(slot), c.fd()));
+        if c.role == Role::Client {
+            self.by_client.insert(c.key, slot);
+        }
+        if let Role::Peer { id, .. } = c.role {
+            self.by_conn_id.insert(id.0, slot);
+        }
+        self.conns[slot as usize] = Some(c);
+        self.update_interest(slot);
+        slot
+    }
+
+    /// Close connection `slot` for `why`: the TURN core learns of it through `closed` (client
+    /// connections) and `closed_ids` (RFC 6062 data connections). Returns its partner, if it
+    /// was joined to one.
+    fn close(&mut self, slot: u32, why: CloseReason, closed: &mut Vec<ClientKey>) -> Option<u32> {
+        let c = self.conns[slot as usize].take()?;
+        match c.role {
+            Role::Client => {
+                self.by_client.remove(&c.key);
+                closed.push(c.key);
+            }
+            Role::ClientData(id) => self.closed_ids.push(id),
+            Role::Peer { id, connecting } => {
+                if self.by_conn_id.get(&id.0) == Some(&slot) {
+                    self.by_conn_id.remove(&id.0);
+                }
+                // A connect that ends before it succeeded is the Connect's failure (447).
+                if connecting {
+                    self.failed_connects.push(id);
+                } else {
+                    self.closed_ids.push(id);
+                }
+                self.tcp.closed += 1;
+            }
+        }
+        if c.counted_ip {
+            self.limits.close(c.key.addr.ip());
+            self.closed[transport_index(c.transport)][why as usize] += 1;
+        } else {
+            self.limits.close_total();
+        }
+        self.changes.push(Change::Closed(c.id(slot), c.fd()));
+        let partner = c.partner;
+        self.closing.push(c);
+        self.free.push(slot);
+        partner
+    }
+
+    /// Open the listening socket of a TCP allocation on `ip`:`port` (SO_REUSEPORT, so that
+    /// connections to peers can leave from the same address and port).
+    pub(crate) fn listen_relay(&mut self, ip: IpAddr, family: Family, port: RelayPort) -> bool {
+        let addr = SocketAddr::new(ip, port.port);
+        let open = || -> std::io::Result<Socket> {
+            let s = Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.set_nonblocking(true)?;
+            s.set_cloexec(true)?;
+            s.bind(&addr.into())?;
+            s.listen(RELAY_BACKLOG)?;
+            Ok(s)
+        };
+        let Ok(sock) = open() else { return false };
+        let slot = self.relay_free.pop().unwrap_or_else(|| {
+            self.relay_listeners.push(None);
+            (self.relay_listeners.len() - 1) as u32
+        });
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        self.changes.push(Change::Opened(
+            SocketId::RelayListener(slot, gen),
+            sock.as_raw_fd(),
+        ));
+        self.relay_listeners[slot as usize] = Some(RelayListener {
+            sock,
+            family,
+            port,
+            gen,
+        });
+        self.listener_of.insert((family, port), slot);
+        true
+    }
+
+    pub(crate) fn close_relay_listener(&mut self, family: Family, port: RelayPort) {
+        let Some(slot) = self.listener_of.remove(&(family, port)) else {
+            return;
+        };
+        if let Some(l) = self.relay_listeners[slot as usize].take() {
+            self.changes.push(Change::Closed(
+                SocketId::RelayListener(slot, l.gen),
+                l.sock.as_raw_fd(),
+            ));
+            self.listeners_closing.push(l.sock);
+            self.relay_free.push(slot);
+        }
+    }
+
+    /// Take over a client connection another shard handed over (its ConnectionBind names an
+    /// allocation of this shard): its buffered bytes are read again at once.
+    pub(crate) fn adopt(&mut self, m: MovedConn) {
+        let c = *m.0;
+        let (opened, tls) = (c.opened_ms, c.transport == Transport::Tls);
+        let pending_tx = !c.tx_empty();
+        let slot = self.insert(c);
+        let gen = self.conns[slot as usize].as_ref().expect("inserted").gen;
+        let first = self.settings.first_request_timeout_secs as u64 * 1000;
+        let hs = self.settings.tls_handshake_timeout_secs as u64 * 1000;
+        self.arm(slot, gen, opened + if tls { first.min(hs) } else { first });
+        if pending_tx {
+            self.dirty.push(slot);
+        }
+        self.again.push(SocketId::Conn(slot, gen));
+        self.tcp.moved_in += 1;
+    }
+
+    /// Close every connection and TCP allocation listener (shutdown).
     pub fn close_all(&mut self, closed: &mut Vec<ClientKey>) {
         for slot in 0..self.conns.len() as u32 {
             if self.conns[slot as usize].is_some() {
-                self.close(slot, CloseReason::Error, closed);
+                let _ = self.close(slot, CloseReason::Error, closed);
             }
+        }
+        let keys: Vec<_> = self.listener_of.keys().copied().collect();
+        for (f, p) in keys {
+            self.close_relay_listener(f, p);
         }
     }
 }
 
 /// What one read from a connection brought into its receive buffer.
 enum Fill {
-    /// Bytes of plaintext; `more`: the read filled what it was offered, try again.
-    Data(usize, bool),
+    /// Bytes of plaintext arrived (perhaps none yet, for TLS records still being completed);
+    /// `more`: the read filled what it was offered, try again.
+    Data(bool),
     /// Nothing now (would block; or TLS records that held no plaintext yet).
     Nothing,
     Closed(CloseReason),
@@ -440,7 +764,7 @@ fn fill(c: &mut Conn) -> Fill {
             Ok(0) => Fill::Closed(CloseReason::ByClient),
             Ok(n) => {
                 c.rx_end += n;
-                Fill::Data(n, n == room)
+                Fill::Data(n == room)
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Fill::Nothing,
             Err(_) => Fill::Closed(CloseReason::ByClient),
@@ -462,14 +786,18 @@ fn fill(c: &mut Conn) -> Fill {
         Ok(0) if room > 0 => Fill::Closed(CloseReason::ByClient),
         Ok(n) => {
             c.rx_end += n;
-            Fill::Data(n, true)
+            Fill::Data(true)
         }
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
             if got > 0 {
-                Fill::Data(0, true)
+                Fill::Data(true)
             } else {
                 Fill::Nothing
             }
+        }
+        // The peer closed without close_notify (most clients do): an ordinary close.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Fill::Closed(CloseReason::ByClient)
         }
         Err(_) => Fill::Closed(CloseReason::TlsError),
     }
@@ -533,6 +861,63 @@ impl ShardCore {
         let (lfd, listener, transport) = (l.sock.as_raw_fd(), l.listener, l.transport);
         let t = transport_index(transport);
         for _ in 0..ACCEPT_BUDGET {
+            let Some((sock, peer)) = self.accept_one(lfd) else {
+                return;
+            };
+            let s = &mut self.streams;
+            if let Err(why) = s.limits.try_open(peer.ip(), &s.settings) {
+                s.closed[t][why as usize] += 1;
+                continue; // dropping the socket closes it
+            }
+            let _ = sock.set_nodelay(true);
+            let tls = match transport {
+                Transport::Tls => {
+                    let Some(cfg) = s.tls.clone() else {
+                        s.limits.close(peer.ip());
+                        continue;
+                    };
+                    match rustls::ServerConnection::new(cfg) {
+                        Ok(c) => Some(Box::new(c)),
+                        Err(_) => {
+                            s.limits.close(peer.ip());
+                            s.closed[t][CloseReason::TlsError as usize] += 1;
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let key = ClientKey {
+                listener,
+                addr: peer,
+            };
+            let mut c = Conn::new(
+                sock,
+                key,
+                transport,
+                Role::Client,
+                RX_CAP,
+                s.settings.send_buffer.max(MAX_FRAME),
+                now_ms,
+            );
+            c.tls = tls;
+            let slot = s.insert(c);
+            let gen = s.conns[slot as usize].as_ref().expect("inserted").gen;
+            s.accepted[t] += 1;
+            let first = s.settings.first_request_timeout_secs as u64 * 1000;
+            let hs = s.settings.tls_handshake_timeout_secs as u64 * 1000;
+            let deadline = if transport == Transport::Tls {
+                first.min(hs)
+            } else {
+                first
+            };
+            s.arm(slot, gen, now_ms + deadline);
+        }
+    }
+
+    /// One connection from listening socket `lfd`, non-blocking; `None` when none waits.
+    fn accept_one(&mut self, lfd: RawFd) -> Option<(Socket, SocketAddr)> {
+        loop {
             // SAFETY: accept4 fills a sockaddr_storage of the size given.
             let (fd, peer) = unsafe {
                 let mut ss: libc::sockaddr_storage = std::mem::zeroed();
@@ -547,84 +932,63 @@ impl ShardCore {
             };
             if fd < 0 {
                 let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::WouldBlock && self.warn.allow(now_ms) {
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.raw_os_error() != Some(libc::ECONNABORTED)
+                    && self.warn.allow(self.now.ms)
+                {
                     tracing::warn!(shard = %self.id, error = %e, "accept failed");
                 }
-                return;
+                if e.raw_os_error() == Some(libc::ECONNABORTED) {
+                    continue;
+                }
+                return None;
             }
             // SAFETY: a fresh descriptor we own.
             let sock = unsafe { Socket::from_raw_fd(fd) };
-            let Some(peer) = peer else { continue };
-            let s = &mut self.streams;
-            if let Err(why) = s.limits.try_open(peer.ip(), &s.settings) {
-                s.closed[t][why as usize] += 1;
-                continue; // dropping the socket closes it
+            if let Some(peer) = peer {
+                return Some((sock, peer));
             }
-            let _ = sock.set_nodelay(true);
-            let tls = match transport {
-                Transport::Tls => {
-                    let Some(cfg) = s.tls.clone() else { continue };
-                    match rustls::ServerConnection::new(cfg) {
-                        Ok(c) => Some(Box::new(c)),
-                        Err(_) => {
-                            s.limits.close(peer.ip());
-                            s.closed[t][CloseReason::TlsError as usize] += 1;
-                            continue;
-                        }
-                    }
-                }
-                _ => None,
-            };
-            let slot = s.free.pop().unwrap_or_else(|| {
-                s.conns.push(None);
-                (s.conns.len() - 1) as u32
-            });
-            let gen = s.next_gen;
-            s.next_gen = s.next_gen.wrapping_add(1).max(1);
-            let key = ClientKey {
-                listener,
-                addr: peer,
-            };
-            let c = Conn {
-                sock,
-                key,
-                transport,
-                gen,
-                rx: vec![0u8; RX_CAP].into_boxed_slice(),
-                rx_start: 0,
-                rx_end: 0,
-                rx_referenced: false,
-                tx: vec![0u8; s.settings.send_buffer.max(MAX_FRAME)].into_boxed_slice(),
-                tx_start: 0,
-                tx_end: 0,
-                want_write: false,
-                had_allocation: false,
-                tls,
-                opened_ms: now_ms,
-                last_active_ms: now_ms,
-            };
-            s.changes.push(Change::Opened(c.id(slot), c.fd()));
-            s.conns[slot as usize] = Some(c);
-            s.by_client.insert(key, slot);
-            s.accepted[t] += 1;
-            let first = s.settings.first_request_timeout_secs as u64 * 1000;
-            let hs = s.settings.tls_handshake_timeout_secs as u64 * 1000;
-            let deadline = if transport == Transport::Tls {
-                first.min(hs)
-            } else {
-                first
-            };
-            s.arm(slot, gen, now_ms + deadline);
         }
     }
 
-    /// Connection `id` is readable (or hung up): read, cut frames, hand them to the core.
-    pub fn read_conn(&mut self, id: SocketId, sink: &mut impl DatagramSink) {
+    /// Whether the backend should wait for connection `id` to become readable.
+    pub fn wants_read(&self, id: SocketId) -> bool {
+        match id {
+            SocketId::Conn(slot, gen) => self.streams.get(slot, gen).is_some_and(|c| c.wants().0),
+            SocketId::RelayListener(..) => self.streams.fd_of(id).is_some(),
+            _ => false,
+        }
+    }
+
+    /// Connection `id` is readable (or hung up, `hangup`): read, cut frames, hand them to the
+    /// core; or, for a joined RFC 6062 pair, pass the bytes on.
+    pub fn read_conn(&mut self, id: SocketId, hangup: bool, sink: &mut impl DatagramSink) {
         let SocketId::Conn(slot, gen) = id else {
             return;
         };
+        let Some(c) = self.streams.get(slot, gen) else {
+            return;
+        };
+        if !c.wants().0 {
+            // Not reading now; a hang-up still closes it.
+            if hangup {
+                self.close_conn(slot, CloseReason::ByClient);
+            }
+            return;
+        }
+        if c.role != Role::Client {
+            self.read_raw(slot, gen, sink);
+            return;
+        }
+        // Frames already buffered (a connection taken over from another shard).
+        match self.frames(slot, gen, sink) {
+            Flow::Go => {}
+            Flow::Stop => return,
+            Flow::Raw => return self.read_raw(slot, gen, sink),
+            Flow::Close(why) => return self.close_conn(slot, why),
+        }
         let mut why = None;
-        'reads: for _ in 0..READ_BUDGET {
+        for _ in 0..READ_BUDGET {
             let Some(c) = self.streams.get_mut(slot, gen) else {
                 return;
             };
@@ -643,53 +1007,48 @@ impl ShardCore {
                 c.rx_start = 0;
             }
             let c = self.streams.get_mut(slot, gen).expect("open");
-            let (n, more) = match fill(c) {
-                Fill::Data(n, more) => (n, more),
+            let more = match fill(c) {
+                Fill::Data(more) => more,
                 Fill::Nothing => break,
                 Fill::Closed(r) => {
                     why = Some(r);
                     break;
                 }
             };
+            c.last_active_ms = self.now.ms;
             if c.tls.as_ref().is_some_and(|t| t.wants_write())
                 && !self.streams.dirty.contains(&slot)
             {
                 // Handshake records to send (or a TLS alert).
                 self.streams.dirty.push(slot);
             }
-            let c = self.streams.get_mut(slot, gen).expect("open");
-            c.last_active_ms = self.now.ms;
-            // Every complete frame to the core.
-            loop {
-                let c = self.streams.get_mut(slot, gen).expect("open");
-                let start = c.rx_start;
-                let (len, total) = match framing::next(&c.rx[start..c.rx_end], MAX_FRAME) {
-                    Frame::Stun(n) => (n, n),
-                    Frame::ChannelData { len, total } => (len, total),
-                    Frame::Incomplete(_) => break,
-                    Frame::Invalid => {
-                        why = Some(CloseReason::Garbage);
-                        break 'reads;
-                    }
-                };
-                c.rx_start += total;
-                if let Some(f) = self.stream_frame(slot, start..start + len, sink) {
-                    self.account(f);
+            match self.frames(slot, gen, sink) {
+                Flow::Go => {}
+                Flow::Stop => return,
+                Flow::Raw => return self.read_raw(slot, gen, sink),
+                Flow::Close(r) => {
+                    why = Some(r);
+                    break;
                 }
             }
             if !more {
                 break; // the socket is drained
             }
-            let _ = n;
         }
         if let Some(why) = why {
-            let mut closed = Vec::new();
-            self.streams.close(slot, why, &mut closed);
-            self.stream_clients_closed(&closed);
+            self.close_conn(slot, why);
             return;
         }
-        // Plaintext rustls decrypted but this round had no room or budget for: next round.
+        self.read_tls_again(slot, gen);
+    }
+
+    /// Plaintext rustls decrypted but this round had no room or budget for: next round.
+    fn read_tls_again(&mut self, slot: u32, gen: u16) {
+        let id = SocketId::Conn(slot, gen);
         if let Some(c) = self.streams.get_mut(slot, gen) {
+            if c.read_paused {
+                return;
+            }
             if let Some(tls) = c.tls.as_mut() {
                 if tls
                     .process_new_packets()
@@ -697,6 +1056,63 @@ impl ShardCore {
                     && !self.streams.again.contains(&id)
                 {
                     self.streams.again.push(id);
+                }
+            }
+        }
+    }
+
+    /// Every complete frame in connection `slot`'s receive buffer to the core.
+    fn frames(&mut self, slot: u32, gen: u16, sink: &mut impl DatagramSink) -> Flow {
+        loop {
+            let Some(c) = self.streams.get_mut(slot, gen) else {
+                return Flow::Stop;
+            };
+            if c.role != Role::Client {
+                return Flow::Raw;
+            }
+            let start = c.rx_start;
+            let (len, total) = match framing::next(&c.rx[start..c.rx_end], MAX_FRAME) {
+                Frame::Stun(n) => (n, n),
+                Frame::ChannelData { len, total } => (len, total),
+                Frame::Incomplete(_) => return Flow::Go,
+                Frame::Invalid => return Flow::Close(CloseReason::Garbage),
+            };
+            // A ConnectionBind for an allocation of another shard: that shard takes the
+            // connection, this frame included.
+            if !c.had_allocation && self.siblings.len() > 1 {
+                if let Some(owner) = connection_bind_owner(&c.rx[start..start + len]) {
+                    if owner as usize != self.id.index() && (owner as usize) < self.siblings.len() {
+                        self.move_conn(slot, owner as usize);
+                        return Flow::Stop;
+                    }
+                }
+            }
+            let c = self.streams.get_mut(slot, gen).expect("open");
+            c.rx_start += total;
+            if let Some(f) = self.stream_frame(slot, start..start + len, sink) {
+                self.account(f);
+            }
+            self.run_tcp_commands();
+        }
+    }
+
+    /// Hand client connection `slot` to shard `owner` (see [`MovedConn`]).
+    fn move_conn(&mut self, slot: u32, owner: usize) {
+        let s = &mut self.streams;
+        let Some(c) = s.conns[slot as usize].take() else {
+            return;
+        };
+        s.by_client.remove(&c.key);
+        s.changes.push(Change::Closed(c.id(slot), c.fd()));
+        s.free.push(slot);
+        s.tcp.moved_out += 1;
+        let (tx, waker) = &self.siblings[owner];
+        match tx.send(crate::shard::ShardMsg::Adopt(MovedConn(Box::new(c)))) {
+            Ok(()) => waker.wake(),
+            Err(e) => {
+                // The shard is gone (shutting down): the connection closes here.
+                if let crate::shard::ShardMsg::Adopt(m) = e.0 {
+                    s.limits.close(m.0.key.addr.ip());
                 }
             }
         }
@@ -730,11 +1146,13 @@ impl ShardCore {
         let mut fx = ShardEffects {
             shard: self.id,
             relays: &mut self.relays,
+            streams: &mut self.streams,
             identity: self.identity.as_ref(),
             outstanding: &mut self.identity_outstanding,
             stats: &self.stats,
         };
         let reply = self.server.settle(now, r, &mut fx);
+        let c = self.streams.conns[slot as usize].as_mut()?;
         if is_stun && !c.had_allocation {
             c.had_allocation = self.server.has_allocation(&key);
         }
@@ -783,6 +1201,368 @@ impl ShardCore {
         }
     }
 
+    /// An answer the core wrote for a stream client (in its scratch buffer): queue it.
+    fn deliver_reply(&mut self, reply: Reply) {
+        if let Reply::Transmit(t) = reply {
+            if let (Src::Listener(listener), Data::Scratch(n)) = (t.src, &t.data) {
+                if let Some(bytes) = self.server.scratch().get(..*n) {
+                    let key = ClientKey {
+                        listener,
+                        addr: t.dst,
+                    };
+                    self.streams.deliver(&key, bytes);
+                }
+            }
+        }
+    }
+
+    /// Carry out the RFC 6062 commands the core issued (after its call returned, so that an
+    /// answer it wrote is queued before any relayed byte).
+    pub(crate) fn run_tcp_commands(&mut self) {
+        if self.streams.tcp_pending.is_empty() {
+            return;
+        }
+        let cmds = std::mem::take(&mut self.streams.tcp_pending);
+        for cmd in cmds {
+            match cmd {
+                TcpCommand::Connect {
+                    id,
+                    family,
+                    port,
+                    peer,
+                } => self.connect_peer(id, family, port, peer),
+                TcpCommand::Splice { id, client } => self.splice(id, client),
+                TcpCommand::Close(id) => {
+                    if let Some(&slot) = self.streams.by_conn_id.get(&id.0) {
+                        self.close_pair(slot);
+                    }
+                }
+                TcpCommand::CloseListener { family, port } => {
+                    self.streams.close_relay_listener(family, port)
+                }
+            }
+        }
+        self.report_closed(&[]);
+    }
+
+    /// RFC 6062 §5.2: connect to `peer` from the relayed address (`family`, `port`).
+    fn connect_peer(
+        &mut self,
+        id: ConnectionId,
+        family: Family,
+        port: RelayPort,
+        peer: SocketAddr,
+    ) {
+        let now_ms = self.now.ms;
+        let from = self
+            .relays
+            .bind_ip(family, port.addr)
+            .map(|ip| SocketAddr::new(ip, port.port));
+        let s = &mut self.streams;
+        let sock = match from {
+            Some(from) if s.limits.try_open_total(&s.settings) => match connect_from(from, peer) {
+                Ok(sock) => Some(sock),
+                Err(_) => {
+                    s.limits.close_total();
+                    None
+                }
+            },
+            _ => None,
+        };
+        let Some(sock) = sock else {
+            let r = self.server.handle_peer_connected(self.now, id, false);
+            self.deliver_reply(r);
+            return;
+        };
+        let key = ClientKey {
+            listener: PEER_LISTENER,
+            addr: peer,
+        };
+        let c = Conn::new(
+            sock,
+            key,
+            Transport::Tcp,
+            Role::Peer {
+                id,
+                connecting: true,
+            },
+            PEER_RX_CAP,
+            s.settings.send_buffer.max(MAX_FRAME),
+            now_ms,
+        );
+        let slot = s.insert(c);
+        let gen = s.conns[slot as usize].as_ref().expect("inserted").gen;
+        s.arm(slot, gen, now_ms + CONNECT_TIMEOUT_MS);
+    }
+
+    /// A connect to a peer finished (the socket became writable): tell the core.
+    fn peer_connect_done(&mut self, slot: u32) {
+        let Some(c) = self.streams.conns[slot as usize].as_mut() else {
+            return;
+        };
+        let Role::Peer {
+            id,
+            connecting: true,
+        } = c.role
+        else {
+            return;
+        };
+        let ok = matches!(c.sock.take_error(), Ok(None)) && c.sock.peer_addr().is_ok();
+        if ok {
+            c.role = Role::Peer {
+                id,
+                connecting: false,
+            };
+            self.streams.tcp.connected += 1;
+            self.streams.update_interest(slot);
+            let r = self.server.handle_peer_connected(self.now, id, true);
+            self.deliver_reply(r);
+        } else {
+            // Closing it answers the Connect with 447.
+            self.close_conn(slot, CloseReason::Error);
+        }
+    }
+
+    /// The listening socket of a TCP allocation is readable: accept peers (RFC 6062 §5.3).
+    pub fn accept_relay(&mut self, id: SocketId) {
+        let SocketId::RelayListener(lslot, lgen) = id else {
+            return;
+        };
+        let now = self.now;
+        for _ in 0..ACCEPT_BUDGET {
+            let Some(l) = self
+                .streams
+                .relay_listeners
+                .get(lslot as usize)
+                .and_then(|l| l.as_ref())
+                .filter(|l| l.gen == lgen)
+            else {
+                return;
+            };
+            let (lfd, family, port) = (l.sock.as_raw_fd(), l.family, l.port);
+            let Some((sock, peer)) = self.accept_one(lfd) else {
+                return;
+            };
+            let s = &mut self.streams;
+            if !s.limits.try_open_total(&s.settings) {
+                continue;
+            }
+            let Some((cid, reply)) = self.server.handle_peer_accepted(now, family, port, peer)
+            else {
+                self.streams.limits.close_total();
+                continue; // no permission (or over a limit): closed at once
+            };
+            let _ = sock.set_nodelay(true);
+            let s = &mut self.streams;
+            let c = Conn::new(
+                sock,
+                ClientKey {
+                    listener: PEER_LISTENER,
+                    addr: peer,
+                },
+                Transport::Tcp,
+                Role::Peer {
+                    id: cid,
+                    connecting: false,
+                },
+                PEER_RX_CAP,
+                s.settings.send_buffer.max(MAX_FRAME),
+                now.ms,
+            );
+            s.insert(c);
+            s.tcp.accepted += 1;
+            self.deliver_reply(reply);
+        }
+    }
+
+    /// RFC 6062 §5.4: join client connection `client` (which just sent a ConnectionBind,
+    /// answered already) to peer data connection `id`.
+    fn splice(&mut self, id: ConnectionId, client: ClientKey) {
+        let s = &mut self.streams;
+        let data = s.by_client.get(&client).copied();
+        let peer = s.by_conn_id.get(&id.0).copied();
+        let (Some(d), Some(p)) = (data, peer) else {
+            // One side is gone already: the other goes too.
+            if let Some(d) = data {
+                self.close_conn(d, CloseReason::RelayEnded);
+            }
+            if let Some(p) = peer {
+                self.close_conn(p, CloseReason::RelayEnded);
+            }
+            self.server.handle_connection_closed(id);
+            return;
+        };
+        s.by_client.remove(&client);
+        if let Some(c) = s.conns[d as usize].as_mut() {
+            c.role = Role::ClientData(id);
+            c.partner = Some(p);
+        }
+        if let Some(c) = s.conns[p as usize].as_mut() {
+            c.partner = Some(d);
+        }
+        // What each side already holds goes across: the peer's bytes buffered while waiting,
+        // and what the client sent after its ConnectionBind.
+        self.pump(p);
+        self.pump(d);
+    }
+
+    /// Read a joined (or waiting) RFC 6062 connection and pass its bytes on.
+    fn read_raw(&mut self, slot: u32, gen: u16, sink: &mut impl DatagramSink) {
+        self.pump(slot);
+        for _ in 0..READ_BUDGET {
+            let Some(c) = self.streams.get_mut(slot, gen) else {
+                return;
+            };
+            if c.read_paused {
+                break;
+            }
+            if c.rx_start > 0 {
+                if c.rx_referenced {
+                    if let Some(f) = sink.flush() {
+                        self.account(f);
+                    }
+                }
+                let c = self.streams.get_mut(slot, gen).expect("open");
+                c.rx_referenced = false;
+                c.rx.copy_within(c.rx_start..c.rx_end, 0);
+                c.rx_end -= c.rx_start;
+                c.rx_start = 0;
+            }
+            let c = self.streams.get_mut(slot, gen).expect("open");
+            if c.rx_end == c.rx.len() {
+                break; // pump paused it
+            }
+            match fill(c) {
+                Fill::Data(more) => {
+                    c.last_active_ms = self.now.ms;
+                    if c.tls.as_ref().is_some_and(|t| t.wants_write())
+                        && !self.streams.dirty.contains(&slot)
+                    {
+                        self.streams.dirty.push(slot);
+                    }
+                    self.pump(slot);
+                    if !more {
+                        break;
+                    }
+                }
+                Fill::Nothing => break,
+                Fill::Closed(why) => {
+                    self.close_conn(slot, why);
+                    return;
+                }
+            }
+        }
+        self.read_tls_again(slot, gen);
+    }
+
+    /// Move what connection `slot` has read into its partner's send buffer, as much as fits;
+    /// pause reading it while its buffer stays full, resume when there is room again.
+    fn pump(&mut self, slot: u32) {
+        let s = &mut self.streams;
+        let Some(c) = s.conns[slot as usize].as_ref() else {
+            return;
+        };
+        if let Some(p) = c.partner {
+            let (src, dst) = pair_mut(&mut s.conns, slot, p);
+            let (Some(src), Some(dst)) = (src, dst) else {
+                return;
+            };
+            let avail = src.rx_end - src.rx_start;
+            if avail > 0 {
+                if dst.tx_start > 0 && dst.tx.len() - dst.tx_end < avail {
+                    dst.tx.copy_within(dst.tx_start..dst.tx_end, 0);
+                    dst.tx_end -= dst.tx_start;
+                    dst.tx_start = 0;
+                }
+                let n = avail.min(dst.tx.len() - dst.tx_end);
+                if n > 0 {
+                    let was_empty = dst.tx_start == dst.tx_end;
+                    dst.tx[dst.tx_end..dst.tx_end + n]
+                        .copy_from_slice(&src.rx[src.rx_start..src.rx_start + n]);
+                    dst.tx_end += n;
+                    src.rx_start += n;
+                    if was_empty {
+                        s.dirty.push(p);
+                    }
+                    if matches!(src.role, Role::Peer { .. }) {
+                        s.tcp.bytes_to_client += n as u64;
+                    } else {
+                        s.tcp.bytes_to_peer += n as u64;
+                    }
+                }
+                if src.rx_start == src.rx_end {
+                    src.rx_start = 0;
+                    src.rx_end = 0;
+                }
+            }
+        }
+        let c = s.conns[slot as usize].as_mut().expect("present");
+        if c.rx_start > 0 && c.rx_end == c.rx.len() {
+            c.rx.copy_within(c.rx_start..c.rx_end, 0);
+            c.rx_end -= c.rx_start;
+            c.rx_start = 0;
+        }
+        let full = c.rx_end == c.rx.len();
+        if full != c.read_paused {
+            c.read_paused = full;
+            let id = c.id(slot);
+            s.update_interest(slot);
+            if !full {
+                // Bytes may wait in the socket or in rustls: read at once.
+                s.again.push(id);
+            }
+        }
+    }
+
+    /// Close connection `slot` and, for a joined pair, its partner once what it holds is
+    /// written; the core learns of both.
+    fn close_conn(&mut self, slot: u32, why: CloseReason) {
+        let mut closed = Vec::new();
+        let partner = self.streams.close(slot, why, &mut closed);
+        if let Some(p) = partner {
+            let s = &mut self.streams;
+            if let Some(c) = s.conns[p as usize].as_mut() {
+                c.partner = None;
+                if c.tx_empty() {
+                    let _ = s.close(p, CloseReason::RelayEnded, &mut closed);
+                } else {
+                    c.close_when_flushed = true;
+                    let (gen, at) = (
+                        c.gen,
+                        self.now.ms + s.settings.idle_timeout_secs as u64 * 1000,
+                    );
+                    s.update_interest(p);
+                    s.arm(p, gen, at);
+                }
+            }
+        }
+        self.report_closed(&closed);
+    }
+
+    /// Close peer data connection `slot` and its partner now (the allocation ended).
+    fn close_pair(&mut self, slot: u32) {
+        let mut closed = Vec::new();
+        if let Some(p) = self
+            .streams
+            .close(slot, CloseReason::RelayEnded, &mut closed)
+        {
+            let _ = self.streams.close(p, CloseReason::RelayEnded, &mut closed);
+        }
+        self.report_closed(&closed);
+    }
+
+    /// The TURN core learns which clients' connections and which RFC 6062 connections closed.
+    fn report_closed(&mut self, closed: &[ClientKey]) {
+        self.stream_clients_closed(closed);
+        while let Some(id) = self.streams.closed_ids.pop() {
+            self.server.handle_connection_closed(id);
+        }
+        while let Some(id) = self.streams.failed_connects.pop() {
+            let r = self.server.handle_peer_connected(self.now, id, false);
+            self.deliver_reply(r);
+        }
+    }
+
     /// Bytes the core relays toward a client on a stream listener (peer data): queue them on
     /// its connection; false when it has none here or its send buffer is full (counted).
     pub(crate) fn deliver_to_stream(&mut self, t: &Transmit, bytes: &[u8]) -> bool {
@@ -798,20 +1578,32 @@ impl ShardCore {
         )
     }
 
-    /// Whether connection `id` still has bytes to write (the backend waits for writability).
+    /// Whether connection `id` still has bytes to write or a connect under way (the backend
+    /// waits for writability).
     pub fn wants_write(&self, id: SocketId) -> bool {
         match id {
-            SocketId::Conn(slot, gen) => self.streams.get(slot, gen).is_some_and(|c| c.want_write),
+            SocketId::Conn(slot, gen) => self.streams.get(slot, gen).is_some_and(|c| c.wants().1),
             _ => false,
         }
     }
 
-    /// Connection `id` is writable: write what waits.
+    /// Connection `id` is writable: finish a connect, or write what waits.
     pub fn write_conn(&mut self, id: SocketId) {
         let SocketId::Conn(slot, gen) = id else {
             return;
         };
-        if self.streams.get(slot, gen).is_some() {
+        let Some(c) = self.streams.get(slot, gen) else {
+            return;
+        };
+        if matches!(
+            c.role,
+            Role::Peer {
+                connecting: true,
+                ..
+            }
+        ) {
+            self.peer_connect_done(slot);
+        } else {
             self.flush_conn(slot);
         }
     }
@@ -822,6 +1614,15 @@ impl ShardCore {
         let Some(c) = s.conns[slot as usize].as_mut() else {
             return;
         };
+        if matches!(
+            c.role,
+            Role::Peer {
+                connecting: true,
+                ..
+            }
+        ) {
+            return;
+        }
         let mut failed = false;
         if let Some(tls) = c.tls.as_mut() {
             // Plaintext goes into rustls only once what it encrypted before has left, so its
@@ -854,9 +1655,7 @@ impl ShardCore {
             }
         }
         if failed {
-            let mut closed = Vec::new();
-            s.close(slot, CloseReason::Error, &mut closed);
-            self.stream_clients_closed(&closed);
+            self.close_conn(slot, CloseReason::Error);
             return;
         }
         if c.tx_start == c.tx_end {
@@ -864,22 +1663,39 @@ impl ShardCore {
             c.tx_end = 0;
         }
         let pending = c.tx_start < c.tx_end || c.tls.as_ref().is_some_and(|t| t.wants_write());
-        if pending != c.want_write {
-            c.want_write = pending;
-            let (id, fd) = (c.id(slot), c.fd());
-            s.changes.push(Change::Writable(id, fd, pending));
+        let (partner, done) = (c.partner, !pending && c.close_when_flushed);
+        c.want_write = pending;
+        s.update_interest(slot);
+        if done {
+            let mut closed = Vec::new();
+            let _ = s.close(slot, CloseReason::RelayEnded, &mut closed);
+            self.report_closed(&closed);
+            return;
+        }
+        // Room again: what the partner read and could not pass on yet goes now (and a
+        // partner paused on this buffer reads on).
+        if let Some(p) = partner {
+            if s.conns[p as usize]
+                .as_ref()
+                .is_some_and(|c| c.read_paused || c.rx_start < c.rx_end)
+            {
+                self.pump(p);
+            }
         }
     }
 
     /// End of a round: write every connection with bytes waiting; run due deadlines.
     pub(crate) fn end_streams(&mut self) {
+        self.run_tcp_commands();
         if !self.streams.dirty.is_empty() {
             let mut dirty = std::mem::take(&mut self.streams.dirty);
             for &slot in &dirty {
                 self.flush_conn(slot);
             }
             dirty.clear();
-            self.streams.dirty = dirty;
+            if self.streams.dirty.is_empty() {
+                self.streams.dirty = dirty;
+            }
         }
         let now = self.now;
         if self.streams.conns.is_empty() || now.ms < self.streams.wheel.next_tick_ms() {
@@ -896,35 +1712,61 @@ impl ShardCore {
                 continue;
             };
             let (key, opened, last) = (c.key, c.opened_ms, c.last_active_ms);
-            let handshaking = c.tls.as_ref().is_some_and(|t| t.is_handshaking());
-            let next = if handshaking {
-                if now.ms < opened + hs {
-                    Ok((opened + hs).min(opened + first))
-                } else {
-                    Err(CloseReason::HandshakeTimeout)
+            let next = match c.role {
+                Role::Peer {
+                    connecting: true, ..
+                } => {
+                    if now.ms < opened + CONNECT_TIMEOUT_MS {
+                        Ok(opened + CONNECT_TIMEOUT_MS)
+                    } else {
+                        Err(CloseReason::Error) // answered 447 as it closes
+                    }
                 }
-            } else if self.server.has_allocation(&key) {
-                // The allocation's lifetime governs; look again after an idle period.
-                c.had_allocation = true;
-                Ok(now.ms + idle)
-            } else if !c.had_allocation {
-                if now.ms < opened + first {
-                    Ok(opened + first)
-                } else {
-                    Err(CloseReason::FirstRequestTimeout)
+                // A joined pair lives as long as its allocation; only a side left alone with
+                // bytes it cannot write has a deadline.
+                Role::Peer { .. } | Role::ClientData(_) => {
+                    if c.close_when_flushed {
+                        Err(CloseReason::RelayEnded)
+                    } else {
+                        continue;
+                    }
                 }
-            } else if now.ms < last + idle {
-                Ok(last + idle)
-            } else {
-                Err(CloseReason::Idle)
+                Role::Client => {
+                    let handshaking = c.tls.as_ref().is_some_and(|t| t.is_handshaking());
+                    if handshaking {
+                        if now.ms < opened + hs {
+                            Ok((opened + hs).min(opened + first))
+                        } else {
+                            Err(CloseReason::HandshakeTimeout)
+                        }
+                    } else if self.server.has_allocation(&key) {
+                        // The allocation's lifetime governs; look again after an idle period.
+                        c.had_allocation = true;
+                        Ok(now.ms + idle)
+                    } else if !c.had_allocation {
+                        if now.ms < opened + first {
+                            Ok(opened + first)
+                        } else {
+                            Err(CloseReason::FirstRequestTimeout)
+                        }
+                    } else if now.ms < last + idle {
+                        Ok(last + idle)
+                    } else {
+                        Err(CloseReason::Idle)
+                    }
+                }
             };
             match next {
                 Ok(at) => self.streams.arm(t.slot, t.gen, at),
-                Err(why) => self.streams.close(t.slot, why, &mut closed),
+                Err(why) => {
+                    if let Some(p) = self.streams.close(t.slot, why, &mut closed) {
+                        let _ = self.streams.close(p, CloseReason::RelayEnded, &mut closed);
+                    }
+                }
             }
         }
         self.streams.fired = fired;
-        self.stream_clients_closed(&closed);
+        self.report_closed(&closed);
     }
 
     /// The TURN core learns that these stream clients are gone (their allocations end).
@@ -933,6 +1775,65 @@ impl ShardCore {
         for key in closed {
             self.server.handle_client_closed(now, *key);
         }
+    }
+}
+
+/// How reading a client connection goes on after its buffered frames.
+enum Flow {
+    /// Read more.
+    Go,
+    /// The connection is gone from this shard (closed, or handed to another).
+    Stop,
+    /// It became an RFC 6062 client data connection: the rest is raw bytes.
+    Raw,
+    Close(CloseReason),
+}
+
+/// The shard that owns the connection a ConnectionBind request names, if `frame` is one.
+fn connection_bind_owner(frame: &[u8]) -> Option<u8> {
+    // Cheap checks first: the method and class are in the first two bytes.
+    let t = u16::from_be_bytes([*frame.first()?, *frame.get(1)?]);
+    if t != actrix_proto::stun::message_type(method::CONNECTION_BIND, Class::Request) {
+        return None;
+    }
+    let m = Message::parse(frame).ok()?;
+    m.get_u32(attr::CONNECTION_ID)
+        .map(|id| ConnectionId(id).shard())
+}
+
+/// Two distinct connections of the table, mutably.
+fn pair_mut(conns: &mut [Option<Conn>], a: u32, b: u32) -> (Option<&mut Conn>, Option<&mut Conn>) {
+    let (a, b) = (a as usize, b as usize);
+    if a == b || a >= conns.len() || b >= conns.len() {
+        return (None, None);
+    }
+    if a < b {
+        let (x, y) = conns.split_at_mut(b);
+        (x[a].as_mut(), y[0].as_mut())
+    } else {
+        let (x, y) = conns.split_at_mut(a);
+        (y[0].as_mut(), x[b].as_mut())
+    }
+}
+
+/// A non-blocking TCP socket bound to `from` (SO_REUSEPORT beside the allocation's listening
+/// socket), connecting to `to`.
+fn connect_from(from: SocketAddr, to: SocketAddr) -> std::io::Result<Socket> {
+    let s = Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.set_cloexec(true)?;
+    s.set_nodelay(true)?;
+    s.bind(&from.into())?;
+    match s.connect(&to.into()) {
+        Ok(()) => Ok(s),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(s),
+        Err(e) => Err(e),
     }
 }
 

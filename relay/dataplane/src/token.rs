@@ -11,8 +11,14 @@ pub enum Change {
     Opened(SocketId, RawFd),
     /// Stop waiting (it is closed once the round is over).
     Closed(SocketId, RawFd),
-    /// A stream connection: wait for writability too (`true`) or no longer (`false`).
-    Writable(SocketId, RawFd, bool),
+    /// A stream connection: what to wait for now, readability (`read`: bytes or a hang-up)
+    /// and writability (`write`). A connection is waited on from its first Interest change.
+    Interest {
+        id: SocketId,
+        fd: RawFd,
+        read: bool,
+        write: bool,
+    },
 }
 
 /// A socket of a shard.
@@ -29,8 +35,11 @@ pub enum SocketId {
     /// The shard's socket on stream (TCP, TLS) listen address `i` (an index of the stream
     /// listeners).
     StreamListener(u8),
-    /// A client's stream connection: slot, generation of the slot.
+    /// A stream connection (a client's, or an RFC 6062 peer data connection): slot,
+    /// generation of the slot.
     Conn(u32, u16),
+    /// The listening TCP socket of an RFC 6062 TCP allocation: slot, generation.
+    RelayListener(u32, u16),
 }
 
 const WAKER: u64 = 1;
@@ -41,6 +50,7 @@ const SHARED_V4: u64 = 5;
 const SHARED_V6: u64 = 6;
 const STREAM_LISTENER: u64 = 7;
 const CONN: u64 = 8;
+const RELAY_LISTENER: u64 = 9;
 
 impl SocketId {
     /// Layout: kind (8 bits) | generation (16 bits) | index (32 bits). The top byte is free
@@ -55,6 +65,7 @@ impl SocketId {
             SocketId::Shared(Family::V6) => (SHARED_V6, 0, 0),
             SocketId::StreamListener(i) => (STREAM_LISTENER, 0, i as u32),
             SocketId::Conn(i, g) => (CONN, g, i),
+            SocketId::RelayListener(i, g) => (RELAY_LISTENER, g, i),
         };
         (kind << 56) | ((gen as u64) << 32) | index as u64
     }
@@ -70,6 +81,7 @@ impl SocketId {
             SHARED_V6 => SocketId::Shared(Family::V6),
             STREAM_LISTENER => SocketId::StreamListener(index as u8),
             CONN => SocketId::Conn(index, gen),
+            RELAY_LISTENER => SocketId::RelayListener(index, gen),
             _ => return None,
         })
     }
@@ -95,6 +107,7 @@ mod tests {
             SocketId::Shared(Family::V6),
             SocketId::StreamListener(2),
             SocketId::Conn(123_456, 7),
+            SocketId::RelayListener(9, 3),
         ] {
             assert_eq!(SocketId::from_token(id.token()), Some(id));
             assert!(id.token() >> 56 < 0x80);

@@ -38,6 +38,8 @@ const K_WAKER: u64 = 0x82 << 56;
 const K_POLL_LISTENER: u64 = 0x83 << 56;
 const K_POLL_IN: u64 = 0x84 << 56;
 const K_POLL_OUT: u64 = 0x85 << 56;
+/// A TCP allocation's listening socket (RFC 6062): peers to accept.
+const K_POLL_RELAY_LISTENER: u64 = 0x86 << 56;
 const LOW_56: u64 = (1 << 56) - 1;
 
 /// The provided-buffer ring: `entries` buffers of [`BUF_SIZE`] bytes, registered as group 0.
@@ -162,6 +164,7 @@ pub fn run(core: ShardCore) -> Result<(), Box<(std::io::Error, ShardCore)>> {
 fn arm_poll(ring: &mut IoUring, fd: RawFd, id: SocketId, out: bool) {
     let (kind, mask) = match (id, out) {
         (SocketId::StreamListener(_), _) => (K_POLL_LISTENER, libc::POLLIN),
+        (SocketId::RelayListener(..), _) => (K_POLL_RELAY_LISTENER, libc::POLLIN),
         (_, false) => (K_POLL_IN, libc::POLLIN | libc::POLLRDHUP),
         (_, true) => (K_POLL_OUT, libc::POLLOUT),
     };
@@ -176,8 +179,58 @@ fn polled(user: u64) -> Option<SocketId> {
     let (gen, index) = ((user >> 32) as u16, user as u32);
     match user & !LOW_56 {
         K_POLL_LISTENER => Some(SocketId::StreamListener(index as u8)),
+        K_POLL_RELAY_LISTENER => Some(SocketId::RelayListener(index, gen)),
         K_POLL_IN | K_POLL_OUT => Some(SocketId::Conn(index, gen)),
         _ => None,
+    }
+}
+
+/// Which one-shot polls are armed on each connection slot (generation, readability,
+/// writability), so that none is ever armed twice: a connection may stop wanting one while it
+/// is armed, and want it again before it completed.
+#[derive(Default)]
+struct Armed(Vec<(u16, bool, bool)>);
+
+impl Armed {
+    fn entry(&mut self, slot: u32, gen: u16) -> &mut (u16, bool, bool) {
+        let i = slot as usize;
+        if self.0.len() <= i {
+            self.0.resize(i + 1, (0, false, false));
+        }
+        let e = &mut self.0[i];
+        if e.0 != gen {
+            *e = (gen, false, false);
+        }
+        e
+    }
+
+    /// Arm what is wanted and not armed yet.
+    fn want(&mut self, ring: &mut IoUring, fd: RawFd, id: SocketId, read: bool, write: bool) {
+        let SocketId::Conn(slot, gen) = id else {
+            return;
+        };
+        let e = self.entry(slot, gen);
+        if read && !e.1 {
+            e.1 = true;
+            arm_poll(ring, fd, id, false);
+        }
+        if write && !e.2 {
+            e.2 = true;
+            arm_poll(ring, fd, id, true);
+        }
+    }
+
+    /// A poll of `id` completed (`out`: the writability one).
+    fn fired(&mut self, id: SocketId, out: bool) {
+        if let SocketId::Conn(slot, gen) = id {
+            if let Some(e) = self.0.get_mut(slot as usize).filter(|e| e.0 == gen) {
+                if out {
+                    e.2 = false;
+                } else {
+                    e.1 = false;
+                }
+            }
+        }
     }
 }
 
@@ -215,6 +268,7 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
     }
     let mut streams_out = crate::batch::StreamBatch::new(256);
     let mut again: Vec<SocketId> = Vec::new();
+    let mut armed = Armed::default();
     arm_waker(&mut ring);
 
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(ENTRIES as usize * 4);
@@ -250,7 +304,10 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
         core.begin_round();
         core.take_read_again(&mut again);
         for id in again.drain(..) {
-            core.read_conn(id, &mut streams_out);
+            core.read_conn(id, false, &mut streams_out);
+            if let Some(fd) = core.fd_of(id) {
+                armed.want(&mut ring, fd, id, core.wants_read(id), core.wants_write(id));
+            }
         }
         cqes.clear();
         cqes.extend(
@@ -273,15 +330,15 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
                 }
                 k if k == K_CANCEL >> 56 => {}
                 k if k == K_POLL_LISTENER >> 56
+                    || k == K_POLL_RELAY_LISTENER >> 56
                     || k == K_POLL_IN >> 56
                     || k == K_POLL_OUT >> 56 =>
                 {
                     let Some(id) = polled(user) else { continue };
-                    if res < 0 && res != -libc::ECANCELED {
-                        // The poll failed (the socket is gone): nothing to re-arm.
-                        continue;
-                    }
-                    if res == -libc::ECANCELED {
+                    let out = k == K_POLL_OUT >> 56;
+                    armed.fired(id, out);
+                    if res < 0 {
+                        // Cancelled, or the poll failed (the socket is gone): nothing to re-arm.
                         continue;
                     }
                     match id {
@@ -291,18 +348,27 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
                                 arm_poll(&mut ring, fd, id, false);
                             }
                         }
-                        _ if k == K_POLL_OUT >> 56 => {
-                            core.write_conn(id);
-                            if core.wants_write(id) {
-                                if let Some(fd) = core.fd_of(id) {
-                                    arm_poll(&mut ring, fd, id, true);
-                                }
+                        SocketId::RelayListener(..) => {
+                            core.accept_relay(id);
+                            if let Some(fd) = core.fd_of(id) {
+                                arm_poll(&mut ring, fd, id, false);
                             }
                         }
                         _ => {
-                            core.read_conn(id, &mut streams_out);
+                            if out {
+                                core.write_conn(id);
+                            } else {
+                                let hangup = res & (libc::POLLHUP | libc::POLLERR) as i32 != 0;
+                                core.read_conn(id, hangup, &mut streams_out);
+                            }
                             if let Some(fd) = core.fd_of(id) {
-                                arm_poll(&mut ring, fd, id, false);
+                                armed.want(
+                                    &mut ring,
+                                    fd,
+                                    id,
+                                    core.wants_read(id),
+                                    core.wants_write(id),
+                                );
                             }
                         }
                     }
@@ -358,7 +424,7 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
         if let Some(f) = crate::streams::DatagramSink::flush(&mut streams_out) {
             core.account(f);
         }
-        let closed = apply_changes(&mut core, &mut ring, &recv_hdr);
+        let closed = apply_changes(&mut core, &mut ring, &recv_hdr, &mut armed);
         if closed {
             // Sends queued for a released socket must reach the kernel before its descriptor
             // is closed (and its number possibly reused).
@@ -376,7 +442,7 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
         stats.send_syscalls.fetch_add(1, Ordering::Relaxed);
     }
     core.finish();
-    apply_changes(&mut core, &mut ring, &recv_hdr);
+    apply_changes(&mut core, &mut ring, &recv_hdr, &mut armed);
     let _ = ring.submit();
     core.close_released();
     drop(ring);
@@ -384,19 +450,35 @@ fn serve(mut core: ShardCore, mut ring: IoUring, mut bufs: BufRing) {
 }
 
 /// Arm receives on opened relay sockets, cancel those on released ones; whether any closed.
-fn apply_changes(core: &mut ShardCore, ring: &mut IoUring, recv_hdr: &libc::msghdr) -> bool {
+fn apply_changes(
+    core: &mut ShardCore,
+    ring: &mut IoUring,
+    recv_hdr: &libc::msghdr,
+    armed: &mut Armed,
+) -> bool {
     let mut closed = false;
     if !core.has_changes() {
         return false;
     }
     core.take_changes(|c| match c {
-        Change::Opened(id @ SocketId::Conn(..), fd) => arm_poll(ring, fd, id, false),
+        // A connection is polled once its first Interest change says for what.
+        Change::Opened(SocketId::Conn(..), _) => {}
+        Change::Opened(id @ SocketId::RelayListener(..), fd) => arm_poll(ring, fd, id, false),
         Change::Opened(id, fd) => arm_recv(ring, fd, recv_hdr, id.token()),
-        Change::Writable(id, fd, true) => arm_poll(ring, fd, id, true),
-        Change::Writable(_, _, false) => {}
-        Change::Closed(id @ SocketId::Conn(..), _) => {
+        Change::Interest {
+            id,
+            fd,
+            read,
+            write,
+        } => armed.want(ring, fd, id, read, write),
+        Change::Closed(id @ (SocketId::Conn(..) | SocketId::RelayListener(..)), _) => {
             // Its polls hold references to the file: cancel them, then close.
-            for kind in [K_POLL_IN, K_POLL_OUT] {
+            let kinds: &[u64] = if matches!(id, SocketId::Conn(..)) {
+                &[K_POLL_IN, K_POLL_OUT]
+            } else {
+                &[K_POLL_RELAY_LISTENER]
+            };
+            for &kind in kinds {
                 let e = opcode::AsyncCancel::new(kind | (id.token() & LOW_56))
                     .build()
                     .user_data(K_CANCEL);

@@ -5,8 +5,8 @@ use crate::auth::{make_nonce, AuthConfig};
 use crate::policy::PeerPolicy;
 use crate::stun::{self, channel, Message, MessageWriter};
 use crate::turn::{
-    BindRequest, CrossShard, Data, Effects, Family, Now, RelayPort, Reply, Server, TurnConfig,
-    HEADROOM, TAILROOM,
+    BindRequest, CrossShard, Data, Effects, Family, Now, RelayPort, Reply, Server, TcpCommand,
+    TurnConfig, HEADROOM, TAILROOM,
 };
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -83,6 +83,15 @@ impl Effects for PaperSockets {
         }
     }
     fn resolve_identity(&mut self, _: Box<[u8]>) {}
+    fn tcp(&mut self, cmd: TcpCommand) {
+        if let TcpCommand::CloseListener { family, port } = cmd {
+            let key = (family == Family::V6, port);
+            assert!(
+                self.bound.remove(&key),
+                "close of an unbound listener {port:?}"
+            );
+        }
+    }
 }
 
 const USER: &str = "fuzz";

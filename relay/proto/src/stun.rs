@@ -29,6 +29,10 @@ pub mod method {
     pub const DATA: u16 = 0x007;
     pub const CREATE_PERMISSION: u16 = 0x008;
     pub const CHANNEL_BIND: u16 = 0x009;
+    /// RFC 6062 (TURN TCP allocations).
+    pub const CONNECT: u16 = 0x00A;
+    pub const CONNECTION_BIND: u16 = 0x00B;
+    pub const CONNECTION_ATTEMPT: u16 = 0x00C;
 }
 
 /// Attribute types (RFC 8489 §18.3, RFC 8656 §18, RFC 8445).
@@ -56,6 +60,8 @@ pub mod attr {
     pub const RESERVATION_TOKEN: u16 = 0x0022;
     pub const PRIORITY: u16 = 0x0024;
     pub const USE_CANDIDATE: u16 = 0x0025;
+    /// RFC 6062 §6.2.1.
+    pub const CONNECTION_ID: u16 = 0x002A;
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
     pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
     pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
@@ -79,6 +85,9 @@ pub mod code {
     pub const WRONG_CREDENTIALS: u16 = 441;
     pub const UNSUPPORTED_TRANSPORT: u16 = 442;
     pub const PEER_ADDRESS_FAMILY_MISMATCH: u16 = 443;
+    /// RFC 6062 §6.3.
+    pub const CONNECTION_ALREADY_EXISTS: u16 = 446;
+    pub const CONNECTION_TIMEOUT_OR_FAILURE: u16 = 447;
     pub const ALLOCATION_QUOTA_REACHED: u16 = 486;
     pub const SERVER_ERROR: u16 = 500;
     pub const INSUFFICIENT_CAPACITY: u16 = 508;

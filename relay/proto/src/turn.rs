@@ -151,6 +151,44 @@ pub struct BindRequest {
     pub port: RelayPort,
     pub v4: bool,
     pub v6: bool,
+    /// An RFC 6062 TCP allocation: a listening TCP socket on the relayed address (peers
+    /// connect to it, and connections to peers leave from it) instead of a UDP socket.
+    pub tcp: bool,
+}
+
+/// An RFC 6062 CONNECTION-ID: names one peer data connection of a TCP allocation. The top 8
+/// bits are the shard that owns the allocation, so a ConnectionBind that reaches another
+/// shard's listener can be handed to the right one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId(pub u32);
+
+impl ConnectionId {
+    /// The shard (index) that owns the connection.
+    pub fn shard(self) -> u8 {
+        (self.0 >> 24) as u8
+    }
+}
+
+/// RFC 6062 work for the I/O layer, which owns the TCP sockets ([`Effects::tcp`]).
+#[must_use]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcpCommand {
+    /// Open a TCP connection from the relayed address (`family`, `port`) to `peer` (a
+    /// Connect request) and report with [`Server::handle_peer_connected`].
+    Connect {
+        id: ConnectionId,
+        family: Family,
+        port: RelayPort,
+        peer: SocketAddr,
+    },
+    /// The client data connection `client` (a stream client that just sent ConnectionBind)
+    /// and the peer data connection `id` are joined: from now on bytes pass between them as
+    /// they are, after the ConnectionBind success already sent on `client`.
+    Splice { id: ConnectionId, client: ClientKey },
+    /// Close the peer data connection `id` and the client data connection joined to it.
+    Close(ConnectionId),
+    /// The TCP allocation on (`family`, `port`) is gone: close its listening socket.
+    CloseListener { family: Family, port: RelayPort },
 }
 
 /// What the core answers to one input.
@@ -161,6 +199,9 @@ pub enum Reply {
     Bind(BindRequest),
     /// Nothing to send; the reason is already counted in [`Counters::drops`].
     Drop(DropReason),
+    /// Nothing to send yet: the answer comes later (an RFC 6062 Connect waits for the peer,
+    /// [`Server::handle_peer_connected`]).
+    Pending,
 }
 
 impl Reply {
@@ -189,6 +230,8 @@ pub enum Command {
     /// Ask the control thread to resolve an Actrix identity username; the answer comes back
     /// through [`Server::handle_identity_answer`].
     ResolveIdentity(Box<[u8]>),
+    /// RFC 6062 TCP relaying (see [`TcpCommand`]).
+    Tcp(TcpCommand),
 }
 
 /// What carries out the core's side effects: the shard's relay sockets and its link to the
@@ -202,6 +245,8 @@ pub trait Effects {
     fn release(&mut self, family: Family, port: RelayPort, keep: bool);
     /// See [`Command::ResolveIdentity`].
     fn resolve_identity(&mut self, username: Box<[u8]>);
+    /// See [`TcpCommand`].
+    fn tcp(&mut self, cmd: TcpCommand);
 }
 
 /// Why a datagram was dropped without an answer. Counted per shard, never logged per packet.
@@ -302,6 +347,12 @@ macro_rules! with_turn_counters {
             auth_failures,
             stale_nonces,
             error_responses,
+            tcp_allocations_created,
+            tcp_connects,
+            tcp_connect_failures,
+            tcp_peer_connections_accepted,
+            tcp_peer_connections_refused,
+            tcp_connection_binds,
         }
     };
 }
@@ -466,6 +517,15 @@ pub struct TurnConfig {
     /// (`io.relay_socket_pool`): the next single-family allocation without EVEN-PORT takes one
     /// of them (binding again costs no system call). 0: every released socket is closed.
     pub relay_socket_pool: usize,
+    /// This shard's index (the top byte of the RFC 6062 connection ids it hands out).
+    pub shard: u8,
+    /// RFC 6062 TCP allocations (REQUESTED-TRANSPORT TCP over a TCP or TLS connection);
+    /// false: 442 as for any other transport.
+    pub tcp_relay: bool,
+    /// Peer data connections (pending and joined) one TCP allocation may have at once.
+    pub max_tcp_connections: usize,
+    /// Seconds a peer data connection waits for its ConnectionBind (RFC 6062 §5.2, §5.3: 30).
+    pub connection_bind_timeout: u32,
 }
 
 impl TurnConfig {
@@ -490,6 +550,10 @@ impl TurnConfig {
             identity_lookups_per_source: 10,
             relay_socket_pool: 0,
             listener_transports: Vec::new(),
+            shard: 0,
+            tcp_relay: true,
+            max_tcp_connections: 32,
+            connection_bind_timeout: 30,
         }
     }
 
@@ -536,6 +600,9 @@ struct Allocation {
     /// Bandwidth token buckets (bytes), toward the peer and toward the client.
     to_peer: Bucket,
     to_client: Bucket,
+    /// An RFC 6062 TCP allocation, and its peer data connections (pending and joined).
+    tcp: bool,
+    connections: Vec<ConnectionId>,
 }
 
 /// A token bucket refilled from the batch time passed in (no clock read per datagram).
@@ -628,6 +695,8 @@ impl From<&Message<'_>> for Txn {
 enum Answer {
     /// A response of this many bytes in the scratch buffer.
     Respond(usize),
+    /// The response comes later (a Connect waiting for the peer).
+    Pending,
     /// The Allocate waits for a relay port.
     Bind(BindRequest),
     /// Nothing is sent; counted when it becomes a `Reply`.
@@ -654,6 +723,26 @@ struct PendingAllocate {
     lifetime: u32,
     port: RelayPort,
     search: PortSearch,
+    /// An RFC 6062 TCP allocation.
+    tcp: bool,
+}
+
+/// An RFC 6062 peer data connection of a TCP allocation.
+struct TcpConnection {
+    alloc: u32,
+    generation: u32,
+    peer: SocketAddr,
+    state: TcpState,
+}
+
+enum TcpState {
+    /// A Connect waits for the I/O layer's outcome; its response is written then.
+    Connecting { txn: Txn, ok: AuthOk },
+    /// Connected (Connect) or accepted (ConnectionAttempt sent): waits for a ConnectionBind
+    /// until `deadline_ms`.
+    Ready { deadline_ms: u64 },
+    /// Joined to a client data connection.
+    Bound,
 }
 
 /// How the port of a pending Allocate was chosen, and so what a failed bind leads to.
@@ -699,6 +788,7 @@ const KNOWN_REQUIRED: &[u16] = &[
     attr::RESERVATION_TOKEN,
     attr::PRIORITY,
     attr::USE_CANDIDATE,
+    attr::CONNECTION_ID,
 ];
 
 /// Upper bounds on text attributes (RFC 8489 §14: REALM and NONCE < 763 bytes). USERNAME is
@@ -724,12 +814,18 @@ pub struct Server {
     /// Relay port (offset from `port_min`) → allocation slot, `u32::MAX` when free.
     by_port: Vec<u32>,
     port_used: Vec<bool>,
+    /// Per relay (address, port): which families' sockets are warm (bit 0 IPv4, bit 1 IPv6).
+    port_warm: Vec<u8>,
     port_cursor: usize,
     /// Released ports whose sockets the I/O layer keeps open (at most
     /// `cfg.relay_socket_pool` of each family), most recent last.
     warm_v4: Vec<RelayPort>,
     warm_v6: Vec<RelayPort>,
     reservations: AHashMap<u64, (RelayPort, u64)>,
+    /// RFC 6062 peer data connections, by connection id.
+    tcp_conns: AHashMap<u32, TcpConnection>,
+    /// The low 24 bits of the next connection id.
+    next_connection: u32,
     pending: Option<PendingAllocate>,
     next_ticket: u64,
     wheel: Wheel,
@@ -763,10 +859,13 @@ impl Server {
             by_client: AHashMap::default(),
             by_port: vec![u32::MAX; span],
             port_used: vec![false; span],
+            port_warm: vec![0; span],
             port_cursor: 0,
             warm_v4: Vec::new(),
             warm_v6: Vec::new(),
             reservations: AHashMap::default(),
+            tcp_conns: AHashMap::default(),
+            next_connection: 0,
             pending: None,
             next_ticket: 1,
             wheel: Wheel::new(now.ms, horizon),
@@ -781,6 +880,7 @@ impl Server {
             cfg,
         };
         s.port_cursor = (s.next_random() as usize) % span.max(1);
+        s.next_connection = s.next_random() as u32 & 0x00FF_FFFF;
         s
     }
 
@@ -798,11 +898,13 @@ impl Server {
     pub fn reconfigure(&mut self, mut cfg: TurnConfig) {
         cfg.port_min = self.cfg.port_min;
         cfg.port_max = self.cfg.port_max;
+        cfg.shard = self.cfg.shard;
         self.keys.reconfigure(cfg.auth.clone());
         self.challenge_limit.set_limit(cfg.challenges_per_source);
         self.identity_limit
             .set_limit(cfg.identity_lookups_per_source);
         let pool = cfg.relay_socket_pool;
+        let mut released = Vec::new();
         for (family, warm) in [
             (Family::V4, &mut self.warm_v4),
             (Family::V6, &mut self.warm_v6),
@@ -814,9 +916,16 @@ impl Server {
                     port,
                     keep: false,
                 });
+                released.push((family, port));
             }
         }
         self.cfg = cfg;
+        for (family, p) in released {
+            let i = self.port_index(p);
+            if let Some(w) = self.port_warm.get_mut(i) {
+                *w &= !warm_bit(family);
+            }
+        }
     }
 
     /// The response bytes a [`Data::Scratch`] transmit names.
@@ -866,6 +975,7 @@ impl Server {
             match c {
                 Command::Release { family, port, keep } => fx.release(family, port, keep),
                 Command::ResolveIdentity(u) => fx.resolve_identity(u),
+                Command::Tcp(c) => fx.tcp(c),
             }
         }
     }
@@ -908,6 +1018,7 @@ impl Server {
                 data: Data::Scratch(n),
             }),
             Answer::Bind(b) => Reply::Bind(b),
+            Answer::Pending => Reply::Pending,
             Answer::Drop(why) => self.drop(why),
         }
     }
@@ -1018,6 +1129,12 @@ impl Server {
             }),
             method::CHANNEL_BIND => self.with_auth(now, client, &msg, |s, ok| {
                 s.handle_channel_bind(now, client, &msg, ok)
+            }),
+            method::CONNECT => self.with_auth(now, client, &msg, |s, ok| {
+                s.handle_connect(now, client, &msg, ok)
+            }),
+            method::CONNECTION_BIND => self.with_auth(now, client, &msg, |s, ok| {
+                s.handle_connection_bind(now, client, &msg, ok)
             }),
             _ => {
                 // RFC 8489 §6.3.1: an unknown method in a request gets 400.
@@ -1134,15 +1251,24 @@ impl Server {
             Some([0, 2, 0, 0]) => PasswordAlgorithm::Sha256,
             Some(_) => return Authn::Reply(self.error_reply(msg, code::BAD_REQUEST, None)),
         };
-        // Step 3: the nonce must be ours, for this client, and fresh.
+        // Step 3: the nonce must be ours, for this client, and fresh. An RFC 6062
+        // ConnectionBind comes on a new connection with the nonce of its allocation's control
+        // connection (clients do not wait for a challenge there): that one is valid too.
         let cfg = self.keys.config();
-        match auth::check_nonce(
+        let mut checked = auth::check_nonce(
             now.unix,
             &cfg.nonce_key,
             cfg.nonce_lifetime,
             nonce,
             client.addr,
-        ) {
+        );
+        if checked == NonceCheck::Invalid {
+            if let Some(owner) = self.connection_bind_session(client, msg) {
+                checked =
+                    auth::check_nonce(now.unix, &cfg.nonce_key, cfg.nonce_lifetime, nonce, owner);
+            }
+        }
+        match checked {
             NonceCheck::Valid => {}
             NonceCheck::Stale => {
                 self.counters.stale_nonces += 1;
@@ -1334,19 +1460,30 @@ impl Server {
             self.counters.allocations_refused_capacity += 1;
             return self.error_reply(msg, code::INSUFFICIENT_CAPACITY, Some(ok));
         }
-        // Step 3: REQUESTED-TRANSPORT must be present (400) and UDP (442).
-        match msg.get(attr::REQUESTED_TRANSPORT) {
+        // Step 3: REQUESTED-TRANSPORT must be present (400) and UDP or, over a stream, TCP
+        // (RFC 6062 §5.1), else 442.
+        let tcp = match msg.get(attr::REQUESTED_TRANSPORT) {
             None => return self.error_reply(msg, code::BAD_REQUEST, Some(ok)),
             Some(v) if v.len() != 4 => return self.error_reply(msg, code::BAD_REQUEST, Some(ok)),
-            Some(v) if v[0] != 17 => {
-                return self.error_reply(msg, code::UNSUPPORTED_TRANSPORT, Some(ok))
+            Some(v) if v[0] == 17 => false,
+            Some(v) if v[0] == 6 && self.cfg.tcp_relay => {
+                // A TCP allocation needs a TCP or TLS control connection.
+                if !self.cfg.transport(client.listener).is_stream() {
+                    return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
+                }
+                true
             }
-            Some(_) => {}
-        }
+            Some(_) => return self.error_reply(msg, code::UNSUPPORTED_TRANSPORT, Some(ok)),
+        };
         let token = msg.get(attr::RESERVATION_TOKEN);
         let even = msg.get(attr::EVEN_PORT);
         let requested = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
         let additional = msg.get(attr::ADDITIONAL_ADDRESS_FAMILY);
+        // RFC 6062 §5.1: no EVEN-PORT or RESERVATION-TOKEN on a TCP allocation; and one
+        // family only (a listening socket per relayed address).
+        if tcp && (token.is_some() || even.is_some() || additional.is_some()) {
+            return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
+        }
         // Step 5: RESERVATION-TOKEN excludes EVEN-PORT and REQUESTED-ADDRESS-FAMILY (400).
         if token.is_some() && (even.is_some() || requested.is_some() || additional.is_some()) {
             return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
@@ -1414,6 +1551,7 @@ impl Server {
             lifetime,
             port: RelayPort::new(0, 0),
             search: PortSearch::Reserved,
+            tcp,
         };
         // Pick the relay port: the reserved one, a warm one, or the next free one.
         let first = if let Some(t) = token {
@@ -1436,7 +1574,7 @@ impl Server {
                 examined: 0,
                 failures: 0,
             };
-            if !even && want_v4 != want_v6 {
+            if !even && want_v4 != want_v6 && !tcp {
                 if let Some(p) = self.take_warm(if want_v4 { Family::V4 } else { Family::V6 }) {
                     pending.search = PortSearch::Warm { even };
                     Some(p)
@@ -1464,6 +1602,7 @@ impl Server {
             port,
             v4: pending.v4,
             v6: pending.v6,
+            tcp: pending.tcp,
         };
         self.pending = Some(pending);
         req
@@ -1526,10 +1665,17 @@ impl Server {
             self.release_port(p.port);
             for (on, family) in [(p.v4, Family::V4), (p.v6, Family::V6)] {
                 if on {
-                    self.commands.push_back(Command::Release {
-                        family,
-                        port: p.port,
-                        keep: false,
+                    self.commands.push_back(if p.tcp {
+                        Command::Tcp(TcpCommand::CloseListener {
+                            family,
+                            port: p.port,
+                        })
+                    } else {
+                        Command::Release {
+                            family,
+                            port: p.port,
+                            keep: false,
+                        }
                     });
                 }
             }
@@ -1578,6 +1724,8 @@ impl Server {
                 tokens: self.cfg.max_bytes_per_sec,
                 last_ms: now.ms,
             },
+            tcp: p.tcp,
+            connections: Vec::new(),
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {
@@ -1595,6 +1743,9 @@ impl Server {
         self.shared.relay_ports.set(port.addr, port.port, true);
         self.arm(slot);
         self.counters.allocations_created += 1;
+        if p.tcp {
+            self.counters.tcp_allocations_created += 1;
+        }
         self.allocate_success(now, p.txn, &p.ok, slot, p.v6_error)
     }
 
@@ -1671,6 +1822,9 @@ impl Server {
             Family::V6 => self.warm_v6.swap_remove(i),
         };
         let idx = self.port_index(port);
+        if let Some(w) = self.port_warm.get_mut(idx) {
+            *w &= !warm_bit(family);
+        }
         if (port.addr as usize) >= n_addr || idx >= self.port_used.len() || self.port_used[idx] {
             // Cannot be handed out (relay addresses changed under it): close it.
             self.commands.push_back(Command::Release {
@@ -1719,9 +1873,39 @@ impl Server {
             self.port_used[idx] = true;
             self.port_cursor = (idx + 1) % total;
             *examined = 0;
-            return Some(RelayPort::new(ai as u8, port as u16));
+            let found = RelayPort::new(ai as u8, port as u16);
+            if self.port_warm[idx] != 0 {
+                self.claim_warm(idx, found, p.v4, p.v6, p.tcp);
+            }
+            return Some(found);
         }
         None
+    }
+
+    /// A scan picked a port whose socket is still open from an earlier allocation: it is no
+    /// longer warm. A socket the new allocation binds again (same family, UDP) is reused;
+    /// any other is closed.
+    fn claim_warm(&mut self, idx: usize, port: RelayPort, v4: bool, v6: bool, tcp: bool) {
+        for (family, wanted) in [(Family::V4, v4), (Family::V6, v6)] {
+            if self.port_warm[idx] & warm_bit(family) == 0 {
+                continue;
+            }
+            self.port_warm[idx] &= !warm_bit(family);
+            let warm = match family {
+                Family::V4 => &mut self.warm_v4,
+                Family::V6 => &mut self.warm_v6,
+            };
+            if let Some(i) = warm.iter().position(|p| *p == port) {
+                warm.swap_remove(i);
+            }
+            if !wanted || tcp {
+                self.commands.push_back(Command::Release {
+                    family,
+                    port,
+                    keep: false,
+                });
+            }
+        }
     }
 
     fn release_port(&mut self, port: RelayPort) {
@@ -1886,6 +2070,10 @@ impl Server {
             Ok(s) => s,
             Err(a) => return a,
         };
+        // RFC 6062 §6: no channels on a TCP allocation.
+        if self.allocs[slot as usize].as_ref().expect("live").tcp {
+            return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
+        }
         // RFC 8656 §11.2: CHANNEL-NUMBER in 0x4000-0x4FFF and an XOR-PEER-ADDRESS, else 400.
         let number = match msg.get(attr::CHANNEL_NUMBER) {
             Some(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
@@ -1960,7 +2148,8 @@ impl Server {
             return self.drop(DropReason::BadIndication);
         };
         let a = self.allocs[slot as usize].as_ref().expect("live");
-        if !a.has_family(Family::of(&peer)) {
+        // RFC 6062 §6: no Send indications on a TCP allocation.
+        if !a.has_family(Family::of(&peer)) || a.tcp {
             return self.drop(DropReason::BadIndication);
         }
         if !a.permitted(now.ms, peer.ip()) {
@@ -1993,6 +2182,279 @@ impl Server {
     }
 
     // ----------------------------------------------------------------------------------------
+    // TCP allocations (RFC 6062)
+    // ----------------------------------------------------------------------------------------
+
+    /// A fresh connection id of this shard (the shard in the top byte).
+    fn new_connection_id(&mut self) -> ConnectionId {
+        loop {
+            let low = self.next_connection;
+            self.next_connection = (low + 1) & 0x00FF_FFFF;
+            let id = ((self.cfg.shard as u32) << 24) | low;
+            if !self.tcp_conns.contains_key(&id) {
+                return ConnectionId(id);
+            }
+        }
+    }
+
+    /// Drop connection `id` from the tables (its allocation's list included).
+    fn forget_connection(&mut self, id: ConnectionId) {
+        if let Some(c) = self.tcp_conns.remove(&id.0) {
+            if let Some(a) = self
+                .allocs
+                .get_mut(c.alloc as usize)
+                .and_then(|a| a.as_mut())
+            {
+                if a.generation == c.generation {
+                    a.connections.retain(|x| *x != id);
+                }
+            }
+        }
+    }
+
+    /// Record a new peer data connection of allocation `slot`.
+    fn add_connection(&mut self, slot: u32, peer: SocketAddr, state: TcpState) -> ConnectionId {
+        let id = self.new_connection_id();
+        let a = self.allocs[slot as usize].as_mut().expect("live");
+        a.connections.push(id);
+        let generation = a.generation;
+        if let TcpState::Ready { deadline_ms } = state {
+            self.wheel
+                .insert(deadline_ms, TimerKey::Connection { id: id.0 });
+        }
+        self.tcp_conns.insert(
+            id.0,
+            TcpConnection {
+                alloc: slot,
+                generation,
+                peer,
+                state,
+            },
+        );
+        id
+    }
+
+    /// RFC 6062 §5.2: open a connection to the peer from the relayed address. The answer
+    /// comes with [`Server::handle_peer_connected`].
+    fn handle_connect(
+        &mut self,
+        _now: Now,
+        client: ClientKey,
+        msg: &Message<'_>,
+        ok: &AuthOk,
+    ) -> Answer {
+        let slot = match self.owned_allocation(client, msg, ok) {
+            Ok(s) => s,
+            Err(a) => return a,
+        };
+        let a = self.allocs[slot as usize].as_ref().expect("live");
+        if !a.tcp {
+            return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
+        }
+        let peer = match msg.get_xor_addr(attr::XOR_PEER_ADDRESS) {
+            Some(Ok(p)) => p,
+            _ => return self.error_reply(msg, code::BAD_REQUEST, Some(ok)),
+        };
+        if let Err(c) = self.check_peer(slot, peer) {
+            return self.error_reply(msg, c, Some(ok));
+        }
+        let a = self.allocs[slot as usize].as_ref().expect("live");
+        // A connection to this peer being made, waiting or joined: 446.
+        if a.connections
+            .iter()
+            .any(|id| self.tcp_conns.get(&id.0).is_some_and(|c| c.peer == peer))
+        {
+            return self.error_reply(msg, code::CONNECTION_ALREADY_EXISTS, Some(ok));
+        }
+        if a.connections.len() >= self.cfg.max_tcp_connections {
+            return self.error_reply(msg, code::INSUFFICIENT_CAPACITY, Some(ok));
+        }
+        let port = a.port;
+        let id = self.add_connection(
+            slot,
+            peer,
+            TcpState::Connecting {
+                txn: Txn::from(msg),
+                ok: ok.clone(),
+            },
+        );
+        self.commands.push_back(Command::Tcp(TcpCommand::Connect {
+            id,
+            family: Family::of(&peer),
+            port,
+            peer,
+        }));
+        Answer::Pending
+    }
+
+    /// The I/O layer's outcome of a [`TcpCommand::Connect`]: the Connect's success (with the
+    /// CONNECTION-ID) or 447, for the allocation's control connection. The I/O layer gives up
+    /// on a connection attempt after at least 30 seconds (RFC 6062 §5.2).
+    pub fn handle_peer_connected(&mut self, now: Now, id: ConnectionId, connected: bool) -> Reply {
+        let Some(c) = self.tcp_conns.get_mut(&id.0) else {
+            return self.drop(DropReason::NoAllocation);
+        };
+        let TcpState::Connecting { txn, ok } = &c.state else {
+            return self.drop(DropReason::NoAllocation);
+        };
+        let (txn, ok) = (*txn, ok.clone());
+        let (slot, generation) = (c.alloc, c.generation);
+        let Some(client) = self
+            .allocs
+            .get(slot as usize)
+            .and_then(|a| a.as_ref())
+            .filter(|a| a.generation == generation)
+            .map(|a| a.client)
+        else {
+            self.tcp_conns.remove(&id.0);
+            return self.drop(DropReason::NoAllocation);
+        };
+        let answer = if connected {
+            let deadline_ms = now.ms + self.cfg.connection_bind_timeout as u64 * 1000;
+            c.state = TcpState::Ready { deadline_ms };
+            self.wheel
+                .insert(deadline_ms, TimerKey::Connection { id: id.0 });
+            self.counters.tcp_connects += 1;
+            self.success_reply(txn, &ok, |w| w.add_u32(attr::CONNECTION_ID, id.0))
+        } else {
+            self.forget_connection(id);
+            self.counters.tcp_connect_failures += 1;
+            self.error_reply(txn, code::CONNECTION_TIMEOUT_OR_FAILURE, Some(&ok))
+        };
+        self.reply(client, answer)
+    }
+
+    /// RFC 6062 §5.3: a peer connected to the relayed address (`family`, `port`) of a TCP
+    /// allocation. With a permission for the peer (and within policy and the allocation's
+    /// connection limit) the connection gets an id and the client a ConnectionAttempt
+    /// indication (the returned transmit); `None`: close it at once.
+    pub fn handle_peer_accepted(
+        &mut self,
+        now: Now,
+        family: Family,
+        port: RelayPort,
+        from: SocketAddr,
+    ) -> Option<(ConnectionId, Reply)> {
+        let slot = (port.port >= self.cfg.port_min && port.port <= self.cfg.port_max)
+            .then(|| self.by_port.get(self.port_index(port)).copied())
+            .flatten()
+            .filter(|s| *s != u32::MAX);
+        let admitted = slot.is_some_and(|slot| {
+            let a = self.allocs[slot as usize]
+                .as_ref()
+                .expect("indexed slot is live");
+            a.tcp
+                && a.has_family(family)
+                && a.permitted(now.ms, from.ip())
+                && a.connections.len() < self.cfg.max_tcp_connections
+                && self
+                    .cfg
+                    .policy
+                    .check(from, &self.shared.relay_ports)
+                    .is_ok()
+        });
+        let (true, Some(slot)) = (admitted, slot) else {
+            self.counters.tcp_peer_connections_refused += 1;
+            return None;
+        };
+        let deadline_ms = now.ms + self.cfg.connection_bind_timeout as u64 * 1000;
+        let id = self.add_connection(slot, from, TcpState::Ready { deadline_ms });
+        let client = self.allocs[slot as usize].as_ref().expect("live").client;
+        let mut tid = [0u8; 12];
+        tid[..8].copy_from_slice(&self.next_random().to_be_bytes());
+        tid[8..].copy_from_slice(&id.0.to_be_bytes());
+        let written = MessageWriter::new(
+            &mut self.scratch[..],
+            method::CONNECTION_ATTEMPT,
+            Class::Indication,
+            &tid,
+        )
+        .and_then(|mut w| {
+            w.add_xor_addr(attr::XOR_PEER_ADDRESS, from)?;
+            w.add_u32(attr::CONNECTION_ID, id.0)?;
+            Ok(w.finish())
+        });
+        let Ok(n) = written else {
+            self.forget_connection(id);
+            return None;
+        };
+        self.counters.tcp_peer_connections_accepted += 1;
+        Some((id, self.reply(client, Answer::Respond(n))))
+    }
+
+    /// For a ConnectionBind over a stream that names a known connection: the address of the
+    /// control connection of the allocation it belongs to.
+    fn connection_bind_session(&self, client: ClientKey, msg: &Message<'_>) -> Option<SocketAddr> {
+        if msg.method() != method::CONNECTION_BIND
+            || !self.cfg.transport(client.listener).is_stream()
+        {
+            return None;
+        }
+        let c = self.tcp_conns.get(&msg.get_u32(attr::CONNECTION_ID)?)?;
+        self.allocs
+            .get(c.alloc as usize)?
+            .as_ref()
+            .filter(|a| a.generation == c.generation)
+            .map(|a| a.client.addr)
+    }
+
+    /// RFC 6062 §5.4: join this (new) client connection to a waiting peer data connection.
+    fn handle_connection_bind(
+        &mut self,
+        _now: Now,
+        client: ClientKey,
+        msg: &Message<'_>,
+        ok: &AuthOk,
+    ) -> Answer {
+        // Over a stream only, and on a connection that is not a control connection.
+        if !self.cfg.transport(client.listener).is_stream() || self.by_client.contains_key(&client)
+        {
+            return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
+        }
+        let Some(id) = msg.get_u32(attr::CONNECTION_ID) else {
+            return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
+        };
+        let Some(c) = self.tcp_conns.get(&id) else {
+            return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
+        };
+        if !matches!(c.state, TcpState::Ready { .. }) {
+            return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
+        }
+        let Some(a) = self
+            .allocs
+            .get(c.alloc as usize)
+            .and_then(|a| a.as_ref())
+            .filter(|a| a.generation == c.generation)
+        else {
+            return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
+        };
+        // The data connection belongs to whoever made the allocation.
+        if *a.username != *msg.get(attr::USERNAME).unwrap_or_default() {
+            return self.error_reply(msg, code::WRONG_CREDENTIALS, Some(ok));
+        }
+        if let Some(c) = self.tcp_conns.get_mut(&id) {
+            c.state = TcpState::Bound;
+        }
+        self.counters.tcp_connection_binds += 1;
+        self.commands.push_back(Command::Tcp(TcpCommand::Splice {
+            id: ConnectionId(id),
+            client,
+        }));
+        self.success_reply(msg, ok, |_| Ok(()))
+    }
+
+    /// The I/O layer closed peer data connection `id` (either side of it ended, or a pending
+    /// one was refused): the core forgets it, so the peer may be connected to again.
+    pub fn handle_connection_closed(&mut self, id: ConnectionId) {
+        self.forget_connection(id);
+    }
+
+    /// Peer data connections known now (pending and joined), all allocations.
+    pub fn tcp_connection_count(&self) -> usize {
+        self.tcp_conns.len()
+    }
+
+    // ----------------------------------------------------------------------------------------
     // Peer side (RFC 8656 §10.3, §12.6)
     // ----------------------------------------------------------------------------------------
 
@@ -2021,6 +2483,10 @@ impl Server {
         let a = self.allocs[slot as usize]
             .as_mut()
             .expect("indexed slot is live");
+        if a.tcp {
+            // A UDP socket still open on a TCP allocation's port (warm from before).
+            return self.drop(DropReason::NoAllocation);
+        }
         if !a.has_family(family) || !a.permitted(now.ms, from.ip()) {
             return self.drop(DropReason::NoPermission);
         }
@@ -2102,6 +2568,18 @@ impl Server {
                         }
                     }
                 }
+                TimerKey::Connection { id } => {
+                    // A peer data connection that got no ConnectionBind in time closes.
+                    let due = matches!(
+                        self.tcp_conns.get(&id).map(|c| &c.state),
+                        Some(TcpState::Ready { deadline_ms }) if *deadline_ms <= now.ms
+                    );
+                    if due {
+                        self.forget_connection(ConnectionId(id));
+                        self.commands
+                            .push_back(Command::Tcp(TcpCommand::Close(ConnectionId(id))));
+                    }
+                }
                 TimerKey::Allocation { slot, generation } => {
                     let Some(a) = self.allocs.get_mut(slot as usize).and_then(|a| a.as_mut())
                     else {
@@ -2131,10 +2609,19 @@ impl Server {
         };
         // The relay sockets go back to the I/O layer: kept open (warm) while the pool has
         // room, closed otherwise. A dual-stack port is never warm (warm ports serve
-        // single-family allocations).
-        let single = a.v4 != a.v6;
+        // single-family allocations), nor a TCP allocation's listening socket.
+        let single = a.v4 != a.v6 && !a.tcp;
+        let pi = self.port_index(a.port);
         for (on, family) in [(a.v4, Family::V4), (a.v6, Family::V6)] {
             if !on {
+                continue;
+            }
+            if a.tcp {
+                self.commands
+                    .push_back(Command::Tcp(TcpCommand::CloseListener {
+                        family,
+                        port: a.port,
+                    }));
                 continue;
             }
             let warm = match family {
@@ -2144,6 +2631,7 @@ impl Server {
             let keep = single && warm.len() < self.cfg.relay_socket_pool;
             if keep {
                 warm.push(a.port);
+                self.port_warm[pi] |= warm_bit(family);
             }
             self.commands.push_back(Command::Release {
                 family,
@@ -2151,8 +2639,14 @@ impl Server {
                 keep,
             });
         }
+        // Its peer data connections close with it (RFC 6062 §5.5).
+        for id in &a.connections {
+            if self.tcp_conns.remove(&id.0).is_some() {
+                self.commands
+                    .push_back(Command::Tcp(TcpCommand::Close(*id)));
+            }
+        }
         self.by_client.remove(&a.client);
-        let pi = self.port_index(a.port);
         self.by_port[pi] = u32::MAX;
         self.release_port(a.port);
         self.shared.relay_ports.set(a.port.addr, a.port.port, false);
@@ -2182,6 +2676,14 @@ impl Server {
                 });
             }
         }
+        self.port_warm.iter_mut().for_each(|w| *w = 0);
+    }
+}
+
+fn warm_bit(f: Family) -> u8 {
+    match f {
+        Family::V4 => 1,
+        Family::V6 => 2,
     }
 }
 

@@ -9,8 +9,17 @@
 /// What a timer refers to. The generation guards against a slot reused by a newer allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimerKey {
-    Allocation { slot: u32, generation: u32 },
-    Reservation { token: u64 },
+    Allocation {
+        slot: u32,
+        generation: u32,
+    },
+    Reservation {
+        token: u64,
+    },
+    /// An RFC 6062 peer data connection waiting for its ConnectionBind.
+    Connection {
+        id: u32,
+    },
 }
 
 /// A wheel of timers keyed by `K` (the TURN core's [`TimerKey`] by default; the data plane

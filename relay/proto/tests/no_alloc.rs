@@ -49,6 +49,7 @@ impl Effects for Binder {
     }
     fn release(&mut self, _: Family, _: RelayPort, _: bool) {}
     fn resolve_identity(&mut self, _: Box<[u8]>) {}
+    fn tcp(&mut self, _: actrix_proto::turn::TcpCommand) {}
 }
 
 const REALM: &str = "example.org";

@@ -65,6 +65,7 @@ impl Effects for Binder {
         self.bound.remove(&(p.addr, p.port));
     }
     fn resolve_identity(&mut self, _: Box<[u8]>) {}
+    fn tcp(&mut self, _: actrix_proto::turn::TcpCommand) {}
 }
 
 fn server(addresses: u8, now: Now) -> Server {

@@ -45,6 +45,12 @@ impl Appliance {
     /// As [`Appliance::start`], with `stun` added to the `[stun]` section (`{port}` in it
     /// stands for the UDP listener's port, e.g. `listen_tcp = ["127.0.0.1:{port}"]`).
     pub fn start_stun(dir: &Path, stun: &str, extra: &str) -> Appliance {
+        Self::start_cores(dir, "", stun, extra)
+    }
+
+    /// As [`Appliance::start_stun`], with `cores` added to the `[cores]` section (e.g.
+    /// `shards = [0, 1]`).
+    pub fn start_cores(dir: &Path, cores: &str, stun: &str, extra: &str) -> Appliance {
         let port = loop {
             // The same port number must be free for TCP too when streams are asked for.
             let p = free_udp_port();
@@ -57,7 +63,7 @@ impl Appliance {
         // another test's listener port.
         let base = (port as u32 % 20) * 200 + 61000;
         let text = format!(
-            "[node]\ndata_dir = \"{}\"\n[cores]\npin = false\n[stun]\nlisten = [\"127.0.0.1:{port}\"]\n{}\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
+            "[node]\ndata_dir = \"{}\"\n[cores]\npin = false\n{cores}\n[stun]\nlisten = [\"127.0.0.1:{port}\"]\n{}\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
             dir.join("data").display(),
             stun.replace("{port}", &port.to_string())
         );
@@ -438,6 +444,12 @@ impl StreamClient {
         let tid = *Message::parse(bytes).unwrap().transaction_id();
         let r = self.transact(&tid, bytes).expect("answer");
         assert_eq!(r.code(), None, "success expected");
+    }
+
+    /// The stream and the bytes already read from it but not framed (an RFC 6062 data
+    /// connection carries raw bytes after its ConnectionBind).
+    pub fn into_raw(self) -> (Box<dyn ReadWrite>, Vec<u8>) {
+        (self.stream, self.rx)
     }
 
     /// Allocate (expecting success) and return the relayed address.

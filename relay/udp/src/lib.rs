@@ -323,19 +323,45 @@ impl Epoll {
 
     /// Wait for `fd` to become readable; its events carry `token`.
     pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, token, false)
+        self.ctl(
+            libc::EPOLL_CTL_ADD,
+            fd,
+            token,
+            libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32,
+        )
     }
 
-    /// Wait for `fd` to become readable, and writable too when `writable`.
-    pub fn modify(&self, fd: RawFd, token: u64, writable: bool) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd, token, writable)
-    }
-
-    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, writable: bool) -> io::Result<()> {
-        let mut events = libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32;
-        if writable {
+    /// Wait for `fd` to become readable when `read` (hang-ups included), writable when
+    /// `write`. With neither, only errors and full hang-ups are reported.
+    pub fn modify(&self, fd: RawFd, token: u64, read: bool, write: bool) -> io::Result<()> {
+        let mut events = 0;
+        if read {
+            events |= libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32;
+        }
+        if write {
             events |= libc::EPOLLOUT as u32;
         }
+        self.ctl(libc::EPOLL_CTL_MOD, fd, token, events)
+    }
+
+    /// As [`Epoll::modify`], adding `fd` first if it is not registered yet.
+    pub fn set(&self, fd: RawFd, token: u64, read: bool, write: bool) -> io::Result<()> {
+        match self.modify(fd, token, read, write) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let mut events = 0;
+                if read {
+                    events |= libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32;
+                }
+                if write {
+                    events |= libc::EPOLLOUT as u32;
+                }
+                self.ctl(libc::EPOLL_CTL_ADD, fd, token, events)
+            }
+            r => r,
+        }
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
         let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: valid fds and a valid event struct.
         if unsafe { libc::epoll_ctl(self.fd, op, fd, &mut ev) } < 0 {

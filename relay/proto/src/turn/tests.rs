@@ -18,6 +18,10 @@ struct FakeBinder {
     kept: BTreeSet<(bool, u8, u16)>,
     refuse: BTreeSet<u16>,
     identities: Vec<Box<[u8]>>,
+    /// TCP listening sockets of TCP allocations (a subset of `open`), and the RFC 6062
+    /// commands other than closing them, in order.
+    listeners: BTreeSet<(bool, u8, u16)>,
+    tcp: Vec<TcpCommand>,
 }
 
 impl Effects for FakeBinder {
@@ -28,7 +32,11 @@ impl Effects for FakeBinder {
         for (on, v6) in [(req.v4, false), (req.v6, true)] {
             if on {
                 let key = (v6, req.port.addr, req.port.port);
-                if !self.kept.remove(&key) {
+                if req.tcp {
+                    assert!(!self.open.contains(&key), "a UDP socket left on {req:?}");
+                    assert!(self.listeners.insert(key), "double listen {req:?}");
+                    self.open.insert(key);
+                } else if !self.kept.remove(&key) {
                     assert!(self.open.insert(key), "double bind {req:?}");
                 }
             }
@@ -38,6 +46,10 @@ impl Effects for FakeBinder {
     fn release(&mut self, family: Family, port: RelayPort, keep: bool) {
         let key = (family == Family::V6, port.addr, port.port);
         assert!(self.open.contains(&key), "release of unbound {port:?}");
+        assert!(
+            !self.listeners.contains(&key),
+            "UDP release of a TCP listener {port:?}"
+        );
         if keep {
             assert!(self.kept.insert(key), "kept twice {port:?}");
         } else {
@@ -47,6 +59,15 @@ impl Effects for FakeBinder {
     }
     fn resolve_identity(&mut self, username: Box<[u8]>) {
         self.identities.push(username);
+    }
+    fn tcp(&mut self, cmd: TcpCommand) {
+        if let TcpCommand::CloseListener { family, port } = cmd {
+            let key = (family == Family::V6, port.addr, port.port);
+            assert!(self.listeners.remove(&key), "close of no listener {port:?}");
+            self.open.remove(&key);
+        } else {
+            self.tcp.push(cmd);
+        }
     }
 }
 
@@ -617,7 +638,8 @@ fn allocate_parameter_errors() {
             &[(attr::REQUESTED_TRANSPORT, vec![6, 0, 0, 0])]
         )
         .code(),
-        Some(442)
+        Some(400),
+        "TCP over UDP (RFC 6062 §5.1)"
     );
     let r = h.call(
         &mut c,
@@ -1694,4 +1716,440 @@ fn a_stream_client_gets_padded_channel_data_and_its_allocation_ends_with_the_con
     assert!(u.bind_channel(&mut b, 0x4000, peer()).ok());
     let (_, bytes) = u.peer_send(relay, peer(), b"hello").unwrap();
     assert_eq!(bytes.len(), 9);
+}
+
+// ------------------------------------------------------------------------------------------
+// RFC 6062: TCP allocations
+// ------------------------------------------------------------------------------------------
+
+fn tcp() -> (u16, Vec<u8>) {
+    (attr::REQUESTED_TRANSPORT, vec![6, 0, 0, 0])
+}
+
+/// A core whose listener 0 is a TCP listener, with TEST-NET-3 allowed as peers.
+fn tcp_core(f: impl FnOnce(&mut TurnConfig)) -> H {
+    H::with(|cfg, _| {
+        let mut p = (*cfg.policy).clone();
+        p.allow = vec!["203.0.113.0/24".parse::<IpRange>().unwrap()];
+        cfg.policy = Arc::new(p);
+        cfg.listener_transports = vec![Transport::Tcp];
+        cfg.shard = 3;
+        f(cfg);
+    })
+}
+
+impl H {
+    fn allocate_tcp(&mut self, c: &mut Client) -> SocketAddr {
+        let r = self.call(c, method::ALLOCATE, &[tcp()]);
+        assert!(r.ok(), "TCP allocate failed: {:?}", r.code());
+        r.msg()
+            .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .unwrap()
+    }
+
+    /// A Connect to `peer`: `Ok(())` when it is pending (no answer yet), else the answer.
+    fn connect(&mut self, c: &mut Client, peer: SocketAddr) -> Result<(), Resp> {
+        let tid = c.next_tid();
+        let bytes = c.request(
+            method::CONNECT,
+            tid,
+            &[(attr::XOR_PEER_ADDRESS, xor_attr(peer, &tid))],
+            true,
+        );
+        let mut buf = bytes.clone();
+        let n = buf.len();
+        let r = self.s.handle_client(self.now, 0, c.addr, &mut buf, 0..n);
+        match self.s.settle(self.now, r, &mut self.b) {
+            Reply::Pending => Ok(()),
+            Reply::Transmit(t) => {
+                let Data::Scratch(n) = t.data else {
+                    panic!("answers come from scratch")
+                };
+                Err(Resp {
+                    bytes: self.s.scratch()[..n].to_vec(),
+                })
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// The last Connect command recorded.
+    fn last_connect(&self) -> (ConnectionId, SocketAddr, RelayPort) {
+        match self.b.tcp.iter().rev().find_map(|c| match c {
+            TcpCommand::Connect { id, peer, port, .. } => Some((*id, *peer, *port)),
+            _ => None,
+        }) {
+            Some(v) => v,
+            None => panic!("no Connect command in {:?}", self.b.tcp),
+        }
+    }
+
+    /// The core's answer to the I/O layer's connect outcome, as sent to `c`.
+    fn connected(&mut self, c: &Client, id: ConnectionId, ok: bool) -> Resp {
+        let t = self
+            .s
+            .handle_peer_connected(self.now, id, ok)
+            .transmit()
+            .expect("an answer for the control connection");
+        assert_eq!((t.src, t.dst), (Src::Listener(0), c.addr));
+        let Data::Scratch(n) = t.data else {
+            panic!("from scratch")
+        };
+        Resp {
+            bytes: self.s.scratch()[..n].to_vec(),
+        }
+    }
+
+    fn connection_bind(&mut self, c: &mut Client, id: u32) -> Resp {
+        self.call(
+            c,
+            method::CONNECTION_BIND,
+            &[(attr::CONNECTION_ID, id.to_be_bytes().to_vec())],
+        )
+    }
+}
+
+#[test]
+fn tcp_allocations_need_a_stream_and_refuse_even_port_reservations_and_dual_stack() {
+    // Over UDP: 400 (RFC 6062 §5.1).
+    let mut u = H::new();
+    let mut a = alice();
+    assert_eq!(u.call(&mut a, method::ALLOCATE, &[tcp()]).code(), Some(400));
+    // Over TCP, with EVEN-PORT, RESERVATION-TOKEN or an additional family: 400.
+    let mut h = tcp_core(|_| {});
+    let mut a = alice();
+    for extra in [
+        (attr::EVEN_PORT, vec![0]),
+        (attr::RESERVATION_TOKEN, vec![1; 8]),
+        (attr::ADDITIONAL_ADDRESS_FAMILY, vec![2, 0, 0, 0]),
+    ] {
+        assert_eq!(
+            h.call(&mut a, method::ALLOCATE, &[tcp(), extra]).code(),
+            Some(400)
+        );
+    }
+    // Other protocols: 442; and TCP too when TCP relaying is turned off.
+    let r = h.call(
+        &mut a,
+        method::ALLOCATE,
+        &[(attr::REQUESTED_TRANSPORT, vec![132, 0, 0, 0])],
+    );
+    assert_eq!(r.code(), Some(442));
+    let mut off = tcp_core(|c| c.tcp_relay = false);
+    let mut b = alice();
+    assert_eq!(
+        off.call(&mut b, method::ALLOCATE, &[tcp()]).code(),
+        Some(442)
+    );
+    assert!(off.b.open.is_empty());
+    // A plain one: a TCP listener on the relayed address, no UDP socket.
+    let relay = h.allocate_tcp(&mut a);
+    assert_eq!(
+        h.b.listeners,
+        BTreeSet::from([(false, 0, relay.port())]),
+        "one listening socket"
+    );
+    assert_eq!(h.s.counters.tcp_allocations_created, 1);
+    // No channels and no Send indications on it (RFC 6062 §6).
+    assert_eq!(h.bind_channel(&mut a, 0x4000, peer()).code(), Some(400));
+    assert!(h.permit(&mut a, peer()).ok());
+    let tid = a.next_tid();
+    let mut buf = [0u8; 256];
+    let mut w = MessageWriter::new(&mut buf, method::SEND, Class::Indication, &tid).unwrap();
+    w.add_xor_addr(attr::XOR_PEER_ADDRESS, peer()).unwrap();
+    w.add(attr::DATA, b"nope").unwrap();
+    let n = w.finish();
+    assert!(h.client_raw(a.addr, &buf[..n]).is_none());
+    // UDP datagrams at its port (a leftover socket) reach no one.
+    assert!(h.peer_send(relay, peer(), b"udp").is_none());
+}
+
+#[test]
+fn connect_opens_a_peer_connection_answers_with_its_id_and_connection_bind_joins_it() {
+    let mut h = tcp_core(|_| {});
+    let mut a = alice();
+    let relay = h.allocate_tcp(&mut a);
+    // Connect waits for the I/O layer, which is asked to connect from the relayed address.
+    h.connect(&mut a, peer()).expect("pending");
+    let (id, to, port) = h.last_connect();
+    assert_eq!((to, port.port), (peer(), relay.port()));
+    assert_eq!(id.shard(), 3, "the owning shard is in the id");
+    // A second Connect to the same peer while the first is pending: 446.
+    assert_eq!(h.connect(&mut a, peer()).unwrap_err().code(), Some(446));
+    let r = h.connected(&a, id, true);
+    assert!(r.ok());
+    assert!(r.msg().verify_integrity(&a.key()));
+    assert_eq!(r.msg().get_u32(attr::CONNECTION_ID), Some(id.0));
+    assert_eq!(h.s.counters.tcp_connects, 1);
+    // Once connected, still 446.
+    assert_eq!(h.connect(&mut a, peer()).unwrap_err().code(), Some(446));
+    // ConnectionBind from a new connection of another user: 441; of an unknown id: 400.
+    let mut b = Client::new("198.51.100.1:40001", "bob", "hunter2");
+    assert_eq!(h.connection_bind(&mut b, id.0).code(), Some(441));
+    let mut data = Client::new("198.51.100.1:40002", "alice", "secret");
+    assert_eq!(h.connection_bind(&mut data, id.0 ^ 1).code(), Some(400));
+    // From the control connection itself: 400.
+    assert_eq!(h.connection_bind(&mut a, id.0).code(), Some(400));
+    // The right one: success, and the I/O layer joins the two.
+    let r = h.connection_bind(&mut data, id.0);
+    assert!(r.ok(), "{:?}", r.code());
+    assert_eq!(
+        h.b.tcp.last(),
+        Some(&TcpCommand::Splice {
+            id,
+            client: ClientKey {
+                listener: 0,
+                addr: data.addr
+            }
+        })
+    );
+    assert_eq!(h.s.counters.tcp_connection_binds, 1);
+    // Bound once only.
+    let mut again = Client::new("198.51.100.1:40003", "alice", "secret");
+    assert_eq!(h.connection_bind(&mut again, id.0).code(), Some(400));
+    // The bind deadline does not touch a joined connection.
+    h.advance(40);
+    assert!(!h.b.tcp.contains(&TcpCommand::Close(id)));
+    assert_eq!(h.s.tcp_connection_count(), 1);
+    // Deleting the allocation closes its connections and its listener.
+    assert!(h
+        .call(&mut a, method::REFRESH, &[(attr::LIFETIME, vec![0; 4])])
+        .ok());
+    assert!(h.b.tcp.contains(&TcpCommand::Close(id)));
+    assert!(h.b.listeners.is_empty());
+    assert!(h.b.open.is_empty());
+    assert_eq!(h.s.tcp_connection_count(), 0);
+    assert_eq!(h.s.cross_shard().quotas.total(), 0);
+}
+
+#[test]
+fn a_failed_connect_is_447_and_the_peer_can_be_tried_again() {
+    let mut h = tcp_core(|_| {});
+    let mut a = alice();
+    h.allocate_tcp(&mut a);
+    h.connect(&mut a, peer()).expect("pending");
+    let (id, _, _) = h.last_connect();
+    let r = h.connected(&a, id, false);
+    assert_eq!(r.code(), Some(447));
+    assert!(r.msg().verify_integrity(&a.key()));
+    assert_eq!(h.s.counters.tcp_connect_failures, 1);
+    assert_eq!(h.s.tcp_connection_count(), 0);
+    // A late second report for the same id is nothing.
+    assert!(h
+        .s
+        .handle_peer_connected(h.now, id, true)
+        .transmit()
+        .is_none());
+    h.connect(&mut a, peer()).expect("pending again");
+    assert_ne!(h.last_connect().0, id);
+}
+
+#[test]
+fn connect_is_judged_by_the_peer_policy_and_the_allocation_kind() {
+    let mut h = tcp_core(|c| c.max_tcp_connections = 2);
+    let mut a = alice();
+    h.allocate_tcp(&mut a);
+    // Deny forms: loopback, private, metadata, port 0 (the full list is the policy's own
+    // test, and the relay test over real sockets); then the wrong family.
+    for bad in [
+        "127.0.0.1:80",
+        "10.0.0.1:80",
+        "169.254.169.254:80",
+        "203.0.113.50:0",
+    ] {
+        let r = h.connect(&mut a, bad.parse().unwrap()).unwrap_err();
+        assert_eq!(r.code(), Some(403), "{bad}");
+    }
+    let r = h
+        .connect(&mut a, "[::ffff:127.0.0.1]:80".parse().unwrap())
+        .unwrap_err();
+    assert_eq!(r.code(), Some(443));
+    assert!(h.b.tcp.is_empty(), "nothing was connected");
+    assert_eq!(h.s.counters.peers_denied, 4);
+    // No XOR-PEER-ADDRESS: 400.
+    assert_eq!(h.call(&mut a, method::CONNECT, &[]).code(), Some(400));
+    // The allocation's connection limit: 508.
+    h.connect(&mut a, "203.0.113.1:80".parse().unwrap())
+        .unwrap();
+    h.connect(&mut a, "203.0.113.2:80".parse().unwrap())
+        .unwrap();
+    let r = h
+        .connect(&mut a, "203.0.113.3:80".parse().unwrap())
+        .unwrap_err();
+    assert_eq!(r.code(), Some(508));
+    // Connect on a UDP allocation: 400; without an allocation: 437.
+    let mut b = Client::new("198.51.100.2:40000", "bob", "hunter2");
+    h.allocate(&mut b);
+    assert_eq!(h.connect(&mut b, peer()).unwrap_err().code(), Some(400));
+    let mut c = Client::new("198.51.100.3:40000", "bob", "hunter2");
+    assert_eq!(h.call(&mut c, method::REFRESH, &[]).code(), Some(437)); // gets a nonce
+    assert_eq!(h.connect(&mut c, peer()).unwrap_err().code(), Some(437));
+}
+
+#[test]
+fn an_incoming_peer_connection_needs_a_permission_and_waits_30_seconds_for_its_bind() {
+    let mut h = tcp_core(|_| {});
+    let mut a = alice();
+    let relay = h.allocate_tcp(&mut a);
+    let port = RelayPort::new(0, relay.port());
+    // No permission: refused (the I/O layer closes it at once).
+    assert!(h
+        .s
+        .handle_peer_accepted(h.now, Family::V4, port, peer())
+        .is_none());
+    assert_eq!(h.s.counters.tcp_peer_connections_refused, 1);
+    assert!(h.permit(&mut a, peer()).ok());
+    // Not a TCP allocation's port: refused.
+    assert!(h
+        .s
+        .handle_peer_accepted(h.now, Family::V4, RelayPort::new(0, 50099), peer())
+        .is_none());
+    let (id, reply) =
+        h.s.handle_peer_accepted(h.now, Family::V4, port, peer())
+            .expect("admitted");
+    let t = reply
+        .transmit()
+        .expect("a ConnectionAttempt for the client");
+    assert_eq!(t.dst, a.addr);
+    let Data::Scratch(n) = t.data else { panic!() };
+    let m = Message::parse(&h.s.scratch()[..n]).unwrap();
+    assert_eq!(
+        (m.method(), m.class()),
+        (method::CONNECTION_ATTEMPT, Class::Indication)
+    );
+    assert_eq!(m.get_u32(attr::CONNECTION_ID), Some(id.0));
+    assert_eq!(m.get_xor_addr(attr::XOR_PEER_ADDRESS), Some(Ok(peer())));
+    // No ConnectionBind within 30 s: the core has the connection closed and forgets it.
+    h.advance(29);
+    assert!(!h.b.tcp.contains(&TcpCommand::Close(id)));
+    h.advance(2);
+    assert!(h.b.tcp.contains(&TcpCommand::Close(id)));
+    let mut data = Client::new("198.51.100.1:40002", "alice", "secret");
+    assert_eq!(h.connection_bind(&mut data, id.0).code(), Some(400));
+    // A second peer connection, bound in time, then closed by the I/O layer: forgotten.
+    let (id2, _) =
+        h.s.handle_peer_accepted(
+            h.now,
+            Family::V4,
+            port,
+            "203.0.113.50:6001".parse().unwrap(),
+        )
+        .unwrap();
+    assert!(h.connection_bind(&mut data, id2.0).ok());
+    h.s.handle_connection_closed(id2);
+    assert_eq!(h.s.tcp_connection_count(), 0);
+    // The control connection closes: the listener goes.
+    h.s.handle_client_closed(
+        h.now,
+        ClientKey {
+            listener: 0,
+            addr: a.addr,
+        },
+    );
+    h.s.drain_commands(&mut h.b);
+    assert!(h.b.listeners.is_empty());
+}
+
+#[test]
+fn a_scan_that_lands_on_a_warm_port_claims_it_and_a_later_warm_pick_never_closes_it() {
+    // Two ports, a pool of one: the freed port stays warm while an EVEN-PORT allocation
+    // scans onto it; the next plain allocation must not close the socket under it.
+    let mut h = H::with(|cfg, _| {
+        cfg.port_min = 50000;
+        cfg.port_max = 50001;
+        cfg.relay_socket_pool = 1;
+    });
+    let (mut a, mut b) = (alice(), Client::new("198.51.100.9:1", "bob", "hunter2"));
+    let ra = h.allocate(&mut a);
+    let rb = h.allocate(&mut b);
+    // Free the even one first (it goes warm), then the odd one (closed: the pool is full).
+    let (even, odd) = if ra.port() == 50000 {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let zero = vec![0; 4];
+    assert!(h
+        .call(even, method::REFRESH, &[(attr::LIFETIME, zero.clone())])
+        .ok());
+    assert!(h.call(odd, method::REFRESH, &[(attr::LIFETIME, zero)]).ok());
+    let _ = rb;
+    assert_eq!(h.b.kept, BTreeSet::from([(false, 0, 50000)]));
+    let mut e = Client::new("198.51.100.10:1", "alice", "secret");
+    let r = h.call(
+        &mut e,
+        method::ALLOCATE,
+        &[udp(), (attr::EVEN_PORT, vec![0])],
+    );
+    assert!(r.ok());
+    let re = r
+        .msg()
+        .get_xor_addr(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(re.port(), 50000);
+    let mut p = Client::new("198.51.100.11:1", "alice", "secret");
+    let rp = h.allocate(&mut p);
+    assert_eq!(rp.port(), 50001);
+    assert_eq!(
+        h.b.bound(),
+        BTreeSet::from([(false, 0, 50000), (false, 0, 50001)]),
+        "both live allocations keep their sockets"
+    );
+    // A TCP allocation scanning onto a warm UDP port closes the UDP socket first.
+    let mut t = tcp_core(|cfg| {
+        cfg.port_min = 50000;
+        cfg.port_max = 50000;
+        cfg.relay_socket_pool = 1;
+    });
+    let mut c = alice();
+    t.allocate(&mut c);
+    assert!(t
+        .call(&mut c, method::REFRESH, &[(attr::LIFETIME, vec![0; 4])])
+        .ok());
+    assert_eq!(t.b.kept.len(), 1);
+    let mut d = Client::new("198.51.100.12:1", "alice", "secret");
+    t.allocate_tcp(&mut d);
+    assert!(t.b.kept.is_empty());
+    assert_eq!(t.b.listeners.len(), 1);
+}
+
+#[test]
+fn connection_bind_accepts_the_control_connections_nonce_and_nothing_else_does() {
+    let mut h = tcp_core(|_| {});
+    let mut a = alice();
+    let relay = h.allocate_tcp(&mut a);
+    assert!(h.permit(&mut a, peer()).ok());
+    let (id, _) =
+        h.s.handle_peer_accepted(h.now, Family::V4, RelayPort::new(0, relay.port()), peer())
+            .unwrap();
+    // A new connection reuses the control connection's nonce, as RFC 6062 clients do.
+    let mut data = Client::new("198.51.100.1:40009", "alice", "secret");
+    data.nonce = a.nonce.clone();
+    let tid = data.next_tid();
+    let req = data.request(
+        method::CONNECTION_BIND,
+        tid,
+        &[(attr::CONNECTION_ID, id.0.to_be_bytes().to_vec())],
+        true,
+    );
+    let r = h.send(&data, &req).unwrap();
+    assert!(r.ok(), "{:?}", r.code());
+    // The same nonce on any other request from that address is not valid (bound to the
+    // control connection's address and port).
+    let mut other = Client::new("198.51.100.1:40010", "alice", "secret");
+    other.nonce = a.nonce.clone();
+    let tid = other.next_tid();
+    let req = other.request(method::ALLOCATE, tid, &[tcp()], true);
+    assert_eq!(h.send(&other, &req).unwrap().code(), Some(401));
+    // Nor for a ConnectionBind naming an unknown connection.
+    let tid = other.next_tid();
+    let req = other.request(
+        method::CONNECTION_BIND,
+        tid,
+        &[(attr::CONNECTION_ID, (id.0 ^ 1).to_be_bytes().to_vec())],
+        true,
+    );
+    assert_eq!(h.send(&other, &req).unwrap().code(), Some(401));
 }
