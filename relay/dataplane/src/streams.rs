@@ -55,6 +55,8 @@ const ACCEPT_BUDGET: usize = 64;
 const READ_BUDGET: usize = 8;
 /// Receive buffer of an RFC 6062 peer data connection (raw bytes).
 const PEER_RX_CAP: usize = 16 << 10;
+/// Plaintext handed to rustls per connection and round (a full TLS record's worth).
+const TLS_ROUND_BYTES: usize = 16 << 10;
 /// How long a connection attempt to a peer may take (RFC 6062 §5.2: at least 30 seconds).
 const CONNECT_TIMEOUT_MS: u64 = 30_000;
 /// Backlog of a TCP allocation's listening socket.
@@ -80,6 +82,9 @@ pub enum CloseReason {
     HandshakeTimeout,
     /// The TLS layer refused the peer's bytes (a bad handshake, a bad record).
     TlsError,
+    /// The client offered nothing this server speaks: TLS 1.0 or 1.1 only (RFC 8996 forbids
+    /// them), or no cipher suite, group or signature scheme in common.
+    TlsIncompatible,
     /// Nothing in either direction for `stun.idle_timeout_secs`, without an allocation.
     Idle,
     /// A socket error (reset, unreachable) or the shard shutting down.
@@ -88,7 +93,7 @@ pub enum CloseReason {
     RelayEnded,
 }
 
-pub const N_CLOSE_REASONS: usize = 10;
+pub const N_CLOSE_REASONS: usize = 11;
 
 pub const CLOSE_REASONS: [&str; N_CLOSE_REASONS] = [
     "too_many",
@@ -98,6 +103,7 @@ pub const CLOSE_REASONS: [&str; N_CLOSE_REASONS] = [
     "first_request_timeout",
     "handshake_timeout",
     "tls_error",
+    "tls_incompatible",
     "idle",
     "error",
     "relay_ended",
@@ -776,10 +782,13 @@ fn fill(c: &mut Conn) -> Fill {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
         Err(_) => return Fill::Closed(CloseReason::ByClient),
     };
-    if let Err(_e) = tls.process_new_packets() {
+    if let Err(e) = tls.process_new_packets() {
         // rustls queued an alert; it leaves with the close.
         let _ = tls.write_tls(&mut FdIo(fd));
-        return Fill::Closed(CloseReason::TlsError);
+        return Fill::Closed(match e {
+            rustls::Error::PeerIncompatible(_) => CloseReason::TlsIncompatible,
+            _ => CloseReason::TlsError,
+        });
     }
     use std::io::Read;
     match tls.reader().read(&mut c.rx[end..]) {
@@ -1626,12 +1635,28 @@ impl ShardCore {
         let mut failed = false;
         if let Some(tls) = c.tls.as_mut() {
             // Plaintext goes into rustls only once what it encrypted before has left, so its
-            // own buffer stays bounded: one record per round and connection at most.
+            // own buffer stays bounded: up to TLS_ROUND_BYTES per round and connection. To a
+            // TURN client every message is a record of its own, as OpenSSL-based servers
+            // write them: clients that take one message per record read (coturn's among them)
+            // would lose the second of two messages sharing a record. A joined RFC 6062 data
+            // connection carries an opaque byte stream and is written in full records.
             if !tls.wants_write() && c.tx_start < c.tx_end && !tls.is_handshaking() {
                 use std::io::Write;
-                match tls.writer().write(&c.tx[c.tx_start..c.tx_end]) {
-                    Ok(n) => c.tx_start += n,
-                    Err(_) => failed = true,
+                let mut budget = TLS_ROUND_BYTES;
+                while c.tx_start < c.tx_end && budget > 0 && !failed {
+                    let pending = &c.tx[c.tx_start..c.tx_end];
+                    let n = match (c.role, framing::next(pending, MAX_FRAME)) {
+                        (Role::Client, Frame::Stun(n) | Frame::ChannelData { total: n, .. }) => n,
+                        _ => pending.len().min(budget),
+                    };
+                    match tls.writer().write(&pending[..n]) {
+                        Ok(0) => break,
+                        Ok(w) => {
+                            c.tx_start += w;
+                            budget = budget.saturating_sub(w);
+                        }
+                        Err(_) => failed = true,
+                    }
                 }
             }
             let fd = c.sock.as_raw_fd();

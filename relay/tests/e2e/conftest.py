@@ -430,19 +430,56 @@ def turnutils_peer():
 
 LOST_RE = re.compile(r"Total lost packets (\d+)")
 
+# uclient opens each TLS connection with an OpenSSL context picked at random among
+# TLS_client_method, TLSv1_client_method, TLSv1_1_client_method and TLSv1_2_client_method.
+# The appliance speaks TLS 1.2 and 1.3 only (RFC 8996 forbids 1.0 and 1.1), so half of its
+# connections would be refused at the handshake: the control connection retries until it
+# lands on a modern context, RFC 6062 data connections do not. This preload maps the two
+# legacy methods to TLS_client_method, so every connection negotiates TLS 1.2 or 1.3; the
+# refusal of a real TLS 1.1 client is tested on its own (test_tls_streams.py).
+MODERN_TLS_SHIM = r"""
+typedef struct ssl_method_st SSL_METHOD;
+extern const SSL_METHOD *TLS_client_method(void);
+const SSL_METHOD *TLSv1_client_method(void) { return TLS_client_method(); }
+const SSL_METHOD *TLSv1_1_client_method(void) { return TLS_client_method(); }
+"""
+_modern_tls_lib: list[str] = []
+
+
+def modern_tls_preload() -> str:
+    """The shared object of MODERN_TLS_SHIM, built once per test session with gcc."""
+    if not _modern_tls_lib:
+        out = Path(os.environ.get("TMPDIR", "/tmp")) / f"actrix-modern-tls-{os.getpid()}"
+        out.mkdir(exist_ok=True)
+        src, lib = out / "shim.c", out / "modern-tls.so"
+        src.write_text(MODERN_TLS_SHIM)
+        subprocess.run(
+            ["gcc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(src)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        _modern_tls_lib.append(str(lib))
+    return _modern_tls_lib[0]
+
 
 def run_uclient(
     args: list[str], timeout: float = 90, netns: str | None = None
 ) -> tuple[subprocess.CompletedProcess, int | None]:
     """Run turnutils_uclient (inside `netns` if given); returns the process result and the
-    "Total lost packets" count (None when the line is missing, i.e. it never relayed)."""
+    "Total lost packets" count (None when the line is missing, i.e. it never relayed).
+    TLS runs (-S over -t or -T) get MODERN_TLS_SHIM preloaded."""
     prefix = ["ip", "netns", "exec", netns] if netns else []
+    env = dict(os.environ)
+    if "-S" in args and ("-t" in args or "-T" in args):
+        env["LD_PRELOAD"] = modern_tls_preload()
     r = subprocess.run(
         prefix + ["turnutils_uclient"] + args,
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env=env,
     )
     m = LOST_RE.search(r.stdout + r.stderr)
     return r, (int(m.group(1)) if m else None)

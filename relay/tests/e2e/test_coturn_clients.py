@@ -189,6 +189,39 @@ def test_uclient_relays_over_tls(appliance_factory, turnutils_peer, flags, backe
     assert metric_sum(m, "actrix_stream_accepted_total", transport="tcp") == 0, m
 
 
+@pytest.mark.parametrize("secure", [pytest.param(False, id="tcp"), pytest.param(True, id="tls")])
+@pytest.mark.parametrize("backend", ["mmsg", "io_uring"])
+def test_uclient_tcp_relay_rfc6062(appliance_factory, backend, secure):
+    """RFC 6062 with coturn's client (-T: TCP allocations, client to client through Connect,
+    ConnectionAttempt and ConnectionBind), over TCP or TLS, on two shards so that data
+    connections also reach the shard that does not own their allocation."""
+    app = appliance_factory(
+        {
+            "turn": {"allow_peers": ["127.0.0.0/8"]},
+            "io": {"backend": backend},
+            "cores": {"pin": False, "shards": [0, 1]},
+            "stun": {"max_connections_per_ip": 1000},
+        },
+        tcp=True,
+        tls=secure,
+    )
+    args = uclient_args(app, None, "-T", *(["-S"] if secure else []))
+    if secure:
+        args[args.index("-p") + 1] = str(app.tls_port)
+    r, lost = run_uclient(args)
+    check_relayed(r, lost)
+    # It really went through TCP allocations: every message both ways, byte for byte, and
+    # a ConnectionBind per data connection (two per pair of clients).
+    m = metrics(app)
+    assert metric_sum(m, "actrix_tcp_allocations_created_total") >= 10, m
+    assert metric_sum(m, "actrix_tcp_connection_binds_total") >= 10, m
+    assert metric_sum(m, "actrix_tcp_relayed_bytes_total", direction="to_peer") >= 100_000, m
+    assert metric_sum(m, "actrix_tcp_relayed_bytes_total", direction="to_client") >= 100_000, m
+    assert metric_sum(m, "actrix_tcp_connections_moved_total", direction="out") == metric_sum(
+        m, "actrix_tcp_connections_moved_total", direction="in"
+    )
+
+
 def glommio_appliance(appliance_factory, **turn):
     """The appliance with its shards on glommio executors (io.backend = "glommio")."""
     app = appliance_factory({"turn": turn, "io": {"backend": "glommio"}})

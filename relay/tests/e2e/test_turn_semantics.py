@@ -156,10 +156,12 @@ def test_unknown_comprehension_required_attribute_gets_420(app):
 
 
 def test_transport_and_family_errors(app):
-    """T18: TCP relay 442; IPv6 requested from a node without an IPv6 relay address 440;
-    missing REQUESTED-TRANSPORT 400."""
+    """T18: a transport other than UDP or TCP 442; a TCP allocation asked for over UDP 400
+    (RFC 6062 section 5.1: only a TCP or TLS client connection can hold one); IPv6 requested
+    from a node without an IPv6 relay address 440; missing REQUESTED-TRANSPORT 400."""
     with client(app, bind=("127.0.3.8", 0)) as c:
-        assert code(c.request(tw.ALLOCATE, [(tw.REQUESTED_TRANSPORT, bytes([6, 0, 0, 0]))])) == 442
+        assert code(c.request(tw.ALLOCATE, [(tw.REQUESTED_TRANSPORT, bytes([132, 0, 0, 0]))])) == 442
+        assert code(c.request(tw.ALLOCATE, [(tw.REQUESTED_TRANSPORT, bytes([6, 0, 0, 0]))])) == 400
         assert code(c.allocate(family=2, check=False)) == 440
         assert code(c.request(tw.ALLOCATE, [])) == 400
 
