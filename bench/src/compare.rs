@@ -16,7 +16,7 @@ pub enum Better {
 }
 
 /// The metrics compared, in report order: (key, title, unit, better).
-pub const METRICS: [(&str, &str, &str, Better); 10] = [
+pub const METRICS: [(&str, &str, &str, Better); 12] = [
     (
         "cpu_us_per_relayed_pkt",
         "server CPU per relayed packet",
@@ -56,8 +56,20 @@ pub const METRICS: [(&str, &str, &str, Better); 10] = [
     ),
     (
         "rss_bytes_per_alloc",
-        "server RSS per idle allocation",
+        "server RSS per idle allocation (streams: per connection)",
         "bytes",
+        Better::Lower,
+    ),
+    (
+        "handshakes_per_s",
+        "connections per second (connect, TLS handshake, one request, close)",
+        "conn/s",
+        Better::Higher,
+    ),
+    (
+        "cpu_us_per_handshake",
+        "server CPU per connection (TLS: per full handshake)",
+        "us",
         Better::Lower,
     ),
     (

@@ -2,10 +2,12 @@
 //! RFC 8489/8656), with a bare recvmmsg/sendmmsg forwarder as the reference floor.
 //!
 //! - [`scenario`]: the TOML scenario files;
-//! - [`binding`], [`alloc`], [`relay`]: the load of each STUN/TURN scenario kind;
+//! - [`binding`], [`alloc`], [`relay`]: the load of each STUN/TURN scenario kind (`alloc`:
+//!   churn, idle and handshakes);
 //! - [`control`] (KS and AIS request rates over HTTP), [`signaling`] (WebSocket actors,
 //!   envelopes/s, routing latency): the appliance's control-thread services;
-//! - [`turn_client`]: the TURN client state machine and its multi-session driver;
+//! - [`turn_client`]: the TURN client state machine and its multi-session driver, over UDP
+//!   or a TCP/TLS connection ([`stream`]: non-blocking connections, rustls, stream framing);
 //! - [`reference`]: the forwarder/echo;
 //! - [`report`], [`svg`], [`compare`]: JSON, tables, plots and the comparison report;
 //! - [`sys`], [`load`], [`stats`]: batched I/O, pacing, /proc accounting, percentiles.
@@ -25,6 +27,7 @@ pub mod report;
 pub mod scenario;
 pub mod signaling;
 pub mod stats;
+pub mod stream;
 pub mod svg;
 pub mod sys;
 pub mod target;
@@ -72,6 +75,11 @@ pub fn run_scenario(sc: &Scenario, target: &Target, ctx: &Ctx) -> ScenarioReport
         Kind::Idle => {
             if let Some(s) = &sc.idle {
                 alloc::idle(target, s, ctx, &mut rep)
+            }
+        }
+        Kind::Handshake => {
+            if let Some(s) = &sc.handshake {
+                alloc::handshake(target, s, ctx, &mut rep)
             }
         }
         Kind::Ks => {

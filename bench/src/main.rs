@@ -34,6 +34,8 @@ enum KindArg {
     Reference,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run scenario files against a server; write JSON, a summary table and SVG plots.
@@ -41,9 +43,16 @@ enum Cmd {
         /// Scenario TOML files, run in order.
         #[arg(short, long = "scenario", required = true)]
         scenarios: Vec<PathBuf>,
-        /// Server STUN/TURN address (or the reference forwarder's).
+        /// Server STUN/TURN address over UDP (or the reference forwarder's).
         #[arg(long)]
         server: SocketAddr,
+        /// The server's TURN-over-TCP listener, for scenarios with transport = "tcp"
+        /// (default: the --server address).
+        #[arg(long)]
+        tcp: Option<SocketAddr>,
+        /// The server's TURN-over-TLS listener, for scenarios with transport = "tls".
+        #[arg(long)]
+        tls: Option<SocketAddr>,
         /// What the server is.
         #[arg(long, value_enum, default_value = "turn")]
         target: KindArg,
@@ -134,6 +143,8 @@ fn main() {
         Cmd::Run {
             scenarios,
             server,
+            tcp,
+            tls,
             target,
             label,
             user,
@@ -216,6 +227,8 @@ fn main() {
             let target = Target {
                 label,
                 addr: server,
+                tcp: Some(tcp.unwrap_or(server)),
+                tls,
                 kind: match target {
                     KindArg::Turn => TargetKind::Turn,
                     KindArg::Reference => TargetKind::Reference,

@@ -5,19 +5,25 @@
 //! round trip crosses the server twice, out and back. Against the reference forwarder the
 //! same datagrams carry the forward header instead of TURN framing.
 //!
+//! Clients reach the server over UDP, TCP or TLS (`transport`); peers are UDP either way. Over
+//! a stream each client is one connection carrying its ChannelData (padded to 4 bytes) or
+//! Send indications, `frames_per_write` of them per send, and the server's frames back.
+//!
 //! Payload: `[magic:4][tag:4][seq:8][send ns:8][padding]`. The tag changes every step so a
 //! straggler from an earlier step is never counted.
 
 use crate::load::{generator_limited, Ctx, Pacer, Probe, Progress, Window};
 use crate::reference;
 use crate::report::{Sample, ScenarioReport, StepReport};
-use crate::scenario::{RelayMode, RelaySpec};
+use crate::scenario::{RelayMode, RelaySpec, Transport};
 use crate::stats::{cpu_us_per_packet, loss, rate, Latency};
+use crate::stream::{padded_channel_len, Fill};
 use crate::sys::{self, Batch, Epoll};
 use crate::target::{Target, TargetKind};
-use crate::turn_client::{drive, DriveConfig, Op, Session};
+use crate::turn_client::{drive, DriveConfig, Link, LinkKind, Op, Session};
 use actrix_proto::stun::{attr, channel, method, Class, Message, MessageWriter};
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 pub const MIN_PAYLOAD: usize = 24;
@@ -34,6 +40,10 @@ struct Client {
     session: Session,
     templates: Vec<Template>,
     next_peer: usize,
+    /// Stream: epoll waits for writability too.
+    write_interest: bool,
+    /// Stream: the connection failed or the server closed it; no more sends.
+    dead: bool,
 }
 
 /// Everything one step measured.
@@ -48,6 +58,8 @@ pub struct StepStats {
     pub other_rx: u64,
     pub eagain: u64,
     pub send_errors: u64,
+    /// Stream connections that failed or that the server closed during the step.
+    pub stream_errors: u64,
     pub latency: Latency,
     pub series: Vec<Sample>,
     pub server_cpu: Option<f64>,
@@ -78,7 +90,7 @@ impl StepStats {
             p99_us: self.latency.quantile_us(0.99),
             server_cpu_us_per_pkt: self.cpu_us_per_pkt(),
             generator_limited: self.limited.is_some(),
-            passed: self.loss() <= max_loss && self.client_rx > 0,
+            passed: self.loss() <= max_loss && self.client_rx > 0 && self.stream_errors == 0,
         }
     }
 }
@@ -131,6 +143,7 @@ fn template(
     ch: u16,
     peer: SocketAddr,
     payload: usize,
+    stream: bool,
 ) -> Result<Template, String> {
     match (kind, mode) {
         (TargetKind::Reference, _) => {
@@ -144,7 +157,14 @@ fn template(
             })
         }
         (TargetKind::Turn, RelayMode::Channel) => {
-            let mut b = vec![0u8; 4 + payload];
+            // Over a stream ChannelData is padded to a multiple of 4 (RFC 8656 §12.5); the
+            // length field stays the payload's.
+            let len = if stream {
+                padded_channel_len(payload)
+            } else {
+                4 + payload
+            };
+            let mut b = vec![0u8; len];
             let mut h = [0u8; 4];
             channel::write_header(&mut h, ch, payload as u16);
             b[..4].copy_from_slice(&h);
@@ -177,6 +197,8 @@ fn template(
 /// The sockets and allocations of a relay run.
 pub struct Engine {
     kind: TargetKind,
+    transport: Transport,
+    frames_per_write: usize,
     clients: Vec<Client>,
     peers: Vec<UdpSocket>,
     payload: usize,
@@ -205,6 +227,8 @@ impl Engine {
     /// Open the peers, allocate for every client, permit every peer and (channel mode) bind
     /// one channel per peer. Every allocation must succeed.
     pub fn setup(target: &Target, spec: &RelaySpec, ctx: &Ctx) -> Result<Engine, String> {
+        let server = target.addr_for(spec.transport)?;
+        let link = LinkKind::for_transport(spec.transport, spec.tls_version)?;
         let bind = sys::local_bind_for(target.addr);
         let mut peers = Vec::with_capacity(spec.peers);
         for _ in 0..spec.peers {
@@ -235,9 +259,10 @@ impl Engine {
         let mut sessions = Vec::with_capacity(spec.clients);
         for i in 0..spec.clients {
             sessions.push(
-                Session::new(
+                Session::with_link(
                     i as u32,
-                    target.addr,
+                    link.clone(),
+                    server,
                     bind,
                     &creds.0,
                     &creds.1,
@@ -280,18 +305,22 @@ impl Engine {
                     channel::MIN + j as u16,
                     *p,
                     spec.payload,
+                    spec.transport.is_stream(),
                 )?);
             }
             clients.push(Client {
                 session: s,
                 templates,
                 next_peer: 0,
+                write_interest: false,
+                dead: false,
             });
         }
         let ep = Epoll::new(clients.len() + peers.len() + 1).map_err(|e| e.to_string())?;
-        for (i, c) in clients.iter().enumerate() {
-            ep.add(sys::raw(&c.session.sock), i as u64)
+        for (i, c) in clients.iter_mut().enumerate() {
+            ep.add(c.session.link.fd(), i as u64)
                 .map_err(|e| e.to_string())?;
+            sync_write(&ep, c, i);
         }
         for (j, p) in peers.iter().enumerate() {
             ep.add(sys::raw(p), (clients.len() + j) as u64)
@@ -299,6 +328,8 @@ impl Engine {
         }
         Ok(Engine {
             kind: target.kind,
+            transport: spec.transport,
+            frames_per_write: spec.frames_per_write.max(1),
             clients,
             peers,
             payload: spec.payload,
@@ -356,28 +387,71 @@ impl Engine {
                     let k = left.min(BATCH).min(left.div_ceil(n_clients - visited + 1));
                     let t_ns = epoch.elapsed().as_nanos() as u64;
                     let cl = &mut self.clients[c];
-                    for i in 0..k {
-                        let t = &cl.templates[cl.next_peer];
-                        cl.next_peer = (cl.next_peer + 1) % cl.templates.len();
-                        let len = t.bytes.len();
-                        let slot = self.sb.slot_mut(i);
-                        slot[..len].copy_from_slice(&t.bytes);
-                        self.seq += 1;
-                        write_payload(&mut slot[t.payload_off..], tag, self.seq, t_ns);
-                        self.sb.set_out(i, len, None);
+                    if let Link::Udp(sock) = &cl.session.link {
+                        for i in 0..k {
+                            let t = &cl.templates[cl.next_peer];
+                            cl.next_peer = (cl.next_peer + 1) % cl.templates.len();
+                            let len = t.bytes.len();
+                            let slot = self.sb.slot_mut(i);
+                            slot[..len].copy_from_slice(&t.bytes);
+                            self.seq += 1;
+                            write_payload(&mut slot[t.payload_off..], tag, self.seq, t_ns);
+                            self.sb.set_out(i, len, None);
+                        }
+                        let o = self.sb.send(sock.as_raw_fd(), k);
+                        pacer.on_sent(o.sent as u64);
+                        st.eagain += o.eagain as u64;
+                        st.send_errors += o.errors as u64;
+                    } else {
+                        let scratch = self.sb.slot_mut(0);
+                        let (sent, refused) = stream_send(
+                            cl,
+                            k,
+                            self.frames_per_write,
+                            scratch,
+                            &mut self.seq,
+                            tag,
+                            t_ns,
+                        );
+                        pacer.on_sent(sent as u64);
+                        st.eagain += refused as u64;
+                        if stream_flush(cl, &self.ep, c).is_err() {
+                            st.stream_errors += 1;
+                        }
                     }
-                    let o = self.sb.send(sys::raw(&cl.session.sock), k);
-                    pacer.on_sent(o.sent as u64);
-                    st.eagain += o.eagain as u64;
-                    st.send_errors += o.errors as u64;
                     left -= k;
                 }
             }
-            self.ep.wait(if capped { 0 } else { 1 }, &mut ready);
-            for &tok in &ready {
+            self.ep.wait_events(if capped { 0 } else { 1 }, &mut ready);
+            for &(tok, events) in &ready {
                 let tok = tok as usize;
+                if tok < n_clients && self.clients[tok].session.link.udp().is_none() {
+                    let cl = &mut self.clients[tok];
+                    if events & libc::EPOLLOUT as u32 != 0
+                        && stream_flush(cl, &self.ep, tok).is_err()
+                    {
+                        st.stream_errors += 1;
+                        continue;
+                    }
+                    if events & !(libc::EPOLLOUT as u32) == 0 {
+                        continue;
+                    }
+                    let now_ns = epoch.elapsed().as_nanos() as u64;
+                    match stream_recv(cl, self.kind, tag, now_ns, &mut st) {
+                        Ok(got) => pacer.on_acked(got, Instant::now()),
+                        Err(()) => {
+                            st.stream_errors += 1;
+                            cl.dead = true;
+                            self.ep.del(cl.session.link.fd());
+                        }
+                    }
+                    continue;
+                }
                 if tok < n_clients {
-                    let fd = sys::raw(&self.clients[tok].session.sock);
+                    let Some(fd) = self.clients[tok].session.link.udp().map(|s| s.as_raw_fd())
+                    else {
+                        continue;
+                    };
                     for _ in 0..8 {
                         let n = self.rb.recv(fd, BATCH).unwrap_or(0);
                         let now_ns = epoch.elapsed().as_nanos() as u64;
@@ -462,8 +536,15 @@ impl Engine {
         }
         let _ = self.payload;
         let mut sessions: Vec<Session> = self.clients.drain(..).map(|c| c.session).collect();
+        if self.transport.is_stream() {
+            // Closing a connection ends its allocation.
+            for s in sessions {
+                s.close();
+            }
+            return;
+        }
         for s in &mut sessions {
-            self.ep.del(sys::raw(&s.sock));
+            self.ep.del(s.link.fd());
             s.set_plan(vec![Op::Refresh(0)]);
         }
         let cfg = DriveConfig {
@@ -478,7 +559,124 @@ impl Engine {
     }
 }
 
+/// Queue `k` datagrams of stream client `cl` (built in `scratch`), writing every
+/// `per_write` of them with one send. Returns (queued, refused because too much waits).
+fn stream_send(
+    cl: &mut Client,
+    k: usize,
+    per_write: usize,
+    scratch: &mut [u8],
+    seq: &mut u64,
+    tag: u32,
+    t_ns: u64,
+) -> (usize, usize) {
+    let Link::Stream(conn) = &mut cl.session.link else {
+        return (0, k);
+    };
+    if cl.dead {
+        return (0, k);
+    }
+    let mut queued = 0;
+    for i in 0..k {
+        let t = &cl.templates[cl.next_peer];
+        let len = t.bytes.len();
+        scratch[..len].copy_from_slice(&t.bytes);
+        write_payload(&mut scratch[t.payload_off..], tag, *seq + 1, t_ns);
+        if !conn.queue(&scratch[..len]) {
+            return (queued, k - i);
+        }
+        *seq += 1;
+        cl.next_peer = (cl.next_peer + 1) % cl.templates.len();
+        queued += 1;
+        if queued % per_write == 0 && conn.flush().is_err() {
+            cl.dead = true;
+            return (queued, k - i - 1);
+        }
+    }
+    (queued, 0)
+}
+
+/// Write what waits on stream client `cl` and follow its need for writability.
+fn stream_flush(cl: &mut Client, ep: &Epoll, token: usize) -> Result<(), ()> {
+    let Link::Stream(conn) = &mut cl.session.link else {
+        return Ok(());
+    };
+    if cl.dead {
+        return Ok(());
+    }
+    if conn.pending() > 0 || conn.wants_write() {
+        if let Err(_e) = conn.on_writable() {
+            cl.dead = true;
+            ep.del(conn.fd());
+            return Err(());
+        }
+    }
+    sync_write(ep, cl, token);
+    Ok(())
+}
+
+fn sync_write(ep: &Epoll, cl: &mut Client, token: usize) {
+    let w = !cl.dead && cl.session.link.wants_write();
+    if w != cl.write_interest
+        && ep
+            .modify(cl.session.link.fd(), token as u64, true, w)
+            .is_ok()
+    {
+        cl.write_interest = w;
+    }
+}
+
+/// Read what stream client `cl` received (bounded), counting our datagrams that came back.
+fn stream_recv(
+    cl: &mut Client,
+    kind: TargetKind,
+    tag: u32,
+    now_ns: u64,
+    st: &mut StepStats,
+) -> Result<u64, ()> {
+    let Link::Stream(conn) = &mut cl.session.link else {
+        return Ok(0);
+    };
+    let mut got = 0u64;
+    for _ in 0..8 {
+        let more = match conn.fill() {
+            Ok(Fill::Data(_, more)) => more,
+            Ok(Fill::Nothing) => false,
+            Err(_) => return Err(()),
+        };
+        loop {
+            match conn.next_frame() {
+                Ok(Some(at)) => {
+                    match client_payload(conn.frame(at), kind).and_then(parse_payload) {
+                        Some((t, sent_ns)) if t == tag => {
+                            got += 1;
+                            st.latency.record_ns(now_ns.saturating_sub(sent_ns));
+                        }
+                        Some(_) => st.stale += 1,
+                        None => st.other_rx += 1,
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return Err(()),
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+    st.client_rx += got;
+    Ok(got)
+}
+
 pub fn run(target: &Target, spec: &RelaySpec, ctx: &Ctx, rep: &mut ScenarioReport) {
+    if target.kind == TargetKind::Reference && spec.transport.is_stream() {
+        rep.skipped = true;
+        rep.notes.push(format!(
+            "not applicable to the reference forwarder (UDP only; this scenario is over {})",
+            spec.transport.as_str()
+        ));
+        return;
+    }
     let probe = Probe { pid: target.pid };
     let mut engine = match Engine::setup(target, spec, ctx) {
         Ok(e) => e,
@@ -504,6 +702,15 @@ pub fn run(target: &Target, spec: &RelaySpec, ctx: &Ctx, rep: &mut ScenarioRepor
             _ => None,
         };
     };
+    if spec.transport.is_stream() {
+        let tls = engine.clients.first().and_then(|c| c.session.tls_summary());
+        rep.notes.push(format!(
+            "clients over {}{}, {} datagram(s) per send; peers over UDP",
+            spec.transport.as_str().to_uppercase(),
+            tls.map(|t| format!(" ({t})")).unwrap_or_default(),
+            spec.frames_per_write
+        ));
+    }
     rep.set("clients", spec.clients as f64);
     rep.set("peers", spec.peers as f64);
     rep.set("payload_bytes", spec.payload as f64);
@@ -644,6 +851,16 @@ pub fn run(target: &Target, spec: &RelaySpec, ctx: &Ctx, rep: &mut ScenarioRepor
         rep.set("loss", st.loss());
         rep.set("stale_rx", st.stale as f64);
         rep.set("other_rx", st.other_rx as f64);
+        rep.set("refused_sends", st.eagain as f64);
+        if engine.transport.is_stream() {
+            rep.set("stream_errors", st.stream_errors as f64);
+            // The generator's own CPU per relayed packet (its TLS records included): its
+            // headroom at this rate, shown next to the server's.
+            rep.set_opt(
+                "gen_cpu_us_per_relayed_pkt",
+                cpu_us_per_packet(Some(st.gen_cpu), st.client_rx + st.peer_rx),
+            );
+        }
         rep.set_opt("cpu_us_per_relayed_pkt", st.cpu_us_per_pkt());
         rep.latency = Some(st.latency.summary());
         if let Some(l) = &st.limited {
@@ -653,6 +870,11 @@ pub fn run(target: &Target, spec: &RelaySpec, ctx: &Ctx, rep: &mut ScenarioRepor
         }
         if st.client_rx == 0 {
             rep.fail("nothing came back through the relay");
+        } else if st.stream_errors > 0 {
+            rep.fail(format!(
+                "{} client connection(s) failed or were closed by the server",
+                st.stream_errors
+            ));
         } else if st.loss() > max_loss {
             rep.fail(format!(
                 "loss {:.3}% above the {:.3}% allowed",
@@ -692,7 +914,7 @@ mod tests {
             (TargetKind::Turn, RelayMode::Send),
             (TargetKind::Reference, RelayMode::Channel),
         ] {
-            let t = template(kind, mode, 0x4001, peer, 100).unwrap();
+            let t = template(kind, mode, 0x4001, peer, 100, false).unwrap();
             let mut b = t.bytes.clone();
             write_payload(&mut b[t.payload_off..], 9, 1, 777);
             assert_eq!(b.len(), t.payload_off + 100);
@@ -719,6 +941,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn stream_templates_are_framed_with_padding() {
+        use actrix_proto::stun::stream::{next, Frame};
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        for payload in [100, 101, 102, 103] {
+            let t = template(
+                TargetKind::Turn,
+                RelayMode::Channel,
+                0x4002,
+                peer,
+                payload,
+                true,
+            )
+            .unwrap();
+            assert_eq!(t.bytes.len() % 4, 0);
+            assert_eq!(t.bytes.len(), padded_channel_len(payload));
+            assert_eq!(
+                next(&t.bytes, 4096),
+                Frame::ChannelData {
+                    len: 4 + payload,
+                    total: t.bytes.len()
+                }
+            );
+            let mut b = t.bytes.clone();
+            write_payload(&mut b[t.payload_off..], 5, 6, 7);
+            assert_eq!(
+                client_payload(&b[..4 + payload], TargetKind::Turn).and_then(parse_payload),
+                Some((5, 7))
+            );
+        }
+        // A Send indication is a STUN message: a multiple of 4 already, framed as such.
+        let t = template(TargetKind::Turn, RelayMode::Send, 0, peer, 101, true).unwrap();
+        assert_eq!(next(&t.bytes, 4096), Frame::Stun(t.bytes.len()));
     }
 
     #[test]

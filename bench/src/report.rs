@@ -119,6 +119,7 @@ impl ScenarioReport {
             }
             "relay" => (pick("relayed_pps"), "relayed pkt/s"),
             "idle" => (pick("rss_bytes_per_alloc"), "B RSS/alloc"),
+            "handshake" => (pick("handshakes_per_s"), "conn/s"),
             "ks" if self.metrics.contains_key("ks_generate_rps") => {
                 (pick("ks_generate_rps"), "keys generated/s")
             }
@@ -232,7 +233,8 @@ pub fn summary_table(r: &RunReport) -> String {
             .metric("cpu_us_per_relayed_pkt")
             .or(s.metric("cpu_us_per_request"))
             .or(s.metric("cpu_us_per_envelope"))
-            .or(s.metric("cpu_us_per_alloc_cycle"));
+            .or(s.metric("cpu_us_per_alloc_cycle"))
+            .or(s.metric("cpu_us_per_handshake"));
         rows.push([
             s.name.clone(),
             s.kind.clone(),

@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! name = "relay-channel"
-//! kind = "relay"            # binding | churn | relay | idle
+//! kind = "relay"            # binding | churn | relay | idle | handshake | ks | ais | signaling
 //! description = "..."
 //! [relay]
 //! clients = 4
@@ -28,6 +28,8 @@ pub enum Kind {
     Relay,
     /// Many idle allocations held open: server memory per allocation.
     Idle,
+    /// Stream connections per second (TLS handshakes): connect, handshake, one request, close.
+    Handshake,
     /// Key Server request rate (signed HTTP): secret-key fetches or key generation.
     Ks,
     /// AIS registrations (protobuf over HTTP) per second.
@@ -43,6 +45,7 @@ impl Kind {
             Kind::Churn => "churn",
             Kind::Relay => "relay",
             Kind::Idle => "idle",
+            Kind::Handshake => "handshake",
             Kind::Ks => "ks",
             Kind::Ais => "ais",
             Kind::Signaling => "signaling",
@@ -61,9 +64,71 @@ pub struct Scenario {
     pub churn: Option<ChurnSpec>,
     pub relay: Option<RelaySpec>,
     pub idle: Option<IdleSpec>,
+    pub handshake: Option<HandshakeSpec>,
     pub ks: Option<KsSpec>,
     pub ais: Option<AisSpec>,
     pub signaling: Option<SignalingSpec>,
+}
+
+/// How the clients reach the server (RFC 8656 §3.1). Relaying to peers is UDP whatever the
+/// client side uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// One UDP socket per client 5-tuple.
+    #[default]
+    Udp,
+    /// A TCP connection per client, STUN and ChannelData framed on the stream.
+    Tcp,
+    /// The same inside TLS (RFC 7350; rustls, ALPN "stun.turn").
+    Tls,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
+    /// TCP or TLS: a connection per client, its allocation ending with it.
+    pub fn is_stream(self) -> bool {
+        self != Transport::Udp
+    }
+}
+
+/// The TLS version the generator's clients offer (only that one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.3")]
+    Tls13,
+    #[serde(rename = "1.2")]
+    Tls12,
+}
+
+/// How a churn cycle ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ChurnEnd {
+    /// Refresh with LIFETIME 0 (then, over a stream, close the connection).
+    #[default]
+    Refresh,
+    /// Close the connection without a Refresh: the allocation ends with it (streams only).
+    Close,
+}
+
+/// What a handshake cycle asks once the connection is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HandshakeRequest {
+    /// A STUN Binding request (no credentials).
+    #[default]
+    Binding,
+    /// An authenticated Allocate (the 401 challenge first).
+    Allocate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -216,6 +281,11 @@ pub struct ChurnSpec {
     pub source_ips: usize,
     /// Fail when more than this fraction of cycles fails.
     pub max_failure: f64,
+    /// Client transport; over TCP and TLS every cycle is a new connection.
+    pub transport: Transport,
+    pub tls_version: TlsVersion,
+    /// How a cycle ends: Refresh 0, or (streams) closing the connection.
+    pub end: ChurnEnd,
 }
 
 impl Default for ChurnSpec {
@@ -230,6 +300,9 @@ impl Default for ChurnSpec {
             peer: "127.0.0.1:9".into(),
             source_ips: 1024,
             max_failure: 0.01,
+            transport: Transport::Udp,
+            tls_version: TlsVersion::Tls13,
+            end: ChurnEnd::Refresh,
         }
     }
 }
@@ -262,6 +335,12 @@ pub struct RelaySpec {
     pub max_loss: f64,
     /// Step the offered rate to find the highest one under `search.max_loss`.
     pub search: Option<SearchSpec>,
+    /// Client transport (peers are UDP either way).
+    pub transport: Transport,
+    pub tls_version: TlsVersion,
+    /// Over streams: datagrams the generator writes to a connection with one send (TLS: each
+    /// is its own record either way). 1 is what independent real clients produce.
+    pub frames_per_write: usize,
 }
 
 impl Default for RelaySpec {
@@ -277,6 +356,9 @@ impl Default for RelaySpec {
             drain_ms: 300,
             max_loss: 0.001,
             search: None,
+            transport: Transport::Udp,
+            tls_version: TlsVersion::Tls13,
+            frames_per_write: 1,
         }
     }
 }
@@ -324,6 +406,9 @@ pub struct IdleSpec {
     pub source_ips: usize,
     /// Fail when fewer than this fraction of allocations succeeded.
     pub min_success: f64,
+    /// Client transport; over TCP and TLS each allocation holds its own connection.
+    pub transport: Transport,
+    pub tls_version: TlsVersion,
 }
 
 impl Default for IdleSpec {
@@ -336,6 +421,42 @@ impl Default for IdleSpec {
             attempts: 4,
             source_ips: 256,
             min_success: 0.99,
+            transport: Transport::Udp,
+            tls_version: TlsVersion::Tls13,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandshakeSpec {
+    /// `tls` (full handshakes, no session resumption) or `tcp` (connections alone).
+    pub transport: Transport,
+    pub tls_version: TlsVersion,
+    /// Connections being set up at once (closed loop: a new one when one finishes).
+    pub concurrency: usize,
+    pub duration_secs: f64,
+    /// The request each connection makes before it closes.
+    pub request: HandshakeRequest,
+    /// A cycle not answered within this long (from connect) fails.
+    pub timeout_ms: u64,
+    /// As `churn.source_ips`.
+    pub source_ips: usize,
+    /// Fail when more than this fraction of cycles fails.
+    pub max_failure: f64,
+}
+
+impl Default for HandshakeSpec {
+    fn default() -> Self {
+        HandshakeSpec {
+            transport: Transport::Tls,
+            tls_version: TlsVersion::Tls13,
+            concurrency: 32,
+            duration_secs: 3.0,
+            request: HandshakeRequest::Binding,
+            timeout_ms: 3000,
+            source_ips: 1024,
+            max_failure: 0.01,
         }
     }
 }
@@ -368,6 +489,9 @@ impl Scenario {
             Kind::Idle => {
                 self.idle.get_or_insert_with(Default::default);
             }
+            Kind::Handshake => {
+                self.handshake.get_or_insert_with(Default::default);
+            }
             Kind::Ks => {
                 self.ks.get_or_insert_with(Default::default);
             }
@@ -395,6 +519,7 @@ impl Scenario {
             (Kind::Churn, self.churn.is_some()),
             (Kind::Relay, self.relay.is_some()),
             (Kind::Idle, self.idle.is_some()),
+            (Kind::Handshake, self.handshake.is_some()),
             (Kind::Ks, self.ks.is_some()),
             (Kind::Ais, self.ais.is_some()),
             (Kind::Signaling, self.signaling.is_some()),
@@ -450,6 +575,16 @@ impl Scenario {
             if c.peer.parse::<std::net::SocketAddr>().is_err() {
                 errs.push(format!("churn.peer: {:?} is not IP:PORT", c.peer));
             }
+            if c.transport.is_stream() && (c.client_sockets > 0 || !c.new_socket_per_cycle) {
+                errs.push(
+                    "churn.transport: over tcp and tls every cycle is a new connection \
+                     (new_socket_per_cycle = true, client_sockets = 0)"
+                        .into(),
+                );
+            }
+            if c.end == ChurnEnd::Close && !c.transport.is_stream() {
+                errs.push("churn.end = \"close\": only over tcp or tls".into());
+            }
             dur(c.duration_secs, "churn.duration_secs", &mut errs);
             frac(c.max_failure, "churn.max_failure", &mut errs);
         }
@@ -468,6 +603,9 @@ impl Scenario {
             }
             if r.offered_pps == 0 && r.window == 0 && r.search.is_none() {
                 errs.push("relay.window: must be positive when offered_pps is 0".into());
+            }
+            if !(1..=64).contains(&r.frames_per_write) {
+                errs.push("relay.frames_per_write: 1..=64".into());
             }
             dur(r.duration_secs, "relay.duration_secs", &mut errs);
             frac(r.max_loss, "relay.max_loss", &mut errs);
@@ -499,6 +637,22 @@ impl Scenario {
                 errs.push("idle.hold_secs: in [0, 3600]".into());
             }
             frac(i.min_success, "idle.min_success", &mut errs);
+        }
+        if let Some(h) = &self.handshake {
+            if !h.transport.is_stream() {
+                errs.push("handshake.transport: tcp or tls".into());
+            }
+            if h.concurrency == 0 || h.concurrency > 4096 {
+                errs.push("handshake.concurrency: 1..=4096".into());
+            }
+            if h.source_ips == 0 || h.source_ips > 62_500 {
+                errs.push("handshake.source_ips: 1..=62500".into());
+            }
+            if h.timeout_ms == 0 || h.timeout_ms > 60_000 {
+                errs.push("handshake.timeout_ms: 1..=60000".into());
+            }
+            dur(h.duration_secs, "handshake.duration_secs", &mut errs);
+            frac(h.max_failure, "handshake.max_failure", &mut errs);
         }
         if let Some(k) = &self.ks {
             if k.connections == 0 || k.connections > 1024 {
@@ -557,6 +711,9 @@ impl Scenario {
         }
         if let Some(c) = &mut self.churn {
             s(&mut c.duration_secs);
+        }
+        if let Some(h) = &mut self.handshake {
+            s(&mut h.duration_secs);
         }
         if let Some(r) = &mut self.relay {
             s(&mut r.duration_secs);

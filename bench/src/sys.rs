@@ -307,7 +307,8 @@ pub fn self_cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Raise RLIMIT_NOFILE to its hard limit (the idle scenario holds thousands of sockets).
+/// Raise RLIMIT_NOFILE to its hard limit (the idle scenarios hold thousands of sockets or
+/// connections). Returns the limit now in force.
 pub fn raise_fd_limit() -> u64 {
     // SAFETY: getrlimit/setrlimit on a struct we own.
     unsafe {
@@ -360,6 +361,13 @@ pub fn proc_rss_bytes(pid: u32) -> io::Result<u64> {
     parse_status_kb(&s, "VmRSS:")
         .map(|kb| kb * 1024)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no VmRSS in /proc/PID/status"))
+}
+
+/// Open file descriptors of a process (entries of `/proc/PID/fd`).
+pub fn proc_fd_count(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count())
 }
 
 pub fn parse_status_kb(status: &str, key: &str) -> Option<u64> {

@@ -1,5 +1,6 @@
 //! The server under test: its address, what it is, its credentials and its process.
 
+use crate::scenario::Transport;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::Serialize;
@@ -72,7 +73,12 @@ pub fn unix_now() -> u64 {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub label: String,
+    /// The STUN/TURN address over UDP (or the reference forwarder's).
     pub addr: SocketAddr,
+    /// The TURN-over-TCP listener (`None`: scenarios over TCP fail).
+    pub tcp: Option<SocketAddr>,
+    /// The TURN-over-TLS listener.
+    pub tls: Option<SocketAddr>,
     pub kind: TargetKind,
     pub creds: Option<Credentials>,
     /// The server process whose CPU and memory are read; `None`: not measured.
@@ -89,6 +95,8 @@ pub struct TargetInfo {
     pub label: String,
     pub addr: String,
     pub kind: TargetKind,
+    pub tcp: Option<String>,
+    pub tls: Option<String>,
     pub credentials: String,
     pub pid: Option<u32>,
     pub process: Option<String>,
@@ -96,11 +104,26 @@ pub struct TargetInfo {
 }
 
 impl Target {
+    /// Where clients over `transport` connect (the UDP address for UDP).
+    pub fn addr_for(&self, transport: Transport) -> Result<SocketAddr, String> {
+        match transport {
+            Transport::Udp => Ok(self.addr),
+            Transport::Tcp => self
+                .tcp
+                .ok_or_else(|| "a scenario over TCP needs the server's --tcp address".into()),
+            Transport::Tls => self
+                .tls
+                .ok_or_else(|| "a scenario over TLS needs the server's --tls address".into()),
+        }
+    }
+
     pub fn info(&self) -> TargetInfo {
         TargetInfo {
             label: self.label.clone(),
             addr: self.addr.to_string(),
             kind: self.kind,
+            tcp: self.tcp.map(|a| a.to_string()),
+            tls: self.tls.map(|a| a.to_string()),
             credentials: self
                 .creds
                 .as_ref()

@@ -1,14 +1,20 @@
-//! A TURN client (RFC 8656, long-term credentials) as a state machine per socket, and a
-//! driver that runs many of them at once on one thread (epoll, fixed-RTO retransmission).
-//! Used for the churn and idle scenarios and for setting up the relay scenario.
+//! A TURN client (RFC 8656, long-term credentials) as a state machine per 5-tuple, and a
+//! driver that runs many of them at once on one thread (epoll; fixed-RTO retransmission over
+//! UDP, a transaction deadline over streams). The 5-tuple is a UDP socket or a TCP/TLS
+//! connection ([`Link`]). Used for the churn, idle and handshake scenarios and for setting up
+//! the relay scenario.
 
+use crate::scenario::{TlsVersion, Transport};
 use crate::stats::Latency;
+use crate::stream::{self, Fill, StreamConn, StreamError};
 use crate::sys::{self, Batch, Epoll};
 use actrix_proto::stun::{
     self, attr, code, long_term_key_md5, method, Class, Message, MessageWriter, HEADER_LEN,
 };
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// One TURN transaction to perform.
@@ -21,6 +27,8 @@ pub enum Op {
     ChannelBind(u16, SocketAddr),
     /// Refresh with this LIFETIME (0 deletes the allocation).
     Refresh(u32),
+    /// A STUN Binding request (never signed).
+    Binding,
 }
 
 impl Op {
@@ -30,6 +38,7 @@ impl Op {
             Op::Permission(_) => method::CREATE_PERMISSION,
             Op::ChannelBind(..) => method::CHANNEL_BIND,
             Op::Refresh(_) => method::REFRESH,
+            Op::Binding => method::BINDING,
         }
     }
 
@@ -39,6 +48,7 @@ impl Op {
             Op::Permission(_) => "create-permission",
             Op::ChannelBind(..) => "channel-bind",
             Op::Refresh(_) => "refresh",
+            Op::Binding => "binding",
         }
     }
 }
@@ -75,8 +85,101 @@ pub enum Event {
     Failed(String),
 }
 
+/// What a session's 5-tuple is.
+pub enum Link {
+    /// A UDP socket connected to the server.
+    Udp(UdpSocket),
+    /// A TCP or TLS connection.
+    Stream(StreamConn),
+    /// Not opened yet: the driver opens it when the session starts.
+    Deferred,
+}
+
+impl Link {
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Link::Udp(s) => s.as_raw_fd(),
+            Link::Stream(c) => c.fd(),
+            Link::Deferred => -1,
+        }
+    }
+
+    /// Whether the driver should wait for writability (a connect, bytes left unsent).
+    pub fn wants_write(&self) -> bool {
+        match self {
+            Link::Udp(_) | Link::Deferred => false,
+            Link::Stream(c) => c.wants_write(),
+        }
+    }
+
+    /// Send one message. A full UDP socket buffer is the same as a lost datagram (the RTO
+    /// resends it); a stream queues it and writes what the socket takes now.
+    fn send(&mut self, bytes: &[u8]) {
+        match self {
+            Link::Udp(s) => {
+                let _ = s.send(bytes);
+            }
+            Link::Stream(c) => {
+                if c.queue(bytes) {
+                    // An error surfaces on the next read.
+                    let _ = c.flush();
+                }
+            }
+            Link::Deferred => {}
+        }
+    }
+
+    pub fn udp(&self) -> Option<&UdpSocket> {
+        match self {
+            Link::Udp(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Close it as a client does (TLS: close_notify first).
+    pub fn close(self) {
+        if let Link::Stream(c) = self {
+            c.close();
+        }
+    }
+}
+
+/// How a session opens its 5-tuples.
+#[derive(Clone)]
+pub enum LinkKind {
+    Udp,
+    Tcp,
+    Tls(Arc<rustls::ClientConfig>),
+}
+
+impl LinkKind {
+    /// The links of a scenario's `transport` (a TLS client configuration built once).
+    pub fn for_transport(t: Transport, v: TlsVersion) -> Result<LinkKind, String> {
+        Ok(match t {
+            Transport::Udp => LinkKind::Udp,
+            Transport::Tcp => LinkKind::Tcp,
+            Transport::Tls => LinkKind::Tls(stream::tls_client_config(v)?),
+        })
+    }
+
+    fn open(&self, server: SocketAddr, bind: SocketAddr) -> std::io::Result<Link> {
+        match self {
+            LinkKind::Udp => connected_socket_from(server, bind).map(Link::Udp),
+            LinkKind::Tcp => StreamConn::connect(server, bind, None).map(Link::Stream),
+            LinkKind::Tls(cfg) => StreamConn::connect(server, bind, Some(cfg)).map(Link::Stream),
+        }
+    }
+
+    pub fn is_stream(&self) -> bool {
+        !matches!(self, LinkKind::Udp)
+    }
+}
+
 pub struct Session {
-    pub sock: UdpSocket,
+    pub link: Link,
+    kind: LinkKind,
+    /// The driver waits for this link's writability.
+    write_interest: bool,
     server: SocketAddr,
     bind: SocketAddr,
     /// Source-address rotation for new sockets: (index, stride, number of sources).
@@ -91,7 +194,7 @@ pub struct Session {
     id: u32,
     /// Requests sent (first transmissions; retransmissions are not counted).
     pub requests: u64,
-    /// Sockets taken in turn by [`Session::renew_socket`] instead of opening new ones.
+    /// Sockets taken in turn by [`Session::renew_socket`] instead of opening new ones (UDP).
     spare: Vec<UdpSocket>,
     spare_next: usize,
     pub relay: Option<SocketAddr>,
@@ -109,8 +212,62 @@ impl Session {
         password: &str,
         plan: Vec<Op>,
     ) -> std::io::Result<Self> {
-        Ok(Session {
-            sock: connected_socket_from(server, bind)?,
+        Self::with_link(id, LinkKind::Udp, server, bind, user, password, plan)
+    }
+
+    /// A session over `kind` (UDP, or a connection to `server` opened now), bound on `bind`.
+    pub fn with_link(
+        id: u32,
+        kind: LinkKind,
+        server: SocketAddr,
+        bind: SocketAddr,
+        user: &str,
+        password: &str,
+        plan: Vec<Op>,
+    ) -> std::io::Result<Self> {
+        let link = kind.open(server, bind)?;
+        Ok(Self::assemble(
+            id, kind, link, server, bind, user, password, plan,
+        ))
+    }
+
+    /// As [`Session::with_link`], the link opened only when the driver starts the session.
+    pub fn deferred(
+        id: u32,
+        kind: LinkKind,
+        server: SocketAddr,
+        bind: SocketAddr,
+        user: &str,
+        password: &str,
+        plan: Vec<Op>,
+    ) -> std::io::Result<Self> {
+        Ok(Self::assemble(
+            id,
+            kind,
+            Link::Deferred,
+            server,
+            bind,
+            user,
+            password,
+            plan,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        id: u32,
+        kind: LinkKind,
+        link: Link,
+        server: SocketAddr,
+        bind: SocketAddr,
+        user: &str,
+        password: &str,
+        plan: Vec<Op>,
+    ) -> Self {
+        Session {
+            link,
+            kind,
+            write_interest: false,
             server,
             bind,
             rotation: None,
@@ -127,7 +284,15 @@ impl Session {
             spare_next: 0,
             relay: None,
             started: Instant::now(),
-        })
+        }
+    }
+
+    /// Open a deferred link (a no-op otherwise).
+    pub fn open_deferred(&mut self) -> std::io::Result<()> {
+        if matches!(self.link, Link::Deferred) {
+            self.link = self.kind.open(self.server, self.bind)?;
+        }
+        Ok(())
     }
 
     /// Each new socket moves to the next source address: index += stride, over
@@ -140,6 +305,11 @@ impl Session {
     /// [`Session::renew_socket`] takes in turn: each 5-tuple comes back every `n + 1` cycles
     /// instead of a socket being opened, bound, connected and closed per cycle.
     pub fn add_spare_sockets(&mut self, n: usize) -> std::io::Result<()> {
+        if n > 0 && self.kind.is_stream() {
+            return Err(std::io::Error::other(
+                "spare sockets are for UDP: a stream is a new connection per cycle",
+            ));
+        }
         for _ in 0..n {
             if let Some((index, stride, sources)) = &mut self.rotation {
                 *index = index.wrapping_add(*stride);
@@ -153,20 +323,47 @@ impl Session {
 
     /// Move to another 5-tuple: the next spare socket if the session has them (the current
     /// one takes its place), else a new socket. The learned realm and nonce are kept.
+    /// A stream closes its connection (the allocation on it ends) and opens a new one.
     pub fn renew_socket(&mut self) -> std::io::Result<()> {
         if !self.spare.is_empty() {
-            std::mem::swap(&mut self.sock, &mut self.spare[self.spare_next]);
-            self.spare_next = (self.spare_next + 1) % self.spare.len();
-            self.relay = None;
-            return Ok(());
+            if let Link::Udp(sock) = &mut self.link {
+                std::mem::swap(sock, &mut self.spare[self.spare_next]);
+                self.spare_next = (self.spare_next + 1) % self.spare.len();
+                self.relay = None;
+                return Ok(());
+            }
         }
         if let Some((index, stride, n)) = &mut self.rotation {
             *index = index.wrapping_add(*stride);
             self.bind = sys::client_bind(self.server, *index, *n);
         }
-        self.sock = connected_socket_from(self.server, self.bind)?;
+        let link = self.kind.open(self.server, self.bind)?;
+        std::mem::replace(&mut self.link, link).close();
+        self.write_interest = false;
         self.relay = None;
         Ok(())
+    }
+
+    /// Close the session's 5-tuple as a client does (streams: the allocation ends with it).
+    pub fn close(self) {
+        self.link.close();
+    }
+
+    /// Stream: how long the connection took to be usable (TCP connect, or through the TLS
+    /// handshake).
+    pub fn established_in(&self) -> Option<Duration> {
+        match &self.link {
+            Link::Stream(c) => c.established_at.map(|t| t.duration_since(c.opened_at)),
+            _ => None,
+        }
+    }
+
+    /// Stream over TLS: what was negotiated.
+    pub fn tls_summary(&self) -> Option<String> {
+        match &self.link {
+            Link::Stream(c) => c.tls_summary(),
+            _ => None,
+        }
     }
 
     pub fn set_plan(&mut self, plan: Vec<Op>) {
@@ -202,8 +399,9 @@ impl Session {
                 w.add_xor_addr(attr::XOR_PEER_ADDRESS, *p)?;
             }
             Op::Refresh(lifetime) => w.add_u32(attr::LIFETIME, *lifetime)?,
+            Op::Binding => {}
         }
-        if self.auth.known {
+        if self.auth.known && *op != Op::Binding {
             w.add(attr::USERNAME, self.user.as_bytes())?;
             w.add(attr::REALM, &self.auth.realm)?;
             w.add(attr::NONCE, &self.auth.nonce)?;
@@ -224,8 +422,7 @@ impl Session {
             Err(_) => return Event::Failed(format!("{}: request too large", op.name())),
         };
         self.requests += 1;
-        // A full socket buffer is the same as a lost datagram: the RTO resends it.
-        let _ = self.sock.send(&bytes);
+        self.link.send(&bytes);
         self.txn = Some(Txn {
             tid,
             bytes,
@@ -248,6 +445,16 @@ impl Session {
         let Some(t) = &mut self.txn else {
             return Event::Ignored;
         };
+        if self.kind.is_stream() {
+            // Reliable transport: no retransmission, one deadline for the whole transaction
+            // (the connect and the TLS handshake included).
+            if now.duration_since(t.sent_at) < rto * attempts {
+                return Event::Ignored;
+            }
+            let name = self.plan.get(self.cursor).map(|o| o.name()).unwrap_or("?");
+            self.txn = None;
+            return Event::Failed(format!("{name}: timeout"));
+        }
         if now.duration_since(t.sent_at) < rto {
             return Event::Ignored;
         }
@@ -258,8 +465,66 @@ impl Session {
         }
         t.attempts += 1;
         t.sent_at = now;
-        let _ = self.sock.send(&t.bytes);
+        if let Link::Udp(s) = &self.link {
+            let _ = s.send(&t.bytes);
+        }
         Event::Sent
+    }
+
+    fn stream_failed(&mut self, e: StreamError) -> Event {
+        let name = self.plan.get(self.cursor).map(|o| o.name()).unwrap_or("?");
+        self.txn = None;
+        Event::Failed(format!("{name}: {e}"))
+    }
+
+    /// Stream: the connection is writable (its connect finished, or room for what waits).
+    pub fn on_writable(&mut self) -> Event {
+        let Link::Stream(c) = &mut self.link else {
+            return Event::Ignored;
+        };
+        match c.on_writable() {
+            Ok(()) => Event::Ignored,
+            Err(e) => self.stream_failed(e),
+        }
+    }
+
+    /// Stream: the connection is readable. Reads (a bounded number of times), frames, and
+    /// feeds each message to [`Session::on_datagram`] until one moves the session on.
+    pub fn on_readable(&mut self) -> Event {
+        let mut frame = [0u8; stream::MAX_FRAME];
+        for _ in 0..8 {
+            let Link::Stream(c) = &mut self.link else {
+                return Event::Ignored;
+            };
+            let more = match c.fill() {
+                Ok(Fill::Data(_, more)) => more,
+                Ok(Fill::Nothing) => false,
+                Err(e) => return self.stream_failed(e),
+            };
+            loop {
+                let Link::Stream(c) = &mut self.link else {
+                    return Event::Ignored;
+                };
+                let n = match c.next_frame() {
+                    Ok(Some(at)) => {
+                        let f = c.frame(at);
+                        frame[..f.len()].copy_from_slice(f);
+                        f.len()
+                    }
+                    Ok(None) => break,
+                    Err(e) => return self.stream_failed(e),
+                };
+                let ev = self.on_datagram(&frame[..n]);
+                if ev != Event::Ignored {
+                    // Request and answer go in lock step: nothing else of ours can wait.
+                    return ev;
+                }
+            }
+            if !more {
+                break;
+            }
+        }
+        Event::Ignored
     }
 
     /// Feed one datagram received on the session's socket.
@@ -372,6 +637,7 @@ pub struct DriveConfig {
     pub attempts: u32,
     pub deadline: Instant,
     /// Start the plan again after it completes (churn) instead of finishing (setup, idle).
+    /// A repeating stream session always takes a new connection per cycle.
     pub repeat: bool,
     /// With `repeat`: a fresh socket for each cycle.
     pub new_socket_per_cycle: bool,
@@ -386,6 +652,26 @@ pub struct DriveResult {
     /// Which sessions completed their plan (non-repeating runs).
     pub done: Vec<bool>,
     pub elapsed: Duration,
+    /// Streams: connect (TCP) or connect and TLS handshake (TLS) time of completed cycles.
+    pub established: Latency,
+    /// TLS: version, cipher suite and ALPN of the first completed cycle.
+    pub tls_summary: Option<String>,
+}
+
+/// Register `s` with `ep` under `token`, waiting for writability when its link needs it.
+fn register(ep: &Epoll, s: &mut Session, token: u64) -> std::io::Result<()> {
+    ep.add(s.link.fd(), token)?;
+    s.write_interest = false;
+    sync_interest(ep, s, token);
+    Ok(())
+}
+
+/// Follow the link's need for writability (a connect in progress, bytes left unsent).
+fn sync_interest(ep: &Epoll, s: &mut Session, token: u64) {
+    let w = s.link.wants_write();
+    if w != s.write_interest && ep.modify(s.link.fd(), token, true, w).is_ok() {
+        s.write_interest = w;
+    }
 }
 
 /// Run `sessions` until every one finished (non-repeating) or the deadline passed.
@@ -409,8 +695,8 @@ pub fn drive(
     let mut last_timer = Instant::now();
     let mut last_progress = Instant::now();
 
-    // Outcome handling shared by datagrams and timers. Returns true when the session left
-    // the running set.
+    // Outcome handling shared by datagrams, stream events and timers. Returns true when the
+    // session left the running set.
     fn settle(
         i: usize,
         ev: Event,
@@ -424,17 +710,25 @@ pub fn drive(
                 res.completed += 1;
                 res.latency
                     .record_ns(s.started.elapsed().as_nanos().min(u64::MAX as u128) as u64);
+                if let Some(d) = s.established_in() {
+                    res.established
+                        .record_ns(d.as_nanos().min(u64::MAX as u128) as u64);
+                }
+                if res.tls_summary.is_none() {
+                    res.tls_summary = s.tls_summary();
+                }
                 if cfg.repeat {
-                    if cfg.new_socket_per_cycle {
-                        ep.del(sys::raw(&s.sock));
-                        if s.renew_socket().is_err() || ep.add(sys::raw(&s.sock), i as u64).is_err()
-                        {
+                    if cfg.new_socket_per_cycle || s.kind.is_stream() {
+                        ep.del(s.link.fd());
+                        if s.renew_socket().is_err() || register(ep, s, i as u64).is_err() {
                             *res.reasons.entry("socket: cannot open".into()).or_default() += 1;
                             res.failed += 1;
                             return true;
                         }
                     }
-                    matches!(s.start(), Event::Failed(_) | Event::Done)
+                    let gone = matches!(s.start(), Event::Failed(_) | Event::Done);
+                    sync_interest(ep, s, i as u64);
+                    gone
                 } else {
                     res.done[i] = true;
                     true
@@ -446,16 +740,21 @@ pub fn drive(
                 if cfg.repeat {
                     // A failed cycle may leave an allocation behind on the old 5-tuple: start
                     // over on a new one (the server expires the old one by itself).
-                    ep.del(sys::raw(&s.sock));
-                    if s.renew_socket().is_err() || ep.add(sys::raw(&s.sock), i as u64).is_err() {
+                    ep.del(s.link.fd());
+                    if s.renew_socket().is_err() || register(ep, s, i as u64).is_err() {
                         return true;
                     }
-                    matches!(s.start(), Event::Failed(_) | Event::Done)
+                    let gone = matches!(s.start(), Event::Failed(_) | Event::Done);
+                    sync_interest(ep, s, i as u64);
+                    gone
                 } else {
                     true
                 }
             }
-            _ => false,
+            _ => {
+                sync_interest(ep, s, i as u64);
+                false
+            }
         }
     }
 
@@ -468,42 +767,67 @@ pub fn drive(
             let i = next;
             next += 1;
             let s = &mut sessions[i];
-            ep.add(sys::raw(&s.sock), i as u64)?;
+            if let Err(e) = s.open_deferred() {
+                res.failed += 1;
+                *res.reasons.entry(format!("connect: {e}")).or_default() += 1;
+                continue;
+            }
+            register(&ep, s, i as u64)?;
             let ev = s.start();
             if !settle(i, ev, s, cfg, &mut res, &ep) {
                 running.push(i);
             } else {
-                ep.del(sys::raw(&s.sock));
+                ep.del(s.link.fd());
             }
         }
         if running.is_empty() && next >= n {
             break;
         }
-        ep.wait(2, &mut ready);
+        ep.wait_events(2, &mut ready);
         let mut left = Vec::new();
-        for &tok in &ready {
+        for &(tok, events) in &ready {
             let i = tok as usize;
             let Some(s) = sessions.get_mut(i) else {
                 continue;
             };
-            // Bounded drain: a flood on one socket cannot starve the others.
-            for _ in 0..4 {
-                let fd = sys::raw(&s.sock);
-                let got = batch.recv(fd, batch.capacity()).unwrap_or_default();
-                let mut gone = false;
-                for k in 0..got {
-                    let ev = s.on_datagram(batch.datagram(k));
-                    if settle(i, ev, s, cfg, &mut res, &ep) {
-                        gone = true;
+            if let Link::Udp(sock) = &s.link {
+                let fd = sock.as_raw_fd();
+                // Bounded drain: a flood on one socket cannot starve the others.
+                for _ in 0..4 {
+                    let got = batch.recv(fd, batch.capacity()).unwrap_or_default();
+                    let mut gone = false;
+                    for k in 0..got {
+                        let ev = s.on_datagram(batch.datagram(k));
+                        if settle(i, ev, s, cfg, &mut res, &ep) {
+                            gone = true;
+                            break;
+                        }
+                    }
+                    if gone {
+                        left.push(i);
+                        break;
+                    }
+                    if got < batch.capacity() {
                         break;
                     }
                 }
-                if gone {
+                continue;
+            }
+            let fd = s.link.fd();
+            if events & libc::EPOLLOUT as u32 != 0 {
+                let ev = s.on_writable();
+                if settle(i, ev, s, cfg, &mut res, &ep) {
                     left.push(i);
-                    break;
+                    continue;
                 }
-                if got < batch.capacity() {
-                    break;
+                if s.link.fd() != fd {
+                    continue; // renewed: the old connection's readiness is moot
+                }
+            }
+            if events & !(libc::EPOLLOUT as u32) != 0 {
+                let ev = s.on_readable();
+                if settle(i, ev, s, cfg, &mut res, &ep) {
+                    left.push(i);
                 }
             }
         }
@@ -523,7 +847,7 @@ pub fn drive(
             left.dedup();
             running.retain(|i| left.binary_search(i).is_err());
             for &i in &left {
-                ep.del(sys::raw(&sessions[i].sock));
+                ep.del(sessions[i].link.fd());
             }
         }
         if last_progress.elapsed() >= Duration::from_secs(1) {

@@ -47,6 +47,8 @@ fn target(h: &ControlHandle, key: Option<&str>) -> Target {
     Target {
         label: "control".into(),
         addr: "127.0.0.1:9".parse().unwrap(),
+        tcp: None,
+        tls: None,
         kind: TargetKind::Turn,
         creds: None,
         // The control thread runs in this process.

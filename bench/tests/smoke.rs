@@ -11,6 +11,8 @@ fn reference_target(addr: std::net::SocketAddr) -> Target {
     Target {
         label: "reference".into(),
         addr,
+        tcp: None,
+        tls: None,
         kind: TargetKind::Reference,
         creds: None,
         // Our own process: the in-process forwarder's CPU is ours.
