@@ -36,6 +36,9 @@ ACTRIX_PORT=${ACTRIX_PORT:-34780}
 COTURN_PORT=${COTURN_PORT:-34790}
 REF_PORT=${REF_PORT:-34800}
 HTTP_PORT=${HTTP_PORT:-34880}
+# TURN over TCP shares each server's UDP port number; TURN over TLS has its own port.
+ACTRIX_TLS_PORT=${ACTRIX_TLS_PORT:-34781}
+COTURN_TLS_PORT=${COTURN_TLS_PORT:-34791}
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -130,6 +133,13 @@ shards = [$SERVER_CORE]
 control = $GEN_CORE
 [stun]
 listen = ["127.0.0.1:$ACTRIX_PORT"]
+listen_tcp = ["127.0.0.1:$ACTRIX_PORT"]
+listen_tls = ["127.0.0.1:$ACTRIX_TLS_PORT"]
+tls_cert = "$OUT/tls-cert.pem"
+tls_key = "$OUT/tls-key.pem"
+# The stream scenarios spread their connections over loopback sources, up to a few
+# thousand at once (idle-tls).
+max_connections_per_ip = 1024
 [turn]
 relay_addresses = ["${ACTRIX_RELAY_ADDRESS:-127.0.0.1}"]
 allow_peers = ["127.0.0.0/8"]
@@ -150,22 +160,23 @@ start_server() {
   local name=$1 logf=$2
   case "$name" in
     reference)
-      PORT=$REF_PORT
+      PORT=$REF_PORT TLS_PORT=""
       port_free "$PORT" || { echo "bench-compare: UDP $PORT is in use" >&2; exit 2; }
       taskset -c "$SERVER_CORE" "$BENCH" reference --listen "127.0.0.1:$PORT" --core "$SERVER_CORE" \
         >"$logf" 2>&1 &
       SERVER_PID=$! ;;
     coturn)
-      PORT=$COTURN_PORT
+      PORT=$COTURN_PORT TLS_PORT=$COTURN_TLS_PORT
       port_free "$PORT" || { echo "bench-compare: UDP $PORT is in use" >&2; exit 2; }
       taskset -c "$SERVER_CORE" turnserver -n --no-cli --listening-ip=127.0.0.1 \
         --listening-port="$PORT" --relay-ip=127.0.0.1 --min-port=40000 --max-port=48000 \
         --lt-cred-mech --user=bench:bench-password --realm=actor-rtc.local \
-        --allow-loopback-peers --no-tls --no-dtls --no-stdout-log --simple-log \
+        --allow-loopback-peers --tls-listening-port="$COTURN_TLS_PORT" \
+        --cert="$OUT/tls-cert.pem" --pkey="$OUT/tls-key.pem" --no-dtls --no-stdout-log --simple-log \
         --log-file="$logf" --pidfile="$OUT/coturn.pid" >/dev/null 2>&1 &
       SERVER_PID=$! ;;
     *)
-      PORT=$ACTRIX_PORT
+      PORT=$ACTRIX_PORT TLS_PORT=$ACTRIX_TLS_PORT
       port_free "$PORT" || { echo "bench-compare: UDP $PORT is in use" >&2; exit 2; }
       RUST_LOG=warn "${VBIN[$name]}" run -c "$OUT/actrix-$name.toml" >"$logf" 2>&1 &
       SERVER_PID=$! ;;
@@ -181,6 +192,8 @@ start_server() {
 }
 
 # --- rounds: every target once per round, the order rotated every round -----------------
+# One self-signed pair (ECDSA P-256) for both servers' TLS listeners.
+"${VBIN[$OURS]}" cert --self-signed --cert "$OUT/tls-cert.pem" --key "$OUT/tls-key.pem" >/dev/null
 for name in "${VNAMES[@]}"; do write_actrix_config "$name"; done
 TARGETS=(reference coturn "${VNAMES[@]}")
 NT=${#TARGETS[@]}
@@ -196,10 +209,11 @@ for round in $(seq 1 "$ROUNDS"); do
     sleep 0.5
     AUTH=(--user bench --password bench-password)
     KIND=turn
-    [ "$name" = reference ] && { AUTH=(); KIND=reference; }
+    STREAMS=(--tcp "127.0.0.1:$PORT" --tls "127.0.0.1:$TLS_PORT")
+    [ "$name" = reference ] && { AUTH=(); KIND=reference; STREAMS=(); }
     set +e
     "$BENCH" run "${SCEN_ARGS[@]}" --server "127.0.0.1:$PORT" --target "$KIND" --label "$name" \
-      "${AUTH[@]}" --server-pid "$SERVER_PID" --core "$GEN_CORE" --time-scale "$TIME_SCALE" \
+      "${STREAMS[@]}" "${AUTH[@]}" --server-pid "$SERVER_PID" --core "$GEN_CORE" --time-scale "$TIME_SCALE" \
       --out "$dir" -q >"$dir/summary.stdout" 2>"$dir/bench.stderr"
     rc=$?
     set -e
