@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a fresh Debian machine: coturn's test clients
 # (turnutils_uclient, turnutils_stunclient, turnutils_peer), iproute2 for network namespaces,
-# Chromium for the diagnostics page, shellcheck, and the Python packages of the end-to-end
-# tests (aioice, pytest). Idempotent and quiet.
+# Chromium for the browser tests (with openssl and NSS's certutil for their TLS
+# certificates), the shell linter, and the Python packages of the end-to-end tests (aioice,
+# pytest). Idempotent and quiet.
 set -euo pipefail
 
 need_apt=()
@@ -10,6 +11,10 @@ command -v turnutils_uclient >/dev/null 2>&1 || need_apt+=(coturn)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # Headless Chromium drives the diagnostics page end to end; shellcheck lints the scripts.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# The browser tests of TURN over TLS make a test CA (openssl) and have Chromium trust it through
+# an NSS database of its own (certutil, from libnss3-tools).
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v certutil >/dev/null 2>&1 || need_apt+=(libnss3-tools)
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
 # protoc: the actr-protocol crate (the Actrix clients' message types, used by a test) runs it.
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)

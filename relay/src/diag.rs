@@ -3,10 +3,16 @@
 //!
 //! A small self-contained page (HTML, CSS and vanilla JS embedded in the binary, no CDN) that,
 //! in the operator's browser:
-//! - gathers ICE candidates against this node's STUN and TURN URLs (policy "all" for host and
-//!   server-reflexive candidates, policy "relay" for relayed ones) and lists them;
-//! - connects two relay-only `RTCPeerConnection`s to each other inside the page and measures
-//!   the round-trip time of data-channel echoes through the relay (median, min, max);
+//! - shows the ICE server URLs a WebRTC application should use for this node, one per
+//!   configured TURN transport (`turn:HOST:PORT?transport=udp`, `turn:HOST:PORT?transport=tcp`,
+//!   `turns:NAME:PORT`), derived from the running configuration by [`ice_urls`] and
+//!   [`stream_urls`];
+//! - gathers ICE candidates against this node's STUN and the TURN URLs of the transport the
+//!   user chose (policy "all" for host and server-reflexive candidates, policy "relay" for
+//!   relayed ones) and lists them;
+//! - connects two relay-only `RTCPeerConnection`s to each other inside the page, over that
+//!   transport, and measures the round-trip time of data-channel echoes through the relay
+//!   (median, min, max);
 //! - polls `/metrics` every 2 s and shows a handful of the node's figures.
 //!
 //! Credentials are typed by the operator, or minted for the page by `GET /diag/credential`
@@ -19,8 +25,10 @@
 //! With `?auto=1` (or `#auto=1`) the page runs at once and writes its results as JSON into
 //! `<pre id="result" data-done="1">`: the end-to-end test drives it that way. Parameters:
 //! `user`, `pass` (prefer the `#` fragment, which never reaches the server or its logs),
-//! `pings` (echo count, default 20) and `mint=1` (use a minted credential).
+//! `pings` (echo count, default 20), `transport` (`udp`, `tcp` or `tls`; the first configured
+//! one by default) and `mint=1` (use a minted credential).
 
+use actrix_proto::turn::Transport;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
@@ -47,6 +55,16 @@ pub struct DiagOptions {
     pub stun_urls: Vec<String>,
     /// `turn:HOST:PORT?transport=udp` URLs of this node.
     pub turn_urls: Vec<String>,
+    /// `turn:HOST:PORT?transport=tcp` URLs of this node's TURN-over-TCP listeners (see
+    /// [`stream_urls`]).
+    pub turn_tcp_urls: Vec<String>,
+    /// `turns:NAME:PORT` URLs of this node's TURN-over-TLS listeners.
+    pub turns_urls: Vec<String>,
+    /// What the TLS certificate says (shown next to the `turns:` URLs).
+    pub tls: TlsNames,
+    /// The addresses this node listens on for STUN/TURN clients, with their transport (UDP
+    /// listeners first, then the stream listeners, as configured).
+    pub listeners: Vec<(Transport, SocketAddr)>,
     /// The current TURN REST secret; `Some` enables `GET /diag/credential`.
     pub rest_secret: Option<String>,
     /// Lifetime of a minted credential, seconds (0 means [`DEFAULT_CREDENTIAL_TTL_SECS`]).
@@ -58,9 +76,35 @@ impl Default for DiagOptions {
         DiagOptions {
             stun_urls: Vec::new(),
             turn_urls: Vec::new(),
+            turn_tcp_urls: Vec::new(),
+            turns_urls: Vec::new(),
+            tls: TlsNames::default(),
+            listeners: Vec::new(),
             rest_secret: None,
             credential_ttl_secs: DEFAULT_CREDENTIAL_TTL_SECS,
         }
+    }
+}
+
+/// The IP a client reaches listener `l` at: its own, or for a wildcard listener the `public`
+/// address of its family (None without one).
+fn reachable_ip(l: &SocketAddr, public: &[IpAddr]) -> Option<IpAddr> {
+    if l.ip().is_unspecified() {
+        public
+            .iter()
+            .find(|p| p.is_ipv4() == l.is_ipv4() && !p.is_unspecified())
+            .copied()
+    } else {
+        Some(l.ip())
+    }
+}
+
+/// The host part of a URL for `ip` (IPv6 in brackets), or [`HOST_PLACEHOLDER`].
+fn url_host(ip: Option<IpAddr>) -> String {
+    match ip {
+        None => HOST_PLACEHOLDER.to_string(),
+        Some(IpAddr::V6(v6)) => format!("[{v6}]"),
+        Some(v4) => v4.to_string(),
     }
 }
 
@@ -71,19 +115,7 @@ pub fn ice_urls(listen: &[SocketAddr], public: &[IpAddr]) -> (Vec<String>, Vec<S
     let mut stun = Vec::new();
     let mut turn = Vec::new();
     for l in listen {
-        let ip = if l.ip().is_unspecified() {
-            public
-                .iter()
-                .find(|p| p.is_ipv4() == l.is_ipv4() && !p.is_unspecified())
-                .copied()
-        } else {
-            Some(l.ip())
-        };
-        let host = match ip {
-            None => HOST_PLACEHOLDER.to_string(),
-            Some(IpAddr::V6(v6)) => format!("[{v6}]"),
-            Some(v4) => v4.to_string(),
-        };
+        let host = url_host(reachable_ip(l, public));
         let s = format!("stun:{host}:{}", l.port());
         let t = format!("turn:{host}:{}?transport=udp", l.port());
         if !stun.contains(&s) {
@@ -92,6 +124,66 @@ pub fn ice_urls(listen: &[SocketAddr], public: &[IpAddr]) -> (Vec<String>, Vec<S
         }
     }
     (stun, turn)
+}
+
+/// What the TURN-over-TLS certificate says about the names clients may use in `turns:` URLs
+/// (filled by [`crate::tls::certificate_names`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsNames {
+    /// The DNS names of its subjectAltName, wildcards (`*.example.com`) included, in order.
+    pub dns: Vec<String>,
+    /// Those of the TLS listeners' reachable addresses it is valid for (IP subjectAltNames).
+    pub ips: Vec<IpAddr>,
+    /// Issued by itself (as `actrix cert --self-signed` makes them): browsers refuse it
+    /// unless told to trust it.
+    pub self_signed: bool,
+}
+
+/// Whether a client on another machine can use DNS name `n` for a listener at `ip`:
+/// `localhost` only means this node to a client on it.
+fn name_fits(n: &str, ip: Option<IpAddr>) -> bool {
+    let local =
+        n.eq_ignore_ascii_case("localhost") || n.to_ascii_lowercase().ends_with(".localhost");
+    !n.starts_with('*') && (!local || ip.is_some_and(|ip| ip.is_loopback()))
+}
+
+/// TURN URLs for the stream listeners: `turn:HOST:PORT?transport=tcp` for TCP and
+/// `turns:NAME:PORT` for TLS (TCP is implied by `turns:`, RFC 7065). Hosts are found as in
+/// [`ice_urls`]. A TLS client checks the certificate against the name in the URL, so a
+/// `turns:` URL names the first DNS name of the certificate a remote client can use (not a
+/// wildcard, not `localhost` unless the listener is on loopback); without one, the
+/// listener's address, which the certificate may be valid for ([`TlsNames::ips`]; the page
+/// warns when it is not).
+pub fn stream_urls(
+    streams: &[(SocketAddr, Transport)],
+    public: &[IpAddr],
+    tls: &TlsNames,
+) -> (Vec<String>, Vec<String>) {
+    let mut tcp = Vec::new();
+    let mut turns = Vec::new();
+    for (l, transport) in streams {
+        let ip = reachable_ip(l, public);
+        let url = match transport {
+            Transport::Tcp => format!("turn:{}:{}?transport=tcp", url_host(ip), l.port()),
+            Transport::Tls => {
+                let host = match tls.dns.iter().find(|n| name_fits(n, ip)) {
+                    Some(name) => name.clone(),
+                    None => url_host(ip),
+                };
+                format!("turns:{host}:{}", l.port())
+            }
+            Transport::Udp | Transport::Dtls => continue,
+        };
+        let list = if *transport == Transport::Tcp {
+            &mut tcp
+        } else {
+            &mut turns
+        };
+        if !list.contains(&url) {
+            list.push(url);
+        }
+    }
+    (tcp, turns)
 }
 
 /// A TURN REST credential minted for the page.
@@ -146,12 +238,41 @@ fn json_list(v: &[String]) -> String {
     format!("[{}]", items.join(","))
 }
 
-/// The page's configuration, embedded in the HTML.
+/// The listen addresses of `transport` among `listeners`, as text.
+fn listen_list(listeners: &[(Transport, SocketAddr)], transport: Transport) -> Vec<String> {
+    listeners
+        .iter()
+        .filter(|(t, _)| *t == transport)
+        .map(|(_, a)| a.to_string())
+        .collect()
+}
+
+/// The page's configuration, embedded in the HTML: `listen` and `turn` hold the listen
+/// addresses and the URLs of each transport (an absent transport has empty lists).
 fn page_config(opts: &DiagOptions) -> String {
+    let listen = |t| json_list(&listen_list(&opts.listeners, t));
     format!(
-        "{{\"stun_urls\":{},\"turn_urls\":{},\"credential\":{},\"host_placeholder\":{}}}",
+        "{{\"stun_urls\":{},\"turn\":{{\"udp\":{},\"tcp\":{},\"tls\":{}}},\
+         \"listen\":{{\"udp\":{},\"tcp\":{},\"tls\":{}}},\
+         \"tls_names\":{},\"tls_ips\":{},\"tls_self_signed\":{},\"credential\":{},\
+         \"host_placeholder\":{}}}",
         json_list(&opts.stun_urls),
         json_list(&opts.turn_urls),
+        json_list(&opts.turn_tcp_urls),
+        json_list(&opts.turns_urls),
+        listen(Transport::Udp),
+        listen(Transport::Tcp),
+        listen(Transport::Tls),
+        json_list(&opts.tls.dns),
+        json_list(
+            &opts
+                .tls
+                .ips
+                .iter()
+                .map(|ip| ip.to_string())
+                .collect::<Vec<_>>()
+        ),
+        opts.tls.self_signed,
         opts.rest_secret.is_some(),
         json_str(HOST_PLACEHOLDER)
     )
@@ -208,6 +329,8 @@ fn credential_answer(
         .stun_urls
         .iter()
         .chain(&opts.turn_urls)
+        .chain(&opts.turn_tcp_urls)
+        .chain(&opts.turns_urls)
         .cloned()
         .collect();
     (StatusCode::OK, credential_json(&c, &urls))
@@ -367,6 +490,18 @@ mod tests {
         DiagOptions {
             stun_urls: vec!["stun:192.0.2.1:3478".into()],
             turn_urls: vec!["turn:192.0.2.1:3478?transport=udp".into()],
+            turn_tcp_urls: vec!["turn:192.0.2.1:3478?transport=tcp".into()],
+            turns_urls: vec!["turns:turn.example.net:5349".into()],
+            tls: TlsNames {
+                dns: vec!["turn.example.net".into()],
+                ips: Vec::new(),
+                self_signed: false,
+            },
+            listeners: vec![
+                (Transport::Udp, "192.0.2.1:3478".parse().unwrap()),
+                (Transport::Tcp, "192.0.2.1:3478".parse().unwrap()),
+                (Transport::Tls, "0.0.0.0:5349".parse().unwrap()),
+            ],
             rest_secret: secret.map(Into::into),
             credential_ttl_secs: 120,
         }
@@ -438,7 +573,12 @@ mod tests {
         );
         assert_eq!(
             v["urls"],
-            serde_json::json!(["stun:192.0.2.1:3478", "turn:192.0.2.1:3478?transport=udp"])
+            serde_json::json!([
+                "stun:192.0.2.1:3478",
+                "turn:192.0.2.1:3478?transport=udp",
+                "turn:192.0.2.1:3478?transport=tcp",
+                "turns:turn.example.net:5349"
+            ])
         );
 
         // Same-origin fetches are served; cross-site ones are not.
@@ -484,6 +624,16 @@ mod tests {
         assert!(!text.contains('<'));
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["stun_urls"][1], "stun:</script><b>:1");
+        assert_eq!(v["turn"]["udp"][0], "turn:192.0.2.1:3478?transport=udp");
+        assert_eq!(v["turn"]["tcp"][0], "turn:192.0.2.1:3478?transport=tcp");
+        assert_eq!(v["turn"]["tls"][0], "turns:turn.example.net:5349");
+        assert_eq!(v["tls_names"], serde_json::json!(["turn.example.net"]));
+        assert_eq!(v["tls_ips"], serde_json::json!([]));
+        assert_eq!(v["tls_self_signed"], false);
+        assert_eq!(
+            v["listen"],
+            serde_json::json!({"udp": ["192.0.2.1:3478"], "tcp": ["192.0.2.1:3478"], "tls": ["0.0.0.0:5349"]})
+        );
         assert_eq!(v["credential"], true);
         assert_eq!(v["host_placeholder"], HOST_PLACEHOLDER);
         // The secret itself never reaches the page.
@@ -526,6 +676,60 @@ mod tests {
         let (s, t) = ice_urls(&listen[2..], &public);
         assert_eq!(s, ["stun:198.51.100.9:3478", "stun:[2001:db8::9]:3480"]);
         assert_eq!(t[1], "turn:[2001:db8::9]:3480?transport=udp");
+    }
+
+    #[test]
+    fn urls_for_stream_listeners() {
+        let streams: Vec<(SocketAddr, Transport)> = vec![
+            ("203.0.113.7:3478".parse().unwrap(), Transport::Tcp),
+            ("[2001:db8::7]:3478".parse().unwrap(), Transport::Tcp),
+            ("0.0.0.0:443".parse().unwrap(), Transport::Tcp),
+            ("203.0.113.7:5349".parse().unwrap(), Transport::Tls),
+            ("[::]:5349".parse().unwrap(), Transport::Tls),
+        ];
+        let public: Vec<IpAddr> = vec!["198.51.100.9".parse().unwrap()];
+        // A certificate with a wildcard first and a host name: the host name, for every TLS
+        // listener (one URL per port).
+        let named = TlsNames {
+            dns: vec!["*.example.net".into(), "turn.example.net".into()],
+            ips: Vec::new(),
+            self_signed: false,
+        };
+        let (tcp, tls) = stream_urls(&streams, &public, &named);
+        assert_eq!(
+            tcp,
+            [
+                "turn:203.0.113.7:3478?transport=tcp",
+                "turn:[2001:db8::7]:3478?transport=tcp",
+                "turn:198.51.100.9:443?transport=tcp"
+            ]
+        );
+        assert_eq!(tls, ["turns:turn.example.net:5349"]);
+
+        // Only an IP subjectAltName that covers the listener: the address. The wildcard IPv6
+        // listener has no public address: the page's host, which the certificate may not cover.
+        let by_ip = TlsNames {
+            dns: vec!["*.example.net".into()],
+            ips: vec!["203.0.113.7".parse().unwrap()],
+            self_signed: true,
+        };
+        let (_, tls) = stream_urls(&streams, &public, &by_ip);
+        assert_eq!(tls, ["turns:203.0.113.7:5349", "turns:{host}:5349"]);
+
+        // `actrix cert`'s default names: localhost only serves a loopback listener.
+        let default = TlsNames {
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            self_signed: true,
+        };
+        let loopback: Vec<(SocketAddr, Transport)> = vec![
+            ("127.0.0.1:5349".parse().unwrap(), Transport::Tls),
+            ("192.0.2.4:5349".parse().unwrap(), Transport::Tls),
+        ];
+        let (tcp, tls) = stream_urls(&loopback, &[], &default);
+        assert!(tcp.is_empty());
+        assert_eq!(tls, ["turns:localhost:5349", "turns:192.0.2.4:5349"]);
+        assert!(stream_urls(&[], &public, &named).1.is_empty());
     }
 
     /// A control server with no service of its own, on 127.0.0.1:0.

@@ -439,13 +439,43 @@ fn diag_options(cfg: &Config, r: &Resolved) -> actrix::diag::DiagOptions {
         .map(|(_, advertised)| *advertised)
         .collect();
     let (stun_urls, turn_urls) = actrix::diag::ice_urls(&r.listen, &public);
+    // The names a `turns:` URL may use come from the certificate itself.
+    use actrix_proto::turn::Transport::Tls;
+    let tls = match &cfg.stun.tls_cert {
+        Some(cert) if r.listen_streams.iter().any(|(_, t)| *t == Tls) => {
+            let ips: Vec<std::net::IpAddr> = r
+                .listen_streams
+                .iter()
+                .filter(|(_, t)| *t == Tls)
+                .flat_map(|(l, _)| {
+                    if l.ip().is_unspecified() {
+                        public.clone()
+                    } else {
+                        vec![l.ip()]
+                    }
+                })
+                .collect();
+            actrix::tls::certificate_names(cert, &ips).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "diagnostics page: cannot read the TLS certificate's names");
+                actrix::diag::TlsNames::default()
+            })
+        }
+        _ => actrix::diag::TlsNames::default(),
+    };
+    let (turn_tcp_urls, turns_urls) = actrix::diag::stream_urls(&r.listen_streams, &public, &tls);
+    let turn_on = |urls: Vec<String>| if cfg.turn.enabled { urls } else { Vec::new() };
     actrix::diag::DiagOptions {
         stun_urls,
-        turn_urls: if cfg.turn.enabled {
-            turn_urls
-        } else {
-            Vec::new()
-        },
+        turn_urls: turn_on(turn_urls),
+        turn_tcp_urls: turn_on(turn_tcp_urls),
+        turns_urls: turn_on(turns_urls),
+        tls,
+        listeners: r
+            .listen
+            .iter()
+            .map(|a| (actrix_proto::turn::Transport::Udp, *a))
+            .chain(r.listen_streams.iter().map(|(a, t)| (*t, *a)))
+            .collect(),
         rest_secret: if cfg.turn.diag_credentials {
             cfg.turn.rest_secrets.first().cloned()
         } else {

@@ -1,9 +1,11 @@
 //! TLS for STUN/TURN clients (RFC 7350): the rustls server configuration built from the
-//! configured certificate and key, and the self-signed pair `actrix cert --self-signed` makes
-//! for trying it.
+//! configured certificate and key, the names the certificate is valid for (the diagnostics
+//! page's `turns:` URLs), and the self-signed pair `actrix cert --self-signed` makes for
+//! trying it.
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -30,6 +32,31 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         .map_err(|e| format!("certificate and key: {e}"))?;
     cfg.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
+}
+
+/// What the first certificate of PEM file `cert` (the server's own) says about the names
+/// clients may use: its DNS subjectAltNames, which of `ips` it is valid for, and whether it
+/// is self-signed (issuer and subject the same).
+pub fn certificate_names(cert: &Path, ips: &[IpAddr]) -> Result<crate::diag::TlsNames, String> {
+    let der = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .next()
+        .ok_or_else(|| format!("{}: no certificate found", cert.display()))?
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let ee = webpki::EndEntityCert::try_from(&der)
+        .map_err(|e| format!("{}: not a certificate webpki reads: {e}", cert.display()))?;
+    let mut names = crate::diag::TlsNames {
+        dns: ee.valid_dns_names().map(str::to_string).collect(),
+        self_signed: ee.issuer() == ee.subject(),
+        ..Default::default()
+    };
+    for ip in ips {
+        let name = rustls::pki_types::ServerName::IpAddress((*ip).into());
+        if ee.verify_is_valid_for_subject_name(&name).is_ok() && !names.ips.contains(ip) {
+            names.ips.push(*ip);
+        }
+    }
+    Ok(names)
 }
 
 /// Write a self-signed certificate for `names` and its key to `cert` and `key` (the key
@@ -83,5 +110,49 @@ mod tests {
         assert!(e.contains("k.pem"), "{e}");
         let e = server_config(&dir.path().join("missing.pem"), &key).unwrap_err();
         assert!(e.contains("missing.pem"), "{e}");
+    }
+
+    #[test]
+    fn certificate_names_are_read_from_the_subject_alt_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let names = [
+            "turn.example.net".to_string(),
+            "*.example.net".to_string(),
+            "192.0.2.5".to_string(),
+            "2001:db8::5".to_string(),
+        ];
+        write_self_signed(&names, &cert, &key).unwrap();
+        let ips: Vec<IpAddr> = ["192.0.2.5", "192.0.2.6", "2001:db8::5", "192.0.2.5"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let got = certificate_names(&cert, &ips).unwrap();
+        assert_eq!(got.dns, ["turn.example.net", "*.example.net"]);
+        assert_eq!(got.ips, [ips[0], ips[2]]);
+        assert!(got.self_signed);
+
+        // One signed by another certificate is not self-signed.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["turn.example.org".into()]).unwrap();
+        leaf.distinguished_name
+            .push(rcgen::DnType::CommonName, "turn.example.org");
+        let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        std::fs::write(&cert, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
+        let got = certificate_names(&cert, &ips).unwrap();
+        assert_eq!(got.dns, ["turn.example.org"]);
+        assert!(got.ips.is_empty());
+        assert!(!got.self_signed);
+
+        std::fs::write(&cert, "no certificate here").unwrap();
+        assert!(certificate_names(&cert, &[]).unwrap_err().contains("c.pem"));
     }
 }

@@ -1,5 +1,6 @@
-// actrix diagnostics page: ICE gathering against this node's STUN/TURN, a relayed
-// data-channel echo between two in-page peer connections, and live figures from /metrics.
+// actrix diagnostics page: the ICE server URLs of this node, ICE gathering against its STUN
+// and TURN over the transport the user chose (UDP, TCP or TLS), a relayed data-channel echo
+// between two in-page peer connections, and live figures from /metrics.
 // Plain browser JavaScript, no dependencies. Results are also written as JSON into
 // <pre id="result" data-done="1"> (what the end-to-end test reads).
 'use strict';
@@ -18,7 +19,11 @@
   const pageHost = location.hostname.includes(':') ? `[${location.hostname}]` : location.hostname;
   const expand = (u) => u.split(cfg.host_placeholder).join(pageHost);
   const stunUrls = cfg.stun_urls.map(expand);
-  const turnUrls = cfg.turn_urls.map(expand);
+  // TURN URLs by transport; a transport this node does not serve has none.
+  const TRANSPORTS = ['udp', 'tcp', 'tls'];
+  const turnUrls = {};
+  for (const t of TRANSPORTS) turnUrls[t] = (cfg.turn[t] || []).map(expand);
+  const served = TRANSPORTS.filter((t) => turnUrls[t].length > 0);
 
   const result = {
     version: 1,
@@ -27,6 +32,8 @@
     started_at: new Date().toISOString(),
     stun_urls: stunUrls,
     turn_urls: turnUrls,
+    transport: null,
+    ice_servers: [],
     credential: 'none',
     gather: {},
     echo: null,
@@ -136,6 +143,19 @@
     await pc.setLocalDescription(await pc.createOffer());
     out.complete = await Promise.race([finished.then(() => true), sleep(timeoutMs).then(() => false)]);
     out.ms = Math.round(performance.now() - t0);
+    // Browsers that do not put relayProtocol on the candidate object report it in getStats.
+    try {
+      const stats = await pc.getStats();
+      const proto = new Map();
+      stats.forEach((x) => {
+        if (x.type === 'local-candidate' && x.relayProtocol) proto.set(`${x.address || x.ip}:${x.port}`, x.relayProtocol);
+      });
+      for (const c of out.candidates) {
+        if (c.type === 'relay' && !c.relay_protocol) c.relay_protocol = proto.get(`${c.address}:${c.port}`) || null;
+      }
+    } catch (e) {
+      out.errors.push({ url: null, code: null, text: `getStats: ${e.message}` });
+    }
     pc.close();
     return out;
   }
@@ -322,6 +342,7 @@
     ['auth_challenges', 'auth challenges', (m) => total(m, 'actrix_auth_challenges'), true],
     ['binding_requests', 'binding requests', (m) => total(m, 'actrix_binding_requests'), true],
     ['peers_denied', 'peers denied', (m) => total(m, 'actrix_peers_denied'), true],
+    ['stream_connections', 'TCP/TLS connections', (m) => total(m, 'actrix_stream_connections'), false],
     ['rss_mib', 'memory (MiB)', (m) => {
       const v = total(m, 'process_resident_memory_bytes');
       return v == null ? null : Math.round(v / 1048576);
@@ -360,6 +381,7 @@
       snap.relayed_by_direction = relayed;
       const drops = byLabel(all, 'actrix_drops', 'reason');
       snap.drops_by_reason = drops;
+      snap.stream_accepted_by_transport = byLabel(all, 'actrix_stream_accepted', 'transport');
       const top = Object.entries(drops).filter(([, v]) => v > 0).sort((x, y) => y[1] - x[1]).slice(0, 5);
       $('drop-reasons').textContent =
         `relayed: ${Object.entries(relayed).map(([k, v]) => `${k} ${v}`).join(', ') || '-'}` +
@@ -394,6 +416,7 @@
     result.echo = null;
     $('cands').replaceChildren(el('tr', { class: 'empty' }, el('td', { colspan: '7' }, 'gathering...')));
     $('ice-errors').replaceChildren();
+    $('run-errors').replaceChildren();
     $('rtt-bars').replaceChildren();
     barMax = 1;
     seenTypes.clear();
@@ -413,8 +436,13 @@
         result.credential = 'minted';
       }
       const pings = Math.max(1, Math.min(500, Number($('pings').value) || 20));
+      const transport = $('transport').value;
+      result.transport = transport;
+      const urls = turnUrls[transport] || [];
+      if (served.length && !urls.length) throw new Error(`this node serves no TURN over ${transport.toUpperCase()}`);
       const stun = stunUrls.length ? [{ urls: stunUrls }] : [];
-      const turn = user && turnUrls.length ? [{ urls: turnUrls, username: user, credential: pass }] : [];
+      const turn = user && urls.length ? [{ urls, username: user, credential: pass }] : [];
+      result.ice_servers = [...stun, ...turn].map((s) => ({ urls: s.urls }));
 
       result.gather.all = await gather('all', [...stun, ...turn], 10000);
       if (turn.length) {
@@ -425,19 +453,28 @@
           result.errors.push('no relay candidate (see the ICE errors): the echo test was skipped');
         }
       } else {
-        result.errors.push('no TURN credential: relay gathering and the echo test were skipped');
+        result.errors.push(
+          served.length
+            ? 'no TURN credential: relay gathering and the echo test were skipped'
+            : 'this node serves no TURN: relay gathering and the echo test were skipped',
+        );
       }
       for (const t of ['srflx', 'relay']) {
         if (!seenTypes.has(t) && (t === 'srflx' || turn.length)) $(`badge-${t}`).classList.add('bad');
       }
       const all = [...result.gather.all.candidates, ...(result.gather.relay ? result.gather.relay.candidates : [])];
+      // STUN is UDP: a reflexive address is required when testing UDP (or STUN alone); over
+      // TCP and TLS, what counts is the relay (networks that block UDP are why they exist).
       result.ok =
-        all.some((c) => c.type === 'srflx') &&
+        (transport !== 'udp' || !turn.length || all.some((c) => c.type === 'srflx')) &&
         (!turn.length || (all.some((c) => c.type === 'relay') && !!result.echo && result.echo.rtts_ms.length > 0));
     } catch (e) {
       result.errors.push(String(e && e.message ? e.message : e));
       result.ok = false;
+      const pending = $('cands').querySelector('tr.empty td');
+      if (pending) pending.textContent = 'not run (see the errors above)';
     }
+    $('run-errors').replaceChildren(...result.errors.map((e) => el('li', {}, e)));
     await pollMetrics();
     result.done = true;
     result.finished_at = new Date().toISOString();
@@ -448,10 +485,94 @@
     $('mint').disabled = false;
   }
 
+  // ------------------------------------------------------------------ the URLs for applications
+
+  const TRANSPORT_LABEL = { udp: 'UDP', tcp: 'TCP', tls: 'TLS' };
+
+  // Whether the TLS certificate is valid for `host` (a DNS name, maybe matched by a wildcard
+  // of one label, or an address).
+  function certCovers(host) {
+    const h = host.replace(/^\[|\]$/g, '').toLowerCase();
+    if ((cfg.tls_ips || []).includes(h)) return true;
+    return (cfg.tls_names || []).some((n) => {
+      const name = n.toLowerCase();
+      if (name === h) return true;
+      if (!name.startsWith('*.') || !h.endsWith(name.slice(1))) return false;
+      const label = h.slice(0, h.length - name.length + 1);
+      return label.length > 0 && !label.includes('.');
+    });
+  }
+  const urlHost = (u) => u.replace(/^turns?:/, '').replace(/\?.*$/, '').replace(/:\d+$/, '');
+
+  function tlsNote(u) {
+    const notes = [];
+    const names = (cfg.tls_names || []).concat(cfg.tls_ips || []);
+    if (!certCovers(urlHost(u))) {
+      notes.push(`the certificate is not valid for this host (it names ${names.join(', ') || 'nothing'}): use a URL with a name it covers`);
+    } else if (names.length) {
+      notes.push(`certificate for ${names.join(', ')}`);
+    }
+    if (cfg.tls_self_signed) notes.push('self-signed: browsers refuse it unless told to trust it (for trying only)');
+    return { text: notes.join('; '), warn: cfg.tls_self_signed || !certCovers(urlHost(u)) };
+  }
+
+  // The transports this node serves and the addresses it listens on for each.
+  function showListeners() {
+    const listen = cfg.listen || {};
+    const rows = TRANSPORTS.map((t) => {
+      const addrs = listen[t] || [];
+      return el('tr', {}, el('td', {}, TRANSPORT_LABEL[t]),
+        el('td', { class: addrs.length ? 'url' : 'note' }, addrs.length ? addrs.join('  ') : 'not served'));
+    });
+    $('listeners').replaceChildren(...rows);
+  }
+
+  function showAppServers() {
+    const body = $('app-urls');
+    const rows = [];
+    for (const t of served) {
+      for (const u of turnUrls[t]) {
+        const note = t === 'tls' ? tlsNote(u) : { text: t === 'udp' ? 'the default; fastest' : 'where UDP is blocked', warn: false };
+        rows.push(el('tr', {}, el('td', {}, TRANSPORT_LABEL[t]), el('td', { class: 'url' }, u), el('td', { class: note.warn ? 'note warn' : 'note' }, note.text)));
+      }
+    }
+    if (rows.length) body.replaceChildren(...rows);
+    const all = served.flatMap((t) => turnUrls[t]);
+    const user = $('user').value || '<username>';
+    const lines = ['const pc = new RTCPeerConnection({', '  iceServers: ['];
+    for (const u of stunUrls) lines.push(`    { urls: ${JSON.stringify(u)} },`);
+    if (all.length) {
+      lines.push('    {', '      urls: [');
+      for (const u of all) lines.push(`        ${JSON.stringify(u)},`);
+      lines.push('      ],', `      username: ${JSON.stringify(user)},`, '      credential: "<password>",', '    },');
+    }
+    lines.push('  ],', '});');
+    $('ice-snippet').textContent = lines.join('\n');
+  }
+
+  function showChosen() {
+    const t = $('transport').value;
+    $('turn-urls').textContent = (turnUrls[t] || []).join('  ') || '(none)';
+  }
+
   // ------------------------------------------------------------------ wiring
 
   $('stun-urls').textContent = stunUrls.join('  ') || '(none)';
-  $('turn-urls').textContent = turnUrls.join('  ') || '(none)';
+  for (const opt of $('transport').options) {
+    if (!turnUrls[opt.value].length) {
+      opt.disabled = true;
+      opt.textContent += ' (not served here)';
+    }
+  }
+  {
+    const want = (param('transport') || '').toLowerCase();
+    // A transport asked for in the URL stays selected even when this node does not serve it,
+    // so the run reports that; without one (or an unknown one), the first served is chosen.
+    if (TRANSPORTS.includes(want)) $('transport').value = want;
+    else if (served.length) $('transport').value = served[0];
+  }
+  $('transport').addEventListener('change', showChosen);
+  $('user').addEventListener('input', showAppServers);
   if (cfg.credential) {
     $('mint').hidden = false;
     $('cred-hint').textContent = 'Type a TURN credential, or let this node mint a short-lived one for the page.';
@@ -459,6 +580,9 @@
   if (param('user')) $('user').value = param('user');
   if (param('pass')) $('pass').value = param('pass');
   if (param('pings')) $('pings').value = param('pings');
+  showChosen();
+  showListeners();
+  showAppServers();
   $('form').addEventListener('submit', (e) => {
     e.preventDefault();
     run(false);

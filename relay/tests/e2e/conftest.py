@@ -659,11 +659,20 @@ def client(app: Appliance, user: str = USER, password: str = PASSWORD, **kw) -> 
 
 def metrics(app: Appliance) -> dict[str, float]:
     """The appliance's Prometheus text from /metrics, summed over labels other than the ones
-    kept in the key: {"name{label=value,...}": value} and {"name": sum}."""
+    kept in the key: {"name{label=value,...}": value} and {"name": sum}. Read from the
+    appliance's HTTP address (127.0.0.1 when it listens on a wildcard), inside its network
+    namespace when it runs in one."""
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
+    host = "127.0.0.1"
+    if app.config is not None:
+        listen = app.config["http"]["listen"].rpartition(":")[0]
+        if listen.strip("[]") not in ("0.0.0.0", "::"):
+            host = listen
+    url = f"http://{host}:{app.http_port}/metrics"
+    with in_netns(app.netns) if app.netns else contextlib.nullcontext():
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):

@@ -1,102 +1,61 @@
 """The diagnostics page (GET /diag) driven by a real browser: headless Chromium gathers ICE
-candidates against the appliance's STUN and TURN, runs a relayed data-channel echo between two
-relay-only peer connections, and reads /metrics.
+candidates against the appliance's STUN and TURN over the transport chosen on the page (UDP,
+TCP or TLS), runs a relayed data-channel echo between two relay-only peer connections, and
+reads /metrics; the page lists the ICE server URLs of every configured transport.
 
 Chromium gathers no candidates on a host with only loopback, so the appliance and the browser
-run in two network namespaces of their own joined by a veth pair (10.213.0.1 and 10.213.0.2,
-addresses that exist only there). The browser is driven over the DevTools protocol on a pipe
-(--remote-debugging-pipe): no port, no WebSocket client. The page runs by itself with
-`#auto=1&user=..&pass=..` and writes its results as JSON into <pre id="result" data-done="1">.
-Set ACTRIX_DIAG_SCREENSHOT=PATH to keep a screenshot of the page after the run.
+run in two network namespaces of their own joined by a veth pair (see chromium.py). The page
+runs by itself with `#auto=1&user=..&pass=..[&transport=tcp]` and writes its results as JSON
+into <pre id="result" data-done="1">. Set ACTRIX_DIAG_SCREENSHOT=PATH to keep a screenshot of
+the page after the run.
 """
 
 from __future__ import annotations
 
 import base64
-import fcntl
 import hashlib
 import hmac
 import json
 import math
 import os
-import select
 import shutil
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from conftest import PASSWORD, REST_SECRET, USER, Appliance, in_netns, sh, toml_text
+from chromium import (
+    BROWSER_IP,
+    SERVER_IP,
+    Browser,
+    BrowserNet,
+    TestCa,
+    browser_net,
+    need_chromium,
+    nss_home,
+)
+from conftest import PASSWORD, REST_SECRET, USER, Appliance, in_netns, metric_sum, metrics, toml_text
 
-SERVER_IP = "10.213.0.1"
-BROWSER_IP = "10.213.0.2"
 STUN_PORT = 3478
+TLS_PORT = 5349
 HTTP_PORT = 8080
 BASE = f"http://{SERVER_IP}:{HTTP_PORT}"
-
-
-def chromium_path() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        p = shutil.which(name)
-        if p:
-            return p
-    return None
-
-
-# ------------------------------------------------------------------------------------------
-# Two namespaces joined by a veth pair
-# ------------------------------------------------------------------------------------------
-
-
-class DiagNet:
-    """`server` (10.213.0.1, runs the appliance) and `browser` (10.213.0.2, runs Chromium)."""
-
-    def __init__(self):
-        self.server = f"actrix-diag-{os.getpid()}"
-        self.browser = f"actrix-diag-{os.getpid()}-b"
-
-    def setup(self) -> "DiagNet":
-        s, b = self.server, self.browser
-        self.cleanup()
-        sh("ip", "netns", "add", s)
-        sh("ip", "netns", "add", b)
-        for ns in (s, b):
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            # IPv4 only: keeps the candidate list to what the test looks at.
-            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
-        sh("ip", "-n", s, "link", "add", "dg0", "type", "veth", "peer", "name", "dg1", "netns", b)
-        sh("ip", "-n", s, "addr", "add", f"{SERVER_IP}/24", "dev", "dg0")
-        sh("ip", "-n", b, "addr", "add", f"{BROWSER_IP}/24", "dev", "dg1")
-        sh("ip", "-n", s, "link", "set", "dg0", "up")
-        sh("ip", "-n", b, "link", "set", "dg1", "up")
-        # A default route, as on any real client (the browser looks for one).
-        sh("ip", "-n", b, "route", "add", "default", "via", SERVER_IP)
-        return self
-
-    def cleanup(self) -> None:
-        for ns in (self.browser, self.server):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+# A name under .test (RFC 2606) for the TLS certificate; only the browser's
+# --host-resolver-rules knows it.
+TLS_NAME = "turn.actrix.test"
 
 
 @pytest.fixture
-def diag_net(request):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
-    net = DiagNet()
-    request.addfinalizer(net.cleanup)
-    try:
-        net.setup()
-    except (RuntimeError, FileNotFoundError) as e:
-        pytest.skip(f"cannot create network namespaces with a veth pair here: {e}")
-    return net
+def diag_net(request) -> BrowserNet:
+    return browser_net(request, "diag")
 
 
-def appliance_config(extra_turn: dict | None = None) -> dict:
+def appliance_config(extra_turn: dict | None = None, extra_stun: dict | None = None) -> dict:
     turn = {
         "relay_addresses": [SERVER_IP],
         "allow_peers": ["10.213.0.0/24"],
@@ -104,16 +63,17 @@ def appliance_config(extra_turn: dict | None = None) -> dict:
     }
     turn.update(extra_turn or {})
     return {
-        "stun": {"listen": [f"{SERVER_IP}:{STUN_PORT}"]},
+        "stun": {"listen": [f"{SERVER_IP}:{STUN_PORT}"], **(extra_stun or {})},
         "http": {"listen": f"{SERVER_IP}:{HTTP_PORT}"},
         "turn": turn,
     }
 
 
-def start_appliance(actrix_bin, tmp_path: Path, net: DiagNet, extra_turn=None) -> Appliance:
+def start_appliance(actrix_bin, tmp_path: Path, net: BrowserNet, extra_turn=None,
+                    extra_stun=None) -> Appliance:
     d = tmp_path / "appliance"
     d.mkdir(exist_ok=True)
-    app = Appliance(actrix_bin, d, appliance_config(extra_turn), netns=net.server)
+    app = Appliance(actrix_bin, d, appliance_config(extra_turn, extra_stun), netns=net.server)
     app.start()
     status = http_get(net, "/diag")[0]
     if status != 200:
@@ -125,7 +85,7 @@ def start_appliance(actrix_bin, tmp_path: Path, net: DiagNet, extra_turn=None) -
     return app
 
 
-def http_get(net: DiagNet, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+def http_get(net: BrowserNet, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
     """GET from inside the server namespace, without following redirects; header names in
     lower case."""
 
@@ -143,128 +103,9 @@ def http_get(net: DiagNet, path: str, headers: dict | None = None) -> tuple[int,
             return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
-# ------------------------------------------------------------------------------------------
-# Chromium over the DevTools protocol on a pipe
-# ------------------------------------------------------------------------------------------
-
-
-class Browser:
-    """Headless Chromium in the browser namespace; commands go over fds 3 (in) and 4 (out) as
-    NUL-terminated JSON (--remote-debugging-pipe)."""
-
-    def __init__(self, binary: str, netns: str, profile: Path):
-        to_r, self._to = os.pipe()
-        self._from, from_w = os.pipe()
-        # Move the child's ends above 9 first, so placing them at 3 and 4 cannot clobber one
-        # with the other; bash does the placing right before it execs Chromium.
-        hi_r = fcntl.fcntl(to_r, fcntl.F_DUPFD_CLOEXEC, 10)
-        hi_w = fcntl.fcntl(from_w, fcntl.F_DUPFD_CLOEXEC, 10)
-        os.close(to_r)
-        os.close(from_w)
-        to_r, from_w = hi_r, hi_w
-        place = f'exec 3<&{to_r} 4>&{from_w} {to_r}<&- {from_w}>&-; exec "$@"'
-
-        self.log = profile.parent / "chromium.log"
-        self._log = open(self.log, "wb")
-        self.proc = subprocess.Popen(
-            [
-                "ip", "netns", "exec", netns, "bash", "-c", place, "chromium", binary,
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--no-default-browser-check",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--disable-extensions", "--disable-dev-shm-usage",
-                "--mute-audio", "--window-size=1200,900",
-                f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-            pass_fds=(to_r, from_w),
-        )
-        os.close(to_r)
-        os.close(from_w)
-        self._buf = b""
-        self._id = 0
-
-    def send(self, method: str, params: dict | None = None, session: str | None = None,
-             timeout: float = 30) -> dict:
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self._to, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\0" in self._buf:
-                raw, self._buf = self._buf.split(b"\0", 1)
-                m = json.loads(raw)
-                if m.get("id") == self._id:
-                    if "error" in m:
-                        raise RuntimeError(f"{method}: {m['error']}")
-                    return m.get("result", {})
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{method}: no answer in {timeout} s")
-            ready, _, _ = select.select([self._from], [], [], left)
-            if ready:
-                chunk = os.read(self._from, 1 << 20)
-                if not chunk:
-                    raise RuntimeError(f"chromium closed the pipe:\n{self.output()}")
-                self._buf += chunk
-
-    def output(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def open_page(self, url: str) -> str:
-        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        self.send("Page.enable", session=session)
-        self.send("Runtime.enable", session=session)
-        self.send(
-            "Emulation.setDeviceMetricsOverride",
-            {"width": 1200, "height": 900, "deviceScaleFactor": 1, "mobile": False},
-            session=session,
-        )
-        self.send("Page.navigate", {"url": url}, session=session)
-        return session
-
-    def evaluate(self, session: str, expr: str):
-        r = self.send("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session=session)
-        if "exceptionDetails" in r:
-            raise RuntimeError(f"{expr}: {r['exceptionDetails']}")
-        return r.get("result", {}).get("value")
-
-    def screenshot(self, session: str, path: Path) -> None:
-        r = self.send("Page.captureScreenshot", {"format": "png"}, session=session)
-        path.write_bytes(base64.b64decode(r["data"]))
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.send("Browser.close", timeout=5)
-        except (OSError, RuntimeError, TimeoutError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        for fd in (self._to, self._from):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._log.close()
-
-
 @pytest.fixture
 def browser(diag_net, tmp_path):
-    binary = chromium_path()
-    if binary is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; scripts/deps.sh does it)")
+    binary = need_chromium()
     profile = tmp_path / "chromium-profile"
     profile.mkdir()
     b = Browser(binary, diag_net.browser, profile)
@@ -272,9 +113,21 @@ def browser(diag_net, tmp_path):
     b.close()
 
 
+# What the page shows, read from its DOM after a run: the transport choices, the addresses
+# it listens on per transport, the table of URLs for applications, the RTCPeerConnection snippet, and the TURN URLs it tested.
+DOM_JS = """JSON.stringify({
+  transports: [...document.getElementById('transport').options].map(
+    (o) => ({ value: o.value, disabled: o.disabled, selected: o.selected })),
+  listeners: [...document.querySelectorAll('#listeners tr')].map((tr) => [...tr.cells].map((c) => c.textContent)),
+  app_urls: [...document.querySelectorAll('#app-urls tr')].map((tr) => [...tr.cells].map((c) => c.textContent)),
+  snippet: document.getElementById('ice-snippet').textContent,
+  turn_shown: document.getElementById('turn-urls').textContent,
+})"""
+
+
 def run_page(browser: Browser, fragment: str, tmp_path: Path, timeout: float = 90) -> dict:
-    """Open /diag#fragment, wait for the page to finish, return its result (and keep a
-    screenshot)."""
+    """Open /diag#fragment, wait for the page to finish, return its result with what it
+    shows under "dom" (and keep a screenshot)."""
     session = browser.open_page(f"{BASE}/diag#{fragment}")
     deadline = time.monotonic() + timeout
     done = None
@@ -291,7 +144,36 @@ def run_page(browser: Browser, fragment: str, tmp_path: Path, timeout: float = 9
     if os.environ.get("ACTRIX_DIAG_SCREENSHOT"):
         shutil.copy(shot, os.environ["ACTRIX_DIAG_SCREENSHOT"])
     assert done == "1", f"the page did not finish in {timeout} s; last result:\n{text}\n{browser.output()}"
-    return json.loads(text)
+    r = json.loads(text)
+    r["dom"] = json.loads(browser.evaluate(session, DOM_JS))
+    return r
+
+
+class _ConfigScript(HTMLParser):
+    """Collects the text of <script id="diag-config">."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside = False
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.inside = tag == "script" and ("id", "diag-config") in attrs
+
+    def handle_endtag(self, tag):
+        self.inside = False
+
+    def handle_data(self, data):
+        if self.inside:
+            self.text.append(data)
+
+
+def page_config(body: bytes) -> dict:
+    """The configuration the server embedded in the page."""
+    p = _ConfigScript()
+    p.feed(body.decode())
+    assert p.text, body[:2000]
+    return json.loads("".join(p.text))
 
 
 def candidates(result: dict, policy: str, kind: str) -> list[dict]:
@@ -315,6 +197,11 @@ def test_diag_page_gathers_and_echoes_through_the_relay(actrix_bin, diag_net, br
         assert status == 200
         assert "script-src 'self'" in headers.get("content-security-policy", "")
         assert f"stun:{SERVER_IP}:{STUN_PORT}".encode() in body
+        # Only UDP is configured: the page offers only it.
+        udp_url = f"turn:{SERVER_IP}:{STUN_PORT}?transport=udp"
+        cfg = page_config(body)
+        assert cfg["turn"] == {"udp": [udp_url], "tcp": [], "tls": []}, cfg
+        assert cfg["listen"] == {"udp": [f"{SERVER_IP}:{STUN_PORT}"], "tcp": [], "tls": []}, cfg
         # Minting is off unless asked for.
         assert http_get(diag_net, "/diag/credential")[0] == 404
 
@@ -322,6 +209,19 @@ def test_diag_page_gathers_and_echoes_through_the_relay(actrix_bin, diag_net, br
         r = run_page(browser, f"auto=1&user={USER}&pass={PASSWORD}&pings={pings}", tmp_path)
         assert r["done"] and r["errors"] == [], json.dumps(r, indent=2)
         assert r["credential"] == "typed"
+        assert r["transport"] == "udp"
+        assert r["ice_servers"] == [{"urls": [f"stun:{SERVER_IP}:{STUN_PORT}"]}, {"urls": [udp_url]}]
+        dom = r["dom"]
+        assert [(o["value"], o["disabled"], o["selected"]) for o in dom["transports"]] == [
+            ("udp", False, True), ("tcp", True, False), ("tls", True, False)
+        ], dom
+        assert dom["listeners"] == [
+            ["UDP", f"{SERVER_IP}:{STUN_PORT}"], ["TCP", "not served"], ["TLS", "not served"]
+        ], dom
+        assert [row[:2] for row in dom["app_urls"]] == [["UDP", udp_url]], dom
+        assert f'urls: [\n        "{udp_url}",\n      ],' in dom["snippet"], dom
+        assert f'username: "{USER}"' in dom["snippet"], dom
+        assert PASSWORD not in json.dumps(dom)
 
         # Policy "all": the browser's own address as the appliance saw it (srflx); policy
         # "relay": only the appliance's relay address.
@@ -330,6 +230,7 @@ def test_diag_page_gathers_and_echoes_through_the_relay(actrix_bin, diag_net, br
         relay = candidates(r, "relay", "relay")
         assert relay and all(c["address"] == SERVER_IP for c in relay), json.dumps(r["gather"], indent=2)
         assert {c["type"] for c in r["gather"]["relay"]["candidates"]} == {"relay"}
+        assert {c["relay_protocol"] for c in relay} == {"udp"}, relay
         assert any(c["address"] == SERVER_IP for c in candidates(r, "all", "relay"))
         assert r["gather"]["all"]["errors"] == [] and r["gather"]["relay"]["errors"] == []
 
@@ -342,6 +243,7 @@ def test_diag_page_gathers_and_echoes_through_the_relay(actrix_bin, diag_net, br
         path = echo["path"]
         assert path and path["local"]["type"] == "relay" and path["remote"]["type"] == "relay", path
         assert path["local"]["address"] == SERVER_IP and path["remote"]["address"] == SERVER_IP
+        assert path["local"]["relay_protocol"] == "udp", path
 
         # The figures the page read from /metrics saw that traffic.
         m = r["metrics"]
@@ -421,5 +323,110 @@ def test_diag_page_with_a_minted_credential(actrix_bin, diag_net, browser, tmp_p
             assert time.monotonic() < deadline, f"still minting with the old secret:\n{app.stderr()}"
             time.sleep(0.2)
         assert app.alive()
+    finally:
+        app.stop(timeout=app.grace + 10)
+
+
+def stream_accepted(app: Appliance) -> dict[str, float]:
+    """actrix_stream_accepted_total by transport, summed over shards."""
+    m = metrics(app)
+    return {t: metric_sum(m, "actrix_stream_accepted_total", transport=t) for t in ("tcp", "tls")}
+
+
+def test_diag_page_chooses_the_transport_and_relays_over_tcp_and_tls(actrix_bin, diag_net, tmp_path):
+    # UDP, TCP on the same port, and TLS with a certificate for TLS_NAME issued by a CA the
+    # browser trusts (see chromium.py).
+    ca = TestCa(tmp_path / "pki")
+    chain, key = ca.issue("turn", [TLS_NAME])
+    app = start_appliance(actrix_bin, tmp_path, diag_net, extra_stun={
+        "listen_tcp": [f"{SERVER_IP}:{STUN_PORT}"],
+        "listen_tls": [f"{SERVER_IP}:{TLS_PORT}"],
+        "tls_cert": str(chain),
+        "tls_key": str(key),
+    })
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    browser = Browser(
+        need_chromium(), diag_net.browser, profile,
+        args=(f"--host-resolver-rules=MAP {TLS_NAME} {SERVER_IP}",),
+        home=nss_home(tmp_path / "home", [(ca.cert, "C,,")]),
+    )
+    urls = {
+        "udp": f"turn:{SERVER_IP}:{STUN_PORT}?transport=udp",
+        "tcp": f"turn:{SERVER_IP}:{STUN_PORT}?transport=tcp",
+        # The name of the certificate, not the address: what a TLS client checks.
+        "tls": f"turns:{TLS_NAME}:{TLS_PORT}",
+    }
+    try:
+        status, _, body = http_get(diag_net, "/diag")
+        assert status == 200
+        cfg = page_config(body)
+        assert cfg["turn"] == {t: [u] for t, u in urls.items()}, cfg
+        assert cfg["tls_names"] == [TLS_NAME] and cfg["tls_self_signed"] is False, cfg
+        listening = {
+            "udp": f"{SERVER_IP}:{STUN_PORT}", "tcp": f"{SERVER_IP}:{STUN_PORT}",
+            "tls": f"{SERVER_IP}:{TLS_PORT}",
+        }
+        assert cfg["listen"] == {t: [a] for t, a in listening.items()}, cfg
+
+        for transport in ("tcp", "tls"):
+            before = stream_accepted(app)
+            r = run_page(
+                browser, f"auto=1&user={USER}&pass={PASSWORD}&pings=5&transport={transport}", tmp_path
+            )
+            dump = json.dumps(r, indent=2)
+            assert r["done"] and r["errors"] == [] and r["ok"] is True, dump
+            assert r["transport"] == transport
+            # Only the chosen transport's URL was given to the browser.
+            assert r["ice_servers"] == [
+                {"urls": [f"stun:{SERVER_IP}:{STUN_PORT}"]}, {"urls": [urls[transport]]}
+            ], dump
+            relay = candidates(r, "relay", "relay")
+            assert relay and {c["relay_protocol"] for c in relay} == {transport}, dump
+            assert all(c["address"] == SERVER_IP for c in relay), dump
+            assert r["gather"]["relay"]["errors"] == [], dump
+            echo = r["echo"]
+            assert len(echo["rtts_ms"]) >= 4, echo
+            path = echo["path"]
+            assert path["local"]["type"] == "relay" and path["local"]["relay_protocol"] == transport, path
+            assert path["remote"]["type"] == "relay", path
+
+            # The appliance served the connections over that transport: the relay gathering
+            # and the echo's two peer connections at least, and none over the other one.
+            after = stream_accepted(app)
+            other = "tls" if transport == "tcp" else "tcp"
+            assert after[transport] - before[transport] >= 3, (before, after)
+            assert after[other] == before[other], (before, after)
+            # The page read that too.
+            assert r["metrics"]["stream_accepted_by_transport"][transport] >= 3, r["metrics"]
+
+            # The page lists the three URLs for applications, the TLS one with its name.
+            dom = r["dom"]
+            assert [(o["value"], o["disabled"]) for o in dom["transports"]] == [
+                ("udp", False), ("tcp", False), ("tls", False)
+            ], dom
+            assert [o["value"] for o in dom["transports"] if o["selected"]] == [transport]
+            assert dom["listeners"] == [
+                ["UDP", listening["udp"]], ["TCP", listening["tcp"]], ["TLS", listening["tls"]]
+            ], dom
+            assert [row[:2] for row in dom["app_urls"]] == [
+                ["UDP", urls["udp"]], ["TCP", urls["tcp"]], ["TLS", urls["tls"]]
+            ], dom
+            assert TLS_NAME in dom["app_urls"][2][2] and "self-signed" not in dom["app_urls"][2][2]
+            listed = "".join(f'\n        "{u}",' for u in urls.values())
+            assert f"urls: [{listed}\n      ]," in dom["snippet"], dom["snippet"]
+            assert dom["turn_shown"] == urls[transport]
+    finally:
+        browser.close()
+        app.stop(timeout=app.grace + 10)
+
+
+def test_diag_page_reports_a_transport_the_node_does_not_serve(actrix_bin, diag_net, browser, tmp_path):
+    app = start_appliance(actrix_bin, tmp_path, diag_net)
+    try:
+        r = run_page(browser, f"auto=1&user={USER}&pass={PASSWORD}&pings=2&transport=tls", tmp_path)
+        assert r["done"] and r["ok"] is False
+        assert r["errors"] == ["this node serves no TURN over TLS"], r["errors"]
+        assert r["echo"] is None
     finally:
         app.stop(timeout=app.grace + 10)
