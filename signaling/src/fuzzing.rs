@@ -292,7 +292,7 @@ impl Harness {
                         conn.0
                     };
                     Ok(ok(ActrId {
-                        realm: request.realm.clone(),
+                        realm: request.realm,
                         serial_number,
                         r#type: request.actr_type.clone(),
                     }))

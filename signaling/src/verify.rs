@@ -133,7 +133,7 @@ pub(crate) fn verify_blocking(
 pub(crate) fn ais_register_body(actr_type: &ActrType, realm: &Realm) -> Vec<u8> {
     RegisterRequest {
         actr_type: actr_type.clone(),
-        realm: realm.clone(),
+        realm: *realm,
         ..RegisterRequest::default()
     }
     .encode_to_vec()
@@ -195,7 +195,7 @@ mod tests {
             sent,
             RegisterRequest {
                 actr_type: req.actr_type.clone(),
-                realm: req.realm.clone(),
+                realm: req.realm,
                 ..RegisterRequest::default()
             }
         );

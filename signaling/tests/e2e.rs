@@ -307,7 +307,7 @@ async fn presence_events_respect_the_acl() {
     assert!(matches!(
         to_actr(&reply),
         signaling_to_actr::Payload::SubscribeActrUpResponse(SubscribeActrUpResponse {
-            result: Some(EmptyResult::Success(_))
+            result: Some(subscribe_actr_up_response::Result::Success(_))
         })
     ));
     let reply = watcher
@@ -569,7 +569,7 @@ async fn unregister_removes_the_actor() {
     assert!(matches!(
         to_actr(&reply),
         signaling_to_actr::Payload::UnregisterResponse(UnregisterResponse {
-            result: Some(EmptyResult::Success(_))
+            result: Some(unregister_response::Result::Success(_))
         })
     ));
     let reply = a

@@ -67,7 +67,7 @@ fn drain(h: &mut Hub) -> usize {
             }) => {
                 let ok = register_response::RegisterOk {
                     actr_id: ActrId {
-                        realm: request.realm.clone(),
+                        realm: request.realm,
                         serial_number: 7 + conn.0,
                         r#type: request.actr_type.clone(),
                     },
@@ -130,7 +130,7 @@ fn flow(kind: u8, src: ActrId, dst: ActrId) -> Option<signaling_envelope::Flow> 
             payload: Some(peer_to_signaling::Payload::RegisterRequest(
                 RegisterRequest {
                     actr_type: src.r#type.clone(),
-                    realm: src.realm.clone(),
+                    realm: src.realm,
                     service_spec: Some(ServiceSpec {
                         name: "s".into(),
                         fingerprint: "f".into(),

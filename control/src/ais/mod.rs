@@ -353,7 +353,7 @@ impl AisService {
     pub fn register(&self, body: &[u8]) -> RegisterResponse {
         let req = match RegisterRequest::decode(body) {
             Ok(r) => r,
-            Err(e) => return RegisterResponse::error(400, format!("Invalid protobuf: {e}")),
+            Err(e) => return proto::register_error(400, format!("Invalid protobuf: {e}")),
         };
         match self.issue(req) {
             Ok(ok) => RegisterResponse {
@@ -361,11 +361,11 @@ impl AisService {
             },
             Err(AisError::KsUnavailable(m)) => {
                 tracing::warn!(error = %m, "AIS register: key server unavailable");
-                RegisterResponse::error(503, format!("Key server unavailable: {m}"))
+                proto::register_error(503, format!("Key server unavailable: {m}"))
             }
             Err(AisError::Internal(m)) => {
                 tracing::error!(error = %m, "AIS register failed");
-                RegisterResponse::error(500, format!("Credential issuance failed: {m}"))
+                proto::register_error(500, format!("Credential issuance failed: {m}"))
             }
         }
     }
@@ -580,7 +580,7 @@ async fn register_handler(
         None => {
             return protobuf_response(
                 StatusCode::UNAUTHORIZED,
-                &RegisterResponse::error(
+                &proto::register_error(
                     401,
                     "Authentication required: sign with X-Actrix-Timestamp, X-Actrix-Nonce, X-Actrix-Signature",
                 ),
@@ -588,7 +588,7 @@ async fn register_handler(
         }
         Some(Err(e)) => {
             let (s, m) = auth_status(&e);
-            return protobuf_response(s, &RegisterResponse::error(u32::from(s.as_u16()), m));
+            return protobuf_response(s, &proto::register_error(u32::from(s.as_u16()), m));
         }
         Some(Ok(c)) => Some(c),
     };
@@ -599,7 +599,7 @@ async fn register_handler(
             .await
         {
             let (s, m) = auth_status(&e);
-            return protobuf_response(s, &RegisterResponse::error(u32::from(s.as_u16()), m));
+            return protobuf_response(s, &proto::register_error(u32::from(s.as_u16()), m));
         }
     }
     match tokio::task::spawn_blocking(move || svc.register(&body)).await {
@@ -607,7 +607,7 @@ async fn register_handler(
         Ok(resp) => protobuf_response(StatusCode::OK, &resp),
         Err(_) => protobuf_response(
             StatusCode::OK,
-            &RegisterResponse::error(500, "Internal server error"),
+            &proto::register_error(500, "Internal server error"),
         ),
     }
 }

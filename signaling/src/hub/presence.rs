@@ -154,10 +154,12 @@ impl Hub {
     ) {
         let max = self.cfg.max_subscriptions_per_actor;
         let result = match self.presence.subscribe(&source, &s.target_type, max) {
-            Ok(()) => EmptyResult::Success(Empty {}),
+            Ok(()) => subscribe_actr_up_response::Result::Success(
+                subscribe_actr_up_response::SubscribeOk {},
+            ),
             Err(()) => {
                 self.stats.count_error(429);
-                EmptyResult::Error(ErrorResponse {
+                subscribe_actr_up_response::Result::Error(ErrorResponse {
                     code: 429,
                     message: "Too many subscriptions".into(),
                 })
@@ -190,7 +192,9 @@ impl Hub {
             reply_for,
             source,
             signaling_to_actr::Payload::UnsubscribeActrUpResponse(UnsubscribeActrUpResponse {
-                result: Some(EmptyResult::Success(Empty {})),
+                result: Some(unsubscribe_actr_up_response::Result::Success(
+                    unsubscribe_actr_up_response::UnsubscribeOk {},
+                )),
             }),
         );
     }

@@ -128,7 +128,7 @@ impl Hub {
             conn,
             reply_for.to_owned(),
             placeholder_id(),
-            signaling_to_actr::Payload::RegisterResponse(RegisterResponse::error(code, m)),
+            signaling_to_actr::Payload::RegisterResponse(crate::proto::register_error(code, m)),
         );
     }
 
@@ -335,7 +335,9 @@ impl Hub {
             reply_for,
             source.clone(),
             signaling_to_actr::Payload::UnregisterResponse(UnregisterResponse {
-                result: Some(EmptyResult::Success(Empty {})),
+                result: Some(unregister_response::Result::Success(
+                    unregister_response::UnregisterOk {},
+                )),
             }),
         );
         let key = ActorKey::of(&source);
