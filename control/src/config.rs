@@ -30,6 +30,11 @@ pub const KEK_FILE: &str = "kek";
 pub const KS_DB_FILE: &str = "ks.db";
 /// File name of the control database (nonces, realms, AIS key cache) inside `data_dir`.
 pub const CONTROL_DB_FILE: &str = "control.db";
+/// File name of the AIS's Ed25519 signing keys (actr 0.4 credentials) inside `data_dir`.
+pub const AIS_SIGNING_DB_FILE: &str = "ais_signing.db";
+/// File name of the generated TURN REST secret inside `data_dir` (used when
+/// `turn.rest_secrets` is empty; the appliance then gives it to the TURN server too).
+pub const TURN_SECRET_FILE: &str = "turn_rest_secret";
 
 /// Minimum length of the shared key (Actrix rule, wire reference section 4).
 pub const MIN_SHARED_KEY_LEN: usize = 16;
@@ -243,6 +248,13 @@ pub struct AisConfig {
     /// Accept unsigned `POST /ais/register` from loopback peers. Default true. Turn it off when
     /// a reverse proxy on the same host forwards outside traffic to the control listener.
     pub allow_unsigned_loopback_register: bool,
+    /// actr 0.4: lifetime of a renewal token (`POST /ais/renew`). Default 86400.
+    pub renewal_ttl_secs: u64,
+    /// actr 0.4: how long a new Ed25519 signing key signs. Default 86400.
+    pub signing_key_ttl_secs: u64,
+    /// actr 0.4: how long after its `expires_at` a signing key's signatures still verify.
+    /// Default 3600.
+    pub signing_key_tolerance_secs: u64,
 }
 
 impl Default for AisConfig {
@@ -254,6 +266,9 @@ impl Default for AisConfig {
             rate_limit_burst: 100,
             rate_limit_refill_secs: 2,
             allow_unsigned_loopback_register: true,
+            renewal_ttl_secs: 86_400,
+            signing_key_ttl_secs: 86_400,
+            signing_key_tolerance_secs: 3600,
         }
     }
 }
@@ -272,6 +287,10 @@ pub struct ControlConfig {
     pub services: ServicesConfig,
     pub ks: KsConfig,
     pub ais: AisConfig,
+    /// The TURN REST secret the AIS mints actr 0.4 TURN credentials with: the first
+    /// `turn.rest_secrets` entry, or (when there is none) one generated in `data_dir`.
+    #[serde(skip)]
+    pub turn_rest_secret: Option<SecretString>,
 }
 
 impl Default for ControlConfig {
@@ -284,6 +303,7 @@ impl Default for ControlConfig {
             services: ServicesConfig::default(),
             ks: KsConfig::default(),
             ais: AisConfig::default(),
+            turn_rest_secret: None,
         }
     }
 }
@@ -419,6 +439,18 @@ impl ControlConfig {
                 );
             }
         }
+        if self.ais.renewal_ttl_secs == 0 {
+            bad("ais.renewal_ttl_secs", "must be greater than 0".into());
+        }
+        if self.ais.signing_key_ttl_secs <= self.ais.key_refresh_ahead_secs {
+            bad(
+                "ais.signing_key_ttl_secs",
+                format!(
+                    "must be greater than ais.key_refresh_ahead_secs ({})",
+                    self.ais.key_refresh_ahead_secs
+                ),
+            );
+        }
         if self.ais.heartbeat_interval_secs == 0 {
             bad(
                 "ais.heartbeat_interval_secs",
@@ -510,8 +542,9 @@ impl ControlConfig {
         self.ks.shared_key_file = None;
         self.ks.shared_key_env = None;
 
-        // KEK: only the local KS needs one. file > env > direct > generated in data_dir.
-        if self.ks_is_local() {
+        // KEK: the local KS and the AIS's signing keys need one. file > env > direct >
+        // generated in data_dir.
+        if self.ks_is_local() || self.services.ais_enabled() {
             let kek_text = if let Some(path) = &self.ks.kek_file {
                 let v = read_secret_file(path, &mut notes)?;
                 notes.push(format!("KEK loaded from {}", path.display()));
@@ -539,8 +572,11 @@ impl ControlConfig {
                         notes.push(format!("KEK loaded from {}", path.display()));
                         v
                     } else {
-                        let db = self.data_dir.join(KS_DB_FILE);
-                        if db.exists() {
+                        let db = [KS_DB_FILE, AIS_SIGNING_DB_FILE]
+                            .iter()
+                            .map(|f| self.data_dir.join(f))
+                            .find(|p| p.exists());
+                        if let Some(db) = db {
                             // Generating a fresh KEK here would make every stored key
                             // undecryptable and invite overwriting the real one later.
                             return Err(ControlError::Kek {
@@ -568,6 +604,26 @@ impl ControlConfig {
             self.ks.kek = Some(SecretString::new(kek_text.as_str()));
             self.ks.kek_file = None;
             self.ks.kek_env = None;
+        }
+
+        // TURN REST secret of actr 0.4 TURN credentials: configured, or kept in data_dir.
+        if self.turn_rest_secret.is_none() && self.services.ais_enabled() {
+            let path = self.data_dir.join(TURN_SECRET_FILE);
+            let v = if path.exists() {
+                read_secret_file(&path, &mut notes)?
+            } else {
+                let mut raw = Zeroizing::new([0u8; 32]);
+                rand::thread_rng().fill_bytes(raw.as_mut());
+                let v =
+                    Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(*raw));
+                write_secret_file(&path, v.as_bytes())?;
+                notes.push(format!(
+                    "generated a TURN REST secret in {} (owner-only) for actr 0.4 TURN credentials",
+                    path.display()
+                ));
+                v
+            };
+            self.turn_rest_secret = Some(SecretString::new(v.as_str()));
         }
         Ok(notes)
     }

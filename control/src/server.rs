@@ -17,7 +17,7 @@ use tower_http::cors::CorsLayer;
 
 use crate::ais::{self, AisService};
 use crate::clock::{system_clock, SharedClock};
-use crate::config::{ControlConfig, CONTROL_DB_FILE, KS_DB_FILE};
+use crate::config::{ControlConfig, AIS_SIGNING_DB_FILE, CONTROL_DB_FILE, KS_DB_FILE};
 use crate::error::ControlError;
 use crate::identity::{self, IdentityError, IdentityVerifier, Readiness};
 use crate::ks::client::KsClient;
@@ -342,14 +342,39 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
     };
 
     let ais_service = if config.services.ais_enabled() {
-        Some(Arc::new(AisService::new(
+        let mut svc = AisService::new(
             config.ais.clone(),
             key_source.clone(),
             &control_db,
             ais::snowflake::process_worker_id(&config.node_id),
             auth.clone(),
             realms.clone(),
-        )?))
+        )?;
+        // actr 0.4: Ed25519 signing keys sealed with the KEK, TURN credentials under the TURN
+        // server's REST secret. Without either, only 0.1.7 clients are served.
+        let kek = config
+            .kek()
+            .map_err(|e| ControlError::Secret(format!("ks.kek: {e}")))?;
+        match (kek, &config.turn_rest_secret) {
+            (Some(kek), Some(secret)) => {
+                let keys = Arc::new(ais::signing::SigningKeys::open(
+                    &config.data_dir.join(AIS_SIGNING_DB_FILE),
+                    &kek,
+                    config.ais.signing_key_ttl_secs,
+                    config.ais.signing_key_tolerance_secs,
+                    config.ais.key_refresh_ahead_secs,
+                )?);
+                if let Err(e) = keys.current_or_rotate(clock.now_unix()) {
+                    tracing::warn!(error = %e, "AIS: no 0.4 signing key yet; retrying on demand");
+                }
+                svc = svc.with_v4(keys, secret.expose().as_bytes());
+            }
+            (None, _) => tracing::warn!("AIS: no KEK resolved; actr 0.4 clients are not served"),
+            (_, None) => {
+                tracing::warn!("AIS: no TURN REST secret; actr 0.4 clients are not served")
+            }
+        }
+        Some(Arc::new(svc))
     } else {
         None
     };

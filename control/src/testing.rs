@@ -11,6 +11,8 @@ use crate::{ControlConfig, SecretString};
 
 /// The shared key of [`config`].
 pub const SHARED_KEY: &str = "integration-test-shared-key-0123456789";
+/// The TURN REST secret of [`config`] (actr 0.4 TURN credentials).
+pub const TURN_SECRET: &str = "integration-test-turn-rest-secret";
 /// The key-encryption key of [`config`] (hex).
 pub const KEK_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
@@ -25,6 +27,7 @@ pub fn config(dir: &Path, node_id: &str) -> ControlConfig {
     cfg.http.listen = "127.0.0.1:0".parse().expect("a valid socket address");
     cfg.ks.shared_key = Some(SecretString::from(SHARED_KEY));
     cfg.ks.kek = Some(SecretString::from(KEK_HEX));
+    cfg.turn_rest_secret = Some(SecretString::from(TURN_SECRET));
     cfg
 }
 

@@ -750,6 +750,12 @@ impl Config {
             services: self.services.clone(),
             ks: self.ks.clone(),
             ais: self.ais.clone(),
+            // actr 0.4 TURN credentials are minted with the secret TURN verifies first.
+            turn_rest_secret: self
+                .turn
+                .rest_secrets
+                .first()
+                .map(actrix_control::SecretString::new),
         }
     }
 

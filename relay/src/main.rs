@@ -253,6 +253,20 @@ fn run(path: Option<PathBuf>) -> i32 {
             return 1;
         }
     }
+    // Without configured REST secrets the control plane generated one for actr 0.4 TURN
+    // credentials; TURN must verify with it too (here and on every reload).
+    let generated_turn_secret = cfg
+        .turn
+        .rest_secrets
+        .is_empty()
+        .then(|| {
+            control_cfg
+                .turn_rest_secret
+                .as_ref()
+                .map(|s| s.expose().to_owned())
+        })
+        .flatten();
+    cfg.turn.rest_secrets.extend(generated_turn_secret.clone());
     let shards = resolved.shard_cores.len().max(1);
     let stats = DataPlane::new_stats(shards);
     let (diag, diag_handle) = actrix::diag::router_with_handle(diag_options(&cfg, &resolved));
@@ -411,6 +425,7 @@ fn run(path: Option<PathBuf>) -> i32 {
         diag: diag_handle,
         signaling: signaling_handle.lock().ok().and_then(|mut h| h.take()),
         ais: ais_service.lock().ok().and_then(|mut h| h.take()),
+        generated_turn_secret,
     };
     run_until_shutdown(
         dp.as_ref(),
@@ -584,6 +599,7 @@ struct Reloader {
     diag: actrix::diag::DiagHandle,
     signaling: Option<actrix_signaling::SignalingHandle>,
     ais: Option<Arc<actrix_control::ais::AisService>>,
+    generated_turn_secret: Option<String>,
 }
 
 impl Reloader {
@@ -597,7 +613,12 @@ impl Reloader {
                 "running on the embedded configuration: nothing to reload".into(),
             ]);
         };
-        let (cfg, r) = config::load(Some(path))?;
+        let (mut cfg, r) = config::load(Some(path))?;
+        if cfg.turn.rest_secrets.is_empty() {
+            cfg.turn
+                .rest_secrets
+                .extend(self.generated_turn_secret.clone());
+        }
         let mut notes = Vec::new();
         // The certificate first: a file that does not load refuses the whole reload, before
         // anything else changes. Re-reading is what a renewal (same paths) needs.

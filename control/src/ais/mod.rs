@@ -24,9 +24,21 @@
 //!
 //! The current KS key is kept in memory and in the `ais_current_key` table of `control.db`, and
 //! refreshed `key_refresh_ahead_secs` before it expires (background task plus on demand).
+//!
+//! actr 0.4 clients (`control/WIRE-0.4.md`, module [`v4`]) use the same `POST /ais/register`
+//! and `POST /ais/renew`, unsigned (they are public client endpoints, behind the same per-IP
+//! rate limit). Which protocol a register request speaks is decided before anything else, by
+//! [`is_v4_register`]: `Content-Type: application/x-protobuf` (what actr 0.4's `AisClient`
+//! sends; Actrix's own 0.1 components send `application/octet-stream`) or a field number only
+//! the 0.4 `RegisterRequest` defines (10-17) makes it 0.4; anything else is the 0.1.7 API
+//! above, with its authentication rules. The 0.4 signing keys are rotated by the same background
+//! task (`POST /ais/rotate-signing-key`, signed with payload `ais_rotate_signing_key`, forces a
+//! rotation).
 
 pub mod proto;
+pub mod signing;
 pub mod snowflake;
+pub mod v4;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -229,6 +241,7 @@ pub struct AisService {
     auth: NonceAuthenticator,
     limiter: RateLimiter,
     realms: RealmStore,
+    v4: Option<v4::V4Issuer>,
 }
 
 impl std::fmt::Debug for AisService {
@@ -263,7 +276,95 @@ impl AisService {
             auth,
             limiter,
             realms,
+            v4: None,
         })
+    }
+
+    /// Serve actr 0.4 clients too: credentials signed with `keys`, TURN credentials under
+    /// `turn_secret` (the TURN server's first REST secret).
+    #[must_use]
+    pub fn with_v4(mut self, keys: Arc<signing::SigningKeys>, turn_secret: &[u8]) -> Self {
+        self.v4 = Some(v4::V4Issuer::new(
+            keys,
+            turn_secret,
+            v4::V4Settings {
+                token_ttl_secs: self.cfg.token_ttl_secs,
+                renewal_ttl_secs: self.cfg.renewal_ttl_secs,
+                heartbeat_interval_secs: self.cfg.heartbeat_interval_secs,
+            },
+        ));
+        self
+    }
+
+    /// Whether actr 0.4 clients are served.
+    pub fn v4_enabled(&self) -> bool {
+        self.v4.is_some()
+    }
+
+    /// The 0.4 signing keys, when 0.4 is served.
+    pub fn signing_keys(&self) -> Option<&Arc<signing::SigningKeys>> {
+        self.v4.as_ref().map(|v| &v.keys)
+    }
+
+    /// `POST /ais/register` for an actr 0.4 client (encoded `RegisterRequest` of 0.4). Blocking.
+    #[must_use = "the reply to send"]
+    pub fn register_v4(&self, body: &[u8]) -> actrix_wire::v4::actr::RegisterResponse {
+        use actrix_wire::v4::actr as p4;
+        match &self.v4 {
+            Some(v) => v.register(
+                self.clock.now_unix(),
+                self.clock.now_unix_ms(),
+                &self.snowflake,
+                &self.realms,
+                body,
+            ),
+            None => p4::RegisterResponse {
+                result: Some(p4::register_response::Result::Error(p4::ErrorResponse {
+                    code: 503,
+                    message: "actr 0.4 registration is not configured on this node".into(),
+                })),
+            },
+        }
+    }
+
+    /// `POST /ais/renew` (actr 0.4). Blocking.
+    #[must_use = "the reply to send"]
+    pub fn renew_v4(&self, body: &[u8]) -> actrix_wire::v4::actr::RenewCredentialResponse {
+        use actrix_wire::v4::actr as p4;
+        match &self.v4 {
+            Some(v) => v.renew(self.clock.now_unix(), &self.realms, body),
+            None => p4::RenewCredentialResponse {
+                result: Some(p4::renew_credential_response::Result::Error(
+                    p4::ErrorResponse {
+                        code: 503,
+                        message: "actr 0.4 renewal is not configured on this node".into(),
+                    },
+                )),
+            },
+        }
+    }
+
+    /// Verify an actr 0.4 credential's signature at `now_unix` and decode its claims (expiry,
+    /// realm and identity are the caller's to check). Never blocks.
+    pub fn verify_v4(
+        &self,
+        now_unix: u64,
+        cred: &actrix_wire::v4::actr::AIdCredential,
+    ) -> Result<v4::VerifiedClaims, v4::CredentialError> {
+        match &self.v4 {
+            Some(v) => v.verify(now_unix, cred),
+            None => Err(v4::CredentialError::Disabled),
+        }
+    }
+
+    /// What a 0.4 actor registered with (ACL, spec, direct address), taken once by signaling
+    /// when the actor connects.
+    pub fn take_pending_v4(
+        &self,
+        realm_id: u32,
+        serial: u64,
+    ) -> Option<actrix_wire::v4::actr::RegisterRequest> {
+        self.v4.as_ref()?.take_pending(realm_id, serial)
     }
 
     fn current(&self) -> Option<CurrentKey> {
@@ -423,6 +524,10 @@ impl AisService {
             }),
             None => serde_json::json!({"status": "failed", "error": "no key loaded"}),
         };
+        let signing = self.signing_keys().map(|k| match k.current(now) {
+            Some(c) => serde_json::json!({"status": "ok", "key_id": c.key_id, "expires_in": c.expires_at.saturating_sub(now)}),
+            None => serde_json::json!({"status": "rotation due"}),
+        });
         let healthy = database && ks.is_ok() && self.current().is_some();
         serde_json::json!({
             "service": "ais",
@@ -431,6 +536,7 @@ impl AisService {
             "database": if database { "ok" } else { "failed" },
             "ks_service": if ks.is_ok() { "ok" } else { "failed" },
             "key_cache": key_cache,
+            "signing_key": signing,
         })
     }
 
@@ -443,7 +549,15 @@ impl AisService {
         loop {
             ticker.tick().await;
             let me = self.clone();
-            let res = tokio::task::spawn_blocking(move || me.refresh_if_needed()).await;
+            let res = tokio::task::spawn_blocking(move || {
+                if let Some(keys) = me.signing_keys() {
+                    if let Err(e) = keys.current_or_rotate(me.clock.now_unix()) {
+                        tracing::warn!(error = %e, "AIS signing key rotation failed");
+                    }
+                }
+                me.refresh_if_needed()
+            })
+            .await;
             match res {
                 Ok(Ok(())) => failing = false,
                 Ok(Err(e)) => {
@@ -569,12 +683,75 @@ where
         .map_err(|_| json_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error"))
 }
 
+/// Whether a `POST /ais/register` speaks actr 0.4: `Content-Type: application/x-protobuf`, or
+/// a top-level field number only the 0.4 `RegisterRequest` defines (10, 11, 13-17).
+pub fn is_v4_register(headers: &HeaderMap, body: &[u8]) -> bool {
+    let x_protobuf = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/x-protobuf"));
+    x_protobuf || top_level_fields(body).any(|f| (10..=17).contains(&f))
+}
+
+/// The field numbers of a protobuf message's top level, as far as it parses.
+fn top_level_fields(mut b: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    std::iter::from_fn(move || {
+        let key = varint(&mut b)?;
+        let skip = match key & 7 {
+            0 => {
+                varint(&mut b)?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(varint(&mut b)?).ok()?,
+            5 => 4,
+            _ => return None,
+        };
+        if skip > b.len() {
+            return None;
+        }
+        b = &b[skip..];
+        u32::try_from(key >> 3).ok()
+    })
+}
+
+fn protobuf_bytes(bytes: Vec<u8>) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-protobuf"),
+        )],
+        bytes,
+    )
+        .into_response()
+}
+
 async fn register_handler(
     State(svc): State<Arc<AisService>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if is_v4_register(&headers, &body) {
+        return match tokio::task::spawn_blocking(move || svc.register_v4(&body)).await {
+            Ok(resp) => protobuf_bytes(resp.encode_to_vec()),
+            Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal server error").into_response(),
+        };
+    }
     let cred = match header_credential(&headers) {
         None if unsigned_register_allowed(peer.ip(), &svc.cfg) => None,
         None => {
@@ -609,6 +786,40 @@ async fn register_handler(
             StatusCode::OK,
             &proto::register_error(500, "Internal server error"),
         ),
+    }
+}
+
+async fn renew_handler(State(svc): State<Arc<AisService>>, body: Bytes) -> Response {
+    match tokio::task::spawn_blocking(move || svc.renew_v4(&body)).await {
+        Ok(resp) => protobuf_bytes(resp.encode_to_vec()),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal server error").into_response(),
+    }
+}
+
+async fn rotate_signing_handler(
+    State(svc): State<Arc<AisService>>,
+    headers: HeaderMap,
+) -> Response {
+    let res = signed_admin(svc, &headers, "ais_rotate_signing_key".into(), |s| {
+        let now = s.clock.now_unix();
+        s.signing_keys()
+            .map(|k| k.rotate(now).map_err(|e| e.to_string()))
+    })
+    .await;
+    match res {
+        Err(r) => r,
+        Ok(Some(Ok(k))) => Json(serde_json::json!({
+            "status": "success",
+            "message": "Signing key rotated",
+            "new_key_id": k.key_id,
+            "expires_at": k.expires_at,
+        }))
+        .into_response(),
+        Ok(Some(Err(e))) => json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("Signing key rotation failed: {e}"),
+        ),
+        Ok(None) => json_error(StatusCode::NOT_FOUND, "actr 0.4 is not served on this node"),
     }
 }
 
@@ -741,6 +952,8 @@ async fn rate_limit(State(svc): State<Arc<AisService>>, req: Request, next: Next
 pub fn router(svc: Arc<AisService>) -> Router {
     Router::new()
         .route("/register", post(register_handler))
+        .route("/renew", post(renew_handler))
+        .route("/rotate-signing-key", post(rotate_signing_handler))
         .route("/health", get(health_handler))
         .route("/rotate-key", post(rotate_handler))
         .route("/current-key", get(current_key_handler))
