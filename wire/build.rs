@@ -22,8 +22,18 @@ fn main() {
         );
         let target = out.join(sub);
         std::fs::create_dir_all(&target).expect("create the output directory");
-        prost_build::Config::new()
-            .out_dir(&target)
+        let mut config = prost_build::Config::new();
+        config.out_dir(&target);
+        if sub == "v1" {
+            // 0.4's SessionDescription is 0.1.7's plus one optional field (sdp_exchange_id);
+            // using it for both keeps that field through the hub, which translates 0.4
+            // envelopes to the 0.1.7 types (see lib.rs).
+            config.extern_path(
+                ".webrtc.SessionDescription",
+                "crate::v4::webrtc::SessionDescription",
+            );
+        }
+        config
             .compile_fds(fds)
             .unwrap_or_else(|e| panic!("{dir}: {e}"));
     }

@@ -473,6 +473,7 @@ async fn drive(
                             SessionDescription {
                                 r#type: 0,
                                 sdp: format!("{ns} {filler}"),
+                                sdp_exchange_id: None,
                             },
                         )),
                     });

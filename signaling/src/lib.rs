@@ -38,6 +38,7 @@ pub mod proto;
 mod server;
 pub mod stats;
 mod store;
+mod v4;
 mod verify;
 
 pub use config::SignalingConfig;

@@ -67,6 +67,8 @@ pub mod ranking {
     pub const MAXIMUM_POWER_RESERVE: i32 = F::MaximumPowerReserve as i32;
     pub const MINIMUM_MAILBOX_BACKLOG: i32 = F::MinimumMailboxBacklog as i32;
     pub const BEST_COMPATIBILITY: i32 = F::BestCompatibility as i32;
+    /// actr 0.4 gives number 2 to `EXACT_MATCH_FIRST`.
+    pub const EXACT_MATCH_FIRST: i32 = 2;
     pub const NEAREST: i32 = F::Nearest as i32;
     pub const CLIENT_AFFINITY: i32 = F::ClientAffinity as i32;
 }

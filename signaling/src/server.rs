@@ -34,7 +34,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::SignalingConfig;
-use crate::hub::{AisCall, ConnId, CredentialVerdict, Hub, Output, RealmCheck, VerifiedCredential};
+use crate::hub::{
+    AisCall, ConnId, CredentialVerdict, Hub, Output, Proto, RealmCheck, Registration,
+    VerifiedCredential,
+};
 use crate::proto::{
     actr_id_string, parse_actr_id, signaling_envelope, AIdCredential, ActrId, SignalingEnvelope,
 };
@@ -260,8 +263,14 @@ fn drain_caused_by(shared: &Arc<Shared>, core: &mut Core, arrived: Option<Instan
     while let Some(o) = core.hub.poll_output() {
         match o {
             Output::Send { conn, envelope } => {
-                let bytes = Bytes::from(envelope.encode_to_vec());
-                push(shared, core, conn, Out::Frame(bytes, arrived));
+                let bytes = match core.hub.proto(conn) {
+                    Proto::V1 => envelope.encode_to_vec(),
+                    Proto::V4 => match crate::v4::encode(&envelope) {
+                        Some(b) => b,
+                        None => continue,
+                    },
+                };
+                push(shared, core, conn, Out::Frame(Bytes::from(bytes), arrived));
             }
             Output::Close { conn, code, reason } => {
                 push(shared, core, conn, Out::Close(code, reason))
@@ -432,9 +441,33 @@ fn admit(now_unix_ms: u64, shared: &Arc<Shared>, ip: IpAddr) -> Result<Admission
 #[derive(Default)]
 struct UrlIdentity {
     actor_id: Option<String>,
+    /// 0.1.7: `token` (base64 of `encrypted_token`) and `token_key_id`.
     token: Option<String>,
     token_key_id: u32,
+    /// 0.4: `key_id`, `claims` and `signature` (base64).
+    key_id: u32,
+    claims: Option<String>,
+    signature: Option<String>,
     wants_answer: bool,
+}
+
+impl UrlIdentity {
+    /// The protocol the connection speaks: 0.4 when the URL carries 0.4 credential
+    /// parameters, 0.1.7 otherwise (control/WIRE-0.4.md).
+    fn proto(&self) -> Proto {
+        if self.claims.is_some() || self.signature.is_some() {
+            Proto::V4
+        } else {
+            Proto::V1
+        }
+    }
+}
+
+/// Form decoding turns '+' into ' '; standard base64 has no spaces, so undo it.
+fn b64(v: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(v.trim().replace(' ', "+"))
+        .ok()
 }
 
 fn parse_query(q: Option<&str>) -> UrlIdentity {
@@ -445,6 +478,9 @@ fn parse_query(q: Option<&str>) -> UrlIdentity {
             "actor_id" => u.actor_id = Some(v.into_owned()),
             "token" => u.token = Some(v.into_owned()),
             "token_key_id" => u.token_key_id = v.trim().parse().unwrap_or(0),
+            "key_id" => u.key_id = v.trim().parse().unwrap_or(0),
+            "claims" => u.claims = Some(v.into_owned()),
+            "signature" => u.signature = Some(v.into_owned()),
             "webrtc_role" => u.wants_answer = v.eq_ignore_ascii_case("answer"),
             _ => {}
         }
@@ -492,6 +528,40 @@ async fn validate_url_identity(
         .check_realm(now_unix_ms, id.realm.realm_id)
         .ok()?;
     Some((id, cred, v))
+}
+
+/// The 0.4 form of wire section 9.2: the URL identity is bound only if its claims carry a
+/// valid Ed25519 signature of an AIS signing key, are unexpired, are for the same realm and
+/// name exactly `actor_id`, and the realm is valid. Never blocks.
+fn validate_url_identity_v4(
+    shared: &Arc<Shared>,
+    u: &UrlIdentity,
+) -> Option<(ActrId, Vec<u8>, Arc<VerifiedCredential>)> {
+    let actor_id = u.actor_id.as_deref()?;
+    let id = parse_actr_id(actor_id)?;
+    let cred = actrix_wire::v4::actr::AIdCredential {
+        key_id: u.key_id,
+        claims: b64(u.claims.as_deref()?)?,
+        signature: b64(u.signature.as_deref()?)?,
+    };
+    let now_unix_ms = shared.now_unix_ms();
+    let CredentialVerdict::Valid(v) =
+        verify::verify_v4(now_unix_ms / 1000, shared.ais.as_deref(), &cred)
+    else {
+        return None;
+    };
+    if now_unix_ms / 1000 > v.expr_time
+        || v.realm_id != id.realm.realm_id
+        || v.actor_id != actor_id
+        || v.actor_id != actr_id_string(&id)
+    {
+        return None;
+    }
+    let mut core = shared.lock();
+    core.realms
+        .check_realm(now_unix_ms, id.realm.realm_id)
+        .ok()?;
+    Some((id, cred.encode_to_vec(), v))
 }
 
 /// Whether a browser's `Origin` may open the WebSocket: absent (not a browser), the node's
@@ -570,12 +640,27 @@ async fn ws_handler(
         }
     };
     let url = parse_query(query.as_deref());
+    let proto = url.proto();
     let mut identity = None;
+    let mut registration = None;
     let mut creds = CredCache::default();
-    if url.actor_id.is_some() || url.token.is_some() {
-        match validate_url_identity(&shared, &url).await {
+    if url.actor_id.is_some() || url.token.is_some() || proto == Proto::V4 {
+        let validated = match proto {
+            Proto::V1 => validate_url_identity(&shared, &url)
+                .await
+                .map(|(id, cred, v)| (id, cred.encode_to_vec(), v)),
+            Proto::V4 => validate_url_identity_v4(&shared, &url),
+        };
+        match validated {
             Some((id, cred, v)) => {
                 creds.insert(cred, v, shared.cfg().credential_cache_per_conn);
+                if proto == Proto::V4 {
+                    registration = shared
+                        .ais
+                        .as_ref()
+                        .and_then(|a| a.take_pending_v4(id.realm.realm_id, id.serial_number))
+                        .map(|r| crate::v4::registration(id.realm.realm_id, r));
+                }
                 identity = Some(id);
             }
             None => {
@@ -593,28 +678,33 @@ async fn ws_handler(
         .max_message_size(cfg.max_message_bytes)
         .max_frame_size(cfg.max_frame_bytes)
         .on_upgrade(move |socket| async move {
-            run_conn(sh, socket, conn, identity, wants_answer, creds, admission).await;
+            let start = Start {
+                identity,
+                wants_answer,
+                proto,
+                registration,
+            };
+            run_conn(sh, socket, conn, start, creds, admission).await;
         })
 }
 
-/// Credentials this connection already presented and that decrypted, compared byte for byte,
-/// so a busy connection costs one ECIES decryption, not one per envelope.
+/// Credentials this connection already presented and that verified, compared byte for byte
+/// (their encoded form, of the connection's protocol), so a busy connection costs one ECIES
+/// decryption or Ed25519 verification, not one per envelope.
 #[derive(Default)]
 struct CredCache {
-    entries: Vec<(AIdCredential, Arc<VerifiedCredential>)>,
+    entries: Vec<(Vec<u8>, Arc<VerifiedCredential>)>,
 }
 
 impl CredCache {
-    fn get(&self, c: &AIdCredential) -> Option<Arc<VerifiedCredential>> {
+    fn get(&self, c: &[u8]) -> Option<Arc<VerifiedCredential>> {
         self.entries
             .iter()
-            .find(|(k, _)| {
-                k.token_key_id == c.token_key_id && k.encrypted_token == c.encrypted_token
-            })
+            .find(|(k, _)| k[..] == c[..])
             .map(|(_, v)| v.clone())
     }
 
-    fn insert(&mut self, c: AIdCredential, v: Arc<VerifiedCredential>, cap: usize) {
+    fn insert(&mut self, c: Vec<u8>, v: Arc<VerifiedCredential>, cap: usize) {
         if self.entries.len() >= cap.max(1) {
             self.entries.remove(0);
         }
@@ -657,17 +747,40 @@ fn is_capacity_error(e: axum::Error) -> bool {
         .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
 }
 
+/// How a connection starts: its URL identity (validated), role wish and protocol, and for a
+/// 0.4 actor what it registered with.
+struct Start {
+    identity: Option<ActrId>,
+    wants_answer: bool,
+    proto: Proto,
+    registration: Option<Registration>,
+}
+
+/// A frame decoded for the hub, with the verdict on its credential; or nothing more to do.
+enum Decoded {
+    Hub(Box<SignalingEnvelope>, Option<CredentialVerdict>),
+    Done,
+}
+
 async fn run_conn(
     shared: Arc<Shared>,
     socket: WebSocket,
     conn: ConnId,
-    identity: Option<ActrId>,
-    wants_answer: bool,
+    start: Start,
     mut creds: CredCache,
     admission: Admission,
 ) {
+    let Start {
+        identity,
+        wants_answer,
+        proto,
+        registration,
+    } = start;
     let cfg = shared.cfg();
     stats::inc(&shared.stats.connections_open);
+    if proto == Proto::V4 {
+        stats::inc(&shared.stats.connections_v4);
+    }
     stats::inc(&shared.stats.connections_total);
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel::<Out>(cfg.send_queue_len);
@@ -683,8 +796,15 @@ async fn run_conn(
                 kill: kill.clone(),
             },
         );
-        core.hub
-            .handle_connect(now_unix_ms, conn, identity, wants_answer);
+        match proto {
+            Proto::V1 => core
+                .hub
+                .handle_connect(now_unix_ms, conn, identity, wants_answer),
+            Proto::V4 => {
+                core.hub
+                    .handle_connect_v4(now_unix_ms, conn, identity, wants_answer, registration)
+            }
+        }
         drain(&shared, &mut core);
     }
     let mut writer = tokio::spawn(write_loop(
@@ -777,8 +897,13 @@ async fn run_conn(
                     drain(&shared, &mut core);
                     continue;
                 }
-                let env = match SignalingEnvelope::decode(data) {
-                    Ok(env) => env,
+                let decoded = match proto {
+                    Proto::V1 => decode_v1(&shared, conn, &data, &mut creds).await,
+                    Proto::V4 => decode_v4(&shared, conn, &data, &mut creds, &local_tx),
+                };
+                let (env, verdict) = match decoded {
+                    Ok(Decoded::Hub(env, verdict)) => (*env, verdict),
+                    Ok(Decoded::Done) => continue,
                     Err(e) => {
                         // Actrix closes the connection on an undecodable frame; we first say
                         // why with an envelope_error, then close with 1007 (invalid data).
@@ -793,26 +918,6 @@ async fn run_conn(
                         closing = true;
                         continue;
                     }
-                };
-                let verdict = match credential_of(&env) {
-                    None => None,
-                    Some(c) => match creds.get(c) {
-                        Some(v) => Some(CredentialVerdict::Valid(v)),
-                        None => {
-                            let keys = shared.keys.clone();
-                            let c2 = c.clone();
-                            let now_unix = shared.now_unix_ms() / 1000;
-                            let verdict = tokio::task::spawn_blocking(move || {
-                                verify::verify_blocking(now_unix, &keys, &c2)
-                            })
-                            .await
-                            .unwrap_or_else(|e| CredentialVerdict::Invalid(e.to_string()));
-                            if let CredentialVerdict::Valid(v) = &verdict {
-                                creds.insert(c.clone(), v.clone(), cfg.credential_cache_per_conn);
-                            }
-                            Some(verdict)
-                        }
-                    },
                 };
                 let now_unix_ms = shared.now_unix_ms();
                 let mut core = shared.lock();
@@ -841,7 +946,208 @@ async fn run_conn(
         }
     }
     stats::dec(&shared.stats.connections_open);
+    if proto == Proto::V4 {
+        stats::dec(&shared.stats.connections_v4);
+    }
     drop(admission);
+}
+
+/// Refuse a well-formed envelope of the other protocol: 401 to its source, nothing relayed,
+/// the connection stays open (control/WIRE-0.4.md).
+fn refuse_other_protocol(
+    shared: &Arc<Shared>,
+    conn: ConnId,
+    (source, envelope_id): (ActrId, String),
+    message: &str,
+) {
+    stats::inc(&shared.stats.wrong_protocol);
+    let now_unix_ms = shared.now_unix_ms();
+    let mut core = shared.lock();
+    core.hub.refuse(
+        now_unix_ms,
+        conn,
+        &envelope_id,
+        source,
+        401,
+        format!("Credential validation failed: {message}"),
+    );
+    drain(shared, &mut core);
+}
+
+/// A frame of a 0.1.7 connection.
+async fn decode_v1(
+    shared: &Arc<Shared>,
+    conn: ConnId,
+    data: &[u8],
+    creds: &mut CredCache,
+) -> Result<Decoded, prost::DecodeError> {
+    let env = match SignalingEnvelope::decode(data) {
+        Ok(env) => env,
+        Err(e) => {
+            return match crate::v4::other_protocol_v4(data) {
+                Some(who) => {
+                    refuse_other_protocol(
+                        shared,
+                        conn,
+                        who,
+                        "an actr 0.4 credential on an actr 0.1.7 connection",
+                    );
+                    Ok(Decoded::Done)
+                }
+                None => Err(e),
+            }
+        }
+    };
+    let verdict = match credential_of(&env) {
+        None => None,
+        Some(c) => {
+            let key = c.encode_to_vec();
+            match creds.get(&key) {
+                Some(v) => Some(CredentialVerdict::Valid(v)),
+                None => {
+                    let keys = shared.keys.clone();
+                    let c2 = c.clone();
+                    let now_unix = shared.now_unix_ms() / 1000;
+                    let verdict = tokio::task::spawn_blocking(move || {
+                        verify::verify_blocking(now_unix, &keys, &c2)
+                    })
+                    .await
+                    .unwrap_or_else(|e| CredentialVerdict::Invalid(e.to_string()));
+                    if let CredentialVerdict::Valid(v) = &verdict {
+                        creds.insert(key, v.clone(), shared.cfg().credential_cache_per_conn);
+                    }
+                    Some(verdict)
+                }
+            }
+        }
+    };
+    Ok(Decoded::Hub(Box::new(env), verdict))
+}
+
+/// The verdict on a 0.4 credential (Ed25519: cheap enough to run inline).
+fn verdict_v4(
+    shared: &Arc<Shared>,
+    creds: &mut CredCache,
+    c: &actrix_wire::v4::actr::AIdCredential,
+) -> CredentialVerdict {
+    let key = c.encode_to_vec();
+    if let Some(v) = creds.get(&key) {
+        return CredentialVerdict::Valid(v);
+    }
+    let verdict = verify::verify_v4(shared.now_unix_ms() / 1000, shared.ais.as_deref(), c);
+    if let CredentialVerdict::Valid(v) = &verdict {
+        creds.insert(key, v.clone(), shared.cfg().credential_cache_per_conn);
+    }
+    verdict
+}
+
+/// A frame of a 0.4 connection: translated for the hub, or answered here (signing keys,
+/// refused registrations, credentials of the other protocol).
+fn decode_v4(
+    shared: &Arc<Shared>,
+    conn: ConnId,
+    data: &[u8],
+    creds: &mut CredCache,
+    out: &mpsc::Sender<Out>,
+) -> Result<Decoded, prost::DecodeError> {
+    use actrix_wire::v4::{actr as a4, signaling as s4};
+    let incoming = match crate::v4::decode(data) {
+        Ok(i) => i,
+        Err(e) => {
+            return match crate::v4::other_protocol_v1(data) {
+                Some(who) => {
+                    refuse_other_protocol(
+                        shared,
+                        conn,
+                        who,
+                        "an actr 0.1.7 credential on an actr 0.4 connection",
+                    );
+                    Ok(Decoded::Done)
+                }
+                None => Err(e),
+            }
+        }
+    };
+    match incoming {
+        crate::v4::Incoming::Envelope(env, cred) => {
+            let verdict = cred.map(|c| verdict_v4(shared, creds, &c));
+            Ok(Decoded::Hub(env, verdict))
+        }
+        crate::v4::Incoming::Register { envelope_id } => {
+            let frame = crate::v4::reply(
+                shared.now_unix_ms(),
+                uuid::Uuid::new_v4().to_string(),
+                envelope_id,
+                crate::v4::recode(&crate::hub::placeholder_id()),
+                s4::signaling_to_actr::Payload::RegisterResponse(a4::RegisterResponse {
+                    result: Some(a4::register_response::Result::Error(a4::ErrorResponse {
+                        code: 400,
+                        message: "actr 0.4 clients register with POST /ais/register".into(),
+                    })),
+                }),
+            );
+            shared.stats.count_error(400);
+            let _ = out.try_send(Out::Frame(Bytes::from(frame), None));
+            Ok(Decoded::Done)
+        }
+        crate::v4::Incoming::SigningKey {
+            envelope_id,
+            source,
+            credential,
+            key_id,
+        } => {
+            let verdict = verdict_v4(shared, creds, &credential);
+            let now_unix_ms = shared.now_unix_ms();
+            let allowed = {
+                let mut core = shared.lock();
+                let Core { hub, realms, .. } = &mut *core;
+                let ok = hub.authenticate_request(
+                    now_unix_ms,
+                    conn,
+                    &envelope_id,
+                    &source,
+                    Some(verdict),
+                    realms,
+                );
+                drain(shared, &mut core);
+                ok
+            };
+            if !allowed {
+                return Ok(Decoded::Done);
+            }
+            let key = shared
+                .ais
+                .as_ref()
+                .and_then(|a| a.signing_keys())
+                .and_then(|k| k.key(now_unix_ms / 1000, key_id));
+            let payload = match key {
+                Some(k) => s4::signaling_to_actr::Payload::GetSigningKeyResponse(
+                    s4::GetSigningKeyResponse {
+                        key_id,
+                        pubkey: k.verifying_key.to_vec(),
+                    },
+                ),
+                None => {
+                    shared.stats.count_error(404);
+                    s4::signaling_to_actr::Payload::Error(a4::ErrorResponse {
+                        code: 404,
+                        message: format!("signing key not found: key_id={key_id}"),
+                    })
+                }
+            };
+            let frame = crate::v4::reply(
+                now_unix_ms,
+                uuid::Uuid::new_v4().to_string(),
+                envelope_id,
+                crate::v4::recode(&source),
+                payload,
+            );
+            if out.try_send(Out::Frame(Bytes::from(frame), None)).is_ok() {
+                stats::inc(&shared.stats.envelopes_out);
+            }
+            Ok(Decoded::Done)
+        }
+    }
 }
 
 async fn write_loop(

@@ -41,6 +41,11 @@ pub struct SignalingStats {
     pub registrations: AtomicU64,
     /// URL reconnect identities refused (the connection stays unbound).
     pub url_identity_refused: AtomicU64,
+    /// Envelopes refused because their credential is of the other actr protocol than their
+    /// connection's (a 0.4 credential on a 0.1.7 connection or the reverse).
+    pub wrong_protocol: AtomicU64,
+    /// Connections speaking actr 0.4 (gauge).
+    pub connections_v4: AtomicU64,
     /// Registry entries in memory (gauge).
     pub registry_entries: AtomicU64,
     /// Registry entries evicted by the heartbeat sweep.

@@ -127,6 +127,28 @@ pub(crate) fn verify_blocking(
     }))
 }
 
+/// Verify an actr 0.4 credential (Ed25519 signature under an AIS signing key, then the claims
+/// decode). Expiry, realm and identity are the hub's to check, as for 0.1.7. Never blocks.
+pub(crate) fn verify_v4(
+    now_unix: u64,
+    ais: Option<&AisService>,
+    cred: &actrix_wire::v4::actr::AIdCredential,
+) -> CredentialVerdict {
+    let Some(ais) = ais else {
+        return CredentialVerdict::Invalid("AIS not configured".into());
+    };
+    match ais.verify_v4(now_unix, cred) {
+        Ok(v) => CredentialVerdict::Valid(Arc::new(VerifiedCredential {
+            actor_id: v.claims.actor_id,
+            realm_id: v.claims.realm_id,
+            expr_time: v.claims.expires_at,
+            key_expires_at: v.key.expires_at,
+            key_tolerance: v.key.tolerance_seconds,
+        })),
+        Err(e) => CredentialVerdict::Invalid(e.to_string()),
+    }
+}
+
 /// The body of the AIS call of a registration: a new RegisterRequest holding only the type and
 /// the realm (wire section 8.3), whatever else the client's request carried; the hub keeps the
 /// rest (spec, ACL, address).

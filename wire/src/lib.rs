@@ -15,6 +15,12 @@
 //! Each protocol keeps the package layout of its files (`actr`, `signaling`, `webrtc`), because
 //! the generated code refers across packages with `super::`.
 //!
+//! One deliberate sharing: `v1` uses `v4::webrtc::SessionDescription` for
+//! `webrtc.SessionDescription` (prost-build's `extern_path`). The 0.4 message is the 0.1.7 one
+//! plus the optional `sdp_exchange_id` (field 3), so it encodes and decodes every 0.1.7 SDP
+//! exactly as before (no 0.1.7 peer sends field 3), and a 0.4 SDP that the signaling hub
+//! handles through the 0.1.7 types keeps its exchange id.
+//!
 //! What this crate is not: it holds no behaviour besides what prost derives, no I/O and no
 //! conversion between the versions (the services do that where they need it).
 
@@ -32,10 +38,11 @@ pub mod v1 {
     pub mod signaling {
         include!(concat!(env!("OUT_DIR"), "/v1/signaling.rs"));
     }
-    /// Package `webrtc`.
+    /// Package `webrtc` (`SessionDescription` is 0.4's, see the crate documentation).
     #[allow(missing_docs, clippy::all)]
     pub mod webrtc {
         include!(concat!(env!("OUT_DIR"), "/v1/webrtc.rs"));
+        pub use crate::v4::webrtc::{session_description, SessionDescription};
     }
 }
 

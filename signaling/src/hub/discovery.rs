@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use super::registry::Entry;
-use super::{secs, ActorKey, ConnId, Hub};
+use super::{secs, ActorKey, ConnId, Hub, Proto};
 use crate::proto::*;
 
 const MAX_COMPAT_CACHE: usize = 10_000;
@@ -87,6 +87,7 @@ impl Hub {
         let realm = source.realm.realm_id;
         let src_key = type_key(&source.r#type);
         let limit = d.limit.unwrap_or(64) as usize;
+        let proto = self.proto(conn);
         let mut seen: Vec<&str> = Vec::new();
         let mut entries = Vec::new();
         for e in self
@@ -96,6 +97,9 @@ impl Hub {
         {
             if entries.len() >= limit {
                 break;
+            }
+            if e.proto != proto {
+                continue;
             }
             if let Some(m) = &d.manufacturer {
                 if &e.actr_id.r#type.manufacturer != m {
@@ -178,7 +182,8 @@ impl Hub {
         source: ActrId,
         req: RouteCandidatesRequest,
     ) {
-        let ok = self.route_candidates(now_unix_ms, &source, &req);
+        let proto = self.proto(conn);
+        let ok = self.route_candidates(now_unix_ms, proto, &source, &req);
         self.reply(
             now_unix_ms,
             conn,
@@ -190,11 +195,17 @@ impl Hub {
         );
     }
 
-    /// Wire section 8.4. The instance set is restricted to the caller's realm before the
-    /// version is chosen, so instances of other realms cannot influence the answer.
+    /// Wire section 8.4. The instance set is restricted to the caller's realm and protocol
+    /// before the version is chosen, so other instances cannot influence the answer.
+    ///
+    /// For a 0.4 caller (control/WIRE-0.4.md): there is no negotiation mode (0.4's
+    /// `RouteCandidatesOk` has no compatibility fields; `client_fingerprint` only feeds
+    /// ranking), and ranking factor 2 is `EXACT_MATCH_FIRST`: a stable sort putting the
+    /// instances whose spec fingerprint equals `client_fingerprint` first.
     fn route_candidates(
         &mut self,
         now_unix_ms: u64,
+        proto: Proto,
         source: &ActrId,
         req: &RouteCandidatesRequest,
     ) -> route_candidates_response::RouteCandidatesOk {
@@ -207,7 +218,9 @@ impl Hub {
             .range(ActorKey::realm_range(realm))
             .map(|(_, e)| e)
             .filter(|e| {
-                e.actr_id.r#type.manufacturer == t.manufacturer && e.actr_id.r#type.name == t.name
+                e.proto == proto
+                    && e.actr_id.r#type.manufacturer == t.manufacturer
+                    && e.actr_id.r#type.name == t.name
             })
             .collect();
         let trimmed = |e: &Entry| {
@@ -245,7 +258,7 @@ impl Hub {
             })
             .collect();
         let fp = req.client_fingerprint.trim();
-        if !fp.is_empty() {
+        if !fp.is_empty() && proto == Proto::V1 {
             // 3. Negotiation mode.
             let client_spec = self.specs.get(type_base(t), fp).cloned();
             let mut infos = Vec::new();
@@ -338,6 +351,9 @@ impl Hub {
                 }),
                 ranking::MINIMUM_MAILBOX_BACKLOG => ranked.sort_by(|a, b| {
                     cmp_known_first(a.mailbox_backlog, b.mailbox_backlog, |x, y| x.total_cmp(&y))
+                }),
+                ranking::EXACT_MATCH_FIRST if proto == Proto::V4 => ranked.sort_by_key(|e| {
+                    fp.is_empty() || e.spec.as_ref().is_none_or(|s| s.fingerprint != fp)
                 }),
                 // Location, compatibility score and sticky ids are never populated (as in
                 // Actrix): these factors keep the order.

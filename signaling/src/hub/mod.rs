@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 use crate::config::SignalingConfig;
 use crate::proto::*;
-use crate::stats::SignalingStats;
+use crate::stats::{self, SignalingStats};
 
 pub use discovery::{analyze_compatibility, type_base};
 pub use registry::{placeholder_id, PendingPing, PersistOp, PersistedEntry};
@@ -54,6 +54,30 @@ use acl::AclTable;
 use discovery::SpecTable;
 use presence::Presence;
 use registry::Entry;
+
+/// The actr protocol a connection speaks: 0.1.7 (`V1`) or 0.4.21 (`V4`). The I/O layer tells
+/// them apart (control/WIRE-0.4.md, "Telling the versions apart") and translates 0.4
+/// envelopes to and from the 0.1.7 types the hub works with; the hub keeps the two
+/// populations apart: discovery, route candidates, relays, role negotiation and ActrUp events
+/// only ever involve actors of the caller's protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    /// actr-protocol 0.1.7 (ECIES tokens, PSK).
+    #[default]
+    V1,
+    /// actr-protocol 0.4.21 (Ed25519 claims, REST-style TURN credentials).
+    V4,
+}
+
+/// What a 0.4 actor registered with at the AIS (it registers over HTTP, not on the WebSocket),
+/// applied when its connection binds: the spec, the ACL (as 0.1.7 rules for this actor's
+/// realm) and the direct WebSocket address.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Registration {
+    pub spec: Option<ServiceSpec>,
+    pub acl: Option<Acl>,
+    pub ws_address: Option<String>,
+}
 
 /// One WebSocket connection, as numbered by the I/O layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -178,6 +202,7 @@ struct Conn {
     bound: Option<ActrId>,
     wants_answer: bool,
     registering: bool,
+    proto: Proto,
 }
 
 /// The signaling hub.
@@ -279,10 +304,69 @@ impl Hub {
     /// evicted.
     pub fn handle_connect(
         &mut self,
+        now_unix_ms: u64,
+        conn: ConnId,
+        identity: Option<ActrId>,
+        wants_answer: bool,
+    ) {
+        self.connect(now_unix_ms, conn, identity, wants_answer, Proto::V1);
+    }
+
+    /// A new connection of an actr 0.4 client. 0.4 actors register with the AIS over HTTP and
+    /// then connect with their identity in the URL (validated by the I/O layer), so binding is
+    /// what puts them in the registry: with `registration` (what they registered with) when
+    /// the AIS still holds it, otherwise with their type alone; ActrUp goes to their
+    /// subscribers as after a 0.1.7 registration. An actor already in memory (a reconnect)
+    /// keeps its entry.
+    pub fn handle_connect_v4(
+        &mut self,
+        now_unix_ms: u64,
+        conn: ConnId,
+        identity: Option<ActrId>,
+        wants_answer: bool,
+        registration: Option<Registration>,
+    ) {
+        self.connect(now_unix_ms, conn, identity.clone(), wants_answer, Proto::V4);
+        let Some(id) = identity else { return };
+        let key = ActorKey::of(&id);
+        if let Some(e) = self.registry.get_mut(&key) {
+            e.proto = Proto::V4;
+            return;
+        }
+        let r = registration.unwrap_or_default();
+        self.add_entry(
+            now_unix_ms,
+            &id,
+            Proto::V4,
+            r.spec,
+            r.acl.as_ref(),
+            r.ws_address,
+        );
+        stats::inc(&self.stats.registrations);
+        let my_key = type_key(&id.r#type);
+        self.announce(now_unix_ms, &id, &my_key);
+    }
+
+    /// The protocol of `conn` (0.1.7 for an unknown connection).
+    pub fn proto(&self, conn: ConnId) -> Proto {
+        self.conns.get(&conn).map(|c| c.proto).unwrap_or_default()
+    }
+
+    /// The protocol of the connection bound to `key`, if any.
+    fn proto_of(&self, key: &ActorKey) -> Option<Proto> {
+        self.by_actor
+            .get(key)
+            .and_then(|c| self.conns.get(c))
+            .map(|c| c.proto)
+    }
+
+    fn connect(
+        &mut self,
         _now_unix_ms: u64,
         conn: ConnId,
         identity: Option<ActrId>,
         wants_answer: bool,
+        proto: Proto,
     ) {
         if let Some(id) = &identity {
             let key = ActorKey::of(id);
@@ -307,6 +391,7 @@ impl Hub {
                 bound: identity,
                 wants_answer,
                 registering: false,
+                proto,
             },
         );
     }
@@ -374,6 +459,41 @@ impl Hub {
             }
             Some(signaling_envelope::Flow::ServerToActr(_)) | None => {}
         }
+    }
+
+    /// Refuse the request `reply_for` of `conn` with `SignalingToActr.error {code, message}`
+    /// to `target` (for refusals the I/O layer decides, such as a credential of the other
+    /// protocol on this connection).
+    pub fn refuse(
+        &mut self,
+        now_unix_ms: u64,
+        conn: ConnId,
+        reply_for: &str,
+        target: ActrId,
+        code: u32,
+        message: String,
+    ) {
+        if self.conns.contains_key(&conn) {
+            self.error_to_actr(now_unix_ms, conn, reply_for, target, code, message);
+        }
+    }
+
+    /// The checks every authenticated request passes (realm, credential, credential names
+    /// `source`, connection bound to `source`), for a request the I/O layer answers itself
+    /// (0.4's `GetSigningKeyRequest`). On failure the error is queued and `false` returned.
+    pub fn authenticate_request(
+        &mut self,
+        now_unix_ms: u64,
+        conn: ConnId,
+        reply_for: &str,
+        source: &ActrId,
+        verdict: Option<CredentialVerdict>,
+        realms: &mut dyn RealmCheck,
+    ) -> bool {
+        self.conns.contains_key(&conn)
+            && self
+                .authenticate(now_unix_ms, conn, reply_for, source, verdict, Some(realms))
+                .is_some()
     }
 
     /// The AIS answered a registration (steps 5-7 of wire section 8.3).

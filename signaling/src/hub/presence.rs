@@ -203,6 +203,7 @@ impl Hub {
     /// exact type in its realm that the ACL lets reach it and that are connected.
     pub(super) fn announce(&mut self, now_unix_ms: u64, id: &ActrId, id_key: &str) {
         let realm = id.realm.realm_id;
+        let proto = self.proto_of(&ActorKey::of(id)).unwrap_or_default();
         let subs = self
             .presence
             .subscribers_of(&id.r#type, realm, ActorKey::of(id));
@@ -213,6 +214,9 @@ impl Hub {
             let Some(&sub_conn) = self.by_actor.get(&sub_key) else {
                 continue;
             };
+            if self.proto(sub_conn) != proto {
+                continue;
+            }
             self.send_to_actr(
                 now_unix_ms,
                 sub_conn,

@@ -8,7 +8,7 @@
 //! checked before these handlers run (`Hub::authenticate`), except for registration, which
 //! carries none.
 
-use super::{secs, type_base, ActorKey, AisCall, ConnId, Hub, Output, RealmCheck};
+use super::{secs, type_base, ActorKey, AisCall, ConnId, Hub, Output, Proto, RealmCheck};
 use crate::proto::*;
 use crate::stats;
 
@@ -79,6 +79,8 @@ pub(super) struct Entry {
     pub(super) mailbox_backlog: Option<f32>,
     /// Unix seconds of the registration or the last Ping.
     pub(super) last_heartbeat: u64,
+    /// The protocol the actor speaks; searches and relays stay within one.
+    pub(super) proto: Proto,
 }
 
 impl Entry {
@@ -226,38 +228,18 @@ impl Hub {
                 )
             }
         };
-        let now_unix = secs(now_unix_ms);
         let id = ok.actr_id.clone();
         let key = ActorKey::of(&id);
         let my_key = type_key(&id.r#type);
         // 5. Registry, ACL, binding.
-        let service_name = match &req.service_spec {
-            Some(s) => s.name.clone(),
-            None => format!("{}/{}", id.r#type.manufacturer, id.r#type.name),
-        };
-        let entry = Entry {
-            actr_id: id.clone(),
-            type_key: my_key.clone(),
-            service_name,
-            spec: req.service_spec.clone(),
-            ws_address: req.ws_address.clone(),
-            availability: None,
-            power_reserve: None,
-            mailbox_backlog: None,
-            last_heartbeat: now_unix,
-        };
-        self.out.push_back(Output::Persist(PersistOp::UpsertEntry(
-            entry.persisted(now_unix.saturating_add(self.cfg.persist_ttl_secs)),
-        )));
-        if self.registry.insert(key, entry).is_none() {
-            stats::inc(&self.stats.registry_entries);
-        }
-        if let Some(spec) = &req.service_spec {
-            self.store_spec(now_unix, type_base(&id.r#type), spec.clone());
-        }
-        if let Some(acl) = &req.acl {
-            self.install_acl(id.realm.realm_id, &my_key, acl);
-        }
+        self.add_entry(
+            now_unix_ms,
+            &id,
+            Proto::V1,
+            req.service_spec.clone(),
+            req.acl.as_ref(),
+            req.ws_address.clone(),
+        );
         if let Some(c) = self.conns.get_mut(&conn) {
             c.bound = Some(id.clone());
         }
@@ -281,6 +263,49 @@ impl Hub {
         );
         // 7. ActrUp to ACL-permitted subscribers of this exact type in the same realm.
         self.announce(now_unix_ms, &id, &my_key);
+    }
+
+    /// Put a newly registered actor in memory and the database, with its spec and ACL.
+    pub(super) fn add_entry(
+        &mut self,
+        now_unix_ms: u64,
+        id: &ActrId,
+        proto: Proto,
+        spec: Option<ServiceSpec>,
+        acl: Option<&Acl>,
+        ws_address: Option<String>,
+    ) {
+        let now_unix = secs(now_unix_ms);
+        let key = ActorKey::of(id);
+        let my_key = type_key(&id.r#type);
+        let service_name = match &spec {
+            Some(s) => s.name.clone(),
+            None => format!("{}/{}", id.r#type.manufacturer, id.r#type.name),
+        };
+        let entry = Entry {
+            actr_id: id.clone(),
+            type_key: my_key.clone(),
+            service_name,
+            spec: spec.clone(),
+            ws_address,
+            availability: None,
+            power_reserve: None,
+            mailbox_backlog: None,
+            last_heartbeat: now_unix,
+            proto,
+        };
+        self.out.push_back(Output::Persist(PersistOp::UpsertEntry(
+            entry.persisted(now_unix.saturating_add(self.cfg.persist_ttl_secs)),
+        )));
+        if self.registry.insert(key, entry).is_none() {
+            stats::inc(&self.stats.registry_entries);
+        }
+        if let Some(spec) = spec {
+            self.store_spec(now_unix, type_base(&id.r#type), spec);
+        }
+        if let Some(acl) = acl {
+            self.install_acl(id.realm.realm_id, &my_key, acl);
+        }
     }
 
     /// Keep a registered spec for compatibility analysis and persist it (unless the table is
@@ -452,6 +477,7 @@ impl Hub {
                     power_reserve: row.power_reserve,
                     mailbox_backlog: row.mailbox_backlog,
                     last_heartbeat: secs(now_unix_ms),
+                    proto: self.proto(ping.conn),
                 };
                 self.registry.insert(key, entry);
                 stats::inc(&self.stats.registry_entries);

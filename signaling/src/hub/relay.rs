@@ -56,11 +56,18 @@ impl Hub {
         } = relay;
         match payload {
             Some(actr_relay::Payload::RoleNegotiation(rn)) => {
-                self.negotiate_roles(now_unix_ms, rn);
+                let proto = self.proto(conn);
+                self.negotiate_roles(now_unix_ms, proto, rn);
             }
             payload => {
                 let target_key = ActorKey::of(&target);
-                let Some(&to_conn) = self.by_actor.get(&target_key) else {
+                // An actor of the other protocol is not a target: nothing crosses over.
+                let to_conn = self
+                    .by_actor
+                    .get(&target_key)
+                    .copied()
+                    .filter(|c| self.proto(*c) == self.proto(conn));
+                let Some(to_conn) = to_conn else {
                     stats::inc(&self.stats.relays_no_target);
                     return;
                 };
@@ -133,7 +140,7 @@ impl Hub {
 
     /// Wire section 8.5: offerer choice, and one RoleAssignment to each side with `from` and
     /// `to` copied byte-exact.
-    fn negotiate_roles(&mut self, now_unix_ms: u64, rn: RoleNegotiation) {
+    fn negotiate_roles(&mut self, now_unix_ms: u64, proto: super::Proto, rn: RoleNegotiation) {
         let from_answer = self.wants_answer(&rn.from);
         let to_answer = self.wants_answer(&rn.to);
         // If exactly one side wants to answer, it answers; otherwise the smaller
@@ -161,6 +168,9 @@ impl Hub {
             let Some(&c) = self.by_actor.get(&key) else {
                 continue;
             };
+            if self.proto(c) != proto {
+                continue;
+            }
             let env = self.envelope(
                 now_unix_ms,
                 None,

@@ -368,5 +368,6 @@ pub fn sdp(text: &str) -> actr_relay::Payload {
     actr_relay::Payload::SessionDescription(SessionDescription {
         r#type: 0,
         sdp: text.into(),
+        sdp_exchange_id: None,
     })
 }
