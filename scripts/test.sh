@@ -29,6 +29,10 @@ echo "== actr-runtime 0.1.7's signaling client (a crate of its own: signaling/co
 cargo fmt --manifest-path signaling/compat/Cargo.toml -- --check
 cargo build --manifest-path signaling/compat/Cargo.toml
 
+echo "== actr 0.4.21's client stack (a crate of its own: signaling/compat04)"
+cargo fmt --manifest-path signaling/compat04/Cargo.toml -- --check
+cargo build --manifest-path signaling/compat04/Cargo.toml
+
 echo "== install scripts (temporary DESTDIR)"
 scripts/test-install.sh "$PWD/target/release/actrix"
 
@@ -38,6 +42,7 @@ cargo test --workspace
 echo "== end-to-end tests (coturn clients, aioice)"
 ACTRIX_BIN="$PWD/target/release/actrix" ACTRIX_BENCH="$PWD/target/release/actrix-bench" \
   ACTR_RUNTIME_CLIENT="$PWD/signaling/compat/target/debug/actr-runtime-client" \
+  ACTR04_CLIENT="$PWD/signaling/compat04/target/debug/actr04-client" \
   python3 -m pytest -q relay/tests/e2e
 
 echo "== bench smoke run against the appliance"
