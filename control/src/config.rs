@@ -212,6 +212,9 @@ pub struct KsConfig {
     pub remote_url: Option<String>,
     /// Bound of the replay-nonce table (rows). Default 100 000.
     pub nonce_store_capacity: usize,
+    /// Where to serve the KS gRPC API `ks.v1.KeyServer` for upstream Actrix components
+    /// (upstream listens on `127.0.0.1:50052`). Off by default; local KS only.
+    pub grpc_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for KsConfig {
@@ -227,6 +230,7 @@ impl Default for KsConfig {
             shared_key_env: None,
             remote_url: None,
             nonce_store_capacity: 100_000,
+            grpc_listen: None,
         }
     }
 }

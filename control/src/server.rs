@@ -181,6 +181,7 @@ pub fn spawn_with_routes(
 /// Handle to the running control thread.
 pub struct ControlHandle {
     local_addr: SocketAddr,
+    ks_grpc_addr: Option<SocketAddr>,
     realms: RealmStore,
     shutdown_tx: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<(), ControlError>>>,
@@ -200,6 +201,11 @@ impl ControlHandle {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound address of the KS gRPC API, when `ks.grpc_listen` is set.
+    pub fn ks_grpc_addr(&self) -> Option<SocketAddr> {
+        self.ks_grpc_addr
     }
 
     /// The realms table (provisioning).
@@ -398,12 +404,22 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
             async move { Json(body).into_response() }
         }),
     );
+    let (grpc_stop_tx, grpc_stop_rx) = oneshot::channel::<()>();
+    let mut ks_grpc = None;
     if let Some(store) = &key_store {
-        app = app.nest(
-            "/ks",
-            ks::router(Arc::new(KsService::new(store.clone(), auth.clone()))),
-        );
+        let ks_svc = Arc::new(KsService::new(store.clone(), auth.clone()));
+        if let Some(addr) = config.ks.grpc_listen {
+            let stop = async move {
+                let _ = grpc_stop_rx.await;
+            };
+            let (local, fut) = ks::grpc::serve(ks_svc.clone(), addr, stop)
+                .map_err(|e| ControlError::Bind { addr, source: e })?;
+            tracing::info!(addr = %local, "KS gRPC (ks.v1.KeyServer) listening");
+            ks_grpc = Some((local, fut));
+        }
+        app = app.nest("/ks", ks::router(ks_svc));
     }
+    let ks_grpc_addr = ks_grpc.as_ref().map(|(a, _)| *a);
     if let Some(svc) = &ais_service {
         app = app.nest("/ais", ais::router(svc.clone()));
     }
@@ -483,7 +499,12 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
                     ))
                 });
                 let refresher = ais_service.map(|svc| tokio::spawn(svc.refresh_loop()));
+                let grpc = ks_grpc.map(|(_, fut)| tokio::spawn(fut));
                 let res = serve(listener, tls, app, shutdown_rx).await;
+                let _ = grpc_stop_tx.send(());
+                if let Some(g) = grpc {
+                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, g).await;
+                }
                 if let Some(r) = refresher {
                     r.abort();
                 }
@@ -500,6 +521,7 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
     tracing::info!(addr = %local_addr, "control plane listening");
     Ok(ControlHandle {
         local_addr,
+        ks_grpc_addr,
         realms,
         shutdown_tx: Some(shutdown_tx),
         thread: Some(thread),

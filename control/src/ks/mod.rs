@@ -5,6 +5,7 @@
 //! pool because it fsyncs; the control thread's event loop never waits for the disk.
 
 pub mod client;
+pub mod grpc;
 pub mod store;
 
 use std::sync::Arc;
