@@ -580,6 +580,12 @@ impl Collector for SignalingCollector {
         )?;
         gauge(
             &mut enc,
+            "actrix_signaling_connections_v4",
+            "WebSocket connections open that speak actr 0.4",
+            &[(vec![], s.connections_v4.load(Relaxed) as i64)],
+        )?;
+        gauge(
+            &mut enc,
             "actrix_signaling_registry_entries",
             "Actors in the in-memory registry",
             &[(vec![], s.registry_entries.load(Relaxed) as i64)],
@@ -656,6 +662,11 @@ impl Collector for SignalingCollector {
                 &s.url_identity_refused,
             ),
             (
+                "actrix_signaling_wrong_protocol",
+                "Envelopes refused: a credential of the other actr protocol than the connection's",
+                &s.wrong_protocol,
+            ),
+            (
                 "actrix_signaling_registry_evictions",
                 "Registry entries evicted after the heartbeat timeout",
                 &s.registry_evictions,
@@ -708,6 +719,110 @@ impl Collector for SignalingCollector {
     }
 }
 
+/// Upstream Actrix's metric names for the figures both servers have, as aliases of ours, named
+/// as an upstream node exports them (control/WIRE-0.4.md, "Metrics"): upstream declares most
+/// metrics as `Opts::new("actrix_x", ..).namespace("actrix")`, which its `prometheus` crate
+/// exports as `actrix_actrix_x`, so that is what dashboards built on upstream query.
+/// `actrix_actrix_requests_total{service,method,path,status}` (= `actrix_http_requests_total`),
+/// `actrix_actrix_turn_allocations_total{status}` (success = allocations created, failed =
+/// refused), `actrix_actrix_auth_failures_total{service="turn",reason}` (= the sum of
+/// `actrix_auth_failures_total` over shards), `actrix_actrix_actors_total` (=
+/// `actrix_signaling_registry_entries`), and the two gauges upstream declares without a
+/// namespace, `actrix_turn_active_sessions` (= the sum of `actrix_allocations_active`) and
+/// `actrix_websocket_connections` (= `actrix_signaling_connections_open`).
+#[derive(Debug)]
+pub struct UpstreamAliases {
+    pub shards: Vec<Arc<ShardStats>>,
+    pub http: Arc<actrix_control::http_stats::HttpStats>,
+    pub signaling: Option<Arc<actrix_signaling::SignalingStats>>,
+}
+
+impl Collector for UpstreamAliases {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let series: Vec<(Labels, u64)> = self
+            .http
+            .snapshot()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    vec![
+                        ("service", k.0.to_string()),
+                        ("method", k.1.clone()),
+                        ("path", k.2.clone()),
+                        ("status", k.3.to_string()),
+                    ],
+                    v.count,
+                )
+            })
+            .collect();
+        counter(
+            &mut enc,
+            "actrix_actrix_requests",
+            "HTTP requests (upstream Actrix name of actrix_http_requests_total)",
+            &series,
+        )?;
+        let sum = |f: &dyn Fn(&ShardStats) -> u64| self.shards.iter().map(|s| f(s)).sum::<u64>();
+        counter(
+            &mut enc,
+            "actrix_actrix_turn_allocations",
+            "TURN allocations by outcome (upstream Actrix name)",
+            &[
+                (
+                    vec![("status", "success".into())],
+                    sum(&|s| s.allocations_created.load(Relaxed)),
+                ),
+                (
+                    vec![("status", "failed".into())],
+                    sum(&|s| {
+                        s.allocations_refused_quota.load(Relaxed)
+                            + s.allocations_refused_capacity.load(Relaxed)
+                    }),
+                ),
+            ],
+        )?;
+        let by_reason: Vec<(Labels, u64)> = AUTH_FAILURE_REASONS
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    vec![("service", "turn".into()), ("reason", r.to_string())],
+                    sum(&|s| s.auth_failures_by_reason[i].load(Relaxed)),
+                )
+            })
+            .collect();
+        counter(
+            &mut enc,
+            "actrix_actrix_auth_failures",
+            "TURN authentication failures by reason (upstream Actrix name)",
+            &by_reason,
+        )?;
+        gauge(
+            &mut enc,
+            "actrix_turn_active_sessions",
+            "Active TURN allocations (upstream Actrix name)",
+            &[(
+                Labels::new(),
+                sum(&|s| s.allocations_active.load(Relaxed)) as i64,
+            )],
+        )?;
+        if let Some(st) = &self.signaling {
+            gauge(
+                &mut enc,
+                "actrix_websocket_connections",
+                "Open signaling WebSocket connections (upstream Actrix name)",
+                &[(Labels::new(), st.connections_open.load(Relaxed) as i64)],
+            )?;
+            gauge(
+                &mut enc,
+                "actrix_actrix_actors_total",
+                "Actors in the signaling registry (upstream Actrix name)",
+                &[(Labels::new(), st.registry_entries.load(Relaxed) as i64)],
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Build the registry for `/metrics`.
 pub fn registry(
     shards: Vec<Arc<ShardStats>>,
@@ -716,6 +831,11 @@ pub fn registry(
     identity: Option<Arc<actrix_control::IdentityStats>>,
 ) -> Registry {
     let mut r = Registry::default();
+    r.register_collector(Box::new(UpstreamAliases {
+        shards: shards.clone(),
+        http: http.clone(),
+        signaling: signaling.clone(),
+    }));
     r.register_collector(Box::new(DataPlaneCollector { shards }));
     r.register_collector(Box::new(HttpCollector { stats: http }));
     if let Some(stats) = identity {

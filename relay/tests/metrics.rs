@@ -99,6 +99,35 @@ fn scraped_values_match_the_traffic_sent() {
         17.0
     );
     assert!(get("process_resident_memory_bytes{}") > 1e6);
+    // Upstream Actrix's names for the same figures, as an upstream node exports them
+    // (aliases, control/WIRE-0.4.md section 7).
+    assert_eq!(get("actrix_turn_active_sessions{}"), 1.0);
+    assert_eq!(
+        get("actrix_actrix_turn_allocations_total{status=success}"),
+        1.0
+    );
+    assert_eq!(
+        get("actrix_actrix_turn_allocations_total{status=failed}"),
+        0.0
+    );
+    assert_eq!(
+        get("actrix_actrix_auth_failures_total{reason=integrity,service=turn}"),
+        1.0
+    );
+    assert_eq!(
+        get("actrix_actrix_auth_failures_total{reason=nonce,service=turn}"),
+        0.0
+    );
+    assert_eq!(get("actrix_websocket_connections{}"), 0.0);
+    assert_eq!(get("actrix_actrix_actors_total{}"), 0.0);
+    assert_eq!(
+        get("actrix_actrix_requests_total{method=GET,path=/ks/health,service=ks,status=200}"),
+        2.0
+    );
+    assert_eq!(
+        get("actrix_http_requests_total{method=GET,route=/ks/health,service=ks,status=200}"),
+        2.0
+    );
     // No label carries an address or a username.
     assert!(
         !body.contains("127.0.0.1") && !body.contains("alice"),
