@@ -13,7 +13,7 @@ ROOT=$PWD
 
 TIME_SCALE=1
 OUT=""
-SCENARIOS="ks-secret ks-generate ais-register signaling"
+SCENARIOS="ks-secret ks-generate ais-register ais-register-v4 signaling"
 BUILD=1
 QUICK=0
 SERVER_CORE=${SERVER_CORE:-1}

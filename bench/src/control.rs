@@ -7,7 +7,12 @@
 //! - `ks`, operation `generate`: `POST /ks/generate` (key generation, encryption at rest, commit).
 //! - `ais`: `POST /ais/register` with a protobuf `RegisterRequest`, signed with the shared key
 //!   unless `signed = false`; a response counts only if it is a success with a 32-byte PSK and a
-//!   credential.
+//!   credential. With `protocol = "0.4"`: the actr 0.4 request as actr-hyper's `AisClient`
+//!   sends it (`application/x-protobuf`, unsigned), after the realm was provisioned with a
+//!   signed `PUT /ais/realms/{id}`; a response counts only if its credential's Ed25519
+//!   signature verifies under the returned `signing_pubkey` (checked by the generator, which
+//!   costs it about as much as the server's signing) and it carries a TURN credential and a
+//!   renewal token.
 //!
 //! Reported: completed requests/s, failures by reason, latency percentiles, server CPU per
 //! request (from /proc/PID/stat of the appliance).
@@ -307,6 +312,91 @@ pub fn ais_register(
     }
 }
 
+/// Provision `realm` (Normal) with a signed `PUT /ais/realms/{realm}`.
+pub fn provision_realm(
+    agent: &ureq::Agent,
+    http: &str,
+    shared_key: &str,
+    realm: u32,
+) -> Result<(), String> {
+    let body = serde_json::json!({"name": "bench", "status": "Normal"}).to_string();
+    let now = crate::target::unix_now();
+    let cred = make_credential(
+        now,
+        shared_key.as_bytes(),
+        &actrix_control::ais::put_realm_payload(realm, body.as_bytes()),
+    );
+    let mut resp = agent
+        .put(format!("{http}/ais/realms/{realm}"))
+        .header("content-type", "application/json")
+        .header(HEADER_TIMESTAMP, cred.timestamp.to_string())
+        .header(HEADER_NONCE, cred.nonce)
+        .header(HEADER_SIGNATURE, cred.signature)
+        .send(body.as_bytes())
+        .map_err(|e| format!("transport: {e}"))?;
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    if status == 200 && !text.contains("\"error\"") {
+        Ok(())
+    } else {
+        Err(format!("HTTP {status}: {text}"))
+    }
+}
+
+/// One actr 0.4 registration as actr-hyper 0.4's `AisClient` sends it; checks the answer is a
+/// usable 0.4 credential set (signature verified).
+pub fn ais_register_v4(agent: &ureq::Agent, http: &str, realm: u32) -> Result<(), String> {
+    use actrix_wire::v4::actr as a4;
+    let body = a4::RegisterRequest {
+        actr_type: a4::ActrType {
+            manufacturer: "bench".into(),
+            name: "load".into(),
+            version: "1.0.0".into(),
+        },
+        realm: a4::Realm { realm_id: realm },
+        auth_mode: Some(a4::RegisterAuthMode::Linked as i32),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut resp = agent
+        .post(format!("{http}/ais/register"))
+        .header("content-type", "application/x-protobuf")
+        .header("accept", "application/x-protobuf")
+        .send(&body[..])
+        .map_err(|e| format!("transport: {e}"))?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .body_mut()
+        .with_config()
+        .limit(64 * 1024)
+        .read_to_vec()
+        .map_err(|e| format!("reading the body: {e}"))?;
+    let decoded = a4::RegisterResponse::decode(&bytes[..])
+        .map_err(|_| format!("HTTP {status}: undecodable 0.4 RegisterResponse"))?;
+    match decoded.result {
+        Some(a4::register_response::Result::Success(ok)) => {
+            let key: [u8; 32] = ok.signing_pubkey[..]
+                .try_into()
+                .map_err(|_| "signing_pubkey is not 32 bytes".to_owned())?;
+            if !actrix_control::ais::signing::SigningKeys::verify_with(
+                &key,
+                &ok.credential.claims,
+                &ok.credential.signature,
+            ) {
+                return Err("credential signature does not verify".into());
+            }
+            if ok.turn_credential.password.is_empty() || ok.renewal_token.is_none() {
+                return Err("success without TURN credential or renewal token".into());
+            }
+            Ok(())
+        }
+        Some(a4::register_response::Result::Error(e)) => {
+            Err(format!("HTTP {status}: error {}: {}", e.code, e.message))
+        }
+        None => Err(format!("HTTP {status}: empty RegisterResponse")),
+    }
+}
+
 /// An HTTP agent that reports statuses instead of failing on them.
 pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
@@ -325,6 +415,22 @@ pub fn ais(target: &Target, spec: &AisSpec, ctx: &Ctx, rep: &mut ScenarioReport)
     let mut progress = Progress::new(ctx.progress);
     let win = Window::open(probe);
     let (realm, signed) = (spec.realm, spec.signed);
+    let v4 = match spec.protocol.as_str() {
+        "0.1.7" => false,
+        "0.4" => true,
+        other => {
+            rep.fail(format!(
+                "ais.protocol: {other:?} is neither \"0.1.7\" nor \"0.4\""
+            ));
+            return;
+        }
+    };
+    if v4 {
+        if let Err(e) = provision_realm(&agent(), &http, &key, realm) {
+            rep.fail(format!("cannot provision realm {realm}: {e}"));
+            return;
+        }
+    }
     let out = closed_loop(
         spec.connections,
         Duration::from_secs_f64(spec.duration_secs),
@@ -332,7 +438,13 @@ pub fn ais(target: &Target, spec: &AisSpec, ctx: &Ctx, rep: &mut ScenarioReport)
         rep.name.as_str(),
         |_| {
             let (a, http, key) = (agent(), http.clone(), key.clone());
-            move || ais_register(&a, &http, &key, realm, signed)
+            move || {
+                if v4 {
+                    ais_register_v4(&a, &http, realm)
+                } else {
+                    ais_register(&a, &http, &key, realm, signed)
+                }
+            }
         },
     );
     finish(
@@ -341,7 +453,11 @@ pub fn ais(target: &Target, spec: &AisSpec, ctx: &Ctx, rep: &mut ScenarioReport)
         &win,
         probe,
         ctx,
-        "ais_register_rps",
+        if v4 {
+            "ais_register_v4_rps"
+        } else {
+            "ais_register_rps"
+        },
         (spec.max_errors, spec.min_rate),
     );
 }

@@ -172,8 +172,12 @@ pub struct AisSpec {
     pub duration_secs: f64,
     pub realm: u32,
     /// Sign each request with the shared key (X-Actrix-* headers); unsigned registration
-    /// works only from loopback when the appliance allows it.
+    /// works only from loopback when the appliance allows it. (0.1.7 only: 0.4 clients
+    /// register unsigned.)
     pub signed: bool,
+    /// `"0.1.7"` (ECIES token and PSK) or `"0.4"` (Ed25519-signed claims, TURN REST
+    /// credential, renewal token; the realm is provisioned with a signed admin request first).
+    pub protocol: String,
     pub max_errors: f64,
     pub min_rate: f64,
 }
@@ -185,6 +189,7 @@ impl Default for AisSpec {
             duration_secs: 5.0,
             realm: 1,
             signed: true,
+            protocol: "0.1.7".into(),
             max_errors: 0.001,
             min_rate: 0.0,
         }
