@@ -16,7 +16,9 @@ command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v certutil >/dev/null 2>&1 || need_apt+=(libnss3-tools)
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
-# protoc: the actr-protocol crate (the Actrix clients' message types, used by a test) runs it.
+# protoc: the published actr-protocol crates run it in their build scripts (0.1.7 in a
+# compatibility test, 0.4.21 in signaling/compat04). The appliance's own message types need no
+# protoc: actrix-wire compiles its vendored .proto files with protox.
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 # Its .proto files import google/protobuf/descriptor.proto, which protobuf-compiler only
 # recommends (libprotobuf-dev); without it protoc fails on a --no-install-recommends machine.

@@ -4,15 +4,18 @@
 //! What this crate is:
 //! - [`spawn`] / [`ControlBuilder`]: one OS thread (optionally pinned) running a current-thread
 //!   tokio runtime with one axum HTTP(S) server: `/ks/*` (wire reference sections 3 and 4),
-//!   `/ais/*` (section 5), `/healthz`, plus any routes the appliance merges in (signaling,
-//!   `/metrics`).
+//!   `/ais/*` (section 5; actr 0.4 clients in [`ais::v4`], control/WIRE-0.4.md), `/healthz`,
+//!   plus any routes the appliance merges in (signaling, `/metrics`); and, on
+//!   `ks.grpc_listen`, the KS as the gRPC service `ks.v1.KeyServer` ([`ks::grpc`]).
 //! - [`IdentityVerifier`]: turns a TURN USERNAME into the long-term key (section 6.3). The data
 //!   plane asks for it by message (an `IdentityRequest` on the channel given to
 //!   [`ControlBuilder::identity`], answered on the asking shard's channel) and never waits on
 //!   the control thread.
 //! - [`KsClient`]: the signed KS client, working the same against the local and a remote KS.
-//! - [`ais::proto`]: the one definition of the identity messages and of `RegisterRequest`,
-//!   which the signaling crate re-exports.
+//! - [`ais::proto`]: the one place the 0.1.7 identity messages and `RegisterRequest` (generated
+//!   by `actrix-wire`) are taken from; the signaling crate re-exports them.
+//! - [`ais::signing`]: the AIS's Ed25519 signing keys, sealed with the KEK and crash-safe like
+//!   the KS's keys.
 //! - Config sections and secret bootstrap ([`ControlConfig`]).
 //!
 //! What it is not: it has no STUN/TURN code and touches no data-plane socket; it does not rate
