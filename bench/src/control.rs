@@ -9,10 +9,11 @@
 //!   unless `signed = false`; a response counts only if it is a success with a 32-byte PSK and a
 //!   credential. With `protocol = "0.4"`: the actr 0.4 request as actr-hyper's `AisClient`
 //!   sends it (`application/x-protobuf`, unsigned), after the realm was provisioned with a
-//!   signed `PUT /ais/realms/{id}`; a response counts only if its credential's Ed25519
-//!   signature verifies under the returned `signing_pubkey` (checked by the generator, which
-//!   costs it about as much as the server's signing) and it carries a TURN credential and a
-//!   renewal token.
+//!   signed `PUT /ais/realms/{id}`; a response counts only if its claims decode and name the
+//!   realm, its key id is the returned signing key's, and it carries a TURN credential and a
+//!   renewal token; the Ed25519 signature is verified under the returned `signing_pubkey` on
+//!   the first and every `verify_every`-th response of each worker (1 = all; a verification
+//!   costs the generator more than the signing costs the server).
 //!
 //! Reported: completed requests/s, failures by reason, latency percentiles, server CPU per
 //! request (from /proc/PID/stat of the appliance).
@@ -344,8 +345,15 @@ pub fn provision_realm(
 }
 
 /// One actr 0.4 registration as actr-hyper 0.4's `AisClient` sends it; checks the answer is a
-/// usable 0.4 credential set (signature verified).
-pub fn ais_register_v4(agent: &ureq::Agent, http: &str, realm: u32) -> Result<(), String> {
+/// usable 0.4 credential set: claims that decode and name the realm, the key id of the
+/// returned signing key, a TURN credential and a renewal token; and, when `verify` is set, the
+/// Ed25519 signature over the claims under the returned `signing_pubkey`.
+pub fn ais_register_v4(
+    agent: &ureq::Agent,
+    http: &str,
+    realm: u32,
+    verify: bool,
+) -> Result<(), String> {
     use actrix_wire::v4::actr as a4;
     let body = a4::RegisterRequest {
         actr_type: a4::ActrType {
@@ -375,18 +383,28 @@ pub fn ais_register_v4(agent: &ureq::Agent, http: &str, realm: u32) -> Result<()
         .map_err(|_| format!("HTTP {status}: undecodable 0.4 RegisterResponse"))?;
     match decoded.result {
         Some(a4::register_response::Result::Success(ok)) => {
-            let key: [u8; 32] = ok.signing_pubkey[..]
-                .try_into()
-                .map_err(|_| "signing_pubkey is not 32 bytes".to_owned())?;
-            if !actrix_control::ais::signing::SigningKeys::verify_with(
-                &key,
-                &ok.credential.claims,
-                &ok.credential.signature,
-            ) {
-                return Err("credential signature does not verify".into());
+            let claims = a4::IdentityClaims::decode(&ok.credential.claims[..])
+                .map_err(|_| "credential claims are not an IdentityClaims".to_owned())?;
+            if claims.realm_id != realm || claims.actor_id.is_empty() {
+                return Err("claims name another realm or no actor".into());
+            }
+            if ok.credential.key_id != ok.signing_key_id {
+                return Err("credential key id is not the returned signing key's".into());
             }
             if ok.turn_credential.password.is_empty() || ok.renewal_token.is_none() {
                 return Err("success without TURN credential or renewal token".into());
+            }
+            if verify {
+                let key: [u8; 32] = ok.signing_pubkey[..]
+                    .try_into()
+                    .map_err(|_| "signing_pubkey is not 32 bytes".to_owned())?;
+                if !actrix_control::ais::signing::SigningKeys::verify_with(
+                    &key,
+                    &ok.credential.claims,
+                    &ok.credential.signature,
+                ) {
+                    return Err("credential signature does not verify".into());
+                }
             }
             Ok(())
         }
@@ -415,6 +433,7 @@ pub fn ais(target: &Target, spec: &AisSpec, ctx: &Ctx, rep: &mut ScenarioReport)
     let mut progress = Progress::new(ctx.progress);
     let win = Window::open(probe);
     let (realm, signed) = (spec.realm, spec.signed);
+    let verify_every = u64::from(spec.verify_every.max(1));
     let v4 = match spec.protocol.as_str() {
         "0.1.7" => false,
         "0.4" => true,
@@ -438,9 +457,15 @@ pub fn ais(target: &Target, spec: &AisSpec, ctx: &Ctx, rep: &mut ScenarioReport)
         rep.name.as_str(),
         |_| {
             let (a, http, key) = (agent(), http.clone(), key.clone());
+            let mut n = 0u64;
             move || {
                 if v4 {
-                    ais_register_v4(&a, &http, realm)
+                    // Every response is checked; the signature of the first and of every
+                    // `verify_every`-th one (verifying costs the generator more than signing
+                    // costs the server).
+                    let verify = n.is_multiple_of(verify_every);
+                    n += 1;
+                    ais_register_v4(&a, &http, realm, verify)
                 } else {
                     ais_register(&a, &http, &key, realm, signed)
                 }

@@ -124,6 +124,9 @@ impl ScenarioReport {
                 (pick("ks_generate_rps"), "keys generated/s")
             }
             "ks" => (pick("ks_secret_rps"), "secret fetches/s"),
+            "ais" if self.metrics.contains_key("ais_register_v4_rps") => {
+                (pick("ais_register_v4_rps"), "0.4 registrations/s")
+            }
             "ais" => (pick("ais_register_rps"), "registrations/s"),
             "signaling" => (pick("envelopes_per_s"), "envelopes/s delivered"),
 

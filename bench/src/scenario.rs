@@ -178,6 +178,9 @@ pub struct AisSpec {
     /// `"0.1.7"` (ECIES token and PSK) or `"0.4"` (Ed25519-signed claims, TURN REST
     /// credential, renewal token; the realm is provisioned with a signed admin request first).
     pub protocol: String,
+    /// 0.4: verify the Ed25519 signature of the first and every `verify_every`-th response of
+    /// each worker (1 = every response; the other checks run on all of them).
+    pub verify_every: u32,
     pub max_errors: f64,
     pub min_rate: f64,
 }
@@ -190,6 +193,7 @@ impl Default for AisSpec {
             realm: 1,
             signed: true,
             protocol: "0.1.7".into(),
+            verify_every: 1,
             max_errors: 0.001,
             min_rate: 0.0,
         }
