@@ -398,6 +398,9 @@ fn run(path: Option<PathBuf>) -> i32 {
         for (l, t) in &resolved.listen_streams {
             println!("  STUN/TURN  {}://{l}", t.name());
         }
+        for l in &resolved.listen_dtls {
+            println!("  STUN/TURN  dtls://{l}");
+        }
         println!("  HTTP       http://{http}  (/healthz, /metrics, /ks, /ais, /signaling/ws)");
         println!("  demo user  demo / {pw}");
         println!("  try: turnutils_uclient -y -s -u demo -w {pw} -n 100 127.0.0.1");
@@ -587,8 +590,20 @@ impl Reloader {
             }
             _ => None,
         };
+        let stun_dtls = match (&cfg.stun.tls_cert, &cfg.stun.tls_key) {
+            (Some(c), Some(k)) if !cfg.stun.listen_dtls.is_empty() => Some(
+                actrix::tls::dtls_certificate(c, k).map_err(|e| vec![format!("stun.dtls: {e}")])?,
+            ),
+            _ => None,
+        };
         if let Some(dp) = dp {
-            notes.extend(dp.reload((&self.current.0, &self.current.1), &cfg, &r, stun_tls));
+            notes.extend(dp.reload(
+                (&self.current.0, &self.current.1),
+                &cfg,
+                &r,
+                stun_tls,
+                stun_dtls,
+            ));
         }
         if cfg.log.level != self.current.0.log.level {
             match self.log.reload(log_filter(&cfg.log.level)) {

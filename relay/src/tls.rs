@@ -32,6 +32,22 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     Ok(Arc::new(cfg))
 }
 
+/// The DTLS certificate (`actrix_dataplane::dtls`) from the same PEM files: the leaf
+/// certificate (DTLS sends no chain here) and an ECDSA P-256 or P-384 key.
+pub fn dtls_certificate(
+    cert: &Path,
+    key: &Path,
+) -> Result<actrix_dataplane::dtls::DtlsCertificate, String> {
+    let leaf = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .next()
+        .ok_or_else(|| format!("{}: no certificate found", cert.display()))?
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let k = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    actrix_dataplane::dtls::certificate(leaf.to_vec(), k.secret_der().to_vec())
+        .map_err(|e| format!("{}: {e}", key.display()))
+}
+
 /// Write a self-signed certificate for `names` and its key to `cert` and `key` (the key
 /// owner-only). For trying TLS and DTLS only: clients have to be told to trust it.
 pub fn write_self_signed(names: &[String], cert: &Path, key: &Path) -> Result<(), String> {
@@ -69,6 +85,7 @@ mod tests {
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         write_self_signed(&["localhost".into(), "127.0.0.1".into()], &cert, &key).unwrap();
         let cfg = server_config(&cert, &key).expect("loads");
+        dtls_certificate(&cert, &key).expect("an ECDSA pair serves DTLS too");
         assert_eq!(
             cfg.alpn_protocols,
             [b"stun.turn".to_vec(), b"stun.nat-discovery".to_vec()]
