@@ -73,6 +73,8 @@ struct DtlsClient {
     next: Option<Instant>,
     /// Datagrams received from the server before the handshake finished.
     handshake_datagrams: usize,
+    /// The server's certificate (DER).
+    peer_cert: Vec<u8>,
 }
 
 impl DtlsClient {
@@ -106,6 +108,7 @@ impl DtlsClient {
             close_notify: false,
             next: None,
             handshake_datagrams: 0,
+            peer_cert: Vec::new(),
         };
         c.tls.handle_timeout(Instant::now()).unwrap();
         c.pump();
@@ -125,6 +128,7 @@ impl DtlsClient {
                 dimpl::Output::Connected => self.connected = true,
                 dimpl::Output::ApplicationData(d) => self.rx.push_back(d.to_vec()),
                 dimpl::Output::CloseNotify => self.close_notify = true,
+                dimpl::Output::PeerCert(der) => self.peer_cert = der.to_vec(),
                 dimpl::Output::BufferTooSmall { needed } => self.out.resize(needed, 0),
                 _ => {}
             }
@@ -373,15 +377,18 @@ fn garbage_and_a_handshake_flood_hurt_no_one_else() {
         assert_eq!(m, [0x40, 0x01, 0, 3, i, i, i]);
     }
     // The stalled ones end at their deadline; the good one stays.
-    assert_eq!(
-        wait_for(
-            &app,
-            "actrix_stream_connections",
-            &["transport=\"dtls\""],
-            1
-        ),
-        1
+    let open = wait_for(
+        &app,
+        "actrix_stream_connections",
+        &["transport=\"dtls\""],
+        1,
     );
+    let dtls_lines: Vec<String> = metrics_text(&app)
+        .lines()
+        .filter(|l| l.contains("dtls") && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    assert_eq!(open, 1, "{dtls_lines:#?}");
     assert_eq!(
         metric(
             &app,
@@ -473,4 +480,72 @@ fn an_association_that_ends_ends_its_allocation() {
         .recv(Duration::from_secs(2))
         .expect("relayed after the idle period");
     assert_eq!(&m[4..], b"still");
+}
+
+fn wait_log(app: &Appliance, needle: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(l) = app.log.recv_timeout(Duration::from_millis(100)) {
+            let hit = l.contains(needle);
+            seen.push(l);
+            if hit {
+                return seen;
+            }
+        }
+    }
+    panic!("no log line with {needle:?}; saw {seen:#?}");
+}
+
+fn der_of(pem: &Path) -> Vec<u8> {
+    rustls::pki_types::CertificateDer::from_pem_file(pem)
+        .unwrap()
+        .to_vec()
+}
+
+#[test]
+fn sighup_reloads_the_certificate_for_new_associations_and_keeps_established_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, server) = start(tmp.path(), "", "mmsg");
+    let (cert, _key) = (
+        tmp.path().join("server-cert.pem"),
+        tmp.path().join("server-key.pem"),
+    );
+    let client_cert = client_certificate(tmp.path());
+    let mut c = DtlsClient::connect(server, &client_cert);
+    let first = der_of(&cert);
+    assert_eq!(c.peer_cert, first, "the configured certificate is served");
+    let relayed = c.allocate_relayed();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    c.channel_bind(0x4007, peer.local_addr().unwrap());
+    let relays = |c: &mut DtlsClient, b: u8| {
+        c.send(&[0x40, 0x07, 0, 2, b, b]);
+        let mut buf = [0u8; 64];
+        let (n, from) = peer.recv_from(&mut buf).expect("relays");
+        assert_eq!((&buf[..n], from), (&[b, b][..], relayed));
+    };
+    relays(&mut c, 1);
+
+    // A renewal: new files at the same paths, then SIGHUP.
+    self_signed(tmp.path(), "server");
+    let second = der_of(&cert);
+    assert_ne!(first, second);
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(app.child.id() as i32, libc::SIGHUP) };
+    wait_log(&app, "stun.dtls: certificate reloaded");
+    let renewed = DtlsClient::connect(server, &client_cert);
+    assert_eq!(
+        renewed.peer_cert, second,
+        "new associations get the renewed certificate"
+    );
+    relays(&mut c, 2);
+
+    // A broken file refuses the reload; the renewed certificate keeps being served.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    unsafe { libc::kill(app.child.id() as i32, libc::SIGHUP) };
+    wait_log(&app, "new configuration refused");
+    let again = DtlsClient::connect(server, &client_cert);
+    assert_eq!(again.peer_cert, second);
+    relays(&mut c, 3);
 }

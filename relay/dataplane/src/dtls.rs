@@ -263,11 +263,11 @@ impl DtlsSide {
             a.last_rx_ms = now_ms;
             let now = self.base + Duration::from_millis(now_ms.saturating_sub(self.base_ms));
             // Time first, so a due retransmission or deadline is seen before the input.
-            let r = a
-                .tls
-                .handle_timeout(now)
-                .and_then(|_| a.tls.handle_packet(datagram));
-            if r.is_err() {
+            let tls = &mut a.tls;
+            if !guard(|| {
+                tls.handle_timeout(now)
+                    .and_then(|_| tls.handle_packet(datagram))
+            }) {
                 self.pending_close = Some(CloseReason::TlsError);
             }
             return Ingress::Fed;
@@ -288,11 +288,11 @@ impl DtlsSide {
                 let seed = Self::seed(&secret, key.addr, &random);
                 let mut tls = self.engine(cert.clone(), seed, now);
                 let synthetic = ch.without_cookie(datagram, &mut self.scratch);
-                if tls.handle_packet(&self.scratch[..synthetic]).is_err() {
+                if !guard(|| tls.handle_packet(&self.scratch[..synthetic])) {
                     break;
                 }
                 drain_discarding(&mut tls, &mut self.out);
-                if tls.handle_packet(datagram).is_err() {
+                if !guard(|| tls.handle_packet(datagram)) {
                     break;
                 }
                 // The engine's answer: another HelloVerifyRequest (not its cookie), or the
@@ -357,7 +357,7 @@ impl DtlsSide {
         // and random (RFC 6347 §4.2.1), copied over the ClientHello; the engine is dropped.
         let seed = Self::seed(&self.secret, key.addr, &random);
         let mut tls = self.engine(cert, seed, now);
-        if tls.handle_packet(datagram).is_err() {
+        if !guard(|| tls.handle_packet(datagram)) {
             return Ingress::Dropped;
         }
         let mut answer = None;
@@ -391,7 +391,7 @@ impl DtlsSide {
             .expect("the DTLS configuration is valid");
         let mut tls = dimpl::Dtls::new_12(Arc::new(config), cert, now);
         // The engine takes its random and first timers from the first timeout.
-        let _ = tls.handle_timeout(now);
+        let _ = guard(|| tls.handle_timeout(now));
         tls
     }
 
@@ -471,9 +471,9 @@ impl DtlsSide {
             close = Some(CloseReason::ByClient);
         }
         self.pending_close = close;
-        let _ = now_ms;
         if engine_ms != u64::MAX {
-            self.arm(key, engine_ms);
+            // Never in the past: a timer run must not find it due again.
+            self.arm(key, engine_ms.max(now_ms + 1));
         }
     }
 
@@ -501,7 +501,7 @@ impl DtlsSide {
         let Some(a) = self.assocs.get_mut(&key) else {
             return false;
         };
-        if !a.connected || a.tls.send_application_data(bytes).is_err() {
+        if !a.connected || !guard(|| a.tls.send_application_data(bytes).map(|_| ())) {
             return false;
         }
         loop {
@@ -529,7 +529,7 @@ impl DtlsSide {
         } else if !matches!(why, CloseReason::ByClient | CloseReason::TlsError) {
             // Tell the client (best effort).
             if let Some(fd) = self.fd(key.listener) {
-                if a.tls.close().is_ok() {
+                if guard(|| a.tls.close()) {
                     while let dimpl::Output::Packet(p) = a.tls.poll_output(&mut self.out) {
                         send_to(fd, p, key.addr);
                     }
@@ -589,7 +589,7 @@ impl DtlsSide {
             }
             if a.engine_ms <= now_ms {
                 let now = self.base + Duration::from_millis(now_ms.saturating_sub(self.base_ms));
-                if a.tls.handle_timeout(now).is_err() {
+                if !guard(|| a.tls.handle_timeout(now)) {
                     self.close(now_ms, key, CloseReason::TlsError);
                     closed.push(key);
                     continue;
@@ -626,8 +626,22 @@ impl DtlsSide {
     }
 }
 
+/// Run an engine call; false if it failed or panicked. Every engine error is fatal to its
+/// association, and so is a panic (a bug in the engine, which must not take the shard with it):
+/// the association is dropped either way.
+fn guard(f: impl FnOnce() -> Result<(), dimpl::Error>) -> bool {
+    matches!(
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)),
+        Ok(Ok(()))
+    )
+}
+
+/// An engine instant in shard milliseconds, rounded up: when the shard's clock reaches it, the
+/// engine's timer is due (rounded down, the engine would be woken before its time, do
+/// nothing and ask for the same instant again).
 fn to_ms(base: Instant, base_ms: u64, t: Instant) -> u64 {
-    base_ms + t.saturating_duration_since(base).as_millis() as u64
+    let d = t.saturating_duration_since(base);
+    base_ms + d.as_millis() as u64 + u64::from(d.subsec_nanos() % 1_000_000 != 0)
 }
 
 /// Drain an engine's output, sending nothing.
@@ -787,6 +801,15 @@ mod tests {
             let _ = ClientHello::parse(&first[..cut]);
         }
         assert!(ClientHello::parse(&first[..first.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn engine_timers_round_up_so_a_due_timer_is_never_early() {
+        let base = Instant::now();
+        assert_eq!(to_ms(base, 100, base), 100);
+        assert_eq!(to_ms(base, 100, base + Duration::from_millis(1)), 101);
+        assert_eq!(to_ms(base, 100, base + Duration::from_micros(1500)), 102);
+        assert_eq!(to_ms(base, 100, base - Duration::from_millis(5)), 100);
     }
 
     #[test]

@@ -189,6 +189,34 @@ def test_uclient_relays_over_tls(appliance_factory, turnutils_peer, flags, backe
     assert metric_sum(m, "actrix_stream_accepted_total", transport="tcp") == 0, m
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param([], id="channels"),
+        pytest.param(["-s"], id="send-indications"),
+        pytest.param(["-y"], id="client-to-client"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["mmsg", "io_uring"])
+def test_uclient_relays_over_dtls(appliance_factory, turnutils_peer, flags, backend):
+    """coturn's client over DTLS (-S without -t, OpenSSL): TURN in DTLS records on UDP,
+    relayed to coturn's peer or between its own clients, nothing lost."""
+    app = appliance_factory(
+        {"turn": {"allow_peers": ["127.0.0.0/8"]}, "io": {"backend": backend}}, dtls=True
+    )
+    peer = None if "-y" in flags else turnutils_peer()
+    args = uclient_args(app, peer, "-S", *flags)
+    args[args.index("-p") + 1] = str(app.dtls_port)
+    r, lost = run_uclient(args)
+    check_relayed(r, lost)
+    # It really went over DTLS: every client an association with a finished handshake.
+    m = metrics(app)
+    assert metric_sum(m, "actrix_dtls_handshakes_total", result="completed") >= 10, m
+    assert metric_sum(m, "actrix_stream_accepted_total", transport="dtls") >= 10, m
+    assert metric_sum(m, "actrix_dtls_hello_verify_total") >= 10, m
+    assert metric_sum(m, "actrix_stream_accepted_total", transport="tls") == 0, m
+
+
 @pytest.mark.parametrize("secure", [pytest.param(False, id="tcp"), pytest.param(True, id="tls")])
 @pytest.mark.parametrize("backend", ["mmsg", "io_uring"])
 def test_uclient_tcp_relay_rfc6062(appliance_factory, backend, secure):
