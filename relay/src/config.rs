@@ -832,6 +832,52 @@ mod tests {
     }
 
     #[test]
+    fn dtls_listeners_need_the_certificate_and_an_address_of_their_own() {
+        let errors_of = |stun: &str| {
+            let text = EMBEDDED_DEFAULT.replace("[stun]\n", &format!("[stun]\n{stun}\n"));
+            let (cfg, _) = parse(&text).unwrap();
+            let mut errors = vec![];
+            let r = cfg.validate(&mut errors, vec![0, 1]);
+            (r, errors.join("\n"))
+        };
+        let (r, e) = errors_of("listen_dtls = [\"127.0.0.1:5350\"]");
+        assert!(
+            r.is_none() && e.contains("stun.listen_dtls: needs stun.tls_cert"),
+            "{e}"
+        );
+        let (_, e) = errors_of("listen_dtls = [\"127.0.0.1:3478\"]");
+        assert!(e.contains("already a UDP listener"), "{e}");
+        let (_, e) = errors_of("listen_dtls = [\"127.0.0.1:5350\", \"127.0.0.1:5350\"]");
+        assert!(e.contains("listed twice"), "{e}");
+        // An ECDSA pair serves DTLS; a key that is not one (DTLS has ECDSA only) is refused at
+        // validation, naming the file.
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        crate::tls::write_self_signed(&["localhost".into()], &cert, &key).unwrap();
+        let (r, e) = errors_of(&format!(
+            "listen_dtls = [\"127.0.0.1:5350\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert.display(),
+            key.display()
+        ));
+        let r = r.unwrap_or_else(|| panic!("{e}"));
+        assert_eq!(r.listen_dtls, vec!["127.0.0.1:5350".parse().unwrap()]);
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let (r, e) = errors_of(&format!(
+            "listen_dtls = [\"127.0.0.1:5350\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert.display(),
+            key.display()
+        ));
+        assert!(
+            r.is_none() && e.contains("stun.listen_dtls") && e.contains("k.pem"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn documented_example_parses_validates_and_has_no_unknown_keys() {
         let text = include_str!("../actrix.example.toml");
         let (cfg, unknown) = parse(text).unwrap();

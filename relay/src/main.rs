@@ -130,7 +130,12 @@ type LogHandle =
     tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 
 fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
-    let filter = std::env::var("ACTRIX_LOG").unwrap_or_else(|_| level.to_string());
+    let mut filter = std::env::var("ACTRIX_LOG").unwrap_or_else(|_| level.to_string());
+    // The DTLS engine logs through `log` per discarded datagram (at debug) and per full
+    // transmit queue (at warn): never per packet here, only its errors.
+    if !filter.contains("dimpl") {
+        filter.push_str(",dimpl=error");
+    }
     tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into())
 }
 

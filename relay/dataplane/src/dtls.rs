@@ -449,11 +449,13 @@ impl DtlsSide {
                     a.connected = true;
                     self.counters.handshakes_completed += 1;
                 }
-                dimpl::Output::ApplicationData(d) => {
-                    if d.len() <= MAX_PLAIN && self.inbox_lens.len() < 64 {
-                        self.inbox.extend_from_slice(d);
-                        self.inbox_lens.push(d.len());
-                    }
+                // Larger than a TURN message over UDP can be, or too many in one datagram:
+                // dropped.
+                dimpl::Output::ApplicationData(d)
+                    if d.len() <= MAX_PLAIN && self.inbox_lens.len() < 64 =>
+                {
+                    self.inbox.extend_from_slice(d);
+                    self.inbox_lens.push(d.len());
                 }
                 dimpl::Output::CloseNotify => close = close.or(Some(CloseReason::ByClient)),
                 dimpl::Output::BufferTooSmall { needed } if needed <= 65536 => {
@@ -641,7 +643,7 @@ fn guard(f: impl FnOnce() -> Result<(), dimpl::Error>) -> bool {
 /// nothing and ask for the same instant again).
 fn to_ms(base: Instant, base_ms: u64, t: Instant) -> u64 {
     let d = t.saturating_duration_since(base);
-    base_ms + d.as_millis() as u64 + u64::from(d.subsec_nanos() % 1_000_000 != 0)
+    base_ms + d.as_millis() as u64 + u64::from(!d.subsec_nanos().is_multiple_of(1_000_000))
 }
 
 /// Drain an engine's output, sending nothing.
