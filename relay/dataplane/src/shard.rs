@@ -528,7 +528,10 @@ impl ShardCore {
     /// data already sits there, framed in place.
     fn outgoing(&mut self, buf: &mut [u8], t: Transmit) -> Option<Outgoing> {
         let fd = match t.src {
-            Src::Listener(i) if self.dtls.is_listener(i) => {
+            // (UDP listeners come first: their transmits pay one comparison, not a DTLS lookup.)
+            Src::Listener(i)
+                if (i as usize) >= self.listener_fds.len() && self.dtls.is_listener(i) =>
+            {
                 // To a DTLS client: encrypted and sent at once.
                 let bytes = match &t.data {
                     Data::Buf(r) => buf.get(r.clone())?,
