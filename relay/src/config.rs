@@ -151,7 +151,11 @@ pub struct StunConfig {
     /// STUN/TURN over TLS (RFC 7350; TLS 1.2 and 1.3, ALPN `stun.turn`/`stun.nat-discovery`).
     /// Needs `tls_cert` and `tls_key`.
     pub listen_tls: Vec<String>,
-    /// PEM certificate chain and private key for `listen_tls` (re-read on SIGHUP).
+    /// STUN/TURN over DTLS (RFC 7350 §4; DTLS 1.2, ECDSA certificates). Needs `tls_cert`
+    /// and `tls_key`: the same certificate as TLS.
+    pub listen_dtls: Vec<String>,
+    /// PEM certificate chain and private key for `listen_tls` and `listen_dtls` (re-read on
+    /// SIGHUP).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Stream connections open at once, all transports and shards together.
@@ -176,6 +180,7 @@ impl Default for StunConfig {
             listen: vec!["127.0.0.1:3478".into()],
             listen_tcp: Vec::new(),
             listen_tls: Vec::new(),
+            listen_dtls: Vec::new(),
             tls_cert: None,
             tls_key: None,
             max_connections: s.max_connections,
@@ -310,6 +315,8 @@ pub struct Resolved {
     pub listen: Vec<SocketAddr>,
     /// Stream listeners and their transports, in TURN listener order after `listen`.
     pub listen_streams: Vec<(SocketAddr, Transport)>,
+    /// DTLS listeners (UDP), in TURN listener order after the stream ones.
+    pub listen_dtls: Vec<SocketAddr>,
     pub streams: StreamSettings,
     /// (bind, advertised) relay addresses of each family.
     pub relay_v4: Vec<(IpAddr, IpAddr)>,
@@ -443,8 +450,40 @@ impl Config {
                 }
             }
         }
-        if listen.len() + listen_streams.len() > 255 {
+        let mut listen_dtls: Vec<SocketAddr> = Vec::new();
+        for (i, l) in self.stun.listen_dtls.iter().enumerate() {
+            match l.parse::<SocketAddr>() {
+                Ok(a) if a.port() == 0 => err(format!("stun.listen_dtls[{i}]: '{l}' needs a port")),
+                Ok(a) if listen.contains(&a) => err(format!(
+                    "stun.listen_dtls[{i}]: '{l}' is already a UDP listener (stun.listen)"
+                )),
+                Ok(a) if listen_dtls.contains(&a) => {
+                    err(format!("stun.listen_dtls[{i}]: '{l}' is listed twice"))
+                }
+                Ok(a) => listen_dtls.push(a),
+                Err(_) => err(format!(
+                    "stun.listen_dtls[{i}]: '{l}' is not an IP:port address"
+                )),
+            }
+        }
+        if listen.len() + listen_streams.len() + listen_dtls.len() > 255 {
             err("stun: more than 255 listeners in all".into());
+        }
+        if !self.stun.listen_dtls.is_empty()
+            && (self.stun.tls_cert.is_none() || self.stun.tls_key.is_none())
+        {
+            err("stun.listen_dtls: needs stun.tls_cert and stun.tls_key, an ECDSA certificate (actrix cert --self-signed makes a pair for trying it)".into());
+        }
+        if let (Some(c), Some(k), false) = (
+            &self.stun.tls_cert,
+            &self.stun.tls_key,
+            self.stun.listen_dtls.is_empty(),
+        ) {
+            if c.is_file() && k.is_file() {
+                if let Err(e) = crate::tls::dtls_certificate(c, k) {
+                    err(format!("stun.listen_dtls: {e}"));
+                }
+            }
         }
         if !self.stun.listen_tls.is_empty()
             && (self.stun.tls_cert.is_none() || self.stun.tls_key.is_none())
@@ -564,7 +603,11 @@ impl Config {
             Ok((a, b)) => {
                 port_min = a;
                 port_max = b;
-                for l in listen.iter().chain(listen_streams.iter().map(|(a, _)| a)) {
+                for l in listen
+                    .iter()
+                    .chain(listen_streams.iter().map(|(a, _)| a))
+                    .chain(listen_dtls.iter())
+                {
                     if (a..=b).contains(&l.port()) {
                         err(format!(
                             "turn.relay_port_range: {a}-{b} overlaps the listener port {}",
@@ -727,6 +770,7 @@ impl Config {
         Some(Resolved {
             listen,
             listen_streams,
+            listen_dtls,
             streams,
             relay_v4,
             relay_v6,
@@ -791,6 +835,52 @@ mod tests {
         assert_eq!(r.listen, vec!["127.0.0.1:3478".parse().unwrap()]);
         assert_eq!(r.shard_cores, vec![1]);
         assert_eq!(r.control_core, Some(0));
+    }
+
+    #[test]
+    fn dtls_listeners_need_the_certificate_and_an_address_of_their_own() {
+        let errors_of = |stun: &str| {
+            let text = EMBEDDED_DEFAULT.replace("[stun]\n", &format!("[stun]\n{stun}\n"));
+            let (cfg, _) = parse(&text).unwrap();
+            let mut errors = vec![];
+            let r = cfg.validate(&mut errors, vec![0, 1]);
+            (r, errors.join("\n"))
+        };
+        let (r, e) = errors_of("listen_dtls = [\"127.0.0.1:5350\"]");
+        assert!(
+            r.is_none() && e.contains("stun.listen_dtls: needs stun.tls_cert"),
+            "{e}"
+        );
+        let (_, e) = errors_of("listen_dtls = [\"127.0.0.1:3478\"]");
+        assert!(e.contains("already a UDP listener"), "{e}");
+        let (_, e) = errors_of("listen_dtls = [\"127.0.0.1:5350\", \"127.0.0.1:5350\"]");
+        assert!(e.contains("listed twice"), "{e}");
+        // An ECDSA pair serves DTLS; a key that is not one (DTLS has ECDSA only) is refused at
+        // validation, naming the file.
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        crate::tls::write_self_signed(&["localhost".into()], &cert, &key).unwrap();
+        let (r, e) = errors_of(&format!(
+            "listen_dtls = [\"127.0.0.1:5350\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert.display(),
+            key.display()
+        ));
+        let r = r.unwrap_or_else(|| panic!("{e}"));
+        assert_eq!(r.listen_dtls, vec!["127.0.0.1:5350".parse().unwrap()]);
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let (r, e) = errors_of(&format!(
+            "listen_dtls = [\"127.0.0.1:5350\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert.display(),
+            key.display()
+        ));
+        assert!(
+            r.is_none() && e.contains("stun.listen_dtls") && e.contains("k.pem"),
+            "{e}"
+        );
     }
 
     #[test]

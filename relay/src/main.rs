@@ -130,7 +130,12 @@ type LogHandle =
     tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 
 fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
-    let filter = std::env::var("ACTRIX_LOG").unwrap_or_else(|_| level.to_string());
+    let mut filter = std::env::var("ACTRIX_LOG").unwrap_or_else(|_| level.to_string());
+    // The DTLS engine logs through `log` per discarded datagram (at debug) and per full
+    // transmit queue (at warn): never per packet here, only its errors.
+    if !filter.contains("dimpl") {
+        filter.push_str(",dimpl=error");
+    }
     tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into())
 }
 
@@ -412,6 +417,9 @@ fn run(path: Option<PathBuf>) -> i32 {
         for (l, t) in &resolved.listen_streams {
             println!("  STUN/TURN  {}://{l}", t.name());
         }
+        for l in &resolved.listen_dtls {
+            println!("  STUN/TURN  dtls://{l}");
+        }
         println!("  HTTP       http://{http}  (/healthz, /metrics, /ks, /ais, /signaling/ws)");
         println!("  demo user  demo / {pw}");
         println!("  try: turnutils_uclient -y -s -u demo -w {pw} -n 100 127.0.0.1");
@@ -638,8 +646,20 @@ impl Reloader {
             }
             _ => None,
         };
+        let stun_dtls = match (&cfg.stun.tls_cert, &cfg.stun.tls_key) {
+            (Some(c), Some(k)) if !cfg.stun.listen_dtls.is_empty() => Some(
+                actrix::tls::dtls_certificate(c, k).map_err(|e| vec![format!("stun.dtls: {e}")])?,
+            ),
+            _ => None,
+        };
         if let Some(dp) = dp {
-            notes.extend(dp.reload((&self.current.0, &self.current.1), &cfg, &r, stun_tls));
+            notes.extend(dp.reload(
+                (&self.current.0, &self.current.1),
+                &cfg,
+                &r,
+                stun_tls,
+                stun_dtls,
+            ));
         }
         if cfg.log.level != self.current.0.log.level {
             match self.log.reload(log_filter(&cfg.log.level)) {

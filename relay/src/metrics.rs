@@ -171,6 +171,7 @@ impl Collector for DataPlaneCollector {
         )?;
         let (mut s_open, mut s_acc, mut s_closed, mut s_over) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut dtls_hs, mut dtls_cookies, mut dtls_stray) = (Vec::new(), Vec::new(), Vec::new());
         for (i, st) in self.shards.iter().enumerate() {
             for (t, tr) in actrix_dataplane::streams::STREAM_TRANSPORTS
                 .iter()
@@ -192,17 +193,44 @@ impl Collector for DataPlaneCollector {
                     s_closed.push((l, v.load(Relaxed)));
                 }
             }
+            // DTLS associations count as connections of transport "dtls".
+            let l = vec![("shard", i.to_string()), ("transport", "dtls".to_string())];
+            s_open.push((l.clone(), st.dtls_open.load(Relaxed) as i64));
+            s_acc.push((l.clone(), st.dtls_handshakes_completed.load(Relaxed)));
+            for (r, v) in actrix_dataplane::streams::CLOSE_REASONS
+                .iter()
+                .zip(st.dtls_closed.iter())
+            {
+                let mut l = l.clone();
+                l.push(("reason", r.to_string()));
+                s_closed.push((l, v.load(Relaxed)));
+            }
+            let s = i.to_string();
+            for (result, v) in [
+                ("completed", &st.dtls_handshakes_completed),
+                ("failed", &st.dtls_handshakes_failed),
+            ] {
+                dtls_hs.push((
+                    vec![("shard", s.clone()), ("result", result.to_string())],
+                    v.load(Relaxed),
+                ));
+            }
+            dtls_cookies.push((
+                vec![("shard", s.clone())],
+                st.dtls_cookies_sent.load(Relaxed),
+            ));
+            dtls_stray.push((vec![("shard", s)], st.dtls_stray.load(Relaxed)));
         }
         gauge(
             &mut enc,
             "actrix_stream_connections",
-            "Client connections over TCP and TLS open now",
+            "Client connections over TCP and TLS, and DTLS associations, open now",
             &s_open,
         )?;
         counter(
             &mut enc,
             "actrix_stream_accepted",
-            "Client connections accepted over TCP and TLS",
+            "Client connections accepted over TCP and TLS, DTLS associations whose handshake finished",
             &s_acc,
         )?;
         counter(
@@ -210,6 +238,24 @@ impl Collector for DataPlaneCollector {
             "actrix_stream_closed",
             "Client connections closed or refused, by reason",
             &s_closed,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_dtls_handshakes",
+            "DTLS handshakes, by result (failed: an error or the deadline before it finished)",
+            &dtls_hs,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_dtls_hello_verify",
+            "Stateless DTLS HelloVerifyRequests sent (ClientHellos without a valid cookie)",
+            &dtls_cookies,
+        )?;
+        counter(
+            &mut enc,
+            "actrix_dtls_stray",
+            "Datagrams on a DTLS listener from a source without an association that were not a ClientHello",
+            &dtls_stray,
         )?;
         counter(
             &mut enc,

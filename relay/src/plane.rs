@@ -36,6 +36,7 @@ pub fn build_policy(cfg: &Config, r: &Resolved) -> Arc<PeerPolicy> {
     let mut own: Vec<IpAddr> = actrix_udp::interface_addresses();
     own.extend(r.listen.iter().map(|a| a.ip()));
     own.extend(r.listen_streams.iter().map(|(a, _)| a.ip()));
+    own.extend(r.listen_dtls.iter().map(|a| a.ip()));
     for list in [&r.relay_v4, &r.relay_v6] {
         for (i, (bind, adv)) in list.iter().enumerate() {
             own.push(*bind);
@@ -53,6 +54,7 @@ pub fn build_policy(cfg: &Config, r: &Resolved) -> Arc<PeerPolicy> {
         .listen
         .iter()
         .chain(r.listen_streams.iter().map(|(a, _)| a))
+        .chain(r.listen_dtls.iter())
         .map(|a| a.port())
         .collect();
     ports.push(cfg.http.listen.port());
@@ -83,12 +85,13 @@ fn turn_config(
     turn.relay_v6 = r.relay_v6.iter().map(|(_, adv)| *adv).collect();
     turn.port_min = slice.0;
     turn.port_max = slice.1;
-    // Listener indices: the UDP listeners, then the stream listeners.
+    // Listener indices: the UDP listeners, then the stream listeners, then the DTLS ones.
     turn.listener_transports = r
         .listen
         .iter()
         .map(|_| Transport::Udp)
         .chain(r.listen_streams.iter().map(|(_, t)| *t))
+        .chain(r.listen_dtls.iter().map(|_| Transport::Dtls))
         .collect();
     turn.default_lifetime = cfg.turn.default_lifetime;
     turn.max_lifetime = cfg.turn.max_lifetime;
@@ -158,6 +161,14 @@ impl Plane {
                 ),
                 _ => None,
             },
+            listen_dtls: r.listen_dtls.clone(),
+            dtls: match (&cfg.stun.tls_cert, &cfg.stun.tls_key) {
+                (Some(c), Some(k)) if !r.listen_dtls.is_empty() => Some(
+                    crate::tls::dtls_certificate(c, k)
+                        .map_err(|e| anyhow::anyhow!("stun.listen_dtls: {e}"))?,
+                ),
+                _ => None,
+            },
             bind_v4: r.relay_v4.iter().map(|(b, _)| *b).collect(),
             bind_v6: r.relay_v6.iter().map(|(b, _)| *b).collect(),
             shards,
@@ -187,10 +198,14 @@ impl Plane {
         cfg: &Config,
         r: &Resolved,
         tls: Option<Arc<rustls::ServerConfig>>,
+        dtls: Option<actrix_dataplane::dtls::DtlsCertificate>,
     ) -> Vec<String> {
         let mut needs_restart = Vec::new();
-        if old.1.listen != r.listen || old.1.listen_streams != r.listen_streams {
-            needs_restart.push("stun.listen/listen_tcp/listen_tls");
+        if old.1.listen != r.listen
+            || old.1.listen_streams != r.listen_streams
+            || old.1.listen_dtls != r.listen_dtls
+        {
+            needs_restart.push("stun.listen/listen_tcp/listen_tls/listen_dtls");
         }
         if old.1.streams != r.streams {
             needs_restart.push("stun (stream limits)");
@@ -219,6 +234,7 @@ impl Plane {
         let effective = Resolved {
             listen: old.1.listen.clone(),
             listen_streams: old.1.listen_streams.clone(),
+            listen_dtls: old.1.listen_dtls.clone(),
             streams: old.1.streams.clone(),
             relay_v4: old.1.relay_v4.clone(),
             relay_v6: old.1.relay_v6.clone(),
@@ -240,6 +256,12 @@ impl Plane {
             {
                 self.dp.set_tls(tls);
                 notes.push("stun.tls: certificate reloaded for new connections".to_string());
+            }
+        }
+        if let Some(cert) = dtls {
+            if !old.1.listen_dtls.is_empty() {
+                self.dp.set_dtls(cert);
+                notes.push("stun.dtls: certificate reloaded for new associations".to_string());
             }
         }
         let mut cfg = cfg.clone();

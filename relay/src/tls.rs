@@ -38,11 +38,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
 /// clients may use: its DNS subjectAltNames, which of `ips` it is valid for, and whether it
 /// is self-signed (issuer and subject the same).
 pub fn certificate_names(cert: &Path, ips: &[IpAddr]) -> Result<crate::diag::TlsNames, String> {
-    let der = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
-        .next()
-        .ok_or_else(|| format!("{}: no certificate found", cert.display()))?
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let der = first_certificate(cert)?;
     let ee = webpki::EndEntityCert::try_from(&der)
         .map_err(|e| format!("{}: not a certificate webpki reads: {e}", cert.display()))?;
     let mut names = crate::diag::TlsNames {
@@ -57,6 +53,27 @@ pub fn certificate_names(cert: &Path, ips: &[IpAddr]) -> Result<crate::diag::Tls
         }
     }
     Ok(names)
+}
+
+/// The DTLS certificate (`actrix_dataplane::dtls`) from the same PEM files: the leaf
+/// certificate (DTLS sends no chain here) and an ECDSA P-256 or P-384 key.
+pub fn dtls_certificate(
+    cert: &Path,
+    key: &Path,
+) -> Result<actrix_dataplane::dtls::DtlsCertificate, String> {
+    let leaf = first_certificate(cert)?;
+    let k = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    actrix_dataplane::dtls::certificate(leaf.to_vec(), k.secret_der().to_vec())
+        .map_err(|e| format!("{}: {e}", key.display()))
+}
+
+/// The first certificate of PEM file `cert` (the server's own, before any chain).
+fn first_certificate(cert: &Path) -> Result<CertificateDer<'static>, String> {
+    CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .next()
+        .ok_or_else(|| format!("{}: no certificate found", cert.display()))?
+        .map_err(|e| format!("{}: {e}", cert.display()))
 }
 
 /// Write a self-signed certificate for `names` and its key to `cert` and `key` (the key
@@ -96,6 +113,7 @@ mod tests {
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         write_self_signed(&["localhost".into(), "127.0.0.1".into()], &cert, &key).unwrap();
         let cfg = server_config(&cert, &key).expect("loads");
+        dtls_certificate(&cert, &key).expect("an ECDSA pair serves DTLS too");
         assert_eq!(
             cfg.alpn_protocols,
             [b"stun.turn".to_vec(), b"stun.nat-discovery".to_vec()]

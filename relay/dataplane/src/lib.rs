@@ -19,6 +19,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod dtls;
 pub mod glommio;
 pub mod lookup;
 pub mod mmsg;
@@ -81,6 +82,10 @@ pub struct DataPlaneSpec {
     pub streams: streams::StreamSettings,
     /// The TLS configuration for TLS listeners (required when there are any).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// DTLS listen addresses (UDP; TURN listener indices after the stream ones).
+    pub listen_dtls: Vec<SocketAddr>,
+    /// The certificate for DTLS listeners (required when there are any).
+    pub dtls: Option<dtls::DtlsCertificate>,
     /// Addresses relay sockets bind to, per family, in the order of the TURN core's relay
     /// addresses (which are the advertised ones).
     pub bind_v4: Vec<IpAddr>,
@@ -218,6 +223,37 @@ impl DataPlane {
         {
             return Err(fail("a TLS listener needs a TLS configuration"));
         }
+        if spec.dtls.is_none() && !spec.listen_dtls.is_empty() {
+            return Err(fail("a DTLS listener needs a certificate"));
+        }
+        let first_dtls = spec.listen.len() + spec.listen_streams.len();
+        if first_dtls + spec.listen_dtls.len() > 255 {
+            return Err(fail("more than 255 listeners in all"));
+        }
+        let mut dtls_listeners: Vec<Vec<dtls::DtlsListener>> = (0..n).map(|_| Vec::new()).collect();
+        for (k, addr) in spec.listen_dtls.iter().enumerate() {
+            for (i, l) in dtls_listeners.iter_mut().enumerate() {
+                let opts = actrix_udp::UdpOptions {
+                    reuse_port: true,
+                    recv_buffer: spec.io.socket_buffer,
+                    send_buffer: spec.io.socket_buffer,
+                    force_buffers: true,
+                    orig_dst: false,
+                };
+                let sock = actrix_udp::udp_socket(*addr, &opts)
+                    .map_err(|e| fail(format!("cannot listen on dtls {addr}: {e}")))?;
+                // An association lives on one shard: its 5-tuple must keep landing there.
+                if i == 0 && n > 1 && spec.io.steering == Steering::Cbpf {
+                    if let Err(e) = steer::attach(sock.as_raw_fd(), n as u32, addr.is_ipv6()) {
+                        tracing::warn!(%addr, error = %e, "reuseport steering program not attached; using the kernel hash");
+                    }
+                }
+                l.push(dtls::DtlsListener {
+                    sock,
+                    listener: (first_dtls + k) as u8,
+                });
+            }
+        }
         let stream_limits = Arc::new(streams::StreamLimits::default());
         let (mut relays, steer) = match spec.io.relay_sockets {
             RelaySocketMode::Shared => {
@@ -260,6 +296,7 @@ impl DataPlane {
         let mut inboxes = inboxes.into_iter();
         let mut shards = Vec::new();
         let mut stream_listeners = stream_listeners.into_iter();
+        let mut dtls_listeners = dtls_listeners.into_iter();
         for (i, (listeners, shard)) in per_shard.into_iter().zip(spec.shards).enumerate() {
             let rx = inboxes.next().expect("one per shard");
             let (tx, waker) = siblings[i].clone();
@@ -279,6 +316,8 @@ impl DataPlane {
                 stream_settings: spec.streams.clone(),
                 stream_limits: stream_limits.clone(),
                 tls: spec.tls.clone(),
+                dtls_listeners: dtls_listeners.next().unwrap_or_default(),
+                dtls: spec.dtls.clone(),
                 turn: shard.turn,
                 shared: spec.shared.clone(),
                 relays: relays[i].take().expect("one per shard"),
@@ -349,6 +388,11 @@ impl DataPlane {
                 s.waker.wake();
             }
         }
+    }
+
+    /// Use `cert` for DTLS handshakes from now on (a renewed certificate).
+    pub fn set_dtls(&self, cert: dtls::DtlsCertificate) {
+        self.send(|| ShardMsg::Dtls(cert.clone()));
     }
 
     /// Allocations currently active across shards (as last published).

@@ -18,6 +18,7 @@
 //! messages from other threads (drain, stop, reconfigure; identity answers), the counters it
 //! publishes, and the pacer.
 
+use crate::dtls::{DtlsCertificate, DtlsListener, DtlsSide, Event, Ingress};
 use crate::pacer::{self, Pacer};
 use crate::relays::{RelaySockets, SendVia};
 use crate::stats::ShardStats;
@@ -27,8 +28,8 @@ use crate::{lookup, IdentityLink};
 use actrix_proto::auth::IdentityRequest;
 use actrix_proto::plan::ShardId;
 use actrix_proto::turn::{
-    BindRequest, CrossShard, Data, Effects, Family, Now, RelayPort, Reply, Server, Src, TcpCommand,
-    Transmit, TurnConfig,
+    BindRequest, ClientKey, CrossShard, Data, Effects, Family, Now, RelayPort, Reply, Server, Src,
+    TcpCommand, Transmit, TurnConfig,
 };
 use actrix_udp::{Flushed, Waker};
 use crossbeam_channel::{Receiver, Sender};
@@ -53,6 +54,8 @@ pub enum ShardMsg {
     /// RFC 6062: a client connection whose ConnectionBind names an allocation of this shard,
     /// from the shard that accepted it.
     Adopt(MovedConn),
+    /// A renewed certificate for DTLS handshakes from now on.
+    Dtls(DtlsCertificate),
 }
 
 /// Everything a shard needs, built on the main thread before the shard's thread starts.
@@ -67,6 +70,10 @@ pub struct ShardSetup {
     pub stream_limits: Arc<StreamLimits>,
     /// The TLS configuration of TLS listeners.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// DTLS listeners (UDP), with their TURN listener indices after the stream ones.
+    pub dtls_listeners: Vec<DtlsListener>,
+    /// The certificate of DTLS listeners (the TLS one).
+    pub dtls: Option<DtlsCertificate>,
     pub turn: TurnConfig,
     pub shared: Arc<CrossShard>,
     pub relays: RelaySockets,
@@ -193,6 +200,9 @@ pub struct ShardCore {
     pub(crate) server: Server,
     pub relays: RelaySockets,
     pub(crate) streams: Streams,
+    pub(crate) dtls: DtlsSide,
+    /// Clients whose DTLS association ended in a timer run (reused).
+    dtls_closed: Vec<ClientKey>,
     listeners: Vec<Socket>,
     listener_fds: Vec<RawFd>,
     inbox: Receiver<ShardMsg>,
@@ -225,11 +235,19 @@ impl ShardCore {
             relays: s.relays,
             streams: Streams::new(
                 s.stream_listeners,
-                s.stream_settings,
-                s.stream_limits,
+                s.stream_settings.clone(),
+                s.stream_limits.clone(),
                 s.tls,
                 now.ms,
             ),
+            dtls: DtlsSide::new(
+                s.dtls_listeners,
+                s.dtls,
+                s.stream_settings,
+                s.stream_limits,
+                now.ms,
+            ),
+            dtls_closed: Vec::new(),
             listeners: s.listeners,
             listener_fds,
             inbox: s.inbox,
@@ -284,6 +302,12 @@ impl ShardCore {
                 .enumerate()
                 .map(|(i, fd)| (SocketId::Listener(i as u8), *fd)),
         );
+        v.extend(
+            self.dtls
+                .listeners()
+                .iter()
+                .map(|(i, fd)| (SocketId::Listener(*i), *fd)),
+        );
         v.extend(self.relays.initial());
         v.extend(self.streams.initial());
         v
@@ -293,7 +317,11 @@ impl ShardCore {
     pub fn fd_of(&self, id: SocketId) -> Option<RawFd> {
         match id {
             SocketId::Waker => Some(self.waker.fd()),
-            SocketId::Listener(i) => self.listener_fds.get(i as usize).copied(),
+            SocketId::Listener(i) => self
+                .listener_fds
+                .get(i as usize)
+                .copied()
+                .or_else(|| self.dtls.fd(i)),
             SocketId::StreamListener(_) | SocketId::Conn(..) | SocketId::RelayListener(..) => {
                 self.streams.fd_of(id)
             }
@@ -327,6 +355,7 @@ impl ShardCore {
         self.server
             .poll_timeout()
             .min(self.streams.poll_timeout())
+            .min(self.dtls.poll_timeout())
             .saturating_sub(self.now.ms)
             .min(1000)
     }
@@ -388,6 +417,7 @@ impl ShardCore {
                 }
                 ShardMsg::Tls(t) => self.streams.set_tls(t),
                 ShardMsg::Adopt(m) => self.streams.adopt(m),
+                ShardMsg::Dtls(c) => self.dtls.set_certificate(c),
             }
         }
     }
@@ -419,6 +449,9 @@ impl ShardCore {
     ) -> Option<Outgoing> {
         let now = self.now;
         let reply = match id {
+            SocketId::Listener(i) if (i as usize) >= self.listener_fds.len() => {
+                return self.on_dtls(i, from, buf, range);
+            }
             SocketId::Listener(i) => {
                 let r = self.server.handle_client(now, i, from, buf, range);
                 let (server, mut fx) = self.effects();
@@ -435,11 +468,82 @@ impl ShardCore {
         }
     }
 
+    /// A datagram on DTLS listener `i`: a stateless HelloVerifyRequest to send from the
+    /// listener, or input to the client's association, whose plaintext messages go through
+    /// the TURN core (what they answer leaves at once, `crate::dtls`).
+    fn on_dtls(
+        &mut self,
+        i: u8,
+        from: SocketAddr,
+        buf: &mut [u8],
+        range: Range<usize>,
+    ) -> Option<Outgoing> {
+        let key = ClientKey {
+            listener: i,
+            addr: from,
+        };
+        match self.dtls.handle_datagram(self.now.ms, key, buf, range) {
+            Ingress::Answer(r) => {
+                return Some(Outgoing {
+                    fd: self.dtls.fd(i)?,
+                    dst: from,
+                    range: r,
+                })
+            }
+            Ingress::Dropped => return None,
+            Ingress::Fed => {}
+        }
+        self.dtls.poll(self.now.ms, key);
+        let now = self.now;
+        while let Some(ev) = self.dtls.next_event(now.ms, key) {
+            match ev {
+                Event::Plain(n) => {
+                    let mut plain = std::mem::take(self.dtls.plain());
+                    let r = self.server.handle_client(
+                        now,
+                        i,
+                        from,
+                        &mut plain,
+                        DtlsSide::plain_range(n),
+                    );
+                    let (server, mut fx) = self.effects();
+                    let reply = server.settle(now, r, &mut fx);
+                    if let Reply::Transmit(t) = reply {
+                        if let Some(out) = self.outgoing(&mut plain, t) {
+                            if let Some(bytes) = plain.get(out.range.clone()) {
+                                crate::dtls::send_to(out.fd, bytes, out.dst);
+                            }
+                        }
+                    }
+                    *self.dtls.plain() = plain;
+                }
+                Event::Closed => self.server.handle_client_closed(now, key),
+            }
+        }
+        None
+    }
+
     /// Where and what a transmit sends. Responses are copied from the core's scratch buffer
     /// into the buffer the request came in (the request is fully handled by then); relayed
     /// data already sits there, framed in place.
     fn outgoing(&mut self, buf: &mut [u8], t: Transmit) -> Option<Outgoing> {
         let fd = match t.src {
+            // (UDP listeners come first: their transmits pay one comparison, not a DTLS lookup.)
+            Src::Listener(i)
+                if (i as usize) >= self.listener_fds.len() && self.dtls.is_listener(i) =>
+            {
+                // To a DTLS client: encrypted and sent at once.
+                let bytes = match &t.data {
+                    Data::Buf(r) => buf.get(r.clone())?,
+                    Data::Scratch(n) => self.server.scratch().get(..*n)?,
+                };
+                let key = ClientKey {
+                    listener: i,
+                    addr: t.dst,
+                };
+                self.dtls.send(key, bytes);
+                return None;
+            }
             Src::Listener(i) if (i as usize) >= self.listener_fds.len() => {
                 // Peer data for a client on a stream: queued on its connection, written at the
                 // round's end. (Answers to stream clients are queued where their frames are
@@ -521,6 +625,16 @@ impl ShardCore {
             self.server.handle_timeout(now);
         }
         self.end_streams();
+        if now.ms >= self.dtls.poll_timeout() {
+            let mut closed = std::mem::take(&mut self.dtls_closed);
+            let server = &self.server;
+            self.dtls
+                .handle_timeout(now.ms, &|k| server.has_allocation(k), &mut closed);
+            for key in closed.drain(..) {
+                self.server.handle_client_closed(now, key);
+            }
+            self.dtls_closed = closed;
+        }
         let (server, mut fx) = self.effects();
         server.drain_commands(&mut fx);
         self.run_tcp_commands();
@@ -537,6 +651,7 @@ impl ShardCore {
     pub fn publish(&self) {
         self.stats.publish(&self.server, self.relays.bind_errors());
         self.stats.publish_streams(&self.streams);
+        self.stats.publish_dtls(&self.dtls);
     }
 
     /// Count a batch of sends.
@@ -556,6 +671,10 @@ impl ShardCore {
         let mut closed = Vec::new();
         self.streams.close_all(&mut closed);
         self.stream_clients_closed(&closed);
+        closed.clear();
+        self.dtls.close_all(self.now.ms, &mut closed);
+        self.stream_clients_closed(&closed);
+        closed.clear();
         self.server.close_all();
         let (server, mut fx) = self.effects();
         server.drain_commands(&mut fx);

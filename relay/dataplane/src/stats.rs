@@ -44,6 +44,15 @@ macro_rules! shard_stats {
             pub tcp_bytes_to_client: AtomicU64,
             pub tcp_moved_out: AtomicU64,
             pub tcp_moved_in: AtomicU64,
+            /// DTLS associations (see [`crate::dtls::DtlsCounters`]): open now, handshakes
+            /// completed and failed, stateless HelloVerifyRequests, stray datagrams, closes
+            /// and refusals by reason.
+            pub dtls_open: AtomicU64,
+            pub dtls_handshakes_completed: AtomicU64,
+            pub dtls_handshakes_failed: AtomicU64,
+            pub dtls_cookies_sent: AtomicU64,
+            pub dtls_stray: AtomicU64,
+            pub dtls_closed: [AtomicU64; crate::streams::N_CLOSE_REASONS],
         }
 
         impl ShardStats {
@@ -87,6 +96,19 @@ macro_rules! shard_stats {
                 self.tcp_bytes_to_client.store(tcp.bytes_to_client, Relaxed);
                 self.tcp_moved_out.store(tcp.moved_out, Relaxed);
                 self.tcp_moved_in.store(tcp.moved_in, Relaxed);
+            }
+
+            /// Copy a shard's DTLS counters.
+            pub fn publish_dtls(&self, d: &crate::dtls::DtlsSide) {
+                let c = &d.counters;
+                self.dtls_open.store(d.open() as u64, Relaxed);
+                self.dtls_handshakes_completed.store(c.handshakes_completed, Relaxed);
+                self.dtls_handshakes_failed.store(c.handshakes_failed, Relaxed);
+                self.dtls_cookies_sent.store(c.cookies_sent, Relaxed);
+                self.dtls_stray.store(c.stray, Relaxed);
+                for (d, v) in self.dtls_closed.iter().zip(c.closed.iter()) {
+                    d.store(*v, Relaxed);
+                }
             }
 
             /// Name/value pairs of the core's plain counters, for exposition.

@@ -158,7 +158,7 @@ pub struct StreamLimits {
 
 impl StreamLimits {
     /// Count a new connection from `ip`, unless a limit is reached.
-    fn try_open(&self, ip: IpAddr, s: &StreamSettings) -> Result<(), CloseReason> {
+    pub(crate) fn try_open(&self, ip: IpAddr, s: &StreamSettings) -> Result<(), CloseReason> {
         let cur = self.total.fetch_add(1, Ordering::AcqRel);
         if cur >= s.max_connections {
             self.total.fetch_sub(1, Ordering::AcqRel);
@@ -188,7 +188,7 @@ impl StreamLimits {
         self.total.fetch_sub(1, Ordering::AcqRel);
     }
 
-    fn close(&self, ip: IpAddr) {
+    pub(crate) fn close(&self, ip: IpAddr) {
         self.total.fetch_sub(1, Ordering::AcqRel);
         let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = map.get_mut(&ip) {

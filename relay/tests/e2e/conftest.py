@@ -178,6 +178,7 @@ class Appliance:
         listen_host: str = "127.0.0.1",
         tcp: bool = False,
         tls: bool = False,
+        dtls: bool = False,
     ):
         self.binary = binary
         self.netns = netns
@@ -201,8 +202,10 @@ class Appliance:
                 # TURN over TCP on the same address and port as the UDP listener.
                 self.config["stun"]["listen_tcp"] = list(self.config["stun"]["listen"])
             self.tls_port = None
-            if tls:
-                # TURN over TLS on its own port, with a self-signed pair made by the binary.
+            self.dtls_port = None
+            if tls or dtls:
+                # TURN over TLS and DTLS on ports of their own, with a self-signed pair made
+                # by the binary (one certificate for both, as the configuration has it).
                 cert, key = tmp_path / "turn-cert.pem", tmp_path / "turn-key.pem"
                 subprocess.run(
                     [binary, "cert", "--self-signed", "--cert", str(cert), "--key", str(key)],
@@ -211,10 +214,13 @@ class Appliance:
                     timeout=30,
                 )
                 host = self.config["stun"]["listen"][0].rpartition(":")[0]
-                self.tls_port = free_port(socket.SOCK_STREAM, host.strip("[]"))
-                self.config["stun"].update(
-                    listen_tls=[f"{host}:{self.tls_port}"], tls_cert=str(cert), tls_key=str(key)
-                )
+                self.config["stun"].update(tls_cert=str(cert), tls_key=str(key))
+                if tls:
+                    self.tls_port = free_port(socket.SOCK_STREAM, host.strip("[]"))
+                    self.config["stun"]["listen_tls"] = [f"{host}:{self.tls_port}"]
+                if dtls:
+                    self.dtls_port = free_port(socket.SOCK_DGRAM, host.strip("[]"))
+                    self.config["stun"]["listen_dtls"] = [f"{host}:{self.dtls_port}"]
             self.config_path = write_config(tmp_path, self.config)
             listen = self.config["stun"]["listen"][0]
             host, _, port = listen.rpartition(":")
@@ -436,12 +442,16 @@ LOST_RE = re.compile(r"Total lost packets (\d+)")
 # connections would be refused at the handshake: the control connection retries until it
 # lands on a modern context, RFC 6062 data connections do not. This preload maps the two
 # legacy methods to TLS_client_method, so every connection negotiates TLS 1.2 or 1.3; the
-# refusal of a real TLS 1.1 client is tested on its own (test_tls_streams.py).
+# refusal of a real TLS 1.1 client is tested on its own (test_tls_streams.py). Over DTLS
+# (-S without -t) uclient picks DTLSv1_client_method (DTLS 1.0 only, which the appliance does
+# not speak either) or DTLSv1_2_client_method; the first is mapped to DTLS_client_method.
 MODERN_TLS_SHIM = r"""
 typedef struct ssl_method_st SSL_METHOD;
 extern const SSL_METHOD *TLS_client_method(void);
+extern const SSL_METHOD *DTLS_client_method(void);
 const SSL_METHOD *TLSv1_client_method(void) { return TLS_client_method(); }
 const SSL_METHOD *TLSv1_1_client_method(void) { return TLS_client_method(); }
+const SSL_METHOD *DTLSv1_client_method(void) { return DTLS_client_method(); }
 """
 _modern_tls_lib: list[str] = []
 
@@ -468,10 +478,10 @@ def run_uclient(
 ) -> tuple[subprocess.CompletedProcess, int | None]:
     """Run turnutils_uclient (inside `netns` if given); returns the process result and the
     "Total lost packets" count (None when the line is missing, i.e. it never relayed).
-    TLS runs (-S over -t or -T) get MODERN_TLS_SHIM preloaded."""
+    TLS and DTLS runs (-S) get MODERN_TLS_SHIM preloaded."""
     prefix = ["ip", "netns", "exec", netns] if netns else []
     env = dict(os.environ)
-    if "-S" in args and ("-t" in args or "-T" in args):
+    if "-S" in args:
         env["LD_PRELOAD"] = modern_tls_preload()
     r = subprocess.run(
         prefix + ["turnutils_uclient"] + args,
