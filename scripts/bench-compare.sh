@@ -130,6 +130,8 @@ shards = [$SERVER_CORE]
 control = $GEN_CORE
 [stun]
 listen = ["127.0.0.1:$ACTRIX_PORT"]
+# The load generator is one source: lift the per-source Binding budget (a reflection guard).
+bindings_per_source_per_sec = 4000000000
 [turn]
 relay_addresses = ["${ACTRIX_RELAY_ADDRESS:-127.0.0.1}"]
 allow_peers = ["127.0.0.0/8"]
