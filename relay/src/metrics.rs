@@ -636,6 +636,11 @@ impl Collector for SignalingCollector {
                 &s.oversize_closes,
             ),
             (
+                "actrix_signaling_protocol_closes",
+                "Connections closed with 1002 or 1007 (WebSocket protocol violations)",
+                &s.protocol_closes,
+            ),
+            (
                 "actrix_signaling_slow_consumer_drops",
                 "Connections dropped for not reading",
                 &s.slow_consumer_drops,
