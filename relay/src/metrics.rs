@@ -503,6 +503,37 @@ impl Collector for HttpCollector {
             "HTTP requests by service, route and status",
             &series,
         )?;
+        let c = &self.stats.conns;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        gauge(
+            &mut enc,
+            "actrix_http_connections_open",
+            "Connections open on the control listener (upgraded WebSockets included)",
+            &[(vec![], load(&c.open) as i64)],
+        )?;
+        counter(
+            &mut enc,
+            "actrix_http_connections_accepted",
+            "Connections admitted by the control listener",
+            &[(vec![], load(&c.accepted))],
+        )?;
+        let closed: Vec<(Labels, u64)> = [
+            ("total_cap", &c.refused_total_cap),
+            ("per_ip_cap", &c.refused_per_ip),
+            ("first_bytes_timeout", &c.first_bytes_timeouts),
+            ("http2", &c.refused_http2),
+            ("tls_handshake", &c.tls_failures),
+            ("accept_error", &c.accept_errors),
+        ]
+        .into_iter()
+        .map(|(r, v)| (vec![("reason", r.to_string())], load(v)))
+        .collect();
+        counter(
+            &mut enc,
+            "actrix_http_connections_refused",
+            "Connections the control listener closed before serving a request, by reason",
+            &closed,
+        )?;
         let mut m = enc.encode_descriptor(
             "actrix_http_request_duration_seconds",
             "HTTP request latency by service, route and status",
