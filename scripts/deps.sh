@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a fresh Debian machine: coturn's test clients
-# (turnutils_uclient, turnutils_stunclient, turnutils_peer), iproute2 for network namespaces,
+# (turnutils_uclient, turnutils_stunclient, turnutils_peer), iproute2 for network namespaces
+# and netem, libfaketime for the clock-step test,
 # Chromium for the diagnostics page, shellcheck, and the Python packages of the end-to-end
 # tests (aioice, pytest). Idempotent and quiet.
 set -euo pipefail
@@ -8,6 +9,8 @@ set -euo pipefail
 need_apt=()
 command -v turnutils_uclient >/dev/null 2>&1 || need_apt+=(coturn)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+# libfaketime: the clock-step test (relay/tests/clock_step.rs) steps the appliance's wall clock.
+[ -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_apt+=(faketime)
 # Headless Chromium drives the diagnostics page end to end; shellcheck lints the scripts.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)

@@ -2679,3 +2679,43 @@ fn connection_bind_accepts_the_control_connections_nonce_and_nothing_else_does()
     );
     assert_eq!(h.send(&other, &req).unwrap().code(), Some(401));
 }
+
+#[test]
+fn a_wall_clock_step_of_an_hour_fails_safe_and_recovers() {
+    // Reliability checklist C5. Nonces carry wall-clock time; lifetimes, permissions and
+    // channels run on the monotonic clock. A step of the wall clock must never let a nonce
+    // through that should not pass, and one round trip must recover.
+    let mut h = H::new();
+    let mut c = alice();
+    h.allocate(&mut c);
+    let refresh = |h: &mut H, c: &mut Client| {
+        let tid = c.next_tid();
+        h.send(c, &c.request(method::REFRESH, tid, &[], true))
+            .unwrap()
+    };
+    // +1 h: the nonce is an hour old, past its 600 s lifetime: 438 with a fresh nonce.
+    h.now.unix += 3600;
+    let r = refresh(&mut h, &mut c);
+    assert_eq!(r.code(), Some(438));
+    c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    assert!(
+        refresh(&mut h, &mut c).ok(),
+        "recovered after one round trip"
+    );
+    // -2 h (one hour behind true time): the nonce now comes from two hours in the future,
+    // beyond the 5 s of skew allowed: refused (401 with a fresh nonce), never accepted.
+    h.now.unix -= 7200;
+    let r = refresh(&mut h, &mut c);
+    assert_eq!(r.code(), Some(401));
+    c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    assert!(refresh(&mut h, &mut c).ok());
+    // NTP corrects the clock (+1 h): the nonce minted while it was behind is stale.
+    h.now.unix += 3600;
+    let r = refresh(&mut h, &mut c);
+    assert_eq!(r.code(), Some(438));
+    c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    assert!(refresh(&mut h, &mut c).ok());
+    // The allocation lived through it all on the monotonic clock.
+    assert_eq!(h.s.allocation_count(), 1);
+    assert!(h.s.counters.stale_nonces >= 2);
+}
