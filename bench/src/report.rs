@@ -125,6 +125,7 @@ impl ScenarioReport {
             "ks" => (pick("ks_secret_rps"), "secret fetches/s"),
             "ais" => (pick("ais_register_rps"), "registrations/s"),
             "signaling" => (pick("envelopes_per_s"), "envelopes/s delivered"),
+            "flood" => (pick("flood_sent_pps"), "spoofed Allocates/s"),
 
             _ => ("-".into(), ""),
         }
