@@ -634,6 +634,20 @@ impl Reloader {
                 "services",
                 format!("{:?}", cfg.services) != format!("{:?}", self.current.0.services),
             ),
+            ("http (connection limits and timeouts)", {
+                let (a, b) = (&cfg.http, &self.current.0.http);
+                (
+                    a.max_connections,
+                    a.max_connections_per_ip,
+                    a.first_bytes_timeout_secs,
+                    a.header_read_timeout_secs,
+                ) != (
+                    b.max_connections,
+                    b.max_connections_per_ip,
+                    b.first_bytes_timeout_secs,
+                    b.header_read_timeout_secs,
+                )
+            }),
         ] {
             if changed {
                 notes.push(format!("{key}: changed, takes effect after a restart"));

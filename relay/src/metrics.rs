@@ -233,6 +233,31 @@ impl Collector for DataPlaneCollector {
                 })
                 .collect::<Vec<_>>(),
         )?;
+        let per_shard_gauge = |f: &dyn Fn(&ShardStats) -> u64| {
+            self.shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (vec![("shard", i.to_string())], f(s) as i64))
+                .collect::<Vec<_>>()
+        };
+        gauge(
+            &mut enc,
+            "actrix_timers_pending",
+            "Timer-wheel entries armed (allocation, permission and channel deadlines, stale ones until they fire)",
+            &per_shard_gauge(&|s| s.timers.load(Relaxed)),
+        )?;
+        gauge(
+            &mut enc,
+            "actrix_reservations_active",
+            "Relay ports held by EVEN-PORT reservations",
+            &per_shard_gauge(&|s| s.reservations.load(Relaxed)),
+        )?;
+        gauge(
+            &mut enc,
+            "actrix_identity_queue",
+            "Identity lookups queued toward the control thread",
+            &per_shard_gauge(&|s| s.identity_queue.load(Relaxed)),
+        )?;
         counter(
             &mut enc,
             "actrix_allocations_created",

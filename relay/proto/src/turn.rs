@@ -970,6 +970,23 @@ impl Server {
         self.by_client.contains_key(client)
     }
 
+    /// Timer-wheel entries armed (stale ones included until they fire): flat under steady
+    /// load, back to near zero when allocations end.
+    pub fn timer_count(&self) -> usize {
+        self.wheel.len()
+    }
+
+    /// Side effects queued for the I/O layer ([`Server::poll_command`]); 0 between calls when
+    /// the run-loop contract is kept.
+    pub fn command_queue_len(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// Relay ports held for a later Allocate by EVEN-PORT reservations.
+    pub fn reservation_count(&self) -> usize {
+        self.reservations.len()
+    }
+
     /// Stop granting new allocations (shutdown drain); existing ones keep working.
     pub fn set_draining(&mut self, on: bool) {
         self.draining = on;
