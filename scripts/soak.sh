@@ -20,7 +20,8 @@
 # so a figure that keeps growing from one sample to the next is a leak. The summary compares
 # the last sample and the largest with the baseline and prints each round's relay p99.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+self=$(readlink -f "$0")
+cd "$(dirname "$self")/.."
 
 secs=3600
 round=60
@@ -33,7 +34,7 @@ while [ $# -gt 0 ]; do
     --round) round=$2; shift 2 ;;
     --flood-pps) flood_pps=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$self"; exit 0 ;;
     *) echo "soak.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
