@@ -13,10 +13,14 @@
 //! ```text
 //! control connections = min(http.max_connections,
 //!                           limit - open at start - data plane - control margin)
-//! data plane          = shards x (listeners + 32)
+//! data plane          = shards x (listeners + 32)     (UDP, TCP and TLS listeners)
 //!                       + relay sockets: min(turn.max_allocations, relay ports x addresses)
 //!                                        x families, + io.relay_socket_pool x shards x families
-//!                         (shared relay sockets: 4 per shard instead)
+//!                         (shared relay sockets: 4 per shard instead, plus one listening
+//!                         socket per RFC 6062 TCP allocation when those are possible)
+//!                       + stream connections: stun.max_connections when there is a TCP or
+//!                         TLS listener (client connections and RFC 6062 peer data
+//!                         connections count against that one total)
 //! control margin      = 64 (SQLite files with their WAL and shared memory, the blocking
 //!                       pool, log files, the accept that refuses a connection over the cap)
 //! ```
@@ -53,22 +57,37 @@ pub struct DescriptorPlan {
 /// The data plane's worst case in descriptors for this configuration.
 pub fn data_plane_need(cfg: &Config, r: &Resolved) -> u64 {
     let shards = r.shard_cores.len().max(1) as u64;
-    let listeners = r.listen.len() as u64;
+    let listeners = (r.listen.len() + r.listen_streams.len()) as u64;
     let families = (!r.relay_v4.is_empty()) as u64 + (!r.relay_v6.is_empty()) as u64;
     let fixed = shards * (listeners + PER_SHARD_FIXED);
+    // Every stream connection, client or RFC 6062 peer, counts against stun.max_connections.
+    let streams = if r.listen_streams.is_empty() {
+        0
+    } else {
+        r.streams.max_connections as u64
+    };
     if !cfg.turn.enabled {
-        return fixed;
+        return fixed + streams;
     }
+    let ports = u64::from(r.port_max - r.port_min) + 1;
+    let addresses = r.relay_v4.len().max(r.relay_v6.len()).max(1) as u64;
+    let allocations = (cfg.turn.max_allocations as u64).min(ports * addresses);
     let relay = match r.io.relay_sockets {
-        RelaySocketMode::Shared => shards * 4,
+        RelaySocketMode::Shared => {
+            // A TCP allocation (only over a stream) has a listening socket of its own.
+            let tcp = if cfg.turn.tcp_relay && streams > 0 {
+                allocations.min(streams)
+            } else {
+                0
+            };
+            shards * 4 + tcp
+        }
+        // A TCP allocation's listening socket takes the place of its UDP relay sockets.
         RelaySocketMode::PerAllocation => {
-            let ports = u64::from(r.port_max - r.port_min) + 1;
-            let addresses = r.relay_v4.len().max(r.relay_v6.len()).max(1) as u64;
-            let allocations = (cfg.turn.max_allocations as u64).min(ports * addresses);
             allocations * families.max(1) + cfg.io.relay_socket_pool as u64 * shards * families
         }
     };
-    fixed + relay
+    fixed + relay + streams
 }
 
 /// The plan for a process whose limit is `limit` with `open` descriptors open.
@@ -160,5 +179,27 @@ mod tests {
         // Shared relay sockets need no descriptor per allocation.
         let (cfg, r) = load("max_allocations = 100000\n[io]\nrelay_sockets = \"shared\"\n");
         assert_eq!(data_plane_need(&cfg, &r), 33 + 4);
+    }
+
+    #[test]
+    fn stream_listeners_reserve_their_connections_and_tcp_allocations() {
+        let stun = "[stun]\nlisten = [\"127.0.0.1:3478\"]\nlisten_tcp = [\"127.0.0.1:3478\"]\nmax_connections = 500\n";
+        // Two listeners per shard; 500 stream connections; 100 allocations, 8 pooled.
+        let (cfg, r) = load(&format!(
+            "max_allocations = 100\n[io]\nrelay_socket_pool = 8\n{stun}"
+        ));
+        assert_eq!(data_plane_need(&cfg, &r), 34 + 100 + 8 + 500);
+        // Shared relay sockets: a listening socket per TCP allocation still.
+        let (cfg, r) = load(&format!(
+            "max_allocations = 100000\n[io]\nrelay_sockets = \"shared\"\n{stun}"
+        ));
+        assert_eq!(data_plane_need(&cfg, &r), 34 + 4 + 500 + 500);
+        let (cfg, r) = load(&format!(
+            "max_allocations = 100000\ntcp_relay = false\n[io]\nrelay_sockets = \"shared\"\n{stun}"
+        ));
+        assert_eq!(data_plane_need(&cfg, &r), 34 + 4 + 500);
+        // The control listener gets what is left of the limit.
+        let p = plan(&cfg, &r, 2048, 20);
+        assert_eq!(p.control_connections, 2048 - 20 - 538 - 64);
     }
 }

@@ -242,8 +242,9 @@ fn run(path: Option<PathBuf>) -> i32 {
             limit = fds.limit,
             data_plane = fds.data_plane,
             "RLIMIT_NOFILE cannot hold the data plane's reserve (turn.max_allocations relay \
-             sockets and the shards' own) plus the control plane: raise LimitNOFILE or lower \
-             turn.max_allocations; the control listener gets {} connections",
+             sockets, stun.max_connections stream connections and the shards' own) plus the \
+             control plane: raise LimitNOFILE or lower turn.max_allocations or \
+             stun.max_connections; the control listener gets {} connections",
             fds.control_connections
         );
     }
