@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a fresh Debian machine: coturn's test clients
-# (turnutils_uclient, turnutils_stunclient, turnutils_peer), iproute2 for network namespaces
-# and netem, libfaketime for the clock-step test,
+# (turnutils_uclient, turnutils_stunclient, turnutils_peer), iproute2 for network namespaces,
+# libfaketime for the clock-step test,
 # Chromium for the diagnostics page, shellcheck, and the Python packages of the end-to-end
 # tests (aioice, pytest). Idempotent and quiet.
 set -euo pipefail
