@@ -2681,6 +2681,27 @@ fn connection_bind_accepts_the_control_connections_nonce_and_nothing_else_does()
 }
 
 #[test]
+fn connection_bind_by_userhash_is_the_owners_and_nobody_elses() {
+    // RFC 8489 §14.4: a USERHASH names the user as well as a USERNAME does, on a data
+    // connection's ConnectionBind too (RFC 6062 §5.4: the allocation owner's credentials).
+    let mut h = tcp_core(|_| {});
+    let mut a = alice();
+    let relay = h.allocate_tcp(&mut a);
+    assert!(h.permit(&mut a, peer()).ok());
+    let (id, _) =
+        h.s.handle_peer_accepted(h.now, Family::V4, RelayPort::new(0, relay.port()), peer())
+            .unwrap();
+    let mut bob = Client::new("198.51.100.1:40011", "bob", "hunter2");
+    bob.userhash = true;
+    assert_eq!(h.connection_bind(&mut bob, id.0).code(), Some(441));
+    let mut data = Client::new("198.51.100.1:40012", "alice", "secret");
+    data.userhash = true;
+    let r = h.connection_bind(&mut data, id.0);
+    assert!(r.ok(), "{:?}", r.code());
+    assert_eq!(h.s.counters.tcp_connection_binds, 1);
+}
+
+#[test]
 fn a_wall_clock_step_of_an_hour_fails_safe_and_recovers() {
     // Reliability checklist C5. Nonces carry wall-clock time; lifetimes, permissions and
     // channels run on the monotonic clock. A step of the wall clock must never let a nonce
