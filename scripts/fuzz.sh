@@ -51,6 +51,9 @@ trap 'rm -rf "$work"' EXIT
 # files and bytes of a corpus directory
 corpus_size() { find "$1" -type f | wc -l | tr -d ' '; du -sb "$1" | cut -f1; }
 
+# Build first, so that each target's seconds in the report are its run alone.
+RUSTC_BOOTSTRAP=1 cargo fuzz build -s "$sanitizer"
+
 status=0
 for target in "${targets[@]}"; do
   [ -d "fuzz/corpus/$target" ] || { echo "fuzz.sh: no target $target" >&2; exit 2; }
