@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a fresh Debian machine: coturn's test clients
 # (turnutils_uclient, turnutils_stunclient, turnutils_peer), iproute2 for network namespaces,
-# Chromium for the browser tests (with openssl and NSS's certutil for their TLS
-# certificates), the shell linter, and the Python packages of the end-to-end tests (aioice,
-# pytest). Idempotent and quiet.
+# libfaketime for the clock-step test, Chromium for the browser tests (with openssl and NSS's
+# certutil for their TLS certificates), the shell linter, and the Python packages of the
+# end-to-end tests (aioice, pytest). Idempotent and quiet.
 set -euo pipefail
 
 need_apt=()
 command -v turnutils_uclient >/dev/null 2>&1 || need_apt+=(coturn)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+# libfaketime: the clock-step test (relay/tests/clock_step.rs) steps the appliance's wall clock.
+[ -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_apt+=(faketime)
 # Headless Chromium drives the diagnostics page end to end; shellcheck lints the scripts.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 # The browser tests of TURN over TLS make a test CA (openssl) and have Chromium trust it through

@@ -20,6 +20,7 @@ pub mod alloc;
 pub mod binding;
 pub mod compare;
 pub mod control;
+pub mod flood;
 pub mod load;
 pub mod reference;
 pub mod relay;
@@ -95,6 +96,11 @@ pub fn run_scenario(sc: &Scenario, target: &Target, ctx: &Ctx) -> ScenarioReport
         Kind::Signaling => {
             if let Some(s) = &sc.signaling {
                 signaling::run(target, s, ctx, &mut rep)
+            }
+        }
+        Kind::Flood => {
+            if let Some(s) = &sc.flood {
+                flood::run(target, s, ctx, &mut rep)
             }
         }
     }

@@ -129,6 +129,7 @@ impl ScenarioReport {
             }
             "ais" => (pick("ais_register_rps"), "registrations/s"),
             "signaling" => (pick("envelopes_per_s"), "envelopes/s delivered"),
+            "flood" => (pick("flood_sent_pps"), "spoofed Allocates/s"),
 
             _ => ("-".into(), ""),
         }

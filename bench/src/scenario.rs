@@ -36,6 +36,9 @@ pub enum Kind {
     Ais,
     /// Signaling: concurrent WebSocket actors, relayed envelopes/s, routing latency.
     Signaling,
+    /// Spoofed-source Allocate flood through a raw socket while legitimate clients allocate:
+    /// server memory and their success (reliability checklist A4).
+    Flood,
 }
 
 impl Kind {
@@ -49,6 +52,7 @@ impl Kind {
             Kind::Ks => "ks",
             Kind::Ais => "ais",
             Kind::Signaling => "signaling",
+            Kind::Flood => "flood",
         }
     }
 }
@@ -68,6 +72,44 @@ pub struct Scenario {
     pub ks: Option<KsSpec>,
     pub ais: Option<AisSpec>,
     pub signaling: Option<SignalingSpec>,
+    pub flood: Option<FloodSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FloodSpec {
+    /// Spoofed Allocates per second.
+    pub pps: u64,
+    pub duration_secs: f64,
+    /// Where the spoofed sources are drawn from (IPv4 CIDR). The default is loopback, so the
+    /// server's answers go to no one.
+    pub source_cidr: String,
+    /// Legitimate clients allocating (and releasing) during the flood, each every
+    /// `legit_interval_ms`, with the target's credentials.
+    pub legit_clients: usize,
+    pub legit_interval_ms: u64,
+    pub legit_rto_ms: u64,
+    pub legit_attempts: u32,
+    /// Fail when the server's RSS grows more than this under the flood.
+    pub max_rss_growth_mb: f64,
+    /// Fail when fewer legitimate Allocates than this fraction succeed.
+    pub min_legit_success: f64,
+}
+
+impl Default for FloodSpec {
+    fn default() -> Self {
+        FloodSpec {
+            pps: 100_000,
+            duration_secs: 10.0,
+            source_cidr: "127.64.0.0/10".into(),
+            legit_clients: 4,
+            legit_interval_ms: 100,
+            legit_rto_ms: 500,
+            legit_attempts: 4,
+            max_rss_growth_mb: 16.0,
+            min_legit_success: 0.95,
+        }
+    }
 }
 
 /// How the clients reach the server (RFC 8656 §3.1). Relaying to peers is UDP whatever the
@@ -510,6 +552,9 @@ impl Scenario {
             Kind::Signaling => {
                 self.signaling.get_or_insert_with(Default::default);
             }
+            Kind::Flood => {
+                self.flood.get_or_insert_with(Default::default);
+            }
         }
     }
 
@@ -532,6 +577,7 @@ impl Scenario {
             (Kind::Ks, self.ks.is_some()),
             (Kind::Ais, self.ais.is_some()),
             (Kind::Signaling, self.signaling.is_some()),
+            (Kind::Flood, self.flood.is_some()),
         ];
         for (k, present) in others {
             if present && k != self.kind {

@@ -92,6 +92,20 @@ pub struct HttpConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub tls_key: Option<PathBuf>,
+    /// Connections open at once, all sources together (WebSockets included: a connection
+    /// counts until its descriptor is closed). More are accepted and closed at once. The
+    /// appliance lowers this at start to what RLIMIT_NOFILE leaves after the data plane's
+    /// reserve (see the README, "Descriptors").
+    pub max_connections: usize,
+    /// Connections open at once from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Seconds from accept until the first bytes of a request arrive and show its protocol
+    /// (for HTTPS: the TLS handshake included). A connection that sends nothing, or a
+    /// cleartext HTTP/2 preface (nothing here speaks HTTP/2), is closed.
+    pub first_bytes_timeout_secs: u64,
+    /// Seconds a request header may take to arrive complete, and the longest a keep-alive
+    /// connection waits idle for its next request (slowloris).
+    pub header_read_timeout_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -100,6 +114,10 @@ impl Default for HttpConfig {
             listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
             tls_cert: None,
             tls_key: None,
+            max_connections: 25_000,
+            max_connections_per_ip: 128,
+            first_bytes_timeout_secs: 5,
+            header_read_timeout_secs: 10,
         }
     }
 }
@@ -353,6 +371,38 @@ impl ControlConfig {
                 "turn_realm",
                 "must be at most 763 bytes (RFC 8489 REALM)".into(),
             );
+        }
+
+        if self.http.max_connections == 0 {
+            bad("http.max_connections", "must be greater than 0".into());
+        }
+        if self.http.max_connections_per_ip == 0 {
+            bad(
+                "http.max_connections_per_ip",
+                "must be greater than 0".into(),
+            );
+        } else if self.http.max_connections_per_ip > self.http.max_connections {
+            bad(
+                "http.max_connections_per_ip",
+                format!(
+                    "{} exceeds http.max_connections = {}",
+                    self.http.max_connections_per_ip, self.http.max_connections
+                ),
+            );
+        }
+        for (key, v) in [
+            (
+                "http.first_bytes_timeout_secs",
+                self.http.first_bytes_timeout_secs,
+            ),
+            (
+                "http.header_read_timeout_secs",
+                self.http.header_read_timeout_secs,
+            ),
+        ] {
+            if !(1..=3600).contains(&v) {
+                bad(key, format!("{v} is not between 1 and 3600"));
+            }
         }
 
         match (&self.http.tls_cert, &self.http.tls_key) {

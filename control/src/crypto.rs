@@ -8,8 +8,7 @@
 //!   directions against the `ecies` crate itself and its published vector.
 //! - The key-encryption key (KEK) that protects KS secret keys at rest: AES-256-GCM with a
 //!   12-byte random nonce and the row's key id as associated data.
-//! - base122 (wire section 6.2), written here because the published decoder panics on a
-//!   code point with illegal-index 6 and allocates per character.
+//! - base122 (wire section 6.2), re-exported from `actrix_proto::base122`.
 //! - The TURN long-term key (wire section 6.1).
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -226,6 +225,19 @@ pub fn ecies_decrypt(secret: &[u8], ciphertext: &[u8]) -> Result<Zeroizing<Vec<u
 /// without SASLprep (wire section 6.1).
 pub fn turn_key(username: &[u8], realm: &str, psk: &[u8]) -> [u8; 16] {
     let mut h = Md5::new();
+    long_term_input(&mut h, username, realm, psk);
+    h.finalize().into()
+}
+
+/// The same long-term key for PASSWORD-ALGORITHM SHA-256 (RFC 8489 §18.5.1.2):
+/// SHA-256(username ":" realm ":" hex(psk)).
+pub fn turn_key_sha256(username: &[u8], realm: &str, psk: &[u8]) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    long_term_input(&mut h, username, realm, psk);
+    h.finalize().into()
+}
+
+fn long_term_input(h: &mut impl Digest, username: &[u8], realm: &str, psk: &[u8]) {
     h.update(username);
     h.update(b":");
     h.update(realm.as_bytes());
@@ -235,110 +247,14 @@ pub fn turn_key(username: &[u8], realm: &str, psk: &[u8]) -> [u8; 16] {
     if hex::encode_to_slice(psk, &mut hex_buf).is_ok() {
         h.update(&hex_buf[..]);
     }
-    h.finalize().into()
 }
 
-/// base122 "illegal" 7-bit values, by index (wire section 6.2).
-const B122_ILLEGALS: [u8; 6] = [0, 10, 13, 34, 38, 92];
-const B122_SHORTENED: u8 = 7;
-
-/// base122-encode (kevinAlbs variant, as base122-rs 0.1.4).
-pub fn base122_encode(data: &[u8]) -> Vec<u8> {
-    let total_bits = data.len() * 8;
-    let mut out = Vec::with_capacity(total_bits / 7 + 2);
-    let mut pos = 0usize; // bit position
-    let get7 = |pos: &mut usize| -> Option<u8> {
-        if *pos >= total_bits {
-            return None;
-        }
-        let mut v = 0u8;
-        for i in 0..7 {
-            let bit_index = *pos + i;
-            let bit = if bit_index < total_bits {
-                (data[bit_index / 8] >> (7 - (bit_index % 8))) & 1
-            } else {
-                0
-            };
-            v = (v << 1) | bit;
-        }
-        *pos += 7;
-        Some(v)
-    };
-    while let Some(bits) = get7(&mut pos) {
-        match B122_ILLEGALS.iter().position(|&x| x == bits) {
-            None => out.push(bits),
-            Some(index) => {
-                let (idx, payload) = match get7(&mut pos) {
-                    Some(next) => (index as u8, next),
-                    None => (B122_SHORTENED, bits),
-                };
-                out.push(0b1100_0010 | (idx << 2) | (payload >> 6));
-                out.push(0b1000_0000 | (payload & 0b0011_1111));
-            }
-        }
-    }
-    out
-}
-
-/// Why a base122 string was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Base122Error {
-    /// A byte sequence that is not a 1- or 2-byte UTF-8 sequence.
-    InvalidSequence,
-    /// A 2-byte code point with illegal-index 6, which no encoder produces.
-    InvalidIndex,
-}
-
-/// base122-decode into `out` (cleared first). Only 1- and 2-byte UTF-8 sequences can come from
-/// the encoder, so anything else is refused rather than guessed at.
-pub fn base122_decode_into(input: &[u8], out: &mut Vec<u8>) -> Result<(), Base122Error> {
-    out.clear();
-    out.reserve(input.len() * 7 / 8 + 1);
-    let mut acc: u16 = 0;
-    let mut nbits: u32 = 0;
-    let mut push7 = |v: u8, out: &mut Vec<u8>| {
-        acc = (acc << 7) | u16::from(v & 0x7f);
-        nbits += 7;
-        if nbits >= 8 {
-            nbits -= 8;
-            out.push((acc >> nbits) as u8);
-            acc &= (1u16 << nbits) - 1;
-        }
-    };
-    let mut i = 0;
-    while i < input.len() {
-        let b = input[i];
-        if b < 0x80 {
-            push7(b, out);
-            i += 1;
-        } else if (0xC2..=0xDF).contains(&b) {
-            let c = *input.get(i + 1).ok_or(Base122Error::InvalidSequence)?;
-            if c & 0xC0 != 0x80 {
-                return Err(Base122Error::InvalidSequence);
-            }
-            let cp = (u16::from(b & 0x1F) << 6) | u16::from(c & 0x3F);
-            let index = ((cp >> 8) & 7) as u8;
-            if index != B122_SHORTENED {
-                let illegal = *B122_ILLEGALS
-                    .get(usize::from(index))
-                    .ok_or(Base122Error::InvalidIndex)?;
-                push7(illegal, out);
-            }
-            push7((cp & 127) as u8, out);
-            i += 2;
-        } else {
-            return Err(Base122Error::InvalidSequence);
-        }
-    }
-    Ok(())
-}
-
-/// base122-decode.
-pub fn base122_decode(input: &[u8]) -> Result<Vec<u8>, Base122Error> {
-    let mut out = Vec::new();
-    base122_decode_into(input, &mut out)?;
-    Ok(out)
-}
+// base122 lives in the protocol crate (the data plane checks the shape of identity usernames
+// with it, without allocating); these are its names here.
+pub use actrix_proto::base122::{
+    decode as base122_decode, decode_into as base122_decode_into, encode as base122_encode,
+    Error as Base122Error,
+};
 
 #[cfg(test)]
 mod tests {

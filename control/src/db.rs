@@ -15,6 +15,7 @@ pub(crate) fn open(path: &Path) -> Result<Connection, ControlError> {
             std::fs::create_dir_all(parent).map_err(|e| ControlError::io(parent, e))?;
         }
     }
+    private_file(path).map_err(|e| ControlError::io(path, e))?;
     let conn = Connection::open(path).map_err(|e| ControlError::db(path, e))?;
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(|e| ControlError::db(path, e))?;
@@ -33,6 +34,34 @@ pub(crate) fn open(path: &Path) -> Result<Connection, ControlError> {
     conn.pragma_update(None, "secure_delete", "ON")
         .map_err(|e| ControlError::db(path, e))?;
     Ok(conn)
+}
+
+/// Make `path` an owner-only (0600) file before SQLite opens it: created with that mode when
+/// missing (so it is never readable by others, not even for a moment), tightened when it
+/// exists with a wider one (a database made by an older version). SQLite gives the WAL and
+/// shared-memory files it creates next to a database the database file's mode, so they are
+/// owner-only too; existing ones are tightened here as well.
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Restrict a database file (and its WAL/SHM side files, when present) to the owner.

@@ -9,6 +9,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -31,6 +32,35 @@ pub type Key = (&'static str, String, String, u16);
 #[derive(Debug, Default)]
 pub struct HttpStats {
     table: Mutex<BTreeMap<Key, Series>>,
+    /// The listener's connections.
+    pub conns: ConnStats,
+}
+
+/// What happened to the TCP connections the control listener accepted.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Open now (an upgraded WebSocket included).
+    pub open: AtomicU64,
+    /// Admitted since start.
+    pub accepted: AtomicU64,
+    /// Closed at once: `http.max_connections` (or the descriptor budget) reached.
+    pub refused_total_cap: AtomicU64,
+    /// Closed at once: `http.max_connections_per_ip` reached for the source.
+    pub refused_per_ip: AtomicU64,
+    /// Closed: no first bytes (or no TLS handshake) within `http.first_bytes_timeout_secs`.
+    pub first_bytes_timeouts: AtomicU64,
+    /// Closed: the client opened with the HTTP/2 connection preface.
+    pub refused_http2: AtomicU64,
+    /// Closed: the TLS handshake failed.
+    pub tls_failures: AtomicU64,
+    /// accept() failed (EMFILE and friends).
+    pub accept_errors: AtomicU64,
+}
+
+impl ConnStats {
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl HttpStats {

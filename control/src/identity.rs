@@ -33,6 +33,11 @@ const MAX_PSK_LEN: usize = 64;
 pub struct TurnIdentity {
     /// MD5(username ":" realm ":" hex(psk)).
     pub key: [u8; 16],
+    /// SHA-256(username ":" realm ":" hex(psk)), for PASSWORD-ALGORITHM SHA-256.
+    pub key_sha256: [u8; 32],
+    /// Who the credential belongs to: a digest of the claims' realm and actor id, the same
+    /// for every credential issued to that actor (allocation quotas count by it).
+    pub actor: [u8; 16],
     /// The claims' `expr_time` (Unix seconds). Recheck it on auth-cache hits (wire section 9.4).
     pub expires_at: u64,
     /// The actor's realm.
@@ -130,6 +135,21 @@ impl IdentityError {
     }
 }
 
+/// The actor behind an identity credential, for the data plane's quota accounting: the first
+/// 16 bytes of SHA-256("actrix-quota" ‖ realm id ‖ actor id). Re-issued credentials of one actor
+/// give the same digest; the data plane never sees the actor id itself.
+pub fn actor_digest(realm_id: u32, actor_id: &str) -> [u8; 16] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"actrix-quota");
+    h.update(realm_id.to_be_bytes());
+    h.update(actor_id.as_bytes());
+    let full = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&full[..16]);
+    out
+}
+
 /// The answer to send back to the shard that asked about `username`.
 pub fn answer(username: Box<[u8]>, r: Result<TurnIdentity, IdentityError>) -> IdentityAnswer {
     IdentityAnswer {
@@ -137,7 +157,9 @@ pub fn answer(username: Box<[u8]>, r: Result<TurnIdentity, IdentityError>) -> Id
         outcome: r
             .map(|id| IdentityKey {
                 key_md5: id.key,
+                key_sha256: id.key_sha256,
                 expires_at: id.expires_at,
+                quota_key: id.actor,
             })
             .map_err(IdentityError::refusal),
     }
@@ -389,6 +411,8 @@ impl IdentityVerifier {
         // 4. long-term key.
         Ok(TurnIdentity {
             key: crypto::turn_key(username, &self.turn_realm, &psk),
+            key_sha256: crypto::turn_key_sha256(username, &self.turn_realm, &psk),
+            actor: actor_digest(claims.realm_id, &claims.actor_id),
             expires_at: claims.expr_time,
             realm_id: parsed.realm_id,
         })

@@ -52,6 +52,7 @@ pub mod testing;
 
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{AisConfig, ControlConfig, HttpConfig, KsConfig, SecretString, ServicesConfig};
+pub use db::private_file;
 pub use error::ControlError;
 pub use identity::{IdentityError, IdentityStats, IdentityVerifier, TurnIdentity};
 

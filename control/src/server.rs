@@ -33,8 +33,9 @@ pub const IDENTITY_QUEUE: usize = 4096;
 const MAX_PENDING_QUERIES: usize = 4096;
 /// How long a graceful shutdown waits for open connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// A request header (including a WebSocket upgrade request) must arrive complete within this
-/// time; a client that sends part of one and stalls is disconnected (slowloris).
+/// The default of `http.header_read_timeout_secs`: a request header (including a WebSocket
+/// upgrade request) must arrive complete within this time; a client that sends part of one and
+/// stalls is disconnected (slowloris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What route factories can use to build routes that talk to the control plane in-process
@@ -66,6 +67,7 @@ pub struct ControlBuilder {
     http_stats: Option<Arc<crate::http_stats::HttpStats>>,
     identity_stats: Option<Arc<crate::identity::IdentityStats>>,
     identity: Option<IdentityChannels>,
+    max_connections: Option<usize>,
 }
 
 /// The control thread's side of the identity exchange with the data plane: requests from
@@ -97,7 +99,17 @@ impl ControlBuilder {
             identity: None,
             factories: Vec::new(),
             clock: system_clock(),
+            max_connections: None,
         }
+    }
+
+    /// Admit at most `n` connections at once, below `http.max_connections` when that is
+    /// higher: the descriptor budget the process leaves the control plane after reserving the
+    /// data plane's (see the appliance's README, "Descriptors"). The per-IP cap is lowered to
+    /// it as well.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = Some(n.max(1));
+        self
     }
 
     /// Pin the control thread to this core id.
@@ -186,7 +198,7 @@ pub struct ControlHandle {
     shutdown_tx: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<(), ControlError>>>,
     /// The live TLS configuration (HTTPS only), swapped in place on reload.
-    tls: Option<axum_server::tls_rustls::RustlsConfig>,
+    tls: Option<LiveTls>,
 }
 
 impl std::fmt::Debug for ControlHandle {
@@ -239,12 +251,10 @@ impl Drop for ControlHandle {
     }
 }
 
-enum Tls {
-    Plain,
-    Rustls(axum_server::tls_rustls::RustlsConfig),
-}
-
-fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls, ControlError> {
+fn load_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, ControlError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
@@ -267,10 +277,9 @@ fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls, Contro
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| ControlError::Tls(e.to_string()))?;
+    // HTTP/1.1 only: HTTP/2 is refused on both listeners (see `serve`).
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Tls::Rustls(
-        axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(cfg)),
-    ))
+    Ok(Arc::new(cfg))
 }
 
 fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
@@ -283,6 +292,7 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
         http_stats,
         identity_stats,
         identity,
+        max_connections,
     } = b;
     let problems = config.validate();
     if !problems.is_empty() {
@@ -434,12 +444,11 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
         app = app.merge(factory(&ctx));
     }
     let mut app = app.merge(extra);
-    if let Some(stats) = http_stats {
-        app = app.layer(axum::middleware::from_fn_with_state(
-            stats,
-            crate::http_stats::track,
-        ));
-    }
+    let http_stats = http_stats.unwrap_or_default();
+    app = app.layer(axum::middleware::from_fn_with_state(
+        http_stats.clone(),
+        crate::http_stats::track,
+    ));
     let app = app.layer(CorsLayer::permissive());
 
     // Listener and TLS, synchronously, so failures are returned.
@@ -459,12 +468,18 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
         source: e,
     })?;
     let tls = match (&config.http.tls_cert, &config.http.tls_key) {
-        (Some(c), Some(k)) => load_tls(c, k)?,
-        _ => Tls::Plain,
+        (Some(c), Some(k)) => Some(LiveTls(Arc::new(std::sync::RwLock::new(load_tls(c, k)?)))),
+        _ => None,
     };
-    let tls_handle = match &tls {
-        Tls::Rustls(c) => Some(c.clone()),
-        Tls::Plain => None,
+    let tls_handle = tls.clone();
+    let total = max_connections
+        .unwrap_or(usize::MAX)
+        .min(config.http.max_connections);
+    let limits = ConnLimits {
+        total,
+        per_ip: config.http.max_connections_per_ip.min(total),
+        first_bytes: Duration::from_secs(config.http.first_bytes_timeout_secs),
+        header_read: Duration::from_secs(config.http.header_read_timeout_secs),
     };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -500,7 +515,7 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
                 });
                 let refresher = ais_service.map(|svc| tokio::spawn(svc.refresh_loop()));
                 let grpc = ks_grpc.map(|(_, fut)| tokio::spawn(fut));
-                let res = serve(listener, tls, app, shutdown_rx).await;
+                let res = serve(listener, tls, app, limits, http_stats, shutdown_rx).await;
                 let _ = grpc_stop_tx.send(());
                 if let Some(g) = grpc {
                     let _ = tokio::time::timeout(SHUTDOWN_GRACE, g).await;
@@ -518,7 +533,12 @@ fn spawn_inner(b: ControlBuilder) -> Result<ControlHandle, ControlError> {
         })
         .map_err(|e| ControlError::Thread(e.to_string()))?;
 
-    tracing::info!(addr = %local_addr, "control plane listening");
+    tracing::info!(
+        addr = %local_addr,
+        max_connections = limits.total,
+        max_connections_per_ip = limits.per_ip,
+        "control plane listening"
+    );
     Ok(ControlHandle {
         local_addr,
         ks_grpc_addr,
@@ -541,26 +561,247 @@ impl ControlHandle {
         let Some(live) = &self.tls else {
             return Ok(false);
         };
-        match load_tls(cert, key)? {
-            Tls::Rustls(fresh) => {
-                live.reload_from_config(fresh.get_inner());
-                Ok(true)
+        live.replace(load_tls(cert, key)?);
+        Ok(true)
+    }
+}
+
+/// How the control listener admits and times connections: the `[http]` limits, with the
+/// total lowered to the descriptor budget the binary computed ([`ControlBuilder::max_connections`]).
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    total: usize,
+    per_ip: usize,
+    first_bytes: Duration,
+    header_read: Duration,
+}
+
+/// Connections open, in all and per source address. A connection is counted from accept until
+/// its descriptor is closed, an upgraded WebSocket included (the guard travels inside the I/O
+/// object hyper hands to the upgrade), so the caps bound descriptors, not requests.
+struct Admission {
+    limits: ConnLimits,
+    state: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, u32>)>,
+    stats: Arc<crate::http_stats::HttpStats>,
+}
+
+/// One admitted connection; dropping it gives the slot back.
+struct ConnGuard {
+    admission: Arc<Admission>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let mut st = self
+            .admission
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        st.0 = st.0.saturating_sub(1);
+        if let std::collections::hash_map::Entry::Occupied(mut e) = st.1.entry(self.ip) {
+            *e.get_mut() = e.get().saturating_sub(1);
+            if *e.get() == 0 {
+                e.remove();
             }
-            Tls::Plain => Ok(false),
+        }
+        self.admission
+            .stats
+            .conns
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Admission {
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ConnGuard> {
+        use crate::http_stats::ConnStats;
+        let c = &self.stats.conns;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.0 >= self.limits.total {
+            ConnStats::bump(&c.refused_total_cap);
+            return None;
+        }
+        let n = st.1.entry(ip).or_insert(0);
+        if *n as usize >= self.limits.per_ip {
+            ConnStats::bump(&c.refused_per_ip);
+            return None;
+        }
+        *n += 1;
+        st.0 += 1;
+        drop(st);
+        ConnStats::bump(&c.accepted);
+        ConnStats::bump(&c.open);
+        Some(ConnGuard {
+            admission: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// The transport under HTTP: plain TCP or TLS over it.
+enum Transport {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+/// A connection as hyper sees it: the transport, the first bytes read while detecting the
+/// protocol (replayed to hyper), and the admission slot it holds.
+struct Conn {
+    io: Transport,
+    head: [u8; 4],
+    pos: u8,
+    len: u8,
+    _guard: ConnGuard,
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.len {
+            let head = &this.head[this.pos as usize..this.len as usize];
+            let n = head.len().min(buf.remaining());
+            buf.put_slice(&head[..n]);
+            this.pos += n as u8;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        match &mut this.io {
+            Transport::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
         }
     }
 }
 
-/// The plain-HTTP server: hyper's HTTP/1 with upgrades (WebSocket) and a header read timeout,
-/// the peer address as `ConnectInfo`, TCP_NODELAY (signaling envelopes are small writes on
-/// long-lived connections: without it, Nagle plus delayed ACKs add tens of milliseconds per
-/// hop), and a graceful shutdown capped at `SHUTDOWN_GRACE` so a stuck client or a long-lived
-/// WebSocket cannot hold the process.
-async fn serve_plain(
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match &mut self.io {
+            Transport::Plain(s) => std::pin::Pin::new(s).poll_write(cx, data),
+            Transport::Tls(s) => std::pin::Pin::new(s).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match &mut self.io {
+            Transport::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Tls(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Transport::Plain(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match &mut self.io {
+            Transport::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match &mut self.io {
+            Transport::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The start of the HTTP/2 connection preface ("PRI * HTTP/2.0..."). PRI is not an HTTP/1
+/// method anyone uses (RFC 9113 §3.4 reserves it for this), so four bytes decide.
+const H2_PREFACE_START: &[u8; 4] = b"PRI ";
+
+/// What the first bytes of a connection say.
+enum Sniffed {
+    /// HTTP/1: this many bytes of `Conn::head` were read.
+    Http1(u8),
+    /// The HTTP/2 preface, or the end of the stream before a request.
+    Refuse,
+}
+
+/// Read until the first bytes differ from the HTTP/2 preface (HTTP/1) or match its start.
+/// Unbounded in time: the caller puts a deadline on it.
+async fn sniff(io: &mut Transport, head: &mut [u8; 4]) -> std::io::Result<Sniffed> {
+    use tokio::io::AsyncReadExt;
+    let mut n = 0;
+    while n < head.len() {
+        let k = match io {
+            Transport::Plain(s) => s.read(&mut head[n..]).await?,
+            Transport::Tls(s) => s.read(&mut head[n..]).await?,
+        };
+        if k == 0 {
+            return Ok(Sniffed::Refuse);
+        }
+        n += k;
+        if head[..n] != H2_PREFACE_START[..n] {
+            return Ok(Sniffed::Http1(n as u8));
+        }
+    }
+    Ok(Sniffed::Refuse)
+}
+
+/// Connection tasks still serving (hyper has not finished with them), for the graceful
+/// shutdown.
+#[derive(Default)]
+struct Serving {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+struct ServingGuard(Arc<Serving>);
+
+impl Drop for ServingGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// The control listener, plain HTTP or HTTPS: admission (total and per-IP caps, checked at
+/// accept), a deadline for the first bytes (the TLS handshake included) within which the
+/// protocol must show, cleartext and TLS HTTP/2 refused (nothing here speaks it: hyper's
+/// detection alone would wait forever for a preface and serve HTTP/2 with no idle timeout),
+/// then hyper's HTTP/1 with upgrades (WebSocket) and a header read timeout that also bounds
+/// how long a keep-alive connection idles. The peer address is the request's `ConnectInfo`;
+/// TCP_NODELAY is set (signaling envelopes are small writes on long-lived connections:
+/// without it, Nagle plus delayed ACKs add tens of milliseconds per hop). Shutdown is graceful
+/// and capped at `SHUTDOWN_GRACE`, so a stuck client or a long-lived WebSocket cannot hold the
+/// process.
+async fn serve(
     listener: std::net::TcpListener,
+    tls: Option<LiveTls>,
     app: Router,
+    limits: ConnLimits,
+    stats: Arc<crate::http_stats::HttpStats>,
     mut shutdown_rx: oneshot::Receiver<()>,
 ) -> Result<(), ControlError> {
+    use crate::http_stats::ConnStats;
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let listener = tokio::net::TcpListener::from_std(listener)
         .map_err(|e| ControlError::Thread(format!("listener: {e}")))?;
@@ -568,76 +809,137 @@ async fn serve_plain(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        .header_read_timeout(limits.header_read);
+    let builder = Arc::new(builder);
+    let admission = Arc::new(Admission {
+        limits,
+        state: Default::default(),
+        stats: stats.clone(),
+    });
+    let serving = Arc::new(Serving::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut accept_errors_logged = false;
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: say so once, back off, keep serving.
-                        if !accept_errors_logged {
-                            tracing::warn!(error = %e, "control HTTP accept failed");
-                            accept_errors_logged = true;
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: say so once, back off, keep serving.
+                    ConnStats::bump(&stats.conns.accept_errors);
+                    if !accept_errors_logged {
+                        tracing::warn!(error = %e, "control HTTP accept failed");
+                        accept_errors_logged = true;
                     }
-                };
-                accept_errors_logged = false;
-                let _ = stream.set_nodelay(true);
-                let svc = app
-                    .clone()
-                    .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
-                let svc = hyper_util::service::TowerToHyperService::new(svc);
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
             _ = &mut shutdown_rx => break,
-        }
+        };
+        accept_errors_logged = false;
+        // Over a cap: the descriptor is closed right here, before anything is read.
+        let Some(guard) = admission.admit(peer.ip()) else {
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = app
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let svc = hyper_util::service::TowerToHyperService::new(svc);
+        let acceptor = tls.as_ref().map(LiveTls::acceptor);
+        let builder = builder.clone();
+        let stats = stats.clone();
+        let mut stop = stop_rx.clone();
+        serving
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let serving_guard = ServingGuard(serving.clone());
+        tokio::spawn(async move {
+            let _serving = serving_guard;
+            let deadline = tokio::time::Instant::now() + limits.first_bytes;
+            let opening = async {
+                let mut io = match acceptor {
+                    None => Transport::Plain(stream),
+                    Some(a) => match a.accept(stream).await {
+                        Ok(s) => Transport::Tls(Box::new(s)),
+                        Err(_) => {
+                            ConnStats::bump(&stats.conns.tls_failures);
+                            return None;
+                        }
+                    },
+                };
+                let mut head = [0u8; 4];
+                match sniff(&mut io, &mut head).await {
+                    Ok(Sniffed::Http1(len)) => Some((io, head, len)),
+                    Ok(Sniffed::Refuse) => {
+                        if head.starts_with(&H2_PREFACE_START[..1]) {
+                            ConnStats::bump(&stats.conns.refused_http2);
+                        }
+                        None
+                    }
+                    Err(_) => None,
+                }
+            };
+            let opened = tokio::select! {
+                r = tokio::time::timeout_at(deadline, opening) => match r {
+                    Ok(v) => v,
+                    Err(_) => {
+                        ConnStats::bump(&stats.conns.first_bytes_timeouts);
+                        None
+                    }
+                },
+                _ = stop.changed() => None,
+            };
+            // Refused or timed out: dropping the transport closes the descriptor.
+            let Some((io, head, len)) = opened else {
+                return;
+            };
+            let conn = Conn {
+                io,
+                head,
+                pos: 0,
+                len,
+                _guard: guard,
+            };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(conn), svc);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
     }
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
-    }
+    let _ = stop_tx.send(true);
+    let drained = async {
+        loop {
+            let idle = serving.idle.notified();
+            if serving.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    };
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, drained).await;
     Ok(())
 }
 
-async fn serve(
-    listener: std::net::TcpListener,
-    tls: Tls,
-    app: Router,
-    shutdown_rx: oneshot::Receiver<()>,
-) -> Result<(), ControlError> {
-    match tls {
-        Tls::Plain => serve_plain(listener, app, shutdown_rx).await,
-        Tls::Rustls(cfg) => {
-            let make = app.into_make_service_with_connect_info::<SocketAddr>();
-            let handle = axum_server::Handle::new();
-            let h2 = handle.clone();
-            tokio::spawn(async move {
-                let _ = shutdown_rx.await;
-                h2.graceful_shutdown(Some(SHUTDOWN_GRACE));
-            });
-            let mut server = axum_server::from_tcp_rustls(listener, cfg).handle(handle);
-            server
-                .http_builder()
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            server
-                .serve(make)
-                .await
-                .map_err(|e| ControlError::Thread(format!("server: {e}")))
-        }
+/// The TLS configuration in force, swapped in place on reload; each new connection takes the
+/// current one.
+#[derive(Clone)]
+struct LiveTls(Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>);
+
+impl LiveTls {
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    fn replace(&self, cfg: Arc<rustls::ServerConfig>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = cfg;
     }
 }
 

@@ -392,3 +392,39 @@ fn no_plaintext_secret_in_database_files() {
         );
     }
 }
+
+#[test]
+fn a_clock_step_of_an_hour_fails_safe_and_recovers() {
+    // Reliability checklist C5 for the signed HTTP API: the server's clock steps an hour
+    // either way while clients keep true time. Requests are refused (never accepted) while
+    // the clocks disagree, a replay stays refused throughout, and requests are accepted again
+    // once the clock is corrected.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let h = start_with_clock(ks_config(dir.path()), &clock);
+    let base = base(&h);
+    let first = cred(T0, "before-the-step", "generate_key");
+    assert_eq!(generate(&base, &first).0, 200);
+    // +1 h: a true-time request looks an hour old.
+    clock.set(T0 + 3600);
+    assert_eq!(
+        generate(&base, &cred(T0 + 1, "ahead-1", "generate_key")).0,
+        401
+    );
+    assert_ne!(generate(&base, &first).0, 200, "a replay is never accepted");
+    // -1 h from true time: a true-time request looks an hour early; the replay too.
+    clock.set(T0 - 3600);
+    assert_eq!(
+        generate(&base, &cred(T0 + 2, "behind-1", "generate_key")).0,
+        401
+    );
+    assert_ne!(generate(&base, &first).0, 200);
+    // Corrected: accepted again, and the replay is still refused (its nonce is remembered
+    // and its timestamp is out of the window).
+    clock.set(T0 + 3);
+    assert_eq!(
+        generate(&base, &cred(T0 + 3, "after-1", "generate_key")).0,
+        200
+    );
+    assert_eq!(generate(&base, &first).0, 403);
+}

@@ -302,3 +302,208 @@ fn a_request_header_that_never_completes_is_cut_off() {
     // Meanwhile and afterwards the server answers complete requests.
     assert_eq!(get(&base(&h), "/healthz").0, 200);
 }
+
+/// Wait up to a second for `cond` (counters bumped as a connection is dropped).
+fn wait_until(cond: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !cond() && t0.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> std::net::TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&std::net::SocketAddr::from((from, 0)).into())
+        .unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
+/// How long until the server closes `s` (EOF or reset), or None if it is still open after
+/// `within`.
+fn closed_after(s: &mut std::net::TcpStream, within: Duration) -> Option<Duration> {
+    use std::io::Read;
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 256];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Some(t0.elapsed()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(t0.elapsed()),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// `GET /healthz` from `from` with `Connection: close`; the status line's code.
+fn healthz_from(from: [u8; 4], to: std::net::SocketAddr) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = connect_from(from, to);
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn silent_and_http2_connections_are_closed_at_the_first_bytes_deadline() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.http.first_bytes_timeout_secs = 1;
+    let stats = actrix_control::http_stats::HttpStats::new();
+    let h = ControlBuilder::new(cfg)
+        .http_stats(stats.clone())
+        .spawn()
+        .unwrap();
+    let addr = h.local_addr();
+    let opened = Instant::now();
+    // Nothing at all: closed at the deadline (before the fix: never).
+    let mut silent = connect_from([127, 0, 0, 1], addr);
+    // Two bytes of what could be a preface, then silence: also the deadline.
+    let mut partial = connect_from([127, 0, 0, 1], addr);
+    partial.write_all(b"PR").unwrap();
+    // The HTTP/2 preface, with and without SETTINGS: refused at once.
+    let mut preface = connect_from([127, 0, 0, 1], addr);
+    preface
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .unwrap();
+    let mut settings = connect_from([127, 0, 0, 1], addr);
+    settings
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .unwrap();
+    for s in [&mut preface, &mut settings] {
+        let t = closed_after(s, Duration::from_secs(3)).expect("closed");
+        assert!(
+            t < Duration::from_millis(500),
+            "HTTP/2 refused at once ({t:?})"
+        );
+    }
+    for s in [&mut silent, &mut partial] {
+        assert!(
+            closed_after(s, Duration::from_secs(4)).is_some(),
+            "closed at the deadline"
+        );
+        let t = opened.elapsed();
+        assert!(
+            t >= Duration::from_millis(900),
+            "not before the deadline ({t:?})"
+        );
+    }
+    let c = &stats.conns;
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    // Counted as the connection is dropped: give the last one a moment.
+    wait_until(|| n(&c.first_bytes_timeouts) == 2);
+    assert_eq!(n(&c.refused_http2), 2);
+    assert_eq!(n(&c.first_bytes_timeouts), 2);
+    // A request that starts in time is served: the deadline covers the first bytes, the
+    // header timeout the rest.
+    let mut slow = connect_from([127, 0, 0, 1], addr);
+    slow.write_all(b"GET /hea").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    slow.write_all(b"lthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    use std::io::Read;
+    slow.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = slow.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    wait_until(|| n(&c.open) == 0);
+    assert_eq!(n(&c.open), 0, "every connection gave its slot back");
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn connections_are_capped_per_source_and_in_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.http.max_connections_per_ip = 3;
+    cfg.http.first_bytes_timeout_secs = 2;
+    let stats = actrix_control::http_stats::HttpStats::new();
+    // The descriptor budget (as the appliance computes it) lowers the total below the
+    // configured one.
+    let h = ControlBuilder::new(cfg)
+        .http_stats(stats.clone())
+        .max_connections(5)
+        .spawn()
+        .unwrap();
+    let addr = h.local_addr();
+    let mut a: Vec<_> = (0..3).map(|_| connect_from([127, 0, 0, 1], addr)).collect();
+    // The fourth from the same source is closed at once, before anything is read.
+    let mut over = connect_from([127, 0, 0, 1], addr);
+    let t = closed_after(&mut over, Duration::from_secs(1)).expect("refused");
+    assert!(t < Duration::from_millis(500));
+    // Another source is served.
+    assert_eq!(healthz_from([127, 0, 0, 2], addr), Some(200));
+    // Fill the total (3 + 2 = 5): a third source is refused too.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut b: Vec<_> = (0..2).map(|_| connect_from([127, 0, 0, 2], addr)).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut third = connect_from([127, 0, 0, 3], addr);
+    assert!(closed_after(&mut third, Duration::from_secs(1)).is_some());
+    let n = |x: &std::sync::atomic::AtomicU64| x.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(n(&stats.conns.refused_per_ip), 1);
+    assert!(n(&stats.conns.refused_total_cap) >= 1);
+    assert_eq!(n(&stats.conns.open), 5);
+    // The deadline frees the slots; then everyone is served again.
+    for s in a.iter_mut().chain(b.iter_mut()) {
+        assert!(closed_after(s, Duration::from_secs(4)).is_some());
+    }
+    assert_eq!(healthz_from([127, 0, 0, 1], addr), Some(200));
+    assert_eq!(healthz_from([127, 0, 0, 3], addr), Some(200));
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn the_tls_listener_has_the_same_deadline_and_caps() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mut cfg = ks_config(&dir.path().join("data"));
+    cfg.http.tls_cert = Some(cert);
+    cfg.http.tls_key = Some(key);
+    cfg.http.first_bytes_timeout_secs = 1;
+    cfg.http.max_connections_per_ip = 2;
+    let stats = actrix_control::http_stats::HttpStats::new();
+    let h = ControlBuilder::new(cfg)
+        .http_stats(stats.clone())
+        .spawn()
+        .unwrap();
+    let addr = h.local_addr();
+    let opened = Instant::now();
+    // No ClientHello: closed at the deadline.
+    let mut silent = connect_from([127, 0, 0, 1], addr);
+    let mut second = connect_from([127, 0, 0, 1], addr);
+    let mut third = connect_from([127, 0, 0, 1], addr);
+    assert!(
+        closed_after(&mut third, Duration::from_millis(500)).is_some(),
+        "per-IP cap on the TLS listener"
+    );
+    for s in [&mut silent, &mut second] {
+        assert!(
+            closed_after(s, Duration::from_secs(4)).is_some(),
+            "closed at the deadline"
+        );
+        let t = opened.elapsed();
+        assert!(
+            t >= Duration::from_millis(900),
+            "not before the deadline ({t:?})"
+        );
+    }
+    let n = |x: &std::sync::atomic::AtomicU64| x.load(std::sync::atomic::Ordering::Relaxed);
+    wait_until(|| n(&stats.conns.first_bytes_timeouts) == 2);
+    assert_eq!(n(&stats.conns.first_bytes_timeouts), 2);
+    assert_eq!(n(&stats.conns.refused_per_ip), 1);
+    h.shutdown().unwrap();
+}

@@ -171,6 +171,10 @@ pub struct StunConfig {
     /// Bytes waiting to be written to one stream client, at most; relayed data beyond it is
     /// dropped and counted (a slow reader).
     pub stream_send_buffer: usize,
+    /// Unauthenticated Binding requests answered per source IP per second (a Binding answer
+    /// is larger than its request: without a budget the port reflects floods); more are
+    /// dropped and counted (`actrix_drops_total{reason="binding_rate_limited"}`).
+    pub bindings_per_source_per_sec: u32,
 }
 
 impl Default for StunConfig {
@@ -189,6 +193,7 @@ impl Default for StunConfig {
             first_request_timeout_secs: s.first_request_timeout_secs,
             idle_timeout_secs: s.idle_timeout_secs,
             stream_send_buffer: s.send_buffer,
+            bindings_per_source_per_sec: 100,
         }
     }
 }
@@ -657,6 +662,9 @@ impl Config {
         if t.challenges_per_source_per_sec == 0 || t.identity_lookups_per_source_per_sec == 0 {
             err("turn.challenges_per_source_per_sec and identity_lookups_per_source_per_sec must be positive".into());
         }
+        if self.stun.bindings_per_source_per_sec == 0 {
+            err("stun.bindings_per_source_per_sec: must be positive".into());
+        }
         let mut names = BTreeSet::new();
         for (i, u) in t.users.iter().enumerate() {
             if u.name.is_empty() || u.name.len() > 513 {
@@ -671,6 +679,15 @@ impl Config {
                 err(format!(
                     "turn.users[{i}].name: '{}' is defined twice",
                     u.name
+                ));
+            }
+            // Such a name would be answered at once when it is a static user and only after a
+            // resolution otherwise: the timing would tell that the static user exists.
+            if t.identity_credentials && actrix_proto::auth::could_be_identity(u.name.as_bytes()) {
+                err(format!(
+                    "turn.users[{i}].name: has the shape of an Actrix identity credential \
+                     (base122 of {}+ bytes); choose another name",
+                    actrix_proto::auth::IDENTITY_USERNAME_MIN_DECODED
                 ));
             }
         }
@@ -908,6 +925,23 @@ mod tests {
         assert_eq!(cfg.stun.listen, d.stun.listen);
         assert_eq!(cfg.ks.key_ttl_seconds, d.ks.key_ttl_seconds);
         assert_eq!(cfg.ais.token_ttl_secs, d.ais.token_ttl_secs);
+        assert_eq!(cfg.http.max_connections, d.http.max_connections);
+        assert_eq!(
+            cfg.http.max_connections_per_ip,
+            d.http.max_connections_per_ip
+        );
+        assert_eq!(
+            cfg.http.first_bytes_timeout_secs,
+            d.http.first_bytes_timeout_secs
+        );
+        assert_eq!(
+            cfg.http.header_read_timeout_secs,
+            d.http.header_read_timeout_secs
+        );
+        assert_eq!(
+            cfg.stun.bindings_per_source_per_sec,
+            d.stun.bindings_per_source_per_sec
+        );
         // Every top-level key of the example is a section of the schema and vice versa.
         let doc: toml::Table = text.parse().unwrap();
         let sections: Vec<&str> = doc.keys().map(|k| k.as_str()).collect();

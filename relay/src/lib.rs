@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod diag;
+pub mod limits;
 pub mod metrics;
 pub mod plane;
 pub mod privileges;

@@ -238,6 +238,29 @@ fn run(path: Option<PathBuf>) -> i32 {
         demo = Some(password);
     }
 
+    // Descriptors: the control listener gets what the data plane's reserve leaves (see
+    // actrix::limits), so no connection flood can starve relay sockets.
+    let nofile = actrix::limits::raise_nofile();
+    let fds = actrix::limits::plan(&cfg, &resolved, nofile, actrix::limits::open_descriptors());
+    if fds.short {
+        tracing::warn!(
+            limit = fds.limit,
+            data_plane = fds.data_plane,
+            "RLIMIT_NOFILE cannot hold the data plane's reserve (turn.max_allocations relay \
+             sockets, stun.max_connections stream connections and the shards' own) plus the \
+             control plane: raise LimitNOFILE or lower turn.max_allocations or \
+             stun.max_connections; the control listener gets {} connections",
+            fds.control_connections
+        );
+    }
+    tracing::info!(
+        limit = fds.limit,
+        open = fds.open,
+        data_plane = fds.data_plane,
+        control_connections = fds.control_connections,
+        "descriptor budget"
+    );
+
     // Control thread first: the data plane may need it to resolve identity credentials.
     let mut control_cfg = cfg.control();
     if let Err(e) = std::fs::create_dir_all(&control_cfg.data_dir) {
@@ -317,6 +340,7 @@ fn run(path: Option<PathBuf>) -> i32 {
     };
     let control = match builder
         .pin_core(resolved.control_core.filter(|_| cfg.cores.pin))
+        .max_connections(fds.control_connections)
         .routes(actrix::metrics::router(registry))
         .routes(diag)
         .http_stats(http_stats)
@@ -682,6 +706,20 @@ impl Reloader {
                 "services",
                 format!("{:?}", cfg.services) != format!("{:?}", self.current.0.services),
             ),
+            ("http (connection limits and timeouts)", {
+                let (a, b) = (&cfg.http, &self.current.0.http);
+                (
+                    a.max_connections,
+                    a.max_connections_per_ip,
+                    a.first_bytes_timeout_secs,
+                    a.header_read_timeout_secs,
+                ) != (
+                    b.max_connections,
+                    b.max_connections_per_ip,
+                    b.first_bytes_timeout_secs,
+                    b.header_read_timeout_secs,
+                )
+            }),
         ] {
             if changed {
                 notes.push(format!("{key}: changed, takes effect after a restart"));

@@ -279,6 +279,31 @@ impl Collector for DataPlaneCollector {
                 })
                 .collect::<Vec<_>>(),
         )?;
+        let per_shard_gauge = |f: &dyn Fn(&ShardStats) -> u64| {
+            self.shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (vec![("shard", i.to_string())], f(s) as i64))
+                .collect::<Vec<_>>()
+        };
+        gauge(
+            &mut enc,
+            "actrix_timers_pending",
+            "Timer-wheel entries armed (allocation, permission and channel deadlines, stale ones until they fire)",
+            &per_shard_gauge(&|s| s.timers.load(Relaxed)),
+        )?;
+        gauge(
+            &mut enc,
+            "actrix_reservations_active",
+            "Relay ports held by EVEN-PORT reservations",
+            &per_shard_gauge(&|s| s.reservations.load(Relaxed)),
+        )?;
+        gauge(
+            &mut enc,
+            "actrix_identity_queue",
+            "Identity lookups queued toward the control thread",
+            &per_shard_gauge(&|s| s.identity_queue.load(Relaxed)),
+        )?;
         counter(
             &mut enc,
             "actrix_allocations_created",
@@ -549,6 +574,37 @@ impl Collector for HttpCollector {
             "HTTP requests by service, route and status",
             &series,
         )?;
+        let c = &self.stats.conns;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        gauge(
+            &mut enc,
+            "actrix_http_connections_open",
+            "Connections open on the control listener (upgraded WebSockets included)",
+            &[(vec![], load(&c.open) as i64)],
+        )?;
+        counter(
+            &mut enc,
+            "actrix_http_connections_accepted",
+            "Connections admitted by the control listener",
+            &[(vec![], load(&c.accepted))],
+        )?;
+        let closed: Vec<(Labels, u64)> = [
+            ("total_cap", &c.refused_total_cap),
+            ("per_ip_cap", &c.refused_per_ip),
+            ("first_bytes_timeout", &c.first_bytes_timeouts),
+            ("http2", &c.refused_http2),
+            ("tls_handshake", &c.tls_failures),
+            ("accept_error", &c.accept_errors),
+        ]
+        .into_iter()
+        .map(|(r, v)| (vec![("reason", r.to_string())], load(v)))
+        .collect();
+        counter(
+            &mut enc,
+            "actrix_http_connections_refused",
+            "Connections the control listener closed before serving a request, by reason",
+            &closed,
+        )?;
         let mut m = enc.encode_descriptor(
             "actrix_http_request_duration_seconds",
             "HTTP request latency by service, route and status",
@@ -686,6 +742,11 @@ impl Collector for SignalingCollector {
                 "actrix_signaling_oversize_closes",
                 "Connections closed with 1009",
                 &s.oversize_closes,
+            ),
+            (
+                "actrix_signaling_protocol_closes",
+                "Connections closed with 1002 or 1007 (WebSocket protocol violations)",
+                &s.protocol_closes,
             ),
             (
                 "actrix_signaling_slow_consumer_drops",

@@ -102,6 +102,7 @@ fn turn_config(
     turn.max_tcp_connections = cfg.turn.max_tcp_connections_per_allocation;
     turn.max_bytes_per_sec = cfg.turn.max_bytes_per_sec;
     turn.challenges_per_source = cfg.turn.challenges_per_source_per_sec;
+    turn.bindings_per_source = cfg.stun.bindings_per_source_per_sec;
     turn.identity_lookups_per_source = cfg.turn.identity_lookups_per_source_per_sec;
     turn.channel_max = if cfg.turn.rfc5766_channel_range {
         0x7FFF

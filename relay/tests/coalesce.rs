@@ -5,7 +5,7 @@
 mod common;
 
 use actrix_proto::stun::{attr, method, Class, Message, MessageWriter};
-use common::{Appliance, TurnClient};
+use common::{Appliance, Launch, TurnClient};
 use std::net::UdpSocket;
 use std::time::Duration;
 
@@ -34,11 +34,16 @@ fn counter(app: &Appliance, name: &str) -> f64 {
 
 fn relayed_bursts(backend: &str, coalesce_us: u32) {
     let tmp = tempfile::tempdir().unwrap();
-    let app = Appliance::start(
+    // 300 Bindings back to back from one source: above the default per-source budget.
+    let app = Appliance::launch(
         tmp.path(),
         &format!(
             "[io]\nbackend = \"{backend}\"\ncoalesce_us = {coalesce_us}\n[turn]\nusers = [{{ name = \"alice\", password = \"secret-pass\" }}]\nidentity_credentials = false\n"
         ),
+        Launch {
+            sections: &[("stun", "bindings_per_source_per_sec = 100000")],
+            ..Launch::default()
+        },
     );
     let label = format!("{backend}/{coalesce_us}us");
     let mut a = TurnClient::new(app.stun, b"alice", b"secret-pass", "actor-rtc.local");

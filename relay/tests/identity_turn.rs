@@ -204,3 +204,98 @@ fn a_flood_of_allocates_with_one_identity_costs_one_decryption_and_one_key_fetch
 
     assert_eq!(metric(&app, "actrix_identity_key_fetches_total"), 1);
 }
+
+/// What the AIS does when signaling refreshes an actor's credential: the same claims (realm,
+/// actor id) with a fresh PSK, encrypted anew. Returns the new token and PSK.
+fn reissue(app: &Appliance, key_id: u32, token: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    use actrix_control::ais::IdentityClaims;
+    use actrix_control::crypto;
+    use rand::RngCore;
+    let shared = std::fs::read_to_string(app.data_dir().join("shared_key")).unwrap();
+    let ks = actrix_control::KsClient::new(&format!("http://{}", app.http), shared.trim());
+    let secret = ks.get_secret_key(key_id).expect("the KS serves its key");
+    let plain = crypto::ecies_decrypt(&secret.secret_key[..], token).unwrap();
+    let mut claims: IdentityClaims = serde_json::from_slice(&plain).unwrap();
+    let mut psk = vec![0u8; 32];
+    rand::thread_rng().fill_bytes(&mut psk);
+    claims.psk = psk.clone();
+    let public = crypto::public_from_secret(&secret.secret_key[..]).unwrap();
+    let json = serde_json::to_vec(&claims).unwrap();
+    (crypto::ecies_encrypt(&public, &json).unwrap(), psk)
+}
+
+#[test]
+fn rotated_credentials_do_not_get_a_fresh_allocation_quota() {
+    // The probe's finding: quotas were counted by the raw USERNAME, so a re-issued identity
+    // credential (or a REST username with a new expiry) got a fresh quota. They count by the
+    // identity behind the credential: the actor, the REST name.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    provision_realm(
+        &data,
+        &Realm {
+            realm_id: REALM_ID,
+            name: "quota".into(),
+            status: RealmStatus::Normal,
+            expires_at: None,
+        },
+    )
+    .unwrap();
+    let app = Appliance::start(
+        tmp.path(),
+        "[turn]\nmax_allocations_per_user = 1\nrest_secrets = [\"quota-rest-secret-0123456789\"]\n",
+    );
+    let (token, key_id, psk) = register(&app, REALM_ID);
+    let first = username(REALM_ID, key_id, &token);
+    let mut a = TurnClient::new(
+        app.stun,
+        &first,
+        hex::encode(&psk).as_bytes(),
+        "actor-rtc.local",
+    );
+    assert_eq!(a.allocate(10).expect("answered").code(), None);
+    let (token2, psk2) = reissue(&app, key_id, &token);
+    let second = username(REALM_ID, key_id, &token2);
+    assert_ne!(first, second);
+    let mut b = TurnClient::new(
+        app.stun,
+        &second,
+        hex::encode(&psk2).as_bytes(),
+        "actor-rtc.local",
+    );
+    assert_eq!(
+        b.allocate(10).expect("answered").code(),
+        Some(486),
+        "a re-issued credential of the same actor shares its quota"
+    );
+    // Another actor has a quota of its own.
+    let (t3, k3, p3) = register(&app, REALM_ID);
+    let mut c = TurnClient::new(
+        app.stun,
+        &username(REALM_ID, k3, &t3),
+        hex::encode(&p3).as_bytes(),
+        "actor-rtc.local",
+    );
+    assert_eq!(c.allocate(10).expect("answered").code(), None);
+
+    // TURN REST: a later expiry is a new USERNAME for the same name.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let rest = |expiry: u64, name: &str| {
+        let user = format!("{expiry}:{name}");
+        let pw =
+            actrix_proto::auth::rest_password(b"quota-rest-secret-0123456789", user.as_bytes());
+        let mut t = TurnClient::new(app.stun, user.as_bytes(), pw.as_bytes(), "actor-rtc.local");
+        t.allocate(3).expect("answered").code()
+    };
+    assert_eq!(rest(now + 600, "carol"), None);
+    assert_eq!(
+        rest(now + 601, "carol"),
+        Some(486),
+        "a rotated REST username"
+    );
+    assert_eq!(rest(now + 602, "dave"), None);
+}

@@ -85,6 +85,9 @@ fn scraped_values_match_the_traffic_sent() {
     assert_eq!(get("actrix_drops_total{reason=not_stun,shard=0}"), 2.0);
     assert_eq!(get("actrix_drops_total{reason=malformed,shard=0}"), 1.0);
     assert_eq!(get("actrix_allocations_active{shard=0}"), 1.0);
+    // The allocation's deadline is armed in the timer wheel (soaks watch these gauges).
+    assert!(get("actrix_timers_pending{shard=0}") >= 1.0);
+    assert_eq!(get("actrix_reservations_active{shard=0}"), 0.0);
     assert_eq!(get("actrix_allocations_created_total{shard=0}"), 1.0);
     // One challenge per client (the good and the bad one), one bad password.
     assert_eq!(get("actrix_auth_challenges_total{shard=0}"), 2.0);

@@ -741,10 +741,18 @@ fn credential_of(env: &SignalingEnvelope) -> Option<&AIdCredential> {
     }
 }
 
-fn is_capacity_error(e: axum::Error) -> bool {
-    e.into_inner()
-        .downcast_ref::<tungstenite::Error>()
-        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+/// The close code a read error calls for (RFC 6455 §7.4.1), if the connection can still say
+/// one: 1009 for a message or frame over the limit, 1002 for a protocol violation (unmasked
+/// client frame, reserved bits or opcodes, bad control frame, bad close payload...), 1007 for
+/// text that is not UTF-8. I/O errors and a connection already closed get nothing: there is
+/// nobody to tell.
+fn close_code_for(e: axum::Error) -> Option<(u16, &'static str)> {
+    match e.into_inner().downcast_ref::<tungstenite::Error>()? {
+        tungstenite::Error::Capacity(_) => Some((1009, "message too big")),
+        tungstenite::Error::Protocol(_) => Some((1002, "protocol error")),
+        tungstenite::Error::Utf8(_) => Some((1007, "invalid utf-8")),
+        _ => None,
+    }
 }
 
 /// How a connection starts: its URL identity (validated), role wish and protocol, and for a
@@ -862,9 +870,13 @@ async fn run_conn(
                 let frame = match frame {
                     Ok(f) => f,
                     Err(e) => {
-                        if is_capacity_error(e) {
-                            stats::inc(&shared.stats.oversize_closes);
-                            close(1009, "message too big");
+                        if let Some((code, reason)) = close_code_for(e) {
+                            if code == 1009 {
+                                stats::inc(&shared.stats.oversize_closes);
+                            } else {
+                                stats::inc(&shared.stats.protocol_closes);
+                            }
+                            close(code, reason);
                             // Let the writer send the close frame, then stop.
                             let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
                             writer_done = true;
@@ -878,7 +890,16 @@ async fn run_conn(
                 }
                 let data = match frame {
                     Message::Binary(b) => b,
-                    Message::Close(_) => break,
+                    Message::Close(_) => {
+                        // The WebSocket layer has queued the reply that echoes the client's
+                        // code (RFC 6455 §5.5.1); the writer's close flushes it. Then stop.
+                        if !closing {
+                            close(1000, "");
+                        }
+                        let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+                        writer_done = true;
+                        break;
+                    }
                     // Text frames are ignored (wire section 8.1); pings are answered by the
                     // WebSocket layer.
                     _ => continue,
@@ -1203,12 +1224,18 @@ async fn write_loop(
                     Out::Close(c, r) => close = Some((c, r)),
                 }
                 if let Some((code, reason)) = close {
-                    let _ = sink
+                    let sent = sink
                         .send(Message::Close(Some(CloseFrame {
                             code,
                             reason: reason.into(),
                         })))
                         .await;
+                    if sent.is_err() {
+                        // The client closed first: the WebSocket layer refuses a close of our
+                        // own and holds the reply that echoes the client's (RFC 6455 §5.5.1);
+                        // a flush sends it.
+                        let _ = sink.flush().await;
+                    }
                     return;
                 }
             }

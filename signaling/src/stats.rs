@@ -33,6 +33,8 @@ pub struct SignalingStats {
     pub decode_errors: AtomicU64,
     /// Connections closed with 1009 (message or frame too big).
     pub oversize_closes: AtomicU64,
+    /// Connections closed with 1002 or 1007 (a WebSocket protocol violation).
+    pub protocol_closes: AtomicU64,
     /// Connections dropped because their send queue was full.
     pub slow_consumer_drops: AtomicU64,
     /// Connections closed by the idle or auth timeout.

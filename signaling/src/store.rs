@@ -65,6 +65,8 @@ pub(crate) struct Store {
 }
 
 fn open(path: &Path) -> Result<Connection, StoreError> {
+    // Owner-only, like every other data file (created 0600, never wider for a moment).
+    actrix_control::private_file(path).map_err(|e| err(path, e))?;
     let conn = Connection::open(path).map_err(|e| err(path, e))?;
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(|e| err(path, e))?;

@@ -600,9 +600,10 @@ async fn malformed_frames_close_but_do_not_hurt_others() {
     bad.send_raw(vec![0x08, 0xff]).await;
     let e = bad.recv().await;
     assert_eq!(error_code(&e).unwrap().0, 400);
-    assert!(
-        bad.recv_timeout(Duration::from_secs(3)).await.is_none(),
-        "closed"
+    assert_eq!(
+        bad.expect_closed(Duration::from_secs(3)).await,
+        Some(1007),
+        "closed with 1007 (invalid frame payload data)"
     );
     // Text frames are ignored.
     let mut t = Client::connect(&srv.url("")).await;
@@ -702,7 +703,7 @@ async fn message_rate_limit_gives_429() {
     }
     let mut limited = 0;
     let mut pongs = 0;
-    while let Some(e) = a.recv_timeout(Duration::from_millis(500)).await {
+    while let Event::Frame(e) = a.recv_event(Duration::from_millis(500)).await {
         match error_code(&e) {
             Some((429, m)) => {
                 assert_eq!(m, "Too many messages. Limit: 1 messages/second");
@@ -830,9 +831,10 @@ async fn reconnect_identity_is_validated() {
     let mut a2 = Client::connect(&srv.url(&a.reconnect_query())).await;
     a2.id = a.id.clone();
     a2.cred = a.cred.clone();
-    assert!(
-        a.recv_timeout(Duration::from_secs(3)).await.is_none(),
-        "old connection closed"
+    assert_eq!(
+        a.expect_closed(Duration::from_secs(3)).await,
+        Some(4000),
+        "old connection closed: replaced by a newer connection"
     );
     let pong = a2.request(a2.ping_flow()).await;
     assert!(matches!(
@@ -1010,8 +1012,20 @@ async fn auth_timeout_closes_unbound_connections() {
         },
     );
     let mut c = Client::connect(&srv.url("")).await;
-    assert!(c.recv_timeout(Duration::from_secs(4)).await.is_none());
-    let _ = c.ws.close(None).await;
+    let t0 = std::time::Instant::now();
+    assert_eq!(
+        c.expect_closed(Duration::from_secs(4)).await,
+        Some(1008),
+        "closed with 1008 (policy) at the auth deadline"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "not before the deadline"
+    );
+    // A connection that binds in time is not closed.
+    let mut d = Client::connect(&srv.url("")).await;
+    d.register("dora", &[]).await;
+    d.expect_silence(Duration::from_millis(1500)).await;
 }
 
 #[test]
@@ -1076,4 +1090,141 @@ async fn cross_origin_browser_upgrades_are_refused() {
         Some(101)
     );
     assert_eq!(http_status(&url).await, Some(101));
+}
+
+#[tokio::test]
+async fn protocol_errors_and_a_client_close_get_a_close_frame_with_the_right_code() {
+    let dir = tmp();
+    let srv = start(dir.path(), test_config());
+    // RFC 6455 §5.2: a reserved bit set without an extension that defines it, an unmasked
+    // client frame, a reserved opcode: 1002 (protocol error), sent before the connection is
+    // dropped.
+    for (first, masked, what) in [
+        (0x80 | 0x40 | 0x2, true, "RSV1 set"),
+        (0x80 | 0x2, false, "unmasked client frame"),
+        (0x80 | 0x3, true, "reserved opcode 3"),
+    ] {
+        let mut raw = RawWs::connect(&srv).await;
+        raw.send_frame(first, masked, b"\x08\x01").await;
+        let (frames, closed) = raw.frames_until_closed(Duration::from_secs(4)).await;
+        assert_eq!(close_code(&frames), Some(1002), "{what}: {frames:?}");
+        assert!(closed, "{what}: dropped after the close frame");
+    }
+    // A client that closes with 1000 gets its close echoed (RFC 6455 §5.5.1).
+    for code in [1000u16, 3001] {
+        let mut raw = RawWs::connect(&srv).await;
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"bye");
+        raw.send_frame(0x80 | 0x8, true, &payload).await;
+        let (frames, closed) = raw.frames_until_closed(Duration::from_secs(4)).await;
+        assert_eq!(close_code(&frames), Some(code), "{frames:?}");
+        assert!(closed);
+    }
+    // The same through a real client library.
+    let mut c = Client::connect(&srv.url("")).await;
+    c.ws.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(c.expect_closed(Duration::from_secs(3)).await, Some(1000));
+    assert!(
+        srv.stats
+            .protocol_closes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    );
+}
+
+#[tokio::test]
+async fn server_pings_keep_a_quiet_peer_and_the_pong_deadline_drops_a_dead_one() {
+    // Reliability checklist W7: a client that is quiet longer than a proxy's idle timeout is
+    // kept alive by the server's pings (its pongs count as activity); a peer that does not
+    // answer (here: never reads, so never pongs) is closed once the deadline passes.
+    let dir = tmp();
+    let srv = start(
+        dir.path(),
+        actrix_signaling::SignalingConfig {
+            ping_interval_secs: 1,
+            idle_timeout_secs: 3,
+            ..test_config()
+        },
+    );
+    let mut dead = RawWs::connect(&srv).await;
+    let mut alive = Client::connect(&srv.url("")).await;
+    alive.register("quiet", &[]).await;
+    // Read (and so answer pings) for twice the idle timeout, sending nothing.
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    use futures_util::StreamExt;
+    while let Ok(m) = tokio::time::timeout_at(until, alive.ws.next()).await {
+        match m {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_))) => pings += 1,
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => {
+                panic!("a peer that answers pings was closed: {f:?}")
+            }
+            Some(Ok(_)) => {}
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+    assert!(pings >= 4, "pings every second: {pings}");
+    let pong = alive.request(alive.ping_flow()).await;
+    assert!(matches!(
+        to_actr(&pong),
+        signaling_to_actr::Payload::Pong(_)
+    ));
+    // The dead peer got pings it never answered, then a close (1001, going away) at the
+    // deadline, and the connection was dropped.
+    let (frames, closed) = dead.frames_until_closed(Duration::from_secs(2)).await;
+    assert!(
+        frames.iter().filter(|(op, _)| *op == 0x9).count() >= 2,
+        "{frames:?}"
+    );
+    assert_eq!(close_code(&frames), Some(1001), "{frames:?}");
+    assert!(closed);
+    assert!(
+        srv.stats
+            .timeout_closes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[tokio::test]
+async fn every_data_file_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmp();
+    let mut srv = start(dir.path(), test_config());
+    let mut a = Client::connect(&srv.url("")).await;
+    a.register("alice", &[]).await;
+    drop(a);
+    srv.stop();
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        if !meta.is_file() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "{name} is not owner-only"
+        );
+        seen.push(name);
+    }
+    for db in ["signaling.db", "control.db", "ks.db"] {
+        assert!(seen.iter().any(|n| n == db), "{db} missing: {seen:?}");
+    }
+    // An existing database with a wider mode (made by an older version) is tightened.
+    let sig = dir.path().join("signaling.db");
+    std::fs::set_permissions(&sig, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let srv = start(dir.path(), test_config());
+    assert_eq!(
+        std::fs::metadata(&sig).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    drop(srv);
 }

@@ -652,6 +652,13 @@ impl ShardCore {
         self.stats.publish(&self.server, self.relays.bind_errors());
         self.stats.publish_streams(&self.streams);
         self.stats.publish_dtls(&self.dtls);
+        // Identity lookups queued toward the control thread (shared by every shard).
+        let queued = self
+            .identity
+            .as_ref()
+            .map(|l| l.requests.max_capacity() - l.requests.capacity())
+            .unwrap_or(0);
+        self.stats.identity_queue.store(queued as u64, Relaxed);
     }
 
     /// Count a batch of sends.

@@ -15,6 +15,11 @@ macro_rules! shard_stats {
             pub drops: [AtomicU64; N_DROP_REASONS],
             pub auth_failures_by_reason: [AtomicU64; AUTH_FAILURE_REASONS.len()],
             pub allocations_active: AtomicU64,
+            /// Timer-wheel entries and EVEN-PORT reservations held (gauges, for soaks).
+            pub timers: AtomicU64,
+            pub reservations: AtomicU64,
+            /// Identity lookups queued toward the control thread (gauge).
+            pub identity_queue: AtomicU64,
             /// Datagrams larger than a receive slot (cut by the kernel, dropped).
             pub truncated: AtomicU64,
             pub sent: AtomicU64,
@@ -72,6 +77,9 @@ macro_rules! shard_stats {
                 }
                 self.allocations_active
                     .store(server.allocation_count() as u64, Relaxed);
+                self.timers.store(server.timer_count() as u64, Relaxed);
+                self.reservations
+                    .store(server.reservation_count() as u64, Relaxed);
                 self.relay_bind_errors.store(bind_errors, Relaxed);
             }
 

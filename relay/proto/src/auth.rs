@@ -7,8 +7,17 @@
 //! 3. Actrix identity credentials, resolved off the shard by the control thread
 //!    ([`Lookup::Pending`] here; the answer arrives by message and fills the cache).
 //!
-//! Nonces are stateless: `obMatJos2` + feature bits + hex(timestamp) + hex(MAC(timestamp,
-//! client address)). Nothing is stored per source before a client authenticates.
+//! Nonces are stateless: the RFC 8489 §9.2 nonce cookie (`obMatJos2` + the security feature
+//! set this server announced) + hex(timestamp) + hex(MAC(features, timestamp, client address)).
+//! Nothing is stored per source before a client authenticates; the MAC makes the announced
+//! features part of the nonce, so a client's PASSWORD-ALGORITHMS can be checked against what
+//! the response carrying this nonce offered (bid-down detection) without remembering it.
+//!
+//! USERHASH (RFC 8489 §14.4) is resolved for static users, whose names the server knows: the
+//! hash of each is computed once when the cache is built. REST and identity usernames cannot
+//! be recovered from a hash, so username anonymity is announced only when static users are the
+//! only credentials; a USERHASH that matches no static user is refused like an unknown
+//! username.
 //!
 //! The derived-key cache is owned by one shard (no sharing, no lock) and every hit re-checks
 //! the credential's expiry against `now`.
@@ -23,11 +32,74 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
-/// RFC 8489 §9.2: the nonce cookie that announces security features, followed by the 24-bit
-/// feature set in base64. We announce none: clients keep RFC 5389 behaviour (MD5 keys) unless
-/// they send PASSWORD-ALGORITHM on their own, which we also accept.
-const NONCE_PREFIX: &[u8; 13] = b"obMatJos2AAAA";
-pub const NONCE_LEN: usize = NONCE_PREFIX.len() + 16 + 24;
+/// RFC 8489 §9.2: a nonce that starts with this cookie announces security features: the
+/// 24-bit feature set follows in base64 (4 characters).
+const NONCE_COOKIE: &[u8; 9] = b"obMatJos2";
+/// Cookie and feature set.
+const COOKIE_LEN: usize = NONCE_COOKIE.len() + 4;
+pub const NONCE_LEN: usize = COOKIE_LEN + 16 + 24;
+
+/// The STUN Security Features (RFC 8489 §18.1). Bits are numbered from the least significant
+/// side (erratum 6290; the RFC's Appendix B.1 vector, whose nonce says "AAAC" and which uses
+/// USERHASH, agrees), so "Password algorithms" is 0x000001 and "Username anonymity" 0x000002.
+pub mod features {
+    /// The server sends PASSWORD-ALGORITHMS and checks what comes back (§9.2.4).
+    pub const PASSWORD_ALGORITHMS: u32 = 0x00_0001;
+    /// The client may send USERHASH instead of USERNAME.
+    pub const USERNAME_ANONYMITY: u32 = 0x00_0002;
+}
+
+/// The PASSWORD-ALGORITHMS value every 401 and 438 carries (RFC 8489 §14.11): SHA-256 first
+/// (the server's preference), then MD5, each with no parameters.
+pub const PASSWORD_ALGORITHMS_VALUE: [u8; 8] = [0, 2, 0, 0, 0, 1, 0, 0];
+
+/// The nonce cookie for `features`.
+fn cookie(features: u32) -> [u8; COOKIE_LEN] {
+    let mut out = [0u8; COOKIE_LEN];
+    out[..9].copy_from_slice(NONCE_COOKIE);
+    let bits = (features & 0xFF_FFFF).to_be_bytes();
+    base64::engine::general_purpose::STANDARD
+        .encode_slice(&bits[1..], &mut out[9..])
+        .expect("3 bytes encode to 4");
+    out
+}
+
+/// The security features a nonce claims to announce, if it starts with the nonce cookie. Only
+/// a claim: [`check_nonce`] verifies it (the features are covered by the nonce's MAC).
+pub fn nonce_features(nonce: &[u8]) -> Option<u32> {
+    if nonce.len() < COOKIE_LEN || &nonce[..9] != NONCE_COOKIE {
+        return None;
+    }
+    let mut bits = [0u8; 3];
+    match base64::engine::general_purpose::STANDARD.decode_slice(&nonce[9..COOKIE_LEN], &mut bits) {
+        Ok(3) => Some(u32::from_be_bytes([0, bits[0], bits[1], bits[2]])),
+        _ => None,
+    }
+}
+
+/// SHA-256(username ":" realm), the USERHASH of RFC 8489 §14.4. Usernames and realms are
+/// used as configured (bytes); OpaqueString processing is the operator's to apply.
+pub fn userhash(username: &[u8], realm: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = Sha256::new();
+    h.update(username);
+    h.update(b":");
+    h.update(realm);
+    h.finalize().into()
+}
+
+/// The fewest bytes an Actrix identity username decodes to: realm id and key id (4 bytes
+/// each), the ECIES envelope of the token (65-byte ephemeral key, 16-byte nonce, 16-byte tag)
+/// and claims that hold at least a 32-byte PSK.
+pub const IDENTITY_USERNAME_MIN_DECODED: usize = 8 + 97 + 32;
+
+/// Whether `username` could be an Actrix identity credential at all: base122 of at least
+/// [`IDENTITY_USERNAME_MIN_DECODED`] bytes. Only such usernames are worth a resolution on the
+/// control thread; every other unknown username is refused at once, exactly as a known user
+/// with a wrong password is. Allocates nothing.
+pub fn could_be_identity(username: &[u8]) -> bool {
+    crate::base122::decoded_len(username).is_ok_and(|n| n >= IDENTITY_USERNAME_MIN_DECODED)
+}
 
 /// Key material of one user: the MD5 long-term key and, when the password is known, the
 /// SHA-256 one.
@@ -85,6 +157,18 @@ impl AuthConfig {
             UserKey::from_password(name.as_bytes(), self.realm.as_bytes(), password.as_bytes());
         self.users.insert(name.as_bytes().into(), key);
     }
+
+    /// The security features this configuration announces in its nonces. Password
+    /// algorithms always (MD5 and SHA-256 keys are known for every credential); username
+    /// anonymity only when static users are the only credentials, since a REST or identity
+    /// username cannot be found from its hash and a client told it may hash would fail.
+    pub fn features(&self) -> u32 {
+        let mut f = features::PASSWORD_ALGORITHMS;
+        if self.rest_secrets.is_empty() && !self.identities && !self.users.is_empty() {
+            f |= features::USERNAME_ANONYMITY;
+        }
+        f
+    }
 }
 
 /// Result of checking a NONCE attribute.
@@ -97,8 +181,9 @@ pub enum NonceCheck {
     Invalid,
 }
 
-fn nonce_mac(key: &[u8; 32], ts: u64, client: SocketAddr) -> [u8; 12] {
+fn nonce_mac(key: &[u8; 32], features: u32, ts: u64, client: SocketAddr) -> [u8; 12] {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    mac.update(&features.to_be_bytes());
     mac.update(&ts.to_be_bytes());
     match client.ip() {
         IpAddr::V4(v4) => mac.update(&v4.to_ipv6_mapped().octets()),
@@ -139,16 +224,30 @@ fn unhex_into(src: &[u8], dst: &mut [u8]) -> bool {
     true
 }
 
-/// Make a nonce for `client` at `now_unix`.
-pub fn make_nonce(now_unix: u64, key: &[u8; 32], client: SocketAddr) -> [u8; NONCE_LEN] {
+/// Make a nonce for `client` at `now_unix` that announces `features` ([`features`]).
+pub fn make_nonce(
+    now_unix: u64,
+    key: &[u8; 32],
+    features: u32,
+    client: SocketAddr,
+) -> [u8; NONCE_LEN] {
+    let features = features & 0xFF_FFFF;
     let mut out = [0u8; NONCE_LEN];
-    out[..13].copy_from_slice(NONCE_PREFIX);
-    hex_into(&now_unix.to_be_bytes(), &mut out[13..29]);
-    hex_into(&nonce_mac(key, now_unix, client), &mut out[29..]);
+    out[..COOKIE_LEN].copy_from_slice(&cookie(features));
+    hex_into(
+        &now_unix.to_be_bytes(),
+        &mut out[COOKIE_LEN..COOKIE_LEN + 16],
+    );
+    hex_into(
+        &nonce_mac(key, features, now_unix, client),
+        &mut out[COOKIE_LEN + 16..],
+    );
     out
 }
 
-/// Check a nonce presented by `client`. A nonce from the future by more than 5 s is invalid.
+/// Check a nonce presented by `client`: ours (its MAC covers the features it announces, the
+/// time and the client's address) and fresh. A nonce from the future by more than 5 s is
+/// invalid. The features it announced are [`nonce_features`].
 pub fn check_nonce(
     now_unix: u64,
     key: &[u8; 32],
@@ -156,16 +255,26 @@ pub fn check_nonce(
     nonce: &[u8],
     client: SocketAddr,
 ) -> NonceCheck {
-    if nonce.len() != NONCE_LEN || &nonce[..13] != NONCE_PREFIX {
+    if nonce.len() != NONCE_LEN {
+        return NonceCheck::Invalid;
+    }
+    let Some(features) = nonce_features(nonce) else {
+        return NonceCheck::Invalid;
+    };
+    // The cookie must be the canonical encoding (base64 has more than one spelling of some
+    // bit patterns only with padding bits, which 3 bytes do not have, but compare anyway).
+    if nonce[..COOKIE_LEN] != cookie(features) {
         return NonceCheck::Invalid;
     }
     let mut ts = [0u8; 8];
     let mut mac = [0u8; 12];
-    if !unhex_into(&nonce[13..29], &mut ts) || !unhex_into(&nonce[29..], &mut mac) {
+    if !unhex_into(&nonce[COOKIE_LEN..COOKIE_LEN + 16], &mut ts)
+        || !unhex_into(&nonce[COOKIE_LEN + 16..], &mut mac)
+    {
         return NonceCheck::Invalid;
     }
     let ts = u64::from_be_bytes(ts);
-    let want = nonce_mac(key, ts, client);
+    let want = nonce_mac(key, features, ts, client);
     if !bool::from(want.ct_eq(&mac)) {
         return NonceCheck::Invalid;
     }
@@ -193,6 +302,8 @@ pub struct Credential {
     /// Unix seconds after which the credential is refused; `u64::MAX` for static users.
     pub expires_at: u64,
     pub kind: CredentialKind,
+    /// For identity credentials: the actor behind them (see [`IdentityKey::quota_key`]).
+    pub identity: Option<[u8; 16]>,
 }
 
 /// Outcome of a key lookup.
@@ -223,13 +334,21 @@ pub struct IdentityAnswer {
     pub outcome: Result<IdentityKey, IdentityRefusal>,
 }
 
-/// A verified identity credential: its long-term key and when it stops being valid.
+/// A verified identity credential: its long-term keys, when it stops being valid, and whose
+/// it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdentityKey {
     /// MD5(username ":" realm ":" password), as for any long-term credential.
     pub key_md5: [u8; 16],
+    /// SHA-256(username ":" realm ":" password), for PASSWORD-ALGORITHM SHA-256.
+    pub key_sha256: [u8; 32],
     /// Unix seconds.
     pub expires_at: u64,
+    /// The actor behind the credential, as an opaque digest of its realm and actor id (the
+    /// control thread knows them from the verified claims). Allocation quotas are counted
+    /// by it, so a re-issued credential of the same actor (a new username) shares the
+    /// actor's quota.
+    pub quota_key: [u8; 16],
 }
 
 /// Why the control thread did not verify an identity username.
@@ -256,6 +375,8 @@ pub struct KeyCache {
     pending: AHashMap<Box<[u8]>, u64>,
     capacity: usize,
     static_creds: AHashMap<Box<[u8]>, Credential>,
+    /// USERHASH of each static user → its name.
+    static_by_hash: AHashMap<[u8; 32], Box<[u8]>>,
 }
 
 impl KeyCache {
@@ -270,9 +391,16 @@ impl KeyCache {
                         key: v.clone(),
                         expires_at: u64::MAX,
                         kind: CredentialKind::Static,
+                        identity: None,
                     },
                 )
             })
+            .collect();
+        let realm = config.realm.as_bytes();
+        let static_by_hash = config
+            .users
+            .keys()
+            .map(|name| (userhash(name, realm), name.clone()))
             .collect();
         KeyCache {
             config,
@@ -281,7 +409,19 @@ impl KeyCache {
             pending: AHashMap::default(),
             capacity,
             static_creds,
+            static_by_hash,
         }
+    }
+
+    /// The static user whose USERHASH is `hash`.
+    pub fn user_of_hash(&self, hash: &[u8]) -> Option<&[u8]> {
+        let hash: &[u8; 32] = hash.try_into().ok()?;
+        self.static_by_hash.get(hash).map(|n| &n[..])
+    }
+
+    /// The credential of the static user whose USERHASH is `hash` (no allocation).
+    pub fn lookup_userhash(&self, hash: &[u8]) -> Option<Credential> {
+        self.static_creds.get(self.user_of_hash(hash)?).cloned()
     }
 
     pub fn config(&self) -> &AuthConfig {
@@ -325,7 +465,10 @@ impl KeyCache {
         if let Some(cred) = self.derive_rest(now_unix, username) {
             return Lookup::Found(cred);
         }
-        if !self.config.identities || looks_like_rest(username) {
+        // Only a username that could be an identity credential goes to the control thread;
+        // anything else is refused now, as fast as a wrong password for a static user, so the
+        // answer's timing says nothing about which static users exist.
+        if !self.config.identities || looks_like_rest(username) || !could_be_identity(username) {
             return Lookup::Refused;
         }
         if let Some(&until) = self.negative.get(username) {
@@ -365,10 +508,11 @@ impl KeyCache {
                     Credential {
                         key: UserKey {
                             md5: k.key_md5,
-                            sha256: None,
+                            sha256: Some(k.key_sha256),
                         },
                         expires_at: k.expires_at,
                         kind: CredentialKind::Identity,
+                        identity: Some(k.quota_key),
                     },
                 );
             }
@@ -399,6 +543,7 @@ impl KeyCache {
             key,
             expires_at: expiry,
             kind: CredentialKind::Rest,
+            identity: None,
         })
     }
 
@@ -450,6 +595,14 @@ fn looks_like_rest(username: &[u8]) -> bool {
     rest_expiry(username).is_some()
 }
 
+/// The name of a REST username `<expiry>:<name>`: who the credential was issued to. Quotas
+/// count by it, so rotating the expiry does not give a fresh quota.
+pub fn rest_name(username: &[u8]) -> Option<&[u8]> {
+    rest_expiry(username)?;
+    let colon = username.iter().position(|&c| c == b':')?;
+    Some(&username[colon + 1..])
+}
+
 /// The REST password: base64(HMAC-SHA1(secret, username)).
 pub fn rest_password(secret: &[u8], username: &[u8]) -> String {
     let mut out = [0u8; 28];
@@ -483,7 +636,7 @@ mod tests {
     #[test]
     fn nonce_roundtrip_and_boundaries() {
         let key = [7u8; 32];
-        let n = make_nonce(1000, &key, client());
+        let n = make_nonce(1000, &key, features::PASSWORD_ALGORITHMS, client());
         assert_eq!(
             check_nonce(1000, &key, 600, &n, client()),
             NonceCheck::Valid
@@ -545,13 +698,84 @@ mod tests {
             NonceCheck::Invalid
         );
         // Tampered timestamp (to make an old nonce look fresh) breaks the MAC.
-        let stale = make_nonce(100, &key, client());
+        let stale = make_nonce(100, &key, features::PASSWORD_ALGORITHMS, client());
         let mut forged = stale;
         forged[13..29].copy_from_slice(&n[13..29]);
         assert_eq!(
             check_nonce(1000, &key, 600, &forged, client()),
             NonceCheck::Invalid
         );
+    }
+
+    #[test]
+    fn nonce_cookie_announces_the_features_and_the_mac_covers_them() {
+        let key = [7u8; 32];
+        // RFC 8489 §9.2 with erratum 6290: bit 0 (password algorithms) is the rightmost.
+        let n = make_nonce(1000, &key, features::PASSWORD_ALGORITHMS, client());
+        assert_eq!(&n[..13], b"obMatJos2AAAB");
+        assert_eq!(nonce_features(&n), Some(features::PASSWORD_ALGORITHMS));
+        let both = features::PASSWORD_ALGORITHMS | features::USERNAME_ANONYMITY;
+        let m = make_nonce(1000, &key, both, client());
+        assert_eq!(&m[..13], b"obMatJos2AAAD");
+        assert_eq!(
+            check_nonce(1000, &key, 600, &m, client()),
+            NonceCheck::Valid
+        );
+        // The nonce of RFC 8489 Appendix B.1 (a USERHASH request) announces username
+        // anonymity only.
+        assert_eq!(
+            nonce_features(b"obMatJos2AAACf//499k954d6OL34oL9FSTvy64sA"),
+            Some(features::USERNAME_ANONYMITY)
+        );
+        assert_eq!(nonce_features(b"obMatJos"), None);
+        assert_eq!(nonce_features(b"xbMatJos2AAAB"), None);
+        // Rewriting the announced features (a bid-down: "no password algorithms") breaks the
+        // MAC.
+        let mut t = n;
+        t[9..13].copy_from_slice(b"AAAA");
+        assert_eq!(nonce_features(&t), Some(0));
+        assert_eq!(
+            check_nonce(1000, &key, 600, &t, client()),
+            NonceCheck::Invalid
+        );
+    }
+
+    #[test]
+    fn identity_shaped_usernames_and_userhash() {
+        assert!(!could_be_identity(b"alice"));
+        assert!(!could_be_identity(b"1700000000:alice"));
+        let short = crate::base122::encode(&[7u8; IDENTITY_USERNAME_MIN_DECODED - 1]);
+        assert!(!could_be_identity(&short));
+        let long = crate::base122::encode(&[7u8; IDENTITY_USERNAME_MIN_DECODED]);
+        assert!(could_be_identity(&long));
+        let mut broken = long.clone();
+        broken.push(0xFF);
+        assert!(!could_be_identity(&broken), "not base122");
+        // RFC 8489 Appendix B.1: the userhash of the username "<U+30DE><U+30C8><U+30EA>
+        // <U+30C3><U+30AF><U+30B9>" in realm "example.org".
+        let user = "\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}";
+        assert_eq!(
+            hex::encode(userhash(user.as_bytes(), b"example.org")),
+            "4a3cf38fef6992bda952c6780417da0f24819415569e60b205c46e41407f1704"
+        );
+        let mut cfg = AuthConfig::new("example.org", [1; 32]);
+        cfg.add_user(user, "TheMatrIX");
+        assert_eq!(
+            cfg.features(),
+            features::PASSWORD_ALGORITHMS | features::USERNAME_ANONYMITY,
+            "static users only: anonymity announced"
+        );
+        let cache = KeyCache::new(Arc::new(cfg.clone()), 4);
+        assert_eq!(
+            cache.user_of_hash(&userhash(user.as_bytes(), b"example.org")),
+            Some(user.as_bytes())
+        );
+        assert_eq!(cache.user_of_hash(&[0; 32]), None);
+        assert_eq!(cache.user_of_hash(&[0; 31]), None);
+        cfg.identities = true;
+        assert_eq!(cfg.features(), features::PASSWORD_ALGORITHMS);
+        assert_eq!(rest_name(b"1700000000:alice"), Some(&b"alice"[..]));
+        assert_eq!(rest_name(b"alice"), None);
     }
 
     #[test]
@@ -587,31 +811,39 @@ mod tests {
         let mut cfg = AuthConfig::new("r", [1; 32]);
         cfg.identities = true;
         let mut cache = KeyCache::new(Arc::new(cfg), 16);
-        assert!(matches!(cache.lookup(100, b"opaque"), Lookup::Pending));
-        assert!(cache.mark_pending(100, b"opaque"));
+        // A name that cannot be an identity credential is refused at once.
+        assert!(matches!(cache.lookup(100, b"opaque"), Lookup::Refused));
+        let opaque = crate::base122::encode(&[5u8; IDENTITY_USERNAME_MIN_DECODED]);
+        let later = crate::base122::encode(&[6u8; IDENTITY_USERNAME_MIN_DECODED]);
+        let bad = crate::base122::encode(&[8u8; IDENTITY_USERNAME_MIN_DECODED]);
+        let (opaque, later, bad) = (&opaque[..], &later[..], &bad[..]);
+        assert!(matches!(cache.lookup(100, opaque), Lookup::Pending));
+        assert!(cache.mark_pending(100, opaque));
         assert!(
-            !cache.mark_pending(101, b"opaque"),
+            !cache.mark_pending(101, opaque),
             "one outstanding request per username"
         );
         cache.handle_identity_answer(
             100,
             IdentityAnswer {
-                username: b"opaque".to_vec().into(),
+                username: opaque.to_vec().into(),
                 outcome: Ok(IdentityKey {
                     key_md5: [9; 16],
+                    key_sha256: [9; 32],
                     expires_at: 200,
+                    quota_key: [1; 16],
                 }),
             },
         );
-        assert!(matches!(cache.lookup(200, b"opaque"), Lookup::Found(_)));
+        assert!(matches!(cache.lookup(200, opaque), Lookup::Found(_)));
         assert!(
-            matches!(cache.lookup(201, b"opaque"), Lookup::Refused),
+            matches!(cache.lookup(201, opaque), Lookup::Refused),
             "expiry re-checked on hit"
         );
         cache.handle_identity_answer(
             100,
             IdentityAnswer {
-                username: b"bad".to_vec().into(),
+                username: bad.to_vec().into(),
                 outcome: Err(IdentityRefusal {
                     reason: "invalid token",
                     retryable: false,
@@ -619,25 +851,25 @@ mod tests {
             },
         );
         assert!(
-            matches!(cache.lookup(110, b"bad"), Lookup::Refused),
+            matches!(cache.lookup(110, bad), Lookup::Refused),
             "negative cache"
         );
         // A retryable refusal (key server unreachable) is not remembered: the next request
         // asks again.
-        assert!(matches!(cache.lookup(100, b"later"), Lookup::Pending));
-        assert!(cache.mark_pending(100, b"later"));
+        assert!(matches!(cache.lookup(100, later), Lookup::Pending));
+        assert!(cache.mark_pending(100, later));
         cache.handle_identity_answer(
             100,
             IdentityAnswer {
-                username: b"later".to_vec().into(),
+                username: later.to_vec().into(),
                 outcome: Err(IdentityRefusal {
                     reason: "key server unavailable",
                     retryable: true,
                 }),
             },
         );
-        assert!(matches!(cache.lookup(101, b"later"), Lookup::Pending));
-        assert!(cache.mark_pending(101, b"later"), "asked again at once");
+        assert!(matches!(cache.lookup(101, later), Lookup::Pending));
+        assert!(cache.mark_pending(101, later), "asked again at once");
     }
 
     #[test]

@@ -226,7 +226,12 @@ fn wrap_authenticated(body: &[u8], src: SocketAddr, now: Now, out: &mut [u8]) ->
         r = &r[3 + l..];
     }
     let key = stun::long_term_key_md5(USER.as_bytes(), REALM.as_bytes(), PASS.as_bytes());
-    let nonce = make_nonce(now.unix, &[3; 32], src);
+    let nonce = make_nonce(
+        now.unix,
+        &[3; 32],
+        crate::auth::features::PASSWORD_ALGORITHMS,
+        src,
+    );
     let ok = w.add(stun::attr::USERNAME, USER.as_bytes()).is_ok()
         && w.add(stun::attr::REALM, REALM.as_bytes()).is_ok()
         && w.add(stun::attr::NONCE, &nonce).is_ok()

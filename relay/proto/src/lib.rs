@@ -20,6 +20,7 @@
 //! clocks and unseeded randomness; the dependency list has no runtime.
 
 pub mod auth;
+pub mod base122;
 pub mod plan;
 pub mod policy;
 pub mod stun;

@@ -662,6 +662,19 @@ impl<'a> MessageWriter<'a> {
         self.add(attr::MESSAGE_INTEGRITY_SHA256, &mac)
     }
 
+    /// Append MESSAGE-INTEGRITY-SHA256 truncated to `len` bytes (RFC 8489 §14.6 allows 16 to
+    /// 32, a multiple of 4, where a STUN usage permits it). For tests and peers that truncate;
+    /// this server always sends the full 32 bytes.
+    pub fn add_integrity_sha256_len(&mut self, key: &[u8], len: usize) -> Result<(), BufferFull> {
+        let len = len.min(32);
+        let padded = (len + 3) & !3;
+        if self.len + 4 + padded > self.buf.len() {
+            return Err(BufferFull);
+        }
+        let mac = hmac_sha256_prefix(self.buf, self.len, self.len + 4 + padded, key);
+        self.add(attr::MESSAGE_INTEGRITY_SHA256, &mac[..len])
+    }
+
     pub fn add_integrity_kind(
         &mut self,
         kind: IntegrityKind,

@@ -22,7 +22,10 @@
 //! Handlers follow the numbered processing steps of RFC 8656 §7-§12; the step is quoted where
 //! it is enforced.
 
-use crate::auth::{self, IdentityAnswer, KeyCache, Lookup, NonceCheck, PasswordAlgorithm, UserKey};
+use crate::auth::{
+    self, features, CredentialKind, IdentityAnswer, KeyCache, Lookup, NonceCheck,
+    PasswordAlgorithm, UserKey,
+};
 use crate::policy::{Denied, PeerPolicy, RelayPortSet};
 use crate::stun::{
     self, attr, channel, code, method, Class, IntegrityKind, Message, MessageWriter,
@@ -271,9 +274,12 @@ pub enum DropReason {
     ResponseTooLarge,
     /// A [`Server::handle_bound`] for an Allocate that is no longer waiting (a caller bug).
     StaleBind,
+    /// Over the per-source budget of unauthenticated Binding answers
+    /// (`stun.bindings_per_source_per_sec`).
+    BindingRateLimited,
 }
 
-pub const N_DROP_REASONS: usize = 15;
+pub const N_DROP_REASONS: usize = 16;
 
 pub const DROP_REASONS: [&str; N_DROP_REASONS] = [
     "not_stun",
@@ -291,6 +297,7 @@ pub const DROP_REASONS: [&str; N_DROP_REASONS] = [
     "bandwidth",
     "response_too_large",
     "stale_bind",
+    "binding_rate_limited",
 ];
 
 /// Why an authenticated request was refused (401). Counted by reason; the answer on the wire
@@ -508,6 +515,10 @@ pub struct TurnConfig {
     pub max_bytes_per_sec: u64,
     /// 401/438 challenges answered per source IP per second; more are dropped.
     pub challenges_per_source: u32,
+    /// Unauthenticated Binding requests answered per source IP per second (success, 420 or
+    /// 401 alike); more are dropped. A Binding answer is larger than the request, so without
+    /// a budget the port is a reflector.
+    pub bindings_per_source: u32,
     /// Identity resolutions (ECIES decryptions on the control thread) per source IP per second.
     pub identity_lookups_per_source: u32,
     /// The transport of each listener index (`ClientKey::listener`); a listener not listed
@@ -547,6 +558,7 @@ impl TurnConfig {
             channel_max: channel::MAX,
             max_bytes_per_sec: 0,
             challenges_per_source: 50,
+            bindings_per_source: 100,
             identity_lookups_per_source: 10,
             relay_socket_pool: 0,
             listener_transports: Vec::new(),
@@ -583,7 +595,10 @@ struct Channel {
 struct Allocation {
     generation: u32,
     client: ClientKey,
+    /// The username that made it (USERHASH resolved): later requests must use the same one.
     username: Box<[u8]>,
+    /// Whose quota it counts against ([`quota_key`]).
+    quota: Box<[u8]>,
     /// Unix seconds when the credential expires (REST, identity); checked on every request.
     credential_expires: u64,
     port: RelayPort,
@@ -664,6 +679,10 @@ struct AuthOk {
     key_len: usize,
     kind: IntegrityKind,
     expires_at: u64,
+    /// Where the credential came from, and for identities the actor behind it: what the
+    /// allocation quota counts.
+    source: CredentialKind,
+    identity: Option<[u8; 16]>,
 }
 
 impl AuthOk {
@@ -714,6 +733,7 @@ struct PendingAllocate {
     client: ClientKey,
     txn: Txn,
     username: Box<[u8]>,
+    quota: Box<[u8]>,
     ok: AuthOk,
     v4: bool,
     v6: bool,
@@ -836,6 +856,8 @@ pub struct Server {
     draining: bool,
     /// 401/438 challenges per source IP per second (reliability checklist A4).
     challenge_limit: auth::RateTable,
+    /// Unauthenticated Binding answers per source IP per second (reliability checklist A5).
+    binding_limit: auth::RateTable,
     /// Identity resolutions (an ECIES decryption on the control thread) per source IP per
     /// second.
     identity_limit: auth::RateTable,
@@ -875,6 +897,11 @@ impl Server {
             rng: seed | 1,
             draining: false,
             challenge_limit: auth::RateTable::new(4096, cfg.challenges_per_source, seed),
+            binding_limit: auth::RateTable::new(
+                4096,
+                cfg.bindings_per_source,
+                seed.rotate_left(21),
+            ),
             identity_limit: auth::RateTable::new(4096, cfg.identity_lookups_per_source, !seed),
             counters: Counters::default(),
             cfg,
@@ -901,6 +928,7 @@ impl Server {
         cfg.shard = self.cfg.shard;
         self.keys.reconfigure(cfg.auth.clone());
         self.challenge_limit.set_limit(cfg.challenges_per_source);
+        self.binding_limit.set_limit(cfg.bindings_per_source);
         self.identity_limit
             .set_limit(cfg.identity_lookups_per_source);
         let pool = cfg.relay_socket_pool;
@@ -940,6 +968,23 @@ impl Server {
     /// Whether `client` holds an allocation.
     pub fn has_allocation(&self, client: &ClientKey) -> bool {
         self.by_client.contains_key(client)
+    }
+
+    /// Timer-wheel entries armed (stale ones included until they fire): flat under steady
+    /// load, back to near zero when allocations end.
+    pub fn timer_count(&self) -> usize {
+        self.wheel.len()
+    }
+
+    /// Side effects queued for the I/O layer ([`Server::poll_command`]); 0 between calls when
+    /// the run-loop contract is kept.
+    pub fn command_queue_len(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// Relay ports held for a later Allocate by EVEN-PORT reservations.
+    pub fn reservation_count(&self) -> usize {
+        self.reservations.len()
     }
 
     /// Stop granting new allocations (shutdown drain); existing ones keep working.
@@ -1114,10 +1159,18 @@ impl Server {
                     s.binding_success(&msg, client, Some(ok))
                 }),
             method::BINDING if msg.has_integrity() => {
+                if !self.binding_limit.allow(now.unix, client.addr.ip()) {
+                    return self.drop(DropReason::BindingRateLimited);
+                }
                 self.counters.auth_fail(AuthFailure::ShortTerm);
                 self.error_reply(&msg, code::UNAUTHORIZED, None)
             }
-            method::BINDING => self.handle_binding(&msg, client),
+            method::BINDING => {
+                if !self.binding_limit.allow(now.unix, client.addr.ip()) {
+                    return self.drop(DropReason::BindingRateLimited);
+                }
+                self.handle_binding(&msg, client)
+            }
             method::ALLOCATE => self.with_auth(now, client, &msg, |s, ok| {
                 s.handle_allocate(now, client, &msg, ok)
             }),
@@ -1230,30 +1283,33 @@ impl Server {
             self.counters.auth_challenges += 1;
             return Authn::Reply(self.challenge(now, msg, client, code::UNAUTHORIZED));
         }
-        // Step 2: integrity without USERNAME, REALM or NONCE → 400.
-        let (Some(username), Some(realm), Some(nonce)) = (
-            msg.get(attr::USERNAME),
-            msg.get(attr::REALM),
-            msg.get(attr::NONCE),
-        ) else {
+        // Step 2: "If the message contains a MESSAGE-INTEGRITY or a MESSAGE-INTEGRITY-SHA256
+        // attribute, but is missing either the USERNAME or USERHASH, REALM, or NONCE
+        // attribute, the server MUST generate an error response with an error code of 400".
+        // Both USERNAME and USERHASH is ambiguous and refused the same way; a USERHASH is 32
+        // bytes (§14.4).
+        let user = match (msg.get(attr::USERNAME), msg.get(attr::USERHASH)) {
+            (Some(name), None) => Some(name),
+            (None, Some(hash)) if hash.len() == 32 => None,
+            _ => return Authn::Reply(self.error_reply(msg, code::BAD_REQUEST, None)),
+        };
+        let (Some(realm), Some(nonce)) = (msg.get(attr::REALM), msg.get(attr::NONCE)) else {
             return Authn::Reply(self.error_reply(msg, code::BAD_REQUEST, None));
         };
-        if username.len() > MAX_USERNAME
+        if user.is_some_and(|u| u.len() > MAX_USERNAME)
             || realm.len() > MAX_REALM_NONCE
             || nonce.len() > MAX_REALM_NONCE
         {
             return Authn::Reply(self.error_reply(msg, code::BAD_REQUEST, None));
         }
-        // PASSWORD-ALGORITHM (RFC 8489 §9.2.4 step 2): MD5 or SHA-256 with no parameters.
-        let algorithm = match msg.get(attr::PASSWORD_ALGORITHM) {
-            None => PasswordAlgorithm::Md5,
-            Some([0, 1, 0, 0]) => PasswordAlgorithm::Md5,
-            Some([0, 2, 0, 0]) => PasswordAlgorithm::Sha256,
-            Some(_) => return Authn::Reply(self.error_reply(msg, code::BAD_REQUEST, None)),
+        // Step 3: the password algorithm, with bid-down detection (§9.2.4).
+        let Some(algorithm) = Self::password_algorithm(msg, nonce) else {
+            return Authn::Reply(self.error_reply(msg, code::BAD_REQUEST, None));
         };
-        // Step 3: the nonce must be ours, for this client, and fresh. An RFC 6062
-        // ConnectionBind comes on a new connection with the nonce of its allocation's control
-        // connection (clients do not wait for a challenge there): that one is valid too.
+        // Step 4: the nonce must be ours (its MAC also covers the features it announced), for
+        // this client, and fresh. An RFC 6062 ConnectionBind comes on a new connection with the
+        // nonce of its allocation's control connection (clients do not wait for a challenge
+        // there): that one is valid too.
         let cfg = self.keys.config();
         let mut checked = auth::check_nonce(
             now.unix,
@@ -1283,14 +1339,27 @@ impl Server {
             self.counters.auth_fail(AuthFailure::Realm);
             return Authn::Reply(self.challenge(now, msg, client, code::UNAUTHORIZED));
         }
-        // Step 4: find the key. An unknown user gets the same 401 as a wrong password.
-        let cred = match self.keys.lookup(now.unix, username) {
+        // Step 5: find the key. An unknown user gets the same 401 as a wrong password, at the
+        // same moment: only usernames that could be identity credentials wait for the control
+        // thread. A USERHASH names a static user or nobody.
+        let lookup = match user {
+            Some(username) => self.keys.lookup(now.unix, username),
+            None => {
+                let hash = msg.get(attr::USERHASH).expect("checked above");
+                match self.keys.lookup_userhash(hash) {
+                    Some(c) => Lookup::Found(c),
+                    None => Lookup::Refused,
+                }
+            }
+        };
+        let cred = match lookup {
             Lookup::Found(c) => c,
             Lookup::Refused => {
                 self.counters.auth_fail(AuthFailure::Credential);
                 return Authn::Reply(self.challenge(now, msg, client, code::UNAUTHORIZED));
             }
             Lookup::Pending => {
+                let username = user.expect("a USERHASH is never pending");
                 if !self.identity_limit.allow(now.unix, client.addr.ip()) {
                     return Authn::Reply(Answer::Drop(DropReason::RateLimited));
                 }
@@ -1302,20 +1371,20 @@ impl Server {
             }
         };
         let kind = msg.integrity_kind().expect("checked has_integrity");
-        let mut ok = match Self::auth_ok(&cred.key, algorithm, kind, cred.expires_at) {
+        let mut ok = match Self::auth_ok(&cred, &cred.key, algorithm, kind) {
             Some(ok) => ok,
             None => {
                 self.counters.auth_fail(AuthFailure::Algorithm);
                 return Authn::Reply(self.challenge(now, msg, client, code::UNAUTHORIZED));
             }
         };
-        // Step 5: verify the MAC (constant time).
+        // Step 6: verify the MAC (constant time).
         let mut cred = cred;
         if !msg.verify_integrity(ok.key()) {
             let mut matched = None;
-            if cred.kind == auth::CredentialKind::Rest {
+            if let (auth::CredentialKind::Rest, Some(username)) = (cred.kind, user) {
                 for alt in self.keys.rest_alternates(username) {
-                    if let Some(alt_ok) = Self::auth_ok(&alt, algorithm, kind, cred.expires_at) {
+                    if let Some(alt_ok) = Self::auth_ok(&cred, &alt, algorithm, kind) {
                         if msg.verify_integrity(alt_ok.key()) {
                             matched = Some((alt, alt_ok));
                             break;
@@ -1334,15 +1403,51 @@ impl Server {
                 }
             }
         }
-        self.keys.remember(username, &cred);
+        if let Some(username) = user {
+            self.keys.remember(username, &cred);
+        }
         Authn::Ok(ok)
     }
 
+    /// RFC 8489 §9.2.4: "If the NONCE attribute starts with the 'nonce cookie' with the STUN
+    /// Security Feature 'Password algorithms' bit set to 1, the server performs these checks
+    /// in the order specified: If the request contains neither the PASSWORD-ALGORITHMS nor
+    /// the PASSWORD-ALGORITHM algorithm, then the request is processed as though
+    /// PASSWORD-ALGORITHM were MD5. Otherwise, unless (1) PASSWORD-ALGORITHM and
+    /// PASSWORD-ALGORITHMS are both present, (2) PASSWORD-ALGORITHMS matches the value sent in
+    /// the response that sent this NONCE, and (3) PASSWORD-ALGORITHM matches one of the
+    /// entries in PASSWORD-ALGORITHMS, the server MUST generate an error response with an
+    /// error code of 400 (Bad Request)." `None` means 400. Whether the nonce really announced
+    /// the bit is checked next, with its MAC; a nonce without the cookie is not ours and gets
+    /// 401 there. Every response that carries a nonce of ours carries the same list
+    /// ([`auth::PASSWORD_ALGORITHMS_VALUE`]), so "the value sent" needs no memory.
+    fn password_algorithm(msg: &Message<'_>, nonce: &[u8]) -> Option<PasswordAlgorithm> {
+        let one = msg.get(attr::PASSWORD_ALGORITHM);
+        let list = msg.get(attr::PASSWORD_ALGORITHMS);
+        let announced =
+            auth::nonce_features(nonce).is_some_and(|f| f & features::PASSWORD_ALGORITHMS != 0);
+        if announced {
+            match (one, list) {
+                (None, None) => return Some(PasswordAlgorithm::Md5),
+                (Some(a), Some(l))
+                    if l == auth::PASSWORD_ALGORITHMS_VALUE
+                        && l.chunks_exact(4).any(|entry| entry == a) => {}
+                _ => return None,
+            }
+        }
+        // PASSWORD-ALGORITHM (§14.12): MD5 or SHA-256, with no parameters.
+        match one {
+            None | Some([0, 1, 0, 0]) => Some(PasswordAlgorithm::Md5),
+            Some([0, 2, 0, 0]) => Some(PasswordAlgorithm::Sha256),
+            Some(_) => None,
+        }
+    }
+
     fn auth_ok(
+        cred: &auth::Credential,
         key: &UserKey,
         algorithm: PasswordAlgorithm,
         kind: IntegrityKind,
-        expires_at: u64,
     ) -> Option<AuthOk> {
         let mut k = [0u8; 32];
         let key_len = match algorithm {
@@ -1359,24 +1464,34 @@ impl Server {
             key: k,
             key_len,
             kind,
-            expires_at,
+            expires_at: cred.expires_at,
+            source: cred.kind,
+            identity: cred.identity,
         })
     }
 
-    /// 401 or 438 with REALM and a fresh NONCE (no MESSAGE-INTEGRITY: we have no key yet).
-    /// Over the per-source limit nothing is sent.
+    /// 401 or 438 with REALM, a fresh NONCE whose cookie announces the security features
+    /// (RFC 8489 §9.2.1), and PASSWORD-ALGORITHMS, which "MUST" accompany a nonce that
+    /// announces password algorithms (§9.2.4; a client that finds it missing gives up,
+    /// §9.2.5). No MESSAGE-INTEGRITY: we have no key yet. Over the per-source limit nothing
+    /// is sent.
     fn challenge(&mut self, now: Now, msg: &Message<'_>, client: ClientKey, code: u16) -> Answer {
         if !self.challenge_limit.allow(now.unix, client.addr.ip()) {
             return Answer::Drop(DropReason::RateLimited);
         }
         let cfg = self.keys.config();
-        let nonce = auth::make_nonce(now.unix, &cfg.nonce_key, client.addr);
+        let features = cfg.features();
+        let nonce = auth::make_nonce(now.unix, &cfg.nonce_key, features, client.addr);
         let realm_len = cfg.realm.len().min(MAX_REALM_NONCE);
         let mut realm = [0u8; MAX_REALM_NONCE];
         realm[..realm_len].copy_from_slice(&cfg.realm.as_bytes()[..realm_len]);
         self.error_reply_with(msg, code, None, |w| {
             w.add(attr::REALM, &realm[..realm_len])?;
-            w.add(attr::NONCE, &nonce)
+            w.add(attr::NONCE, &nonce)?;
+            if features & features::PASSWORD_ALGORITHMS != 0 {
+                w.add(attr::PASSWORD_ALGORITHMS, &auth::PASSWORD_ALGORITHMS_VALUE)?;
+            }
+            Ok(())
         })
     }
 
@@ -1532,9 +1647,12 @@ impl Server {
                 return self.error_reply(msg, code::ADDRESS_FAMILY_NOT_SUPPORTED, Some(ok));
             }
         }
-        let username = msg.get(attr::USERNAME).expect("authenticated");
-        // Step 8: quotas, counted by username (never by IP).
-        if !self.shared.quotas.try_acquire(username) {
+        let username: Box<[u8]> = self.user_of(msg).expect("authenticated").into();
+        // Step 8: quotas, counted by the identity behind the credential (never by IP, and
+        // never by the raw USERNAME, which a REST client rotates with each expiry and an
+        // identity with each re-issue).
+        let quota = quota_key(ok, &username);
+        if !self.shared.quotas.try_acquire(&quota) {
             self.counters.allocations_refused_quota += 1;
             return self.error_reply(msg, code::ALLOCATION_QUOTA_REACHED, Some(ok));
         }
@@ -1543,7 +1661,8 @@ impl Server {
             ticket: BindTicket(0),
             client,
             txn: Txn::from(msg),
-            username: username.into(),
+            username,
+            quota,
             ok: ok.clone(),
             v4: want_v4,
             v6: want_v6,
@@ -1651,7 +1770,7 @@ impl Server {
 
     /// No port for this Allocate: give its quota back and answer 508.
     fn allocate_failed(&mut self, p: PendingAllocate) -> Answer {
-        self.shared.quotas.release(&p.username);
+        self.shared.quotas.release(&p.quota);
         self.counters.allocations_refused_capacity += 1;
         self.error_reply(p.txn, code::INSUFFICIENT_CAPACITY, Some(&p.ok))
     }
@@ -1661,7 +1780,7 @@ impl Server {
     /// release closes it.
     fn abandon_pending(&mut self) {
         if let Some(p) = self.pending.take() {
-            self.shared.quotas.release(&p.username);
+            self.shared.quotas.release(&p.quota);
             self.release_port(p.port);
             for (on, family) in [(p.v4, Family::V4), (p.v6, Family::V6)] {
                 if on {
@@ -1706,6 +1825,7 @@ impl Server {
             generation,
             client: p.client,
             username: p.username,
+            quota: p.quota,
             credential_expires: p.ok.expires_at,
             port,
             v4: p.v4,
@@ -1939,11 +2059,19 @@ impl Server {
             return Err(self.error_reply(msg, code::ALLOCATION_MISMATCH, Some(ok)));
         };
         let a = self.allocs[slot as usize].as_ref().expect("live");
-        let username = msg.get(attr::USERNAME).unwrap_or_default();
-        if *a.username != *username {
+        if self.user_of(msg) != Some(&a.username[..]) {
             return Err(self.error_reply(msg, code::WRONG_CREDENTIALS, Some(ok)));
         }
         Ok(slot)
+    }
+
+    /// The username of an authenticated request: its USERNAME, or the static user its
+    /// USERHASH names.
+    fn user_of<'m>(&'m self, msg: &Message<'m>) -> Option<&'m [u8]> {
+        match msg.get(attr::USERNAME) {
+            Some(name) => Some(name),
+            None => self.keys.user_of_hash(msg.get(attr::USERHASH)?),
+        }
     }
 
     fn handle_refresh(
@@ -2428,8 +2556,8 @@ impl Server {
         else {
             return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
         };
-        // The data connection belongs to whoever made the allocation.
-        if *a.username != *msg.get(attr::USERNAME).unwrap_or_default() {
+        // The data connection belongs to whoever made the allocation (a USERHASH resolved).
+        if self.user_of(msg) != Some(&a.username[..]) {
             return self.error_reply(msg, code::WRONG_CREDENTIALS, Some(ok));
         }
         if let Some(c) = self.tcp_conns.get_mut(&id) {
@@ -2650,7 +2778,7 @@ impl Server {
         self.by_port[pi] = u32::MAX;
         self.release_port(a.port);
         self.shared.relay_ports.set(a.port.addr, a.port.port, false);
-        self.shared.quotas.release(&a.username);
+        self.shared.quotas.release(&a.quota);
         self.free_slots.push(slot);
     }
 
@@ -2685,6 +2813,22 @@ fn warm_bit(f: Family) -> u8 {
         Family::V4 => 1,
         Family::V6 => 2,
     }
+}
+
+/// The key an allocation quota is counted under: the identity behind the credential, in a
+/// namespace per credential source. A static user by name; a TURN REST credential
+/// `<expiry>:<name>` by its `<name>`; an Actrix identity by the actor behind it (the digest the
+/// control thread derived from the verified claims).
+fn quota_key(ok: &AuthOk, username: &[u8]) -> Box<[u8]> {
+    let (tag, id): (u8, &[u8]) = match (ok.source, &ok.identity) {
+        (CredentialKind::Identity, Some(actor)) => (b'i', actor),
+        (CredentialKind::Rest, _) => (b'r', auth::rest_name(username).unwrap_or(username)),
+        _ => (b's', username),
+    };
+    let mut key = Vec::with_capacity(1 + id.len());
+    key.push(tag);
+    key.extend_from_slice(id);
+    key.into_boxed_slice()
 }
 
 fn install_permission(a: &mut Allocation, ip: IpAddr, expires_ms: u64) {

@@ -28,6 +28,8 @@ pub struct Wheel<K = TimerKey> {
     slots: Vec<Vec<K>>,
     /// The last tick (second) processed.
     tick: u64,
+    /// Entries armed and not fired yet (stale ones included): what a soak watches.
+    len: usize,
 }
 
 impl<K: Copy> Wheel<K> {
@@ -37,6 +39,7 @@ impl<K: Copy> Wheel<K> {
         Wheel {
             slots: (0..horizon_secs.max(8)).map(|_| Vec::new()).collect(),
             tick: now_ms / 1000,
+            len: 0,
         }
     }
 
@@ -52,6 +55,7 @@ impl<K: Copy> Wheel<K> {
         let t = self.tick_for(deadline_ms);
         let n = self.slots.len() as u64;
         self.slots[(t % n) as usize].push(key);
+        self.len += 1;
         t
     }
 
@@ -66,8 +70,19 @@ impl<K: Copy> Wheel<K> {
         while self.tick < target {
             self.tick += 1;
             let t = self.tick;
-            out.extend(self.slots[(t % n) as usize].drain(..).map(|k| (t, k)));
+            let slot = &mut self.slots[(t % n) as usize];
+            self.len -= slot.len();
+            out.extend(slot.drain(..).map(|k| (t, k)));
         }
+    }
+
+    /// Entries armed and not fired yet.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Milliseconds timestamp of the next tick, for the event loop's wait.
@@ -83,6 +98,21 @@ impl<K: Copy> Wheel<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn len_counts_armed_entries_until_they_fire() {
+        let mut w = Wheel::new(0, 16);
+        let k = TimerKey::Reservation { token: 1 };
+        w.insert(1_000, k);
+        w.insert(2_000, k);
+        w.insert(100_000, k); // clamped to the horizon
+        assert_eq!(w.len(), 3);
+        let mut out = Vec::new();
+        w.advance(2_000, &mut out);
+        assert_eq!((out.len(), w.len()), (2, 1));
+        w.advance(1_000_000, &mut out);
+        assert!(w.is_empty());
+    }
 
     #[test]
     fn fires_at_the_first_second_at_or_after_the_deadline() {

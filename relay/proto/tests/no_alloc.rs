@@ -2,7 +2,7 @@
 //! Binding, and every attacker-reachable error path (garbage, challenges, bad credentials, bad
 //! REST usernames, stale nonces, unbound channels) run under a counting global allocator.
 
-use actrix_proto::auth::{make_nonce, AuthConfig};
+use actrix_proto::auth::{features, make_nonce, AuthConfig};
 use actrix_proto::policy::PeerPolicy;
 use actrix_proto::stun::{attr, encode_xor_addr, long_term_key_md5, method, Class, MessageWriter};
 use actrix_proto::turn::{
@@ -106,7 +106,7 @@ fn relay_and_error_paths_do_not_allocate() {
     let client: SocketAddr = "198.51.100.1:4000".parse().unwrap();
     let peer_ch: SocketAddr = "203.0.113.5:7000".parse().unwrap();
     let peer_data: SocketAddr = "203.0.113.6:7000".parse().unwrap();
-    let nonce = make_nonce(now.unix, &NONCE_KEY, client);
+    let nonce = make_nonce(now.unix, &NONCE_KEY, features::PASSWORD_ALGORITHMS, client);
     let mut buf = vec![0u8; 2048];
     let feed = |s: &mut Server,
                 now: Now,
@@ -196,7 +196,12 @@ fn relay_and_error_paths_do_not_allocate() {
         &[],
         "alice",
         "secret-pass",
-        &make_nonce(now.unix - 10_000, &NONCE_KEY, client),
+        &make_nonce(
+            now.unix - 10_000,
+            &NONCE_KEY,
+            features::PASSWORD_ALGORITHMS,
+            client,
+        ),
     );
     let payload = [0xAB; 160];
 

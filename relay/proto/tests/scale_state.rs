@@ -12,7 +12,7 @@
 //! - the core's heap per allocation (each with a permission and a channel) is far under the
 //!   2 KiB budget, counted by this binary's allocator.
 
-use actrix_proto::auth::{make_nonce, AuthConfig};
+use actrix_proto::auth::{features, make_nonce, AuthConfig};
 use actrix_proto::policy::PeerPolicy;
 use actrix_proto::stun::{self, attr, channel, Class, Message, MessageWriter};
 use actrix_proto::turn::{
@@ -113,7 +113,12 @@ impl Driver {
         self.tid += 1;
         let mut tid = [0u8; 12];
         tid[4..].copy_from_slice(&self.tid.to_be_bytes());
-        let nonce = make_nonce(self.now.unix, &NONCE_KEY, from);
+        let nonce = make_nonce(
+            self.now.unix,
+            &NONCE_KEY,
+            features::PASSWORD_ALGORITHMS,
+            from,
+        );
         let n = {
             let out = &mut self.buf[HEADROOM..];
             let mut w = MessageWriter::new(out, method, Class::Request, &tid).unwrap();

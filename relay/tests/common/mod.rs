@@ -36,6 +36,18 @@ pub struct Appliance {
     pub early_log: Vec<String>,
 }
 
+/// How to start the appliance beyond its configuration text.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Lines added at the top of a table the base configuration already has (`cores`, `stun`,
+    /// `http`), which `extra` cannot repeat.
+    pub sections: &'a [(&'a str, &'a str)],
+    /// RLIMIT_NOFILE (soft and hard) of the process.
+    pub nofile: Option<u64>,
+    /// Environment variables of the process.
+    pub env: &'a [(&'a str, &'a str)],
+}
+
 impl Appliance {
     /// Start `actrix run -c <dir>/actrix.toml` with `extra` appended to a loopback config.
     pub fn start(dir: &Path, extra: &str) -> Appliance {
@@ -51,6 +63,19 @@ impl Appliance {
     /// As [`Appliance::start_stun`], with `cores` added to the `[cores]` section (e.g.
     /// `shards = [0, 1]`).
     pub fn start_cores(dir: &Path, cores: &str, stun: &str, extra: &str) -> Appliance {
+        Self::launch(
+            dir,
+            extra,
+            Launch {
+                sections: &[("cores", cores), ("stun", stun)],
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// [`Appliance::start`] with lines added to the base tables (`{port}` in them stands for
+    /// the UDP listener's port) and process limits.
+    pub fn launch(dir: &Path, extra: &str, how: Launch<'_>) -> Appliance {
         let port = loop {
             // The same port number must be free for TCP too when streams are asked for.
             let p = free_udp_port();
@@ -63,9 +88,8 @@ impl Appliance {
         // another test's listener port.
         let base = (port as u32 % 20) * 200 + 61000;
         let text = format!(
-            "[node]\ndata_dir = \"{}\"\n[cores]\npin = false\n{cores}\n[stun]\nlisten = [\"127.0.0.1:{port}\"]\n{}\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
-            dir.join("data").display(),
-            stun.replace("{port}", &port.to_string())
+            "[node]\ndata_dir = \"{}\"\n[cores]\npin = false\n[stun]\nlisten = [\"127.0.0.1:{port}\"]\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
+            dir.join("data").display()
         );
         let text = if text.contains("relay_port_range") {
             text
@@ -75,16 +99,42 @@ impl Appliance {
                 &format!("[turn]\nrelay_port_range = \"{}-{}\"\n", base, base + 199),
             )
         };
+        let mut text = text;
+        for (table, lines) in how.sections {
+            let header = format!("[{table}]\n");
+            assert!(
+                text.contains(&header),
+                "no [{table}] in the base configuration"
+            );
+            let lines = lines.replace("{port}", &port.to_string());
+            text = text.replacen(&header, &format!("{header}{lines}\n"), 1);
+        }
         let cfg = dir.join("actrix.toml");
         std::fs::write(&cfg, text).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_actrix"))
-            .args(["run", "-c"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_actrix"));
+        cmd.args(["run", "-c"])
             .arg(&cfg)
             .env("ACTRIX_LOG", "info")
+            .envs(how.env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start actrix");
+            .stderr(Stdio::piped());
+        if let Some(n) = how.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("start actrix");
         let (tx, rx) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {

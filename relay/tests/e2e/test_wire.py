@@ -342,8 +342,15 @@ def test_challenges_are_capped_per_source_and_others_still_served(appliance_fact
         raw = quiet.recv(65535)
         resp = tw.parse(raw)
         assert resp.error_code() == 401 and resp.tid == req.tid
-        # Nothing but the code (no reason phrase), REALM and NONCE: no SOFTWARE, no extras.
-        assert sorted(t for t, _ in resp.attrs) == [tw.ERROR_CODE, tw.REALM, tw.NONCE], resp
+        # Nothing but the code (no reason phrase), REALM, NONCE and the PASSWORD-ALGORITHMS
+        # that RFC 8489 §9.2.4 requires with a nonce announcing them: no SOFTWARE, no extras.
+        assert sorted(t for t, _ in resp.attrs) == [
+            tw.ERROR_CODE,
+            tw.REALM,
+            tw.NONCE,
+            tw.PASSWORD_ALGORITHMS,
+        ], resp
+        assert resp.get(tw.PASSWORD_ALGORITHMS) == b"\x00\x02\x00\x00\x00\x01\x00\x00"
         assert len(resp.get(tw.ERROR_CODE)) == 4
         assert len(raw) <= len(request) + 100
 

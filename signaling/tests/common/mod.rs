@@ -128,6 +128,16 @@ pub fn allow(from: &[&str]) -> Acl {
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// What a client saw next.
+#[derive(Debug)]
+pub enum Event {
+    Frame(Box<SignalingEnvelope>),
+    /// The connection ended: the code of the server's Close frame, or None when it was
+    /// dropped without one.
+    Closed(Option<u16>),
+    Timeout,
+}
+
 pub struct Client {
     pub ws: Ws,
     pub id: Option<ActrId>,
@@ -182,26 +192,69 @@ impl Client {
         id
     }
 
-    /// The next envelope (pending ones first); None on close or timeout.
-    pub async fn recv_timeout(&mut self, t: Duration) -> Option<SignalingEnvelope> {
+    /// What arrives next (pending envelopes first) within `t`: an envelope, the end of the
+    /// connection (with the close code the server sent, if it sent a Close frame), or
+    /// nothing. Pings, pongs and text frames are skipped.
+    pub async fn recv_event(&mut self, t: Duration) -> Event {
         if let Some(e) = self.pending.pop_front() {
-            return Some(e);
+            return Event::Frame(Box::new(e));
         }
-        self.recv_wire(t).await
+        self.recv_wire_event(t).await
+    }
+
+    async fn recv_wire_event(&mut self, t: Duration) -> Event {
+        let deadline = tokio::time::Instant::now() + t;
+        loop {
+            let m = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return Event::Timeout,
+                Ok(None) | Ok(Some(Err(_))) => return Event::Closed(None),
+                Ok(Some(Ok(m))) => m,
+            };
+            match m {
+                Message::Binary(b) => {
+                    return Event::Frame(Box::new(
+                        SignalingEnvelope::decode(b).expect("server envelope decodes"),
+                    ))
+                }
+                Message::Close(f) => return Event::Closed(f.map(|f| u16::from(f.code))),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next envelope within `t`; None on a timeout. A close panics: a test that expects
+    /// a close says so with [`Client::expect_closed`].
+    pub async fn recv_timeout(&mut self, t: Duration) -> Option<SignalingEnvelope> {
+        match self.recv_event(t).await {
+            Event::Frame(e) => Some(*e),
+            Event::Timeout => None,
+            Event::Closed(code) => {
+                panic!("connection closed (code {code:?}) while waiting for an envelope")
+            }
+        }
+    }
+
+    /// Expect the server to close the connection within `t` (envelopes before the close are
+    /// skipped); returns the close code it sent (None: dropped without a Close frame). Panics
+    /// on a timeout.
+    pub async fn expect_closed(&mut self, t: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + t;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv_event(left).await {
+                Event::Frame(_) => continue,
+                Event::Closed(code) => return code,
+                Event::Timeout => panic!("still open after {t:?}"),
+            }
+        }
     }
 
     async fn recv_wire(&mut self, t: Duration) -> Option<SignalingEnvelope> {
-        let deadline = tokio::time::Instant::now() + t;
-        loop {
-            let m = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .ok()??;
-            match m.ok()? {
-                Message::Binary(b) => {
-                    return Some(SignalingEnvelope::decode(b).expect("server envelope decodes"))
-                }
-                Message::Close(_) => return None,
-                _ => continue,
+        match self.recv_wire_event(t).await {
+            Event::Frame(e) => Some(*e),
+            Event::Timeout => None,
+            Event::Closed(code) => {
+                panic!("connection closed (code {code:?}) while waiting for a reply")
             }
         }
     }
@@ -227,10 +280,12 @@ impl Client {
         }
     }
 
-    /// Expect nothing for `t`.
+    /// Expect nothing for `t`: no envelope, and the connection stays open.
     pub async fn expect_silence(&mut self, t: Duration) {
-        if let Some(e) = self.recv_timeout(t).await {
-            panic!("unexpected envelope {e:?}");
+        match self.recv_event(t).await {
+            Event::Timeout => {}
+            Event::Frame(e) => panic!("unexpected envelope {e:?}"),
+            Event::Closed(code) => panic!("unexpected close (code {code:?})"),
         }
     }
 
@@ -370,4 +425,101 @@ pub fn sdp(text: &str) -> actr_relay::Payload {
         sdp: text.into(),
         sdp_exchange_id: None,
     })
+}
+
+/// A WebSocket client written by hand over TCP, for what a real client library will not do:
+/// send frames that break the protocol, or not read at all (so it never answers pings).
+pub struct RawWs {
+    pub s: TcpStream,
+}
+
+/// A frame from the server: opcode and payload.
+pub type RawFrame = (u8, Vec<u8>);
+
+impl RawWs {
+    pub async fn connect(srv: &Server) -> RawWs {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(
+            b"GET /signaling/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).await.unwrap(), 1, "upgrade response");
+            head.push(b[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        RawWs { s }
+    }
+
+    /// Send one frame: `first` is the FIN/RSV/opcode byte; client frames are masked unless
+    /// `masked` is false (a protocol violation).
+    pub async fn send_frame(&mut self, first: u8, masked: bool, payload: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        assert!(payload.len() < 126);
+        let mut f = vec![first, payload.len() as u8 | if masked { 0x80 } else { 0 }];
+        let key = [0x11, 0x22, 0x33, 0x44];
+        if masked {
+            f.extend_from_slice(&key);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            f.extend_from_slice(payload);
+        }
+        self.s.write_all(&f).await.unwrap();
+    }
+
+    /// Every frame the server sends until it closes the connection, or until `t` passes.
+    pub async fn frames_until_closed(&mut self, t: Duration) -> (Vec<RawFrame>, bool) {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + t;
+        let mut buf = Vec::new();
+        let mut closed = false;
+        loop {
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, self.s.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                Err(_) => break,
+            }
+        }
+        let mut frames = Vec::new();
+        let mut i = 0;
+        while i + 2 <= buf.len() {
+            let op = buf[i] & 0x0F;
+            let mut len = (buf[i + 1] & 0x7F) as usize;
+            let mut at = i + 2;
+            if len == 126 {
+                len = u16::from_be_bytes([buf[at], buf[at + 1]]) as usize;
+                at += 2;
+            } else if len == 127 {
+                len = u64::from_be_bytes(buf[at..at + 8].try_into().unwrap()) as usize;
+                at += 8;
+            }
+            if at + len > buf.len() {
+                break;
+            }
+            frames.push((op, buf[at..at + len].to_vec()));
+            i = at + len;
+        }
+        (frames, closed)
+    }
+}
+
+/// The code of a Close frame's payload.
+pub fn close_code(frames: &[RawFrame]) -> Option<u16> {
+    frames
+        .iter()
+        .find(|(op, _)| *op == 0x8)
+        .and_then(|(_, p)| (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]])))
 }

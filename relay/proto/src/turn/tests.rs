@@ -92,6 +92,8 @@ struct Client {
     nonce: Vec<u8>,
     tid: u32,
     sha256: bool,
+    /// Send USERHASH instead of USERNAME (RFC 8489 §14.4).
+    userhash: bool,
 }
 
 impl Client {
@@ -103,6 +105,7 @@ impl Client {
             nonce: Vec::new(),
             tid: 0,
             sha256: false,
+            userhash: false,
         }
     }
     fn next_tid(&mut self) -> [u8; 12] {
@@ -128,10 +131,19 @@ impl Client {
             w.add(*t, v).unwrap();
         }
         if auth {
-            w.add(attr::USERNAME, self.user.as_bytes()).unwrap();
+            if self.userhash {
+                let h = auth::userhash(self.user.as_bytes(), REALM.as_bytes());
+                w.add(attr::USERHASH, &h).unwrap();
+            } else {
+                w.add(attr::USERNAME, self.user.as_bytes()).unwrap();
+            }
             w.add(attr::REALM, REALM.as_bytes()).unwrap();
             w.add(attr::NONCE, &self.nonce).unwrap();
             if self.sha256 {
+                // RFC 8489 §9.2.4: with a nonce that announces password algorithms, the list
+                // the server offered comes back with the choice.
+                w.add(attr::PASSWORD_ALGORITHMS, &auth::PASSWORD_ALGORITHMS_VALUE)
+                    .unwrap();
                 w.add(attr::PASSWORD_ALGORITHM, &[0, 2, 0, 0]).unwrap();
                 w.add_integrity_sha256(&self.key()).unwrap();
             } else {
@@ -477,6 +489,216 @@ fn unknown_comprehension_required_attribute_gets_420_in_requests_and_drop_in_ind
 }
 
 #[test]
+fn a_large_unknown_comprehension_required_attribute_gets_420_not_a_drop() {
+    // RFC 8489 §7.3.1: a request that otherwise parses and holds an unknown
+    // comprehension-required attribute gets 420 with UNKNOWN-ATTRIBUTES, whatever its size;
+    // the whole datagram fits a receive slot, so it is not "truncated" either.
+    let mut h = H::new();
+    let c = alice();
+    let mut buf = [0u8; 3000];
+    let mut w = MessageWriter::new(&mut buf, method::BINDING, Class::Request, &[4; 12]).unwrap();
+    w.add(0x7001, &[0xAB; 2600]).unwrap();
+    w.add_fingerprint().unwrap();
+    let n = w.finish();
+    assert!(n > 2600 && n < 4096 - 128);
+    let r = h.send(&c, &buf[..n]).unwrap();
+    assert_eq!(r.code(), Some(420));
+    assert_eq!(
+        r.msg().get(attr::UNKNOWN_ATTRIBUTES).unwrap(),
+        &[0x70, 0x01]
+    );
+    assert!(r.bytes.len() < 64, "the answer does not echo the attribute");
+}
+
+#[test]
+fn unauthenticated_bindings_are_rate_limited_per_source() {
+    let mut h = H::with(|cfg, _| cfg.bindings_per_source = 3);
+    let binding = |tid: u8| {
+        let mut buf = [0u8; 20];
+        let w = MessageWriter::new(&mut buf, method::BINDING, Class::Request, &[tid; 12]).unwrap();
+        let n = w.finish();
+        buf[..n].to_vec()
+    };
+    let a = alice();
+    let b = Client::new("198.51.100.99:1", "bob", "hunter2");
+    for i in 0..3 {
+        assert!(h.send(&a, &binding(i)).unwrap().ok());
+    }
+    assert!(
+        h.send(&a, &binding(9)).is_none(),
+        "over the budget: dropped"
+    );
+    assert_eq!(
+        h.s.counters.drops[DropReason::BindingRateLimited as usize],
+        1
+    );
+    assert!(
+        h.send(&b, &binding(10)).unwrap().ok(),
+        "other sources are served"
+    );
+    // A short-term-credential Binding (answered 401) counts against the same budget.
+    h.advance(1);
+    let mut buf = [0u8; 64];
+    let mut w = MessageWriter::new(&mut buf, method::BINDING, Class::Request, &[11; 12]).unwrap();
+    w.add(attr::USERNAME, b"x:y").unwrap();
+    w.add_integrity(b"short-term").unwrap();
+    let n = w.finish();
+    for _ in 0..3 {
+        assert_eq!(h.send(&a, &buf[..n]).unwrap().code(), Some(401));
+    }
+    assert!(h.send(&a, &buf[..n]).is_none());
+    assert!(h.send(&a, &binding(12)).is_none());
+    h.advance(1);
+    assert!(h.send(&a, &binding(13)).unwrap().ok(), "a new second");
+    assert_eq!(
+        h.s.counters.drops[DropReason::BindingRateLimited as usize],
+        3
+    );
+}
+
+/// An authenticated Refresh with hand-made integrity attributes: `mi` adds MESSAGE-INTEGRITY
+/// (right or wrong), `mi256` MESSAGE-INTEGRITY-SHA256 of that length (right or wrong).
+fn refresh_with_integrity(
+    c: &mut Client,
+    mi: Option<bool>,
+    mi256: Option<(usize, bool)>,
+) -> Vec<u8> {
+    let tid = c.next_tid();
+    let mut buf = [0u8; 512];
+    let mut w = MessageWriter::new(&mut buf, method::REFRESH, Class::Request, &tid).unwrap();
+    w.add(attr::USERNAME, c.user.as_bytes()).unwrap();
+    w.add(attr::REALM, REALM.as_bytes()).unwrap();
+    w.add(attr::NONCE, &c.nonce).unwrap();
+    let good = c.key();
+    let bad = vec![0x55u8; good.len()];
+    if let Some(right) = mi {
+        w.add_integrity(if right { &good } else { &bad }).unwrap();
+    }
+    if let Some((len, right)) = mi256 {
+        w.add_integrity_sha256_len(if right { &good } else { &bad }, len)
+            .unwrap();
+    }
+    w.add_fingerprint().unwrap();
+    let n = w.finish();
+    buf[..n].to_vec()
+}
+
+#[test]
+fn message_integrity_then_sha256_and_truncated_sha256_are_accepted() {
+    // Reliability checklist P7: MESSAGE-INTEGRITY followed by MESSAGE-INTEGRITY-SHA256, and
+    // MESSAGE-INTEGRITY-SHA256 truncated to 16-28 bytes (RFC 8489 §14.6), are accepted, never
+    // answered 420.
+    let mut h = H::new();
+    let mut c = alice();
+    h.allocate(&mut c);
+    /// MESSAGE-INTEGRITY right?, MESSAGE-INTEGRITY-SHA256 (length, right?), the error
+    /// expected, what it is.
+    type Case = (
+        Option<bool>,
+        Option<(usize, bool)>,
+        Option<u16>,
+        &'static str,
+    );
+    let cases: [Case; 9] = [
+        (Some(true), Some((32, true)), None, "MI then MI-SHA256"),
+        (None, Some((16, true)), None, "truncated to 16"),
+        (None, Some((20, true)), None, "truncated to 20"),
+        (None, Some((24, true)), None, "truncated to 24"),
+        (None, Some((28, true)), None, "truncated to 28"),
+        (
+            Some(true),
+            Some((16, true)),
+            None,
+            "MI then a truncated MI-SHA256",
+        ),
+        // The stronger MAC decides: a right MI does not rescue a wrong MI-SHA256.
+        (
+            Some(true),
+            Some((32, false)),
+            Some(401),
+            "MI right, MI-SHA256 wrong",
+        ),
+        (None, Some((12, true)), Some(401), "shorter than 16"),
+        (None, Some((18, true)), Some(401), "not a multiple of 4"),
+    ];
+    for (mi, mi256, want, what) in cases {
+        let bytes = refresh_with_integrity(&mut c, mi, mi256);
+        let r = h.send(&c, &bytes).unwrap();
+        assert_eq!(r.code(), want, "{what}");
+        if want.is_none() {
+            let m = r.msg();
+            assert_eq!(m.integrity_kind(), Some(IntegrityKind::Sha256), "{what}");
+            assert!(m.verify_integrity(&c.key()), "{what}");
+        }
+    }
+    assert_eq!(h.s.allocation_count(), 1);
+}
+
+#[test]
+fn duplicate_username_and_lifetime_first_one_wins() {
+    // Reliability checklist P11 (coturn #2016): with two USERNAMEs or two LIFETIMEs the first
+    // one is acted on, deterministically, never the last.
+    let mut h = H::new();
+    let mut c = alice();
+    h.allocate(&mut c);
+    let two_users = |c: &mut Client, key_of: &str, second: &str| {
+        let tid = c.next_tid();
+        let mut buf = [0u8; 512];
+        let mut w = MessageWriter::new(&mut buf, method::REFRESH, Class::Request, &tid).unwrap();
+        w.add(attr::USERNAME, b"alice").unwrap();
+        w.add(attr::USERNAME, second.as_bytes()).unwrap();
+        w.add(attr::REALM, REALM.as_bytes()).unwrap();
+        w.add(attr::NONCE, &c.nonce).unwrap();
+        let key = match key_of {
+            "alice" => long_term_key_md5(b"alice", REALM.as_bytes(), b"secret"),
+            _ => long_term_key_md5(b"bob", REALM.as_bytes(), b"hunter2"),
+        };
+        w.add_integrity(&key).unwrap();
+        let n = w.finish();
+        buf[..n].to_vec()
+    };
+    // Keyed as alice (the first USERNAME): accepted as alice's Refresh.
+    let bytes = two_users(&mut c, "alice", "bob");
+    let r = h.send(&c, &bytes).unwrap();
+    assert!(r.ok(), "{:?}", r.code());
+    // Keyed as bob (the second USERNAME): the first one decides, so the MAC is wrong.
+    let bytes = two_users(&mut c, "bob", "bob");
+    let r = h.send(&c, &bytes).unwrap();
+    assert_eq!(r.code(), Some(401));
+    assert_eq!(h.s.allocation_count(), 1);
+
+    // Two LIFETIMEs: 0 first deletes, whatever follows; 1200 first refreshes and keeps it.
+    let keep = c.request(
+        method::REFRESH,
+        c.clone().next_tid(),
+        &[
+            (attr::LIFETIME, 1200u32.to_be_bytes().to_vec()),
+            (attr::LIFETIME, 0u32.to_be_bytes().to_vec()),
+        ],
+        true,
+    );
+    c.next_tid();
+    let r = h.send(&c, &keep).unwrap();
+    assert!(r.ok());
+    assert_eq!(r.msg().get_u32(attr::LIFETIME), Some(1200));
+    assert_eq!(h.s.allocation_count(), 1);
+    let delete = c.request(
+        method::REFRESH,
+        c.clone().next_tid(),
+        &[
+            (attr::LIFETIME, 0u32.to_be_bytes().to_vec()),
+            (attr::LIFETIME, 1200u32.to_be_bytes().to_vec()),
+        ],
+        true,
+    );
+    c.next_tid();
+    let r = h.send(&c, &delete).unwrap();
+    assert!(r.ok());
+    assert_eq!(r.msg().get_u32(attr::LIFETIME), Some(0));
+    assert_eq!(h.s.allocation_count(), 0);
+}
+
+#[test]
 fn unauthenticated_allocate_gets_401_with_realm_and_nonce_and_no_state() {
     let mut h = H::new();
     let mut c = alice();
@@ -490,8 +712,9 @@ fn unauthenticated_allocate_gets_401_with_realm_and_nonce_and_no_state() {
     assert!(m.get(attr::MESSAGE_INTEGRITY).is_none());
     assert_eq!(h.s.allocation_count(), 0);
     assert!(h.b.bound().is_empty());
-    // No SOFTWARE and no reason phrase: the error is small.
-    assert!(r.bytes.len() <= 20 + 8 + 16 + 4 + 60 + 8);
+    // No SOFTWARE and no reason phrase: the error is small. PASSWORD-ALGORITHMS (12 bytes)
+    // is the one addition RFC 8489 §9.2.4 requires.
+    assert!(r.bytes.len() <= 20 + 8 + 16 + 4 + 60 + 12 + 8);
 }
 
 #[test]
@@ -1424,56 +1647,78 @@ fn draining_refuses_new_allocations_but_keeps_relaying() {
     assert!(h.call(&mut c, method::REFRESH, &[]).ok());
 }
 
+/// An identity-shaped username (base122 of a realm id, a key id and a token long enough to be
+/// an ECIES envelope), different for each `seed`.
+fn identity_name(seed: u8) -> String {
+    let raw: Vec<u8> = (0..auth::IDENTITY_USERNAME_MIN_DECODED + 40)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    String::from_utf8(crate::base122::encode(&raw)).expect("base122 is UTF-8")
+}
+
+/// Resolve `username` as the control thread would: keys for `password`, the actor `actor`.
+fn identity_answer(username: &str, password: &str, actor: u8, expires_at: u64) -> IdentityAnswer {
+    let u = username.as_bytes();
+    IdentityAnswer {
+        username: u.to_vec().into(),
+        outcome: Ok(auth::IdentityKey {
+            key_md5: long_term_key_md5(u, REALM.as_bytes(), password.as_bytes()),
+            key_sha256: long_term_key_sha256(u, REALM.as_bytes(), password.as_bytes()),
+            expires_at,
+            quota_key: [actor; 16],
+        }),
+    }
+}
+
+/// Take a nonce from a 401 and send the authenticated request once; `None` when dropped.
+fn first_authenticated(
+    h: &mut H,
+    c: &mut Client,
+    m: u16,
+    attrs: &[(u16, Vec<u8>)],
+) -> (Vec<u8>, Option<Resp>) {
+    let tid = c.next_tid();
+    let r = h.send(c, &c.request(m, tid, attrs, false)).unwrap();
+    c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    let tid = c.next_tid();
+    let req = c.request(m, tid, attrs, true);
+    let r = h.send(c, &req);
+    (req, r)
+}
+
 #[test]
 fn identity_usernames_are_resolved_once_off_the_core() {
     let mut h = H::with(|_, auth| auth.identities = true);
-    let mut c = Client::new("198.51.100.4:4", "opaque-identity", "00ff");
-    let tid = c.next_tid();
-    let r = h
-        .send(&c, &c.request(method::ALLOCATE, tid, &[udp()], false))
-        .unwrap();
-    c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
-    let tid = c.next_tid();
-    let req = c.request(method::ALLOCATE, tid, &[udp()], true);
-    assert!(
-        h.send(&c, &req).is_none(),
-        "dropped while the control thread resolves it"
-    );
+    let name = identity_name(1);
+    let mut c = Client::new("198.51.100.4:4", &name, "00ff");
+    let (req, r) = first_authenticated(&mut h, &mut c, method::ALLOCATE, &[udp()]);
+    assert!(r.is_none(), "dropped while the control thread resolves it");
     assert!(h.send(&c, &req).is_none());
     assert_eq!(
         h.b.identities,
-        [Box::from(&b"opaque-identity"[..])],
+        [Box::from(name.as_bytes())],
         "asked once, not per retransmission"
     );
-    let key = long_term_key_md5(b"opaque-identity", REALM.as_bytes(), b"00ff");
-    h.s.handle_identity_answer(
-        h.now,
-        auth::IdentityAnswer {
-            username: b"opaque-identity".to_vec().into(),
-            outcome: Ok(auth::IdentityKey {
-                key_md5: key,
-                expires_at: T0 + 100,
-            }),
-        },
-    );
+    h.s.handle_identity_answer(h.now, identity_answer(&name, "00ff", 1, T0 + 100));
     assert!(
         h.send(&c, &req).unwrap().ok(),
         "the retransmission succeeds from the cache"
     );
+    // SHA-256 keys work for identities too.
+    let mut s = c.clone();
+    s.sha256 = true;
+    s.addr = "198.51.100.4:6".parse().unwrap();
+    s.nonce.clear();
+    assert!(h.call(&mut s, method::ALLOCATE, &[udp()]).ok());
     // A refused identity gets 401.
-    let mut bad = Client::new("198.51.100.4:5", "forged", "00");
-    let tid = bad.next_tid();
-    let r = h
-        .send(&bad, &bad.request(method::ALLOCATE, tid, &[udp()], false))
-        .unwrap();
-    bad.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
-    let tid = bad.next_tid();
-    let req = bad.request(method::ALLOCATE, tid, &[udp()], true);
-    assert!(h.send(&bad, &req).is_none());
+    let forged = identity_name(2);
+    let mut bad = Client::new("198.51.100.4:5", &forged, "00");
+    let (req, r) = first_authenticated(&mut h, &mut bad, method::ALLOCATE, &[udp()]);
+    assert!(r.is_none());
     h.s.handle_identity_answer(
         h.now,
-        auth::IdentityAnswer {
-            username: b"forged".to_vec().into(),
+        IdentityAnswer {
+            username: forged.as_bytes().to_vec().into(),
             outcome: Err(auth::IdentityRefusal {
                 reason: "invalid token",
                 retryable: false,
@@ -1481,6 +1726,287 @@ fn identity_usernames_are_resolved_once_off_the_core() {
         },
     );
     assert_eq!(h.send(&bad, &req).unwrap().code(), Some(401));
+}
+
+#[test]
+fn with_identities_on_an_unknown_username_is_refused_as_fast_as_a_wrong_password() {
+    // Identity credentials on: before the fix an unknown name went to the control thread and
+    // was answered only on the retransmission, while a static user with a wrong password was
+    // answered at once, which told which static users exist.
+    let mut h = H::with(|_, auth| auth.identities = true);
+    for (addr, user, pass) in [
+        ("198.51.100.7:1", "alice", "wrong"),
+        ("198.51.100.7:2", "mallory", "whatever"),
+        ("198.51.100.7:3", "1600000000:eve", "expired-rest"),
+    ] {
+        let mut c = Client::new(addr, user, pass);
+        let (_, r) = first_authenticated(&mut h, &mut c, method::ALLOCATE, &[udp()]);
+        let r = r.unwrap_or_else(|| panic!("{user}: answered on the first transmission"));
+        assert_eq!(r.code(), Some(401), "{user}");
+        // The same shape: ERROR-CODE, REALM, NONCE, PASSWORD-ALGORITHMS, no integrity.
+        assert_eq!(
+            r.msg().attr_types().collect::<Vec<_>>(),
+            [
+                attr::ERROR_CODE,
+                attr::REALM,
+                attr::NONCE,
+                attr::PASSWORD_ALGORITHMS
+            ],
+            "{user}"
+        );
+    }
+    assert!(
+        h.b.identities.is_empty(),
+        "nothing was sent to the control thread"
+    );
+    assert_eq!(
+        h.s.counters.auth_failures_by_reason[AuthFailure::Credential as usize],
+        2
+    );
+    assert_eq!(
+        h.s.counters.auth_failures_by_reason[AuthFailure::Integrity as usize],
+        1
+    );
+}
+
+#[test]
+fn quotas_count_the_identity_behind_rotating_credentials() {
+    let mut h = H::with_limits(100, 2, |_, auth| auth.identities = true);
+    // TURN REST: a fresh expiry is a fresh USERNAME but the same name behind it.
+    let mut n = 0;
+    let mut rest = |h: &mut H, expiry: u64, name: &str| {
+        n += 1;
+        let user = format!("{expiry}:{name}");
+        let mut c = Client::new(
+            &format!("198.51.100.20:{n}"),
+            &user,
+            &rest_password(b"rest-secret", user.as_bytes()),
+        );
+        h.call(&mut c, method::ALLOCATE, &[udp()]).code()
+    };
+    assert_eq!(rest(&mut h, T0 + 600, "carol"), None);
+    assert_eq!(rest(&mut h, T0 + 601, "carol"), None);
+    assert_eq!(
+        rest(&mut h, T0 + 602, "carol"),
+        Some(486),
+        "a rotated REST username does not get a fresh quota"
+    );
+    assert_eq!(
+        rest(&mut h, T0 + 603, "dave"),
+        None,
+        "another name has its own"
+    );
+    // Identity credentials: re-issued credentials of one actor share the actor's quota.
+    let mut k = 0;
+    let mut identity = |h: &mut H, seed: u8, actor: u8| {
+        k += 1;
+        let name = identity_name(seed);
+        let mut c = Client::new(&format!("198.51.100.21:{k}"), &name, "00ff");
+        let (req, r) = first_authenticated(h, &mut c, method::ALLOCATE, &[udp()]);
+        assert!(r.is_none(), "resolved off the core first");
+        h.s.handle_identity_answer(h.now, identity_answer(&name, "00ff", actor, T0 + 3600));
+        h.send(&c, &req).unwrap().code()
+    };
+    assert_eq!(identity(&mut h, 10, 7), None);
+    assert_eq!(identity(&mut h, 11, 7), None);
+    assert_eq!(
+        identity(&mut h, 12, 7),
+        Some(486),
+        "a re-issued credential of the same actor does not get a fresh quota"
+    );
+    assert_eq!(identity(&mut h, 13, 8), None, "another actor has its own");
+    assert_eq!(h.s.cross_shard().quotas.total(), 6);
+}
+
+#[test]
+fn userhash_finds_static_users_and_nobody_else() {
+    let mut h = H::with(|_, auth| {
+        auth.rest_secrets.clear();
+    });
+    let mut c = alice();
+    c.userhash = true;
+    let r = h.call(&mut c, method::ALLOCATE, &[udp()]);
+    assert!(r.ok(), "USERHASH of a static user: {:?}", r.code());
+    // The allocation belongs to alice: her USERNAME works on it, bob's credential does not.
+    let mut by_name = c.clone();
+    by_name.userhash = false;
+    assert!(h.call(&mut by_name, method::REFRESH, &[]).ok());
+    let mut bob = Client::new("198.51.100.1:40000", "bob", "hunter2");
+    bob.nonce = c.nonce.clone();
+    assert_eq!(h.call(&mut bob, method::REFRESH, &[]).code(), Some(441));
+    // A USERHASH that names nobody is an unknown user: 401.
+    let mut nobody = Client::new("198.51.100.2:1", "nobody", "x");
+    nobody.userhash = true;
+    assert_eq!(
+        h.call(&mut nobody, method::ALLOCATE, &[udp()]).code(),
+        Some(401)
+    );
+    // With static users only, the nonce announces username anonymity.
+    assert_eq!(
+        auth::nonce_features(&c.nonce),
+        Some(features::PASSWORD_ALGORITHMS | features::USERNAME_ANONYMITY)
+    );
+    // USERNAME and USERHASH together, or a USERHASH of the wrong length: 400.
+    let tid = c.next_tid();
+    let mut buf = [0u8; 512];
+    let mut w = MessageWriter::new(&mut buf, method::REFRESH, Class::Request, &tid).unwrap();
+    w.add(attr::USERNAME, b"alice").unwrap();
+    w.add(attr::USERHASH, &auth::userhash(b"alice", REALM.as_bytes()))
+        .unwrap();
+    w.add(attr::REALM, REALM.as_bytes()).unwrap();
+    w.add(attr::NONCE, &c.nonce).unwrap();
+    w.add_integrity(&c.key()).unwrap();
+    let n = w.finish();
+    assert_eq!(h.send(&c, &buf[..n]).unwrap().code(), Some(400));
+    let tid = c.next_tid();
+    let mut w = MessageWriter::new(&mut buf, method::REFRESH, Class::Request, &tid).unwrap();
+    w.add(attr::USERHASH, &[1; 31]).unwrap();
+    w.add(attr::REALM, REALM.as_bytes()).unwrap();
+    w.add(attr::NONCE, &c.nonce).unwrap();
+    w.add_integrity(&c.key()).unwrap();
+    let n = w.finish();
+    assert_eq!(h.send(&c, &buf[..n]).unwrap().code(), Some(400));
+}
+
+#[test]
+fn challenges_announce_password_algorithms_and_bid_downs_get_400() {
+    let mut h = H::new();
+    // REST secrets are configured here: no username anonymity, password algorithms only.
+    let tid = [9; 12];
+    let c = alice();
+    let r = h
+        .send(&c, &c.request(method::ALLOCATE, tid, &[udp()], false))
+        .unwrap();
+    assert_eq!(r.code(), Some(401));
+    let nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    assert_eq!(&nonce[..13], b"obMatJos2AAAB");
+    assert_eq!(
+        r.msg().get(attr::PASSWORD_ALGORITHMS).unwrap(),
+        &[0, 2, 0, 0, 0, 1, 0, 0],
+        "SHA-256 first, then MD5"
+    );
+    // Build an Allocate with the given PASSWORD-ALGORITHM(S) and SHA-256 or MD5 keys.
+    let req = |c: &mut Client, one: Option<[u8; 4]>, list: Option<&[u8]>, sha: bool| {
+        let tid = c.next_tid();
+        let mut buf = [0u8; 512];
+        let mut w = MessageWriter::new(&mut buf, method::ALLOCATE, Class::Request, &tid).unwrap();
+        w.add(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]).unwrap();
+        w.add(attr::USERNAME, b"alice").unwrap();
+        w.add(attr::REALM, REALM.as_bytes()).unwrap();
+        w.add(attr::NONCE, &c.nonce).unwrap();
+        if let Some(l) = list {
+            w.add(attr::PASSWORD_ALGORITHMS, l).unwrap();
+        }
+        if let Some(a) = one {
+            w.add(attr::PASSWORD_ALGORITHM, &a).unwrap();
+        }
+        let key = if sha {
+            long_term_key_sha256(b"alice", REALM.as_bytes(), b"secret").to_vec()
+        } else {
+            long_term_key_md5(b"alice", REALM.as_bytes(), b"secret").to_vec()
+        };
+        w.add_integrity(&key).unwrap();
+        let n = w.finish();
+        buf[..n].to_vec()
+    };
+    let ours = &auth::PASSWORD_ALGORITHMS_VALUE[..];
+    let mut n = 0;
+    let mut fresh = |nonce: &[u8]| {
+        n += 1;
+        let mut c = Client::new(&format!("198.51.100.30:{n}"), "alice", "secret");
+        c.nonce = nonce.to_vec();
+        c
+    };
+    // The nonce is bound to the client address: take one per client.
+    let mut with_nonce = |h: &mut H| {
+        let mut c = fresh(&[]);
+        let tid = c.next_tid();
+        let r = h
+            .send(&c, &c.request(method::ALLOCATE, tid, &[udp()], false))
+            .unwrap();
+        c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+        c
+    };
+    /// PASSWORD-ALGORITHM, PASSWORD-ALGORITHMS, SHA-256 keys, the error expected, what it is.
+    type Case<'a> = (
+        Option<[u8; 4]>,
+        Option<&'a [u8]>,
+        bool,
+        Option<u16>,
+        &'a str,
+    );
+    let cases: [Case; 8] = [
+        (None, None, false, None, "neither: MD5"),
+        (
+            Some([0, 2, 0, 0]),
+            Some(ours),
+            true,
+            None,
+            "SHA-256 from the list",
+        ),
+        (
+            Some([0, 1, 0, 0]),
+            Some(ours),
+            false,
+            None,
+            "MD5 from the list",
+        ),
+        (
+            Some([0, 2, 0, 0]),
+            None,
+            true,
+            Some(400),
+            "the list is missing",
+        ),
+        (None, Some(ours), false, Some(400), "the choice is missing"),
+        (
+            Some([0, 1, 0, 0]),
+            Some(&[0, 1, 0, 0]),
+            false,
+            Some(400),
+            "bid-down: SHA-256 stripped from the list",
+        ),
+        (
+            Some([0, 1, 0, 0]),
+            Some(&[0, 1, 0, 0, 0, 2, 0, 0]),
+            false,
+            Some(400),
+            "the list reordered",
+        ),
+        (
+            Some([0, 3, 0, 0]),
+            Some(ours),
+            false,
+            Some(400),
+            "a choice not in the list",
+        ),
+    ];
+    for (one, list, sha, want, what) in cases {
+        let mut c = with_nonce(&mut h);
+        let bytes = req(&mut c, one, list, sha);
+        let r = h.send(&c, &bytes).unwrap();
+        assert_eq!(r.code(), want, "{what}");
+        if want.is_none() {
+            assert!(r.msg().verify_integrity(&if sha {
+                long_term_key_sha256(b"alice", REALM.as_bytes(), b"secret").to_vec()
+            } else {
+                long_term_key_md5(b"alice", REALM.as_bytes(), b"secret").to_vec()
+            }));
+        }
+    }
+    // A nonce whose cookie was rewritten to claim "no password algorithms" (so that a lone
+    // PASSWORD-ALGORITHM MD5 would pass the checks) fails its MAC: 401, never success.
+    let mut c = with_nonce(&mut h);
+    c.nonce[9..13].copy_from_slice(b"AAAA");
+    let bytes = req(&mut c, Some([0, 1, 0, 0]), None, false);
+    assert_eq!(h.send(&c, &bytes).unwrap().code(), Some(401));
+    // 438 carries PASSWORD-ALGORITHMS too.
+    let mut c = with_nonce(&mut h);
+    h.advance(601);
+    let bytes = req(&mut c, None, None, false);
+    let r = h.send(&c, &bytes).unwrap();
+    assert_eq!(r.code(), Some(438));
+    assert_eq!(r.msg().get(attr::PASSWORD_ALGORITHMS).unwrap(), ours);
 }
 
 #[test]
@@ -2152,4 +2678,65 @@ fn connection_bind_accepts_the_control_connections_nonce_and_nothing_else_does()
         true,
     );
     assert_eq!(h.send(&other, &req).unwrap().code(), Some(401));
+}
+
+#[test]
+fn connection_bind_by_userhash_is_the_owners_and_nobody_elses() {
+    // RFC 8489 §14.4: a USERHASH names the user as well as a USERNAME does, on a data
+    // connection's ConnectionBind too (RFC 6062 §5.4: the allocation owner's credentials).
+    let mut h = tcp_core(|_| {});
+    let mut a = alice();
+    let relay = h.allocate_tcp(&mut a);
+    assert!(h.permit(&mut a, peer()).ok());
+    let (id, _) =
+        h.s.handle_peer_accepted(h.now, Family::V4, RelayPort::new(0, relay.port()), peer())
+            .unwrap();
+    let mut bob = Client::new("198.51.100.1:40011", "bob", "hunter2");
+    bob.userhash = true;
+    assert_eq!(h.connection_bind(&mut bob, id.0).code(), Some(441));
+    let mut data = Client::new("198.51.100.1:40012", "alice", "secret");
+    data.userhash = true;
+    let r = h.connection_bind(&mut data, id.0);
+    assert!(r.ok(), "{:?}", r.code());
+    assert_eq!(h.s.counters.tcp_connection_binds, 1);
+}
+
+#[test]
+fn a_wall_clock_step_of_an_hour_fails_safe_and_recovers() {
+    // Reliability checklist C5. Nonces carry wall-clock time; lifetimes, permissions and
+    // channels run on the monotonic clock. A step of the wall clock must never let a nonce
+    // through that should not pass, and one round trip must recover.
+    let mut h = H::new();
+    let mut c = alice();
+    h.allocate(&mut c);
+    let refresh = |h: &mut H, c: &mut Client| {
+        let tid = c.next_tid();
+        h.send(c, &c.request(method::REFRESH, tid, &[], true))
+            .unwrap()
+    };
+    // +1 h: the nonce is an hour old, past its 600 s lifetime: 438 with a fresh nonce.
+    h.now.unix += 3600;
+    let r = refresh(&mut h, &mut c);
+    assert_eq!(r.code(), Some(438));
+    c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    assert!(
+        refresh(&mut h, &mut c).ok(),
+        "recovered after one round trip"
+    );
+    // -2 h (one hour behind true time): the nonce now comes from two hours in the future,
+    // beyond the 5 s of skew allowed: refused (401 with a fresh nonce), never accepted.
+    h.now.unix -= 7200;
+    let r = refresh(&mut h, &mut c);
+    assert_eq!(r.code(), Some(401));
+    c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    assert!(refresh(&mut h, &mut c).ok());
+    // NTP corrects the clock (+1 h): the nonce minted while it was behind is stale.
+    h.now.unix += 3600;
+    let r = refresh(&mut h, &mut c);
+    assert_eq!(r.code(), Some(438));
+    c.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    assert!(refresh(&mut h, &mut c).ok());
+    // The allocation lived through it all on the monotonic clock.
+    assert_eq!(h.s.allocation_count(), 1);
+    assert!(h.s.counters.stale_nonces >= 2);
 }
