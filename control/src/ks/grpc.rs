@@ -1,7 +1,7 @@
 //! The Key Server's gRPC face, `ks.v1.KeyServer` (wire reference section 3.3), for upstream
 //! Actrix components (their AIS, signaling and TURN fetch keys through it): `GenerateKey`,
 //! `GetSecretKey` and `HealthCheck`, generated from upstream Actrix's own `keyserver.proto`
-//! (vendored in `wire/proto/actrix-ks-v1`) and served with tonic on its own listener
+//! (vendored in `control/wire/proto/actrix-ks-v1`) and served with tonic on its own listener
 //! (`ks.grpc_listen`; upstream hard-codes `127.0.0.1:50052`).
 //!
 //! The same [`KsService`] answers as over HTTP, so the payload strings (`generate_key`,
