@@ -168,10 +168,25 @@ fn bindings_are_answered_within_a_per_source_budget() {
 
 #[test]
 fn challenges_announce_the_security_features_and_rfc5389_clients_still_authenticate() {
+    // With the AIS on, the node generates a REST secret for actr 0.4 TURN credentials, so
+    // static users are not the only credentials: no username anonymity then.
+    let tmp = tempfile::tempdir().unwrap();
+    let users = "identity_credentials = false\nusers = [{ name = \"alice\", password = \"alice-password\" }]\n";
+    let app = Appliance::start(tmp.path(), &format!("[turn]\n{users}"));
+    let mut c = TurnClient::new(app.stun, b"alice", b"alice-password", REALM);
+    let (tid, bytes) = c.build(
+        method::ALLOCATE,
+        &[(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
+        false,
+    );
+    let r = c.transact(&tid, &bytes, 3).unwrap();
+    assert_eq!(&r.msg().get(attr::NONCE).unwrap()[..13], b"obMatJos2AAAB");
+    drop(app);
+
     let tmp = tempfile::tempdir().unwrap();
     let app = Appliance::start(
         tmp.path(),
-        "[turn]\nidentity_credentials = false\nusers = [{ name = \"alice\", password = \"alice-password\" }]\n",
+        &format!("[services]\nais = false\n[turn]\n{users}"),
     );
     let mut c = TurnClient::new(app.stun, b"alice", b"alice-password", REALM);
     let (tid, bytes) = c.build(

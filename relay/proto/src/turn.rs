@@ -821,6 +821,8 @@ const SCRATCH_LEN: usize = 1500;
 
 /// Binds refused in a row before an Allocate gets 508.
 const MAX_BIND_FAILURES: u32 = 64;
+/// Stale timer-wheel entries tolerated beyond twice the live ones before a compaction.
+const TIMER_SLACK: usize = 4096;
 
 /// One shard's TURN server state.
 pub struct Server {
@@ -2729,6 +2731,27 @@ impl Server {
             }
         }
         self.fired = fired;
+        self.compact_timers();
+    }
+
+    /// Drop the wheel's stale entries once they outnumber the live ones: an allocation
+    /// deleted long before its deadline (churn) leaves its entry until that deadline, up to
+    /// the maximum lifetime, so without this a client churning allocations would hold memory
+    /// in proportion to its rate times the lifetime.
+    fn compact_timers(&mut self) {
+        let live = self.by_client.len() + self.reservations.len() + self.tcp_conns.len();
+        if self.wheel.len() <= 2 * live + TIMER_SLACK {
+            return;
+        }
+        let (allocs, reservations, tcp_conns) = (&self.allocs, &self.reservations, &self.tcp_conns);
+        self.wheel.retain(|tick, key| match *key {
+            TimerKey::Allocation { slot, generation } => allocs
+                .get(slot as usize)
+                .and_then(|a| a.as_ref())
+                .is_some_and(|a| a.generation == generation && a.armed == tick),
+            TimerKey::Reservation { token } => reservations.contains_key(&token),
+            TimerKey::Connection { id } => tcp_conns.contains_key(&id),
+        });
     }
 
     fn free_allocation(&mut self, slot: u32) {

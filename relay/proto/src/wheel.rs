@@ -4,7 +4,8 @@
 //! hour), so a wheel of second slots gives O(1) insert and O(expired) expiry without ever
 //! scanning all allocations. Entries are not removed when a deadline moves: the owner keeps
 //! the tick it is armed for and ignores stale firings, which keeps insert allocation-free in
-//! the steady state (slot vectors keep their capacity).
+//! the steady state (slot vectors keep their capacity). An owner whose stale entries pile up
+//! (allocations deleted long before their deadline) drops them with [`Wheel::retain`].
 
 /// What a timer refers to. The generation guards against a slot reused by a newer allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,26 @@ impl<K: Copy> Wheel<K> {
         }
     }
 
+    /// Keep only the entries `keep(tick, key)` accepts (the tick is the one the entry fires
+    /// at), and give back the memory of slots left mostly empty. O(entries): the owner calls it
+    /// when stale entries outnumber live ones, so its cost is amortised over the inserts that
+    /// made them.
+    pub fn retain(&mut self, mut keep: impl FnMut(u64, &K) -> bool) {
+        let n = self.slots.len() as u64;
+        let first = self.tick + 1;
+        let mut len = 0;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            // Pending ticks are tick+1 ..= tick+n-1; slot i holds the one congruent to i.
+            let t = first + (i as u64 + n - first % n) % n;
+            slot.retain(|k| keep(t, k));
+            len += slot.len();
+            if slot.capacity() > 4 * slot.len() + 16 {
+                slot.shrink_to(2 * slot.len());
+            }
+        }
+        self.len = len;
+    }
+
     /// Entries armed and not fired yet.
     pub fn len(&self) -> usize {
         self.len
@@ -124,6 +145,35 @@ mod tests {
         assert!(out.is_empty());
         w.advance(13_000, &mut out);
         assert_eq!(out, vec![(13, k)]);
+    }
+
+    #[test]
+    fn retain_sees_each_entry_with_its_tick_and_keeps_the_count() {
+        let mut w: Wheel = Wheel::new(5_000, 16);
+        let mut out = Vec::new();
+        w.advance(7_000, &mut out); // tick 7: slot arithmetic off the origin
+        let mut armed = Vec::new();
+        for token in 0..40u64 {
+            let deadline = 7_000 + (token % 15 + 1) * 1000;
+            armed.push((w.insert(deadline, TimerKey::Reservation { token }), token));
+        }
+        let mut seen = Vec::new();
+        w.retain(|t, k| {
+            let TimerKey::Reservation { token } = *k else {
+                unreachable!()
+            };
+            seen.push((t, token));
+            token % 2 == 0
+        });
+        seen.sort();
+        armed.sort();
+        assert_eq!(seen, armed, "every entry once, with the tick it fires at");
+        assert_eq!(w.len(), 20);
+        w.advance(1_000_000, &mut out);
+        assert_eq!(out.len(), 20);
+        assert!(out
+            .iter()
+            .all(|(_, k)| matches!(k, TimerKey::Reservation { token } if token % 2 == 0)));
     }
 
     #[test]

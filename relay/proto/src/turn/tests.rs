@@ -2740,3 +2740,44 @@ fn a_wall_clock_step_of_an_hour_fails_safe_and_recovers() {
     assert_eq!(h.s.allocation_count(), 1);
     assert!(h.s.counters.stale_nonces >= 2);
 }
+
+#[test]
+fn churned_allocations_leave_no_pile_of_stale_timers() {
+    // Reliability checklist C6: an allocation deleted long before its deadline leaves its
+    // wheel entry behind until a compaction; churn must not hold memory in proportion to
+    // rate x lifetime. A long-lived allocation keeps its timer through the compactions.
+    let mut h = H::new();
+    let mut keeper = Client::new("198.51.100.200:5000", "alice", "secret");
+    h.allocate(&mut keeper);
+    let mut peak = 0;
+    for i in 0..12_000u32 {
+        // A source address of its own each: per-source challenge budgets stay out of it.
+        let addr = format!("198.51.{}.{}:4000", 101 + i / 250, i % 250 + 1);
+        let mut c = Client::new(&addr, "bob", "hunter2");
+        h.allocate(&mut c);
+        let r = h.call(
+            &mut c,
+            method::REFRESH,
+            &[(attr::LIFETIME, vec![0, 0, 0, 0])],
+        );
+        assert!(r.ok());
+        if i % 1000 == 999 {
+            h.advance(1);
+        }
+        peak = peak.max(h.s.timer_count());
+    }
+    assert_eq!(h.s.allocation_count(), 1);
+    // Without compaction every one of the 12,000 entries would wait out its 600 s.
+    assert!(peak <= 2 + TIMER_SLACK + 1000, "peak {peak} wheel entries");
+    h.advance(1);
+    assert!(
+        h.s.timer_count() <= 2 + TIMER_SLACK,
+        "{}",
+        h.s.timer_count()
+    );
+    // The keeper's own timer survived: it expires on time, not before.
+    h.advance(580); // 593 s after it was made (churn took 13 s)
+    assert_eq!(h.s.allocation_count(), 1);
+    h.advance(10);
+    assert_eq!(h.s.allocation_count(), 0);
+}
