@@ -482,21 +482,6 @@ fn an_association_that_ends_ends_its_allocation() {
     assert_eq!(&m[4..], b"still");
 }
 
-fn wait_log(app: &Appliance, needle: &str) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut seen = Vec::new();
-    while Instant::now() < deadline {
-        if let Ok(l) = app.log.recv_timeout(Duration::from_millis(100)) {
-            let hit = l.contains(needle);
-            seen.push(l);
-            if hit {
-                return seen;
-            }
-        }
-    }
-    panic!("no log line with {needle:?}; saw {seen:#?}");
-}
-
 fn der_of(pem: &Path) -> Vec<u8> {
     rustls::pki_types::CertificateDer::from_pem_file(pem)
         .unwrap()
@@ -533,7 +518,7 @@ fn sighup_reloads_the_certificate_for_new_associations_and_keeps_established_one
     assert_ne!(first, second);
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(app.child.id() as i32, libc::SIGHUP) };
-    wait_log(&app, "stun.dtls: certificate reloaded");
+    app.wait_log("stun.dtls: certificate reloaded");
     let renewed = DtlsClient::connect(server, &client_cert);
     assert_eq!(
         renewed.peer_cert, second,
@@ -544,7 +529,7 @@ fn sighup_reloads_the_certificate_for_new_associations_and_keeps_established_one
     // A broken file refuses the reload; the renewed certificate keeps being served.
     std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
     unsafe { libc::kill(app.child.id() as i32, libc::SIGHUP) };
-    wait_log(&app, "new configuration refused");
+    app.wait_log("new configuration refused");
     let again = DtlsClient::connect(server, &client_cert);
     assert_eq!(again.peer_cert, second);
     relays(&mut c, 3);

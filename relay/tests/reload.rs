@@ -6,7 +6,7 @@ mod common;
 use actrix_proto::stun::{attr, method};
 use common::{Appliance, TurnClient};
 use std::net::UdpSocket;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BASE: &str = "[turn]\nusers = [{ name = \"alice\", password = \"secret-pass\" }]\nallow_peers = [\"127.0.0.0/8\"]\nidentity_credentials = false\n";
 
@@ -27,21 +27,6 @@ fn rewrite(app: &Appliance, turn: &str) {
         ),
     )
     .unwrap();
-}
-
-fn wait_log(app: &Appliance, needle: &str) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut seen = Vec::new();
-    while Instant::now() < deadline {
-        if let Ok(l) = app.log.recv_timeout(Duration::from_millis(100)) {
-            let hit = l.contains(needle);
-            seen.push(l);
-            if hit {
-                return seen;
-            }
-        }
-    }
-    panic!("no log line with {needle:?}; saw {seen:#?}");
 }
 
 fn hup(app: &Appliance) {
@@ -90,7 +75,7 @@ fn sighup_applies_new_users_keeps_allocations_and_refuses_bad_files() {
         ),
     );
     hup(&app);
-    wait_log(&app, "configuration reloaded");
+    app.wait_log("configuration reloaded");
     let mut bob = TurnClient::new(app.stun, b"bob", b"bob-password", "actor-rtc.local");
     assert_eq!(
         bob.allocate(3).unwrap().code(),
@@ -105,7 +90,7 @@ fn sighup_applies_new_users_keeps_allocations_and_refuses_bad_files() {
     // An invalid file: every error logged, old configuration in force.
     rewrite(&app, "[turn]\nusers = [{ name = \"carol\", password = \"x\" }]\nrelay_port_range = \"9-1\"\nbogus = 1\n");
     hup(&app);
-    wait_log(&app, "new configuration refused");
+    app.wait_log("new configuration refused");
     let mut carol = TurnClient::new(app.stun, b"carol", b"x", "actor-rtc.local");
     assert_eq!(carol.allocate(3).unwrap().code(), Some(401));
     let mut bob2 = TurnClient::new(app.stun, b"bob", b"bob-password", "actor-rtc.local");
@@ -204,8 +189,8 @@ fn sighup_changes_rate_limits_and_signaling_limits() {
         ),
     );
     hup(&app);
-    wait_log(&app, "configuration reloaded");
-    wait_log(&app, "signaling: limits updated");
+    app.wait_log("configuration reloaded");
+    app.wait_log("signaling: limits updated");
     // The AIS per-IP bucket: two requests, then 429.
     let ais = format!("http://{}/ais/health", app.http);
     let codes: Vec<u16> = (0..3)

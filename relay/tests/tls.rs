@@ -201,21 +201,6 @@ fn self_signed(cert: &std::path::Path, key: &std::path::Path, name: &str) {
     );
 }
 
-fn wait_log(app: &Appliance, needle: &str) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut seen = Vec::new();
-    while Instant::now() < deadline {
-        if let Ok(l) = app.log.recv_timeout(Duration::from_millis(100)) {
-            let hit = l.contains(needle);
-            seen.push(l);
-            if hit {
-                return seen;
-            }
-        }
-    }
-    panic!("no log line with {needle:?}; saw {seen:#?}");
-}
-
 #[test]
 fn sighup_reloads_the_certificate_for_new_connections_and_keeps_established_ones() {
     let tmp = tempfile::tempdir().unwrap();
@@ -250,7 +235,7 @@ fn sighup_reloads_the_certificate_for_new_connections_and_keeps_established_ones
     self_signed(&cert, &key, "renewed.example");
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(app.child.id() as i32, libc::SIGHUP) };
-    wait_log(&app, "configuration reloaded");
+    app.wait_log("configuration reloaded");
     let second = served_cert(port).unwrap();
     assert_ne!(first, second, "new connections get the renewed certificate");
     relays(&mut c, 2);
@@ -258,8 +243,8 @@ fn sighup_reloads_the_certificate_for_new_connections_and_keeps_established_ones
     // A broken file refuses the reload; the renewed certificate keeps being served.
     std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
     unsafe { libc::kill(app.child.id() as i32, libc::SIGHUP) };
-    wait_log(&app, "new configuration refused");
-    let seen = wait_log(&app, "stun.tls");
+    app.wait_log("new configuration refused");
+    let seen = app.wait_log("stun.tls");
     assert!(
         seen.last().unwrap().contains("ERROR"),
         "the certificate is named in the refusal: {seen:#?}"

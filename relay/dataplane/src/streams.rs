@@ -1001,19 +1001,9 @@ impl ShardCore {
             let Some(c) = self.streams.get_mut(slot, gen) else {
                 return;
             };
-            // Make room: move the partial frame to the front, once the batch no longer points
-            // into the buffer.
+            // Make room: move the partial frame to the front.
             if c.rx_start > 0 && (c.rx_end == c.rx.len() || c.rx_start == c.rx_end) {
-                if c.rx_referenced {
-                    if let Some(f) = sink.flush() {
-                        self.account(f);
-                    }
-                }
-                let c = self.streams.get_mut(slot, gen).expect("open");
-                c.rx_referenced = false;
-                c.rx.copy_within(c.rx_start..c.rx_end, 0);
-                c.rx_end -= c.rx_start;
-                c.rx_start = 0;
+                self.compact_rx(slot, gen, sink);
             }
             let c = self.streams.get_mut(slot, gen).expect("open");
             let more = match fill(c) {
@@ -1049,6 +1039,23 @@ impl ShardCore {
             return;
         }
         self.read_tls_again(slot, gen);
+    }
+
+    /// Move what connection `slot` has not consumed yet to the front of its receive buffer,
+    /// once the send batch no longer points into it (sent first if it does).
+    fn compact_rx(&mut self, slot: u32, gen: u16, sink: &mut impl DatagramSink) {
+        if self.streams.get(slot, gen).is_some_and(|c| c.rx_referenced) {
+            if let Some(f) = sink.flush() {
+                self.account(f);
+            }
+        }
+        let Some(c) = self.streams.get_mut(slot, gen) else {
+            return;
+        };
+        c.rx_referenced = false;
+        c.rx.copy_within(c.rx_start..c.rx_end, 0);
+        c.rx_end -= c.rx_start;
+        c.rx_start = 0;
     }
 
     /// Plaintext rustls decrypted but this round had no room or budget for: next round.
@@ -1426,16 +1433,7 @@ impl ShardCore {
                 break;
             }
             if c.rx_start > 0 {
-                if c.rx_referenced {
-                    if let Some(f) = sink.flush() {
-                        self.account(f);
-                    }
-                }
-                let c = self.streams.get_mut(slot, gen).expect("open");
-                c.rx_referenced = false;
-                c.rx.copy_within(c.rx_start..c.rx_end, 0);
-                c.rx_end -= c.rx_start;
-                c.rx_start = 0;
+                self.compact_rx(slot, gen, sink);
             }
             let c = self.streams.get_mut(slot, gen).expect("open");
             if c.rx_end == c.rx.len() {

@@ -49,6 +49,23 @@ pub struct Launch<'a> {
 }
 
 impl Appliance {
+    /// Read the log until a line contains `needle` (5 s at most); the lines read, that one
+    /// last.
+    pub fn wait_log(&self, needle: &str) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(l) = self.log.recv_timeout(Duration::from_millis(100)) {
+                let hit = l.contains(needle);
+                seen.push(l);
+                if hit {
+                    return seen;
+                }
+            }
+        }
+        panic!("no log line with {needle:?}; saw {seen:#?}");
+    }
+
     /// Start `actrix run -c <dir>/actrix.toml` with `extra` appended to a loopback config.
     pub fn start(dir: &Path, extra: &str) -> Appliance {
         Self::start_stun(dir, "", extra)
