@@ -69,6 +69,40 @@ impl Kek {
         Err("must be 64 hex characters or base64 of exactly 32 bytes".to_owned())
     }
 
+    /// Store a key row whose sealed secret names the row's own id in its associated data: the
+    /// row goes into `table` (columns `public_col`, `secret_sealed`, `created_at`,
+    /// `expires_at`) with an empty ciphertext, and is completed in the same transaction once
+    /// its id (the input of `aad`) is known. The outer error is the database's, the inner the
+    /// encryption's; nothing is written unless the caller commits `tx`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_sealed(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        table: &str,
+        public_col: &str,
+        public: &[u8],
+        secret: &[u8],
+        (created_at, expires_at): (i64, i64),
+        aad: impl FnOnce(i64) -> Vec<u8>,
+    ) -> rusqlite::Result<Result<i64, CryptoError>> {
+        tx.execute(
+            &format!(
+                "INSERT INTO {table} ({public_col}, secret_sealed, created_at, expires_at)
+                 VALUES (?1, x'', ?2, ?3)"
+            ),
+            rusqlite::params![public, created_at, expires_at],
+        )?;
+        let rowid = tx.last_insert_rowid();
+        let Ok(sealed) = self.seal(secret, &aad(rowid)) else {
+            return Ok(Err(CryptoError));
+        };
+        tx.execute(
+            &format!("UPDATE {table} SET secret_sealed = ?1 WHERE key_id = ?2"),
+            rusqlite::params![sealed, rowid],
+        )?;
+        Ok(Ok(rowid))
+    }
+
     /// Encrypt `plaintext` bound to `aad`: `nonce(12) ‖ ciphertext ‖ tag(16)`.
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let cipher = Aes256Gcm::new_from_slice(self.0.as_ref()).map_err(|_| CryptoError)?;

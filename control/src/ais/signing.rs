@@ -321,24 +321,20 @@ impl SigningKeys {
             .lock()
             .map_err(|_| SigningError::Storage("lock poisoned".into()))?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // The id is part of the associated data, so the row is completed in the same
-        // transaction once the id is known.
-        tx.execute(
-            "INSERT INTO ais_signing_keys (verifying_key, secret_sealed, created_at, expires_at)
-             VALUES (?1, x'', ?2, ?3)",
-            params![&vk[..], to_i64(now_unix), to_i64(expires_at)],
-        )?;
-        let rowid = tx.last_insert_rowid();
+        let rowid = self
+            .kek
+            .insert_sealed(
+                &tx,
+                "ais_signing_keys",
+                "verifying_key",
+                &vk[..],
+                &seed[..],
+                (to_i64(now_unix), to_i64(expires_at)),
+                |id| secret_aad(id, &vk),
+            )?
+            .map_err(|_| SigningError::Storage("encryption failed".into()))?;
         let key_id = u32::try_from(rowid)
             .map_err(|_| SigningError::Storage("key id space (u32) exhausted".into()))?;
-        let sealed = self
-            .kek
-            .seal(&seed[..], &secret_aad(rowid, &vk))
-            .map_err(|_| SigningError::Storage("encryption failed".into()))?;
-        tx.execute(
-            "UPDATE ais_signing_keys SET secret_sealed = ?1 WHERE key_id = ?2",
-            params![sealed, rowid],
-        )?;
         // Keys no signature of which can verify any more go.
         tx.execute(
             "DELETE FROM ais_signing_keys WHERE expires_at < ?1",

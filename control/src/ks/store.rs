@@ -227,24 +227,20 @@ impl KeyStore {
         let tx = inner
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // The id is only known after the insert, and it is part of the associated data, so the
-        // row is inserted with an empty ciphertext and completed in the same transaction.
-        tx.execute(
-            "INSERT INTO ks_keys (public_key, secret_sealed, created_at, expires_at)
-             VALUES (?1, x'', ?2, ?3)",
-            params![&public_key[..], to_i64(now_unix), to_i64(expires_at)],
-        )?;
-        let rowid = tx.last_insert_rowid();
+        let rowid = self
+            .kek
+            .insert_sealed(
+                &tx,
+                "ks_keys",
+                "public_key",
+                &public_key[..],
+                &secret[..],
+                (to_i64(now_unix), to_i64(expires_at)),
+                |id| secret_aad(id, &public_key),
+            )?
+            .map_err(|_| StoreError::Storage("encryption failed".into()))?;
         let key_id = KeyId::try_from(rowid)
             .map_err(|_| StoreError::Storage("key id space (u32) exhausted".into()))?;
-        let sealed = self
-            .kek
-            .seal(&secret[..], &secret_aad(rowid, &public_key))
-            .map_err(|_| StoreError::Storage("encryption failed".into()))?;
-        tx.execute(
-            "UPDATE ks_keys SET secret_sealed = ?1 WHERE key_id = ?2",
-            params![sealed, rowid],
-        )?;
         tx.commit()?;
 
         let run_purge = inner.generated % PURGE_EVERY == 0;
