@@ -2114,6 +2114,24 @@ impl Server {
         self.success_reply(msg, ok, |w| w.add_u32(attr::LIFETIME, lifetime))
     }
 
+    /// The request's XOR-PEER-ADDRESS (400 when missing or malformed), allowed by the peer
+    /// policy for allocation `slot` (its error code otherwise).
+    fn request_peer(
+        &mut self,
+        slot: u32,
+        msg: &Message,
+        ok: &AuthOk,
+    ) -> Result<SocketAddr, Answer> {
+        let peer = match msg.get_xor_addr(attr::XOR_PEER_ADDRESS) {
+            Some(Ok(p)) => p,
+            _ => return Err(self.error_reply(msg, code::BAD_REQUEST, Some(ok))),
+        };
+        if let Err(c) = self.check_peer(slot, peer) {
+            return Err(self.error_reply(msg, c, Some(ok)));
+        }
+        Ok(peer)
+    }
+
     /// Validate a peer address for this allocation: family (443) and policy (403).
     fn check_peer(&mut self, slot: u32, peer: SocketAddr) -> Result<(), u16> {
         let a = self.allocs[slot as usize].as_ref().expect("live");
@@ -2212,13 +2230,10 @@ impl Server {
         if !(channel::MIN..=self.cfg.channel_max).contains(&number) {
             return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
         }
-        let peer = match msg.get_xor_addr(attr::XOR_PEER_ADDRESS) {
-            Some(Ok(p)) => p,
-            _ => return self.error_reply(msg, code::BAD_REQUEST, Some(ok)),
+        let peer = match self.request_peer(slot, msg, ok) {
+            Ok(p) => p,
+            Err(a) => return a,
         };
-        if let Err(c) = self.check_peer(slot, peer) {
-            return self.error_reply(msg, c, Some(ok));
-        }
         let a = self.allocs[slot as usize].as_mut().expect("live");
         // The channel is not bound to a different peer, and the peer not to a different
         // channel (RFC 8656 §11.2 bullets 3 and 4).
@@ -2381,13 +2396,10 @@ impl Server {
         if !a.tcp {
             return self.error_reply(msg, code::BAD_REQUEST, Some(ok));
         }
-        let peer = match msg.get_xor_addr(attr::XOR_PEER_ADDRESS) {
-            Some(Ok(p)) => p,
-            _ => return self.error_reply(msg, code::BAD_REQUEST, Some(ok)),
+        let peer = match self.request_peer(slot, msg, ok) {
+            Ok(p) => p,
+            Err(a) => return a,
         };
-        if let Err(c) = self.check_peer(slot, peer) {
-            return self.error_reply(msg, c, Some(ok));
-        }
         let a = self.allocs[slot as usize].as_ref().expect("live");
         // A connection to this peer being made, waiting or joined: 446.
         if a.connections
