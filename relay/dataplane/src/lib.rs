@@ -184,20 +184,8 @@ impl DataPlane {
         let mut per_shard: Vec<Vec<Socket>> = (0..n).map(|_| Vec::new()).collect();
         for addr in &spec.listen {
             for (i, sockets) in per_shard.iter_mut().enumerate() {
-                let opts = actrix_udp::UdpOptions {
-                    reuse_port: true,
-                    recv_buffer: spec.io.socket_buffer,
-                    send_buffer: spec.io.socket_buffer,
-                    force_buffers: true,
-                    orig_dst: false,
-                };
-                let s = actrix_udp::udp_socket(*addr, &opts)
+                let s = udp_listener(&spec, *addr, i == 0)
                     .map_err(|e| fail(format!("cannot listen on {addr}: {e}")))?;
-                if i == 0 && n > 1 && spec.io.steering == Steering::Cbpf {
-                    if let Err(e) = steer::attach(s.as_raw_fd(), n as u32, addr.is_ipv6()) {
-                        tracing::warn!(%addr, error = %e, "reuseport steering program not attached; using the kernel hash");
-                    }
-                }
                 sockets.push(s);
             }
         }
@@ -233,21 +221,10 @@ impl DataPlane {
         let mut dtls_listeners: Vec<Vec<dtls::DtlsListener>> = (0..n).map(|_| Vec::new()).collect();
         for (k, addr) in spec.listen_dtls.iter().enumerate() {
             for (i, l) in dtls_listeners.iter_mut().enumerate() {
-                let opts = actrix_udp::UdpOptions {
-                    reuse_port: true,
-                    recv_buffer: spec.io.socket_buffer,
-                    send_buffer: spec.io.socket_buffer,
-                    force_buffers: true,
-                    orig_dst: false,
-                };
-                let sock = actrix_udp::udp_socket(*addr, &opts)
+                // Steered like the UDP listeners: an association lives on one shard, so its
+                // 5-tuple must keep landing there.
+                let sock = udp_listener(&spec, *addr, i == 0)
                     .map_err(|e| fail(format!("cannot listen on dtls {addr}: {e}")))?;
-                // An association lives on one shard: its 5-tuple must keep landing there.
-                if i == 0 && n > 1 && spec.io.steering == Steering::Cbpf {
-                    if let Err(e) = steer::attach(sock.as_raw_fd(), n as u32, addr.is_ipv6()) {
-                        tracing::warn!(%addr, error = %e, "reuseport steering program not attached; using the kernel hash");
-                    }
-                }
                 l.push(dtls::DtlsListener {
                     sock,
                     listener: (first_dtls + k) as u8,
@@ -415,6 +392,26 @@ impl DataPlane {
             }
         }
     }
+}
+
+/// One UDP listening socket of a shard's SO_REUSEPORT group; the group's first (`first`)
+/// carries the CBPF steering program that keeps a client's 5-tuple on one shard.
+fn udp_listener(spec: &DataPlaneSpec, addr: SocketAddr, first: bool) -> std::io::Result<Socket> {
+    let opts = actrix_udp::UdpOptions {
+        reuse_port: true,
+        recv_buffer: spec.io.socket_buffer,
+        send_buffer: spec.io.socket_buffer,
+        force_buffers: true,
+        orig_dst: false,
+    };
+    let s = actrix_udp::udp_socket(addr, &opts)?;
+    let n = spec.shards.len();
+    if first && n > 1 && spec.io.steering == Steering::Cbpf {
+        if let Err(e) = steer::attach(s.as_raw_fd(), n as u32, addr.is_ipv6()) {
+            tracing::warn!(%addr, error = %e, "reuseport steering program not attached; using the kernel hash");
+        }
+    }
+    Ok(s)
 }
 
 /// One listening TCP socket of a shard's SO_REUSEPORT group (non-blocking, close-on-exec,
