@@ -332,11 +332,15 @@ impl Collector for DataPlaneCollector {
                 vec![("shard", i.to_string()), ("reason", "capacity".into())],
                 s.allocations_refused_capacity.load(Relaxed),
             ));
+            refused.push((
+                vec![("shard", i.to_string()), ("reason", "reservation".into())],
+                s.allocations_refused_reservation.load(Relaxed),
+            ));
         }
         counter(
             &mut enc,
             "actrix_allocations_refused",
-            "Allocations refused (486 quota, 508 capacity or draining)",
+            "Allocations refused (486 quota; 508 capacity or draining, or a RESERVATION-TOKEN not held by this shard)",
             &refused,
         )?;
         // RFC 6062 TCP allocations.
@@ -883,6 +887,7 @@ impl Collector for UpstreamAliases {
                     sum(&|s| {
                         s.allocations_refused_quota.load(Relaxed)
                             + s.allocations_refused_capacity.load(Relaxed)
+                            + s.allocations_refused_reservation.load(Relaxed)
                     }),
                 ),
             ],

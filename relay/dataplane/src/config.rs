@@ -79,8 +79,13 @@ pub enum RelaySocketMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Steering {
-    /// A classic BPF reuseport program: a pure function of the client address.
+    /// A classic BPF reuseport program: a pure function of the client address and port.
     Cbpf,
+    /// A classic BPF reuseport program of the client's IP address alone: every flow from one
+    /// address lands on one shard, so an Allocate with a RESERVATION-TOKEN from the client's
+    /// second port (an RTP/RTCP pair) finds the shard that holds the reservation. Clients
+    /// behind one NAT address then share a shard.
+    CbpfIp,
     /// The kernel's reuseport hash.
     Kernel,
 }
@@ -93,7 +98,8 @@ pub struct IoConfig {
     pub batch: usize,
     /// SO_RCVBUF/SO_SNDBUF of listener sockets, bytes.
     pub socket_buffer: usize,
-    /// `cbpf` (steer clients to shards by address, stable) or `kernel` (reuseport hash).
+    /// `cbpf` (steer clients to shards by address and port, stable), `cbpf_ip` (by address
+    /// only) or `kernel` (reuseport hash).
     pub steering: Mode<Steering>,
     /// `mmsg` (the default, measured best here), `io_uring` (falls back to mmsg when the
     /// kernel refuses it) or `glommio`.
@@ -146,7 +152,9 @@ impl IoConfig {
     /// Check the section; push one message per problem. `None` when there was one.
     pub fn validate(&self, errors: &mut Vec<String>) -> Option<IoSettings> {
         let start = errors.len();
-        let steering = self.steering.check("io.steering", "cbpf or kernel", errors);
+        let steering = self
+            .steering
+            .check("io.steering", "cbpf, cbpf_ip or kernel", errors);
         let backend = self.backend.check("io.backend", Backend::ACCEPTED, errors);
         let relay_sockets =
             self.relay_sockets
@@ -244,7 +252,7 @@ mod tests {
         assert_eq!(
             errors,
             [
-                "io.steering: 'random' is not cbpf or kernel",
+                "io.steering: 'random' is not cbpf, cbpf_ip or kernel",
                 "io.backend: 'epoll' is not mmsg, io_uring or glommio",
                 "io.relay_sockets: 'bogus' is not per_allocation or shared",
             ]

@@ -406,8 +406,9 @@ fn udp_listener(spec: &DataPlaneSpec, addr: SocketAddr, first: bool) -> std::io:
     };
     let s = actrix_udp::udp_socket(addr, &opts)?;
     let n = spec.shards.len();
-    if first && n > 1 && spec.io.steering == Steering::Cbpf {
-        if let Err(e) = steer::attach(s.as_raw_fd(), n as u32, addr.is_ipv6()) {
+    if first && n > 1 && spec.io.steering != Steering::Kernel {
+        let ip_only = spec.io.steering == Steering::CbpfIp;
+        if let Err(e) = steer::attach(s.as_raw_fd(), n as u32, addr.is_ipv6(), ip_only) {
             tracing::warn!(%addr, error = %e, "reuseport steering program not attached; using the kernel hash");
         }
     }

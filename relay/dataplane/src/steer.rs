@@ -24,8 +24,9 @@ fn stmt(code: u16, k: u32) -> libc::sock_filter {
     }
 }
 
-/// The program for a group of `shards` sockets of one address family.
-pub fn program(shards: u32, ipv6: bool) -> Vec<libc::sock_filter> {
+/// The program for a group of `shards` sockets of one address family: by source address and
+/// port, or (`ip_only`) by source address alone ([`actrix_proto::plan::shard_of_client_ip`]).
+pub fn program(shards: u32, ipv6: bool, ip_only: bool) -> Vec<libc::sock_filter> {
     const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const LD_H_ABS: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
     const TAX: u16 = (libc::BPF_MISC | libc::BPF_TAX) as u16;
@@ -35,6 +36,13 @@ pub fn program(shards: u32, ipv6: bool) -> Vec<libc::sock_filter> {
                                                       // IPv4: source address at 12, UDP header (no options) at 20. IPv6: the source's last word
                                                       // at 20, UDP header at 40.
     let (src, sport) = if ipv6 { (20, 40) } else { (12, 20) };
+    if ip_only {
+        return vec![
+            stmt(LD_W_ABS, (SKF_NET_OFF + src) as u32),
+            stmt(MOD_K, shards.max(1)),
+            stmt(RET_A, 0),
+        ];
+    }
     vec![
         stmt(LD_W_ABS, (SKF_NET_OFF + src) as u32),
         stmt(TAX, 0),
@@ -47,11 +55,11 @@ pub fn program(shards: u32, ipv6: bool) -> Vec<libc::sock_filter> {
 
 /// The shard a client lands on under [`program`]: [`actrix_proto::plan::shard_of_client`]
 /// is the same function, computed in user space.
-pub use actrix_proto::plan::shard_of_client;
+pub use actrix_proto::plan::{shard_of_client, shard_of_client_ip};
 
 /// Attach the steering program to a socket of the group (it applies to the whole group).
-pub fn attach(fd: RawFd, shards: u32, ipv6: bool) -> io::Result<()> {
-    let mut prog = program(shards, ipv6);
+pub fn attach(fd: RawFd, shards: u32, ipv6: bool, ip_only: bool) -> io::Result<()> {
+    let mut prog = program(shards, ipv6, ip_only);
     let fprog = libc::sock_fprog {
         len: prog.len() as u16,
         filter: prog.as_mut_ptr(),

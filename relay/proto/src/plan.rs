@@ -58,14 +58,23 @@ pub fn shard_of_port(min: u16, max: u16, shards: usize, port: u16) -> Option<usi
 /// The shard a client lands on: `(low 32 bits of the source IP + source port) mod shards`,
 /// exactly what the data plane's classic BPF reuseport program computes in the kernel.
 pub fn shard_of_client(addr: &SocketAddr, shards: usize) -> usize {
-    let word = match addr.ip() {
+    (ip_word(addr).wrapping_add(addr.port() as u32) % shards.max(1) as u32) as usize
+}
+
+/// The shard a client lands on under IP-only steering (`io.steering = "cbpf_ip"`): the low 32
+/// bits of the source IP mod shards, whatever its port.
+pub fn shard_of_client_ip(addr: &SocketAddr, shards: usize) -> usize {
+    (ip_word(addr) % shards.max(1) as u32) as usize
+}
+
+fn ip_word(addr: &SocketAddr) -> u32 {
+    match addr.ip() {
         IpAddr::V4(v4) => u32::from(v4),
         IpAddr::V6(v6) => {
             let o = v6.octets();
             u32::from_be_bytes([o[12], o[13], o[14], o[15]])
         }
-    };
-    (word.wrapping_add(addr.port() as u32) % shards.max(1) as u32) as usize
+    }
 }
 
 #[cfg(test)]
@@ -99,5 +108,9 @@ mod tests {
         // IPv6: the last 32 bits of the address count.
         let c: SocketAddr = "[2001:db8::c000:201]:1000".parse().unwrap();
         assert_eq!(shard_of_client(&c, 3), shard_of_client(&a, 3));
+        // IP-only steering: both ports of one address on one shard, addresses spread.
+        assert_eq!(shard_of_client_ip(&a, 2), shard_of_client_ip(&b, 2));
+        let d: SocketAddr = "192.0.2.2:1000".parse().unwrap();
+        assert_ne!(shard_of_client_ip(&a, 2), shard_of_client_ip(&d, 2));
     }
 }

@@ -347,6 +347,7 @@ macro_rules! with_turn_counters {
             allocations_deleted,
             allocations_refused_quota,
             allocations_refused_capacity,
+            allocations_refused_reservation,
             permissions_created,
             channels_bound,
             peers_denied,
@@ -1770,10 +1771,16 @@ impl Server {
         self.reply(client, answer)
     }
 
-    /// No port for this Allocate: give its quota back and answer 508.
+    /// No port for this Allocate: give its quota back and answer 508 (RFC 8656 §7.2 step 5
+    /// for a RESERVATION-TOKEN this shard does not hold: unknown, used, expired, or held by
+    /// another shard when steering spreads one client address's ports over shards).
     fn allocate_failed(&mut self, p: PendingAllocate) -> Answer {
         self.shared.quotas.release(&p.quota);
-        self.counters.allocations_refused_capacity += 1;
+        if matches!(p.search, PortSearch::Reserved) {
+            self.counters.allocations_refused_reservation += 1;
+        } else {
+            self.counters.allocations_refused_capacity += 1;
+        }
         self.error_reply(p.txn, code::INSUFFICIENT_CAPACITY, Some(&p.ok))
     }
 

@@ -228,8 +228,9 @@ def test_uclient_over_dtls_on_two_shards(appliance_factory):
         },
         dtls=True,
     )
-    # -c: no RTCP allocations. With them (EVEN-PORT pairs) uclient gets 508 on two shards over
-    # plain UDP as well, a limitation of the port pairs on sliced ranges, not of DTLS.
+    # -c: no RTCP allocations. With them (EVEN-PORT pairs) uclient gets 508 on two shards with
+    # the default steering by address and port, over plain UDP as well (see
+    # test_uclient_rtcp_pairs_on_two_shards_with_ip_steering for io.steering = "cbpf_ip").
     args = uclient_args(app, None, "-S", "-y", "-c")
     args[args.index("-p") + 1] = str(app.dtls_port)
     r, lost = run_uclient(args)
@@ -408,3 +409,31 @@ def test_wrong_password_and_unknown_user_get_the_same_401(appliance):
     with client(appliance) as c:
         ok = c.allocate()
         assert ok.cls == tw.SUCCESS and c.relayed[0] == "127.0.0.1"
+
+
+def test_uclient_rtcp_pairs_on_two_shards_with_ip_steering(appliance_factory):
+    """uclient's default RTCP mode (-y without -c): each client allocates an RTP port with
+    EVEN-PORT (R bit) and an RTCP port with the RESERVATION-TOKEN from a second local port.
+    With `io.steering = "cbpf_ip"` both ports of one client address land on the shard that
+    holds the reservation, so no Allocate is refused on two shards; clients from two
+    addresses land on two different shards (0x7f000001 mod 2 = 1, 0x7f000002 mod 2 = 0)."""
+    app = appliance_factory(
+        {
+            "turn": {"allow_peers": ["127.0.0.0/8"]},
+            "cores": {"pin": False, "shards": [0, 1]},
+            "io": {"steering": "cbpf_ip"},
+        }
+    )
+    for local, shard, other in (("127.0.0.1", "1", "0"), ("127.0.0.2", "0", "1")):
+        m = metrics(app)
+        before = metric_sum(m, "actrix_packets_received_total", shard=shard, side="client")
+        others = metric_sum(m, "actrix_packets_received_total", shard=other, side="client")
+        r, lost = run_uclient(uclient_args(app, None, "-y", "-L", local))
+        check_relayed(r, lost)
+        m = metrics(app)
+        assert metric_sum(m, "actrix_allocations_refused_total") == 0, m
+        after = metric_sum(m, "actrix_packets_received_total", shard=shard, side="client")
+        assert after - before >= 1000, (local, shard, m)
+        # Every datagram of that client address went to its one shard.
+        assert metric_sum(m, "actrix_packets_received_total", shard=other, side="client") == others
+    assert metric_sum(m, "actrix_allocations_created_total") >= 20, m

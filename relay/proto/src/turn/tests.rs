@@ -1462,6 +1462,9 @@ fn even_port_reservation_token_and_its_expiry() {
         .code(),
         Some(508)
     );
+    // Both refusals are counted as reservation refusals, not as a lack of capacity.
+    assert_eq!(h.s.counters.allocations_refused_reservation, 2);
+    assert_eq!(h.s.counters.allocations_refused_capacity, 0);
 }
 
 #[test]
