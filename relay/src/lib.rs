@@ -10,6 +10,7 @@
 pub mod config;
 pub mod diag;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod plane;
 pub mod privileges;

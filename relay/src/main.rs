@@ -394,6 +394,11 @@ fn run(path: Option<PathBuf>) -> i32 {
     } else {
         None
     };
+    // Memory cgroup limit: new allocations capped and refused under pressure, never an OOM
+    // kill of the whole node (actrix::memory).
+    if let (Some(plane), Some(cg)) = (&dp, actrix::memory::CgroupMemory::detect()) {
+        actrix::memory::guard(cg, plane.shared().clone(), cfg.turn.max_allocations);
+    }
 
     // Every privileged step is done (listeners and the HTTP port are bound, files opened):
     // switch to the configured user, handing it the data directory first.

@@ -118,6 +118,11 @@ fn turn_config(
 }
 
 impl Plane {
+    /// The state the shards share (allocation quotas, relay port bitmap).
+    pub fn shared(&self) -> &Arc<CrossShard> {
+        &self.shared
+    }
+
     /// Open every socket and start the shards (see [`DataPlane::start`]). `stats` holds one
     /// entry per shard.
     pub fn start(

@@ -413,6 +413,8 @@ impl CrossShard {
 pub struct Quotas {
     max_total: AtomicUsize,
     max_per_user: AtomicUsize,
+    /// The most allocations memory allows (the cgroup guard's; no cap by default).
+    memory_cap: AtomicUsize,
     total: AtomicUsize,
     users: DashMap<Box<[u8]>, usize, ahash::RandomState>,
 }
@@ -422,6 +424,7 @@ impl Quotas {
         Quotas {
             max_total: AtomicUsize::new(max_total),
             max_per_user: AtomicUsize::new(max_per_user),
+            memory_cap: AtomicUsize::new(usize::MAX),
             total: AtomicUsize::new(0),
             users: DashMap::with_hasher(ahash::RandomState::with_seeds(
                 seed,
@@ -439,8 +442,17 @@ impl Quotas {
         self.max_per_user.store(max_per_user, Ordering::Relaxed);
     }
 
+    /// Cap the total below `max_total` for memory's sake (the relay's cgroup guard): kept
+    /// apart from the configured limits, which a reload replaces.
+    pub fn set_memory_cap(&self, cap: usize) {
+        self.memory_cap.store(cap, Ordering::Relaxed);
+    }
+
     pub fn try_acquire(&self, user: &[u8]) -> bool {
-        let max_total = self.max_total.load(Ordering::Relaxed);
+        let max_total = self
+            .max_total
+            .load(Ordering::Relaxed)
+            .min(self.memory_cap.load(Ordering::Relaxed));
         let max_per_user = self.max_per_user.load(Ordering::Relaxed);
         let mut cur = self.total.load(Ordering::Relaxed);
         loop {

@@ -46,6 +46,8 @@ pub struct Launch<'a> {
     pub nofile: Option<u64>,
     /// Environment variables of the process.
     pub env: &'a [(&'a str, &'a str)],
+    /// A cgroup directory the process joins before it runs (its `cgroup.procs`).
+    pub cgroup: Option<&'a Path>,
 }
 
 impl Appliance {
@@ -135,17 +137,33 @@ impl Appliance {
             .envs(how.env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if let Some(n) = how.nofile {
+        let nofile = how.nofile;
+        let procs = how.cgroup.map(|d| {
+            std::ffi::CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes())
+                .unwrap()
+        });
+        if nofile.is_some() || procs.is_some() {
             use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            // SAFETY: only async-signal-safe calls (setrlimit, open, write, close) run between
+            // fork and exec, on memory allocated before the fork.
             unsafe {
                 cmd.pre_exec(move || {
-                    let lim = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
+                    if let Some(n) = nofile {
+                        let lim = libc::rlimit {
+                            rlim_cur: n,
+                            rlim_max: n,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    if let Some(p) = &procs {
+                        // "0": the writing process itself.
+                        let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
+                        if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        libc::close(fd);
                     }
                     Ok(())
                 });
