@@ -29,6 +29,8 @@ pub struct Config {
     pub ks: actrix_control::KsConfig,
     pub ais: actrix_control::AisConfig,
     pub signaling: actrix_signaling::SignalingConfig,
+    /// Cross-node signaling over NATS; absent: this node routes only its own actors.
+    pub cluster: Option<actrix_signaling::ClusterConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -823,6 +825,16 @@ impl Config {
     fn control_errors(&self) -> Vec<String> {
         let mut e = self.control().validate();
         e.extend(self.signaling.validate());
+        if let Some(c) = &self.cluster {
+            if !self.services.signaling_enabled() {
+                e.push("cluster: needs the signaling service (services)".into());
+            }
+            let mut c = c.clone();
+            if c.node_id.is_empty() {
+                c.node_id = self.node.id.clone();
+            }
+            e.extend(c.validate());
+        }
         e
     }
 }
