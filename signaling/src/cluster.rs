@@ -173,7 +173,9 @@ pub struct BusMessage {
 }
 
 pub mod bus_message {
-    /// What a bus message carries.
+    /// What a bus message carries. One lives per publish or receive, so its size does not
+    /// matter.
+    #[allow(clippy::large_enum_variant)]
     #[derive(Clone, PartialEq, prost::Oneof)]
     pub enum Kind {
         #[prost(message, tag = "3")]

@@ -40,7 +40,9 @@ pub struct RemoteActor {
     pub fresh: bool,
 }
 
-/// What a node tells the others.
+/// What a node tells the others. Events pass through one at a time (never stored), so the
+/// variants are not boxed to even out their sizes.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum RemoteEvent {
     Up(Box<RemoteActor>),

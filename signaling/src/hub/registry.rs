@@ -481,7 +481,7 @@ impl Hub {
         if let Some(row) = row {
             let absent = self.registry.get(&key).is_none_or(|e| e.remote.is_some());
             if ActorKey::of(&row.actr_id) == key && absent {
-                if self.registry.get(&key).is_some() {
+                if self.registry.contains_key(&key) {
                     // A stale remote entry for an actor now bound here.
                     stats::dec(&self.stats.cluster_remote_actors);
                 }
