@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use actrix_control::{provision_realm, Realm, RealmStatus};
 use actrix_signaling::proto::{
-    acl_rule, actr_relay, actr_to_signaling, discovery_response, peer_to_signaling,
+    acl_rule, actr_id_string, actr_relay, actr_to_signaling, discovery_response, peer_to_signaling,
     register_response, signaling_envelope, signaling_to_actr, AIdCredential, Acl, AclRule, ActrId,
-    ActrRelay, ActrToSignaling, ActrType, DiscoveryRequest, PeerToSignaling, RegisterRequest,
+    ActrRelay, ActrToSignaling, ActrType, DiscoveryRequest, PeerToSignaling, Ping, RegisterRequest,
     SessionDescription, SignalingEnvelope, SubscribeActrUpRequest,
 };
 use common::Appliance;
@@ -110,8 +110,8 @@ fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Durat
     panic!("timed out after {limit:?}: {what}");
 }
 
-/// A node of the cluster in `dir`, with realm 7 provisioned.
-fn node(dir: &Path, id: &str, nats: &Nats) -> Appliance {
+/// An appliance in `dir` with realm 7 provisioned and `extra` configuration.
+fn appliance(dir: &Path, extra: &str) -> Appliance {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
     provision_realm(
@@ -124,10 +124,15 @@ fn node(dir: &Path, id: &str, nats: &Nats) -> Appliance {
         },
     )
     .unwrap();
-    Appliance::start(
+    Appliance::start(dir, &format!("[turn]\nenabled = true\n{extra}"))
+}
+
+/// A node of the cluster in `dir`, with realm 7 provisioned.
+fn node(dir: &Path, id: &str, nats: &Nats) -> Appliance {
+    appliance(
         dir,
         &format!(
-            "[turn]\nenabled = true\n[cluster]\nnode_id = \"{id}\"\nurls = [\"{}\"]\nheartbeat_interval_ms = 200\nnode_timeout_ms = 1500\n",
+            "[cluster]\nnode_id = \"{id}\"\nurls = [\"{}\"]\nheartbeat_interval_ms = 200\nnode_timeout_ms = 1500\n",
             nats.url()
         ),
     )
@@ -179,19 +184,71 @@ struct Actor {
 }
 
 impl Actor {
-    fn register(app: &Appliance, name: &str, acl_from: &[&str]) -> Actor {
-        let (ws, _) =
-            tungstenite::connect(format!("ws://{}/signaling/ws", app.http)).expect("upgrade");
+    fn connect(app: &Appliance, query: &str) -> Actor {
+        let (ws, _) = tungstenite::connect(format!("ws://{}/signaling/ws{query}", app.http))
+            .expect("upgrade");
         if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
             s.set_read_timeout(Some(Duration::from_millis(200)))
                 .unwrap();
         }
-        let mut a = Actor {
+        Actor {
             ws,
             id: ActrId::default(),
             cred: AIdCredential::default(),
             next: 0,
+        }
+    }
+
+    /// A new connection of the same actor, with its identity in the URL (wire section 8.1).
+    fn reconnect(&self, app: &Appliance) -> Actor {
+        use base64::Engine as _;
+        let enc = |v: &str| -> String {
+            v.bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect()
         };
+        let token = base64::engine::general_purpose::STANDARD.encode(&self.cred.encrypted_token);
+        let query = format!(
+            "actor_id={}&token={}&token_key_id={}",
+            enc(&actr_id_string(&self.id)),
+            enc(&token),
+            self.cred.token_key_id
+        );
+        let mut a = Actor::connect(app, &format!("?{query}"));
+        a.id = self.id.clone();
+        a.cred = self.cred.clone();
+        a
+    }
+
+    /// Ping; the error code when the answer is not a Pong.
+    fn ping(&mut self) -> Result<(), u32> {
+        let reply = self.request(signaling_envelope::Flow::ActrToServer(ActrToSignaling {
+            source: self.id.clone(),
+            credential: self.cred.clone(),
+            payload: Some(actr_to_signaling::Payload::Ping(Ping {
+                availability: 1,
+                power_reserve: 1.0,
+                mailbox_backlog: 0.0,
+                sticky_client_ids: vec![],
+            })),
+        }));
+        match reply.flow {
+            Some(signaling_envelope::Flow::ServerToActr(to)) => match to.payload {
+                Some(signaling_to_actr::Payload::Pong(_)) => Ok(()),
+                Some(signaling_to_actr::Payload::Error(e)) => Err(e.code),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn register(app: &Appliance, name: &str, acl_from: &[&str]) -> Actor {
+        let mut a = Actor::connect(app, "");
         let reply = a.request(signaling_envelope::Flow::PeerToServer(PeerToSignaling {
             payload: Some(peer_to_signaling::Payload::RegisterRequest(
                 RegisterRequest {
@@ -490,4 +547,50 @@ fn nats_outage_degrades_to_local_routing_and_recovers() {
         .filter(|l| l.contains("lost the NATS connection"))
         .count();
     assert_eq!(lost, 1, "{lines:#?}");
+}
+
+/// One Key Server for several nodes: node 2 has no KS of its own and uses node 1's over the
+/// signed API. While the KS is down, what node 2 already fetched keeps working (a reconnect
+/// with the URL identity validates, Pings get Pongs) until the key expires; a key it has not
+/// seen is refused, and nothing else breaks. (No NATS needed: the KS is plain HTTP.)
+#[test]
+fn ks_outage_keeps_cached_keys_working() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = "cluster-test-shared-key-0123456789";
+    let mut ks = appliance(
+        &tmp.path().join("ks"),
+        &format!("[ks]\nshared_key = \"{shared}\"\n"),
+    );
+    let n2 = appliance(
+        &tmp.path().join("n2"),
+        &format!(
+            "[services]\nks = false\n[ks]\nremote_url = \"http://{}\"\nshared_key = \"{shared}\"\n",
+            ks.http
+        ),
+    );
+    // The credential node 2 issues is under the KS's key, and node 2 verifies it (fetching
+    // the secret key from node 1).
+    let mut a = Actor::register(&n2, "caller", &["caller"]);
+    assert_eq!(a.ping(), Ok(()));
+
+    let _ = ks.child.kill();
+    let _ = ks.child.wait();
+    // A new connection validates its URL identity through the key cache, without the KS.
+    let mut again = a.reconnect(&n2);
+    assert_eq!(
+        again.ping(),
+        Ok(()),
+        "a cached key works while the KS is down"
+    );
+    assert_eq!(
+        metric(&n2, "actrix_signaling_url_identity_refused_total"),
+        Some(0.0)
+    );
+    // A key node 2 never fetched cannot be checked: 401, and nothing else is affected.
+    let mut unknown = Actor::connect(&n2, "");
+    unknown.id = a.id.clone();
+    unknown.cred = a.cred.clone();
+    unknown.cred.token_key_id = a.cred.token_key_id + 1000;
+    assert_eq!(unknown.ping(), Err(401));
+    assert_eq!(again.ping(), Ok(()));
 }
