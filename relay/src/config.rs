@@ -976,6 +976,35 @@ mod tests {
     }
 
     #[test]
+    fn cluster_section_lists_every_problem() {
+        let (cfg, _) = parse("").unwrap();
+        assert!(cfg.cluster.is_none(), "no [cluster] by default");
+        let (cfg, _) = parse(
+            "[cluster]\nnode_id = \"a b\"\nurls = [\"nats://127.0.0.1:4222\", \"::bad\"]\nuser = \"u\"\ntoken = \"t\"\nheartbeat_interval_ms = 1000\nnode_timeout_ms = 1500\n",
+        )
+        .unwrap();
+        let mut errors = vec![];
+        assert!(cfg.validate(&mut errors, vec![0, 1]).is_none());
+        assert_eq!(
+            errors,
+            [
+                "cluster.node_id: \"a b\" must be letters, digits, '-' or '_'",
+                "cluster.urls: \"::bad\" is not a NATS server address",
+                "cluster.user and cluster.password: set both or neither",
+                "cluster: choose one of credentials_file, user/password and token",
+                "cluster.node_timeout_ms: must be at least twice heartbeat_interval_ms",
+            ]
+        );
+        // The node id defaults to [node] id.
+        let (cfg, _) =
+            parse("[node]\nid = \"edge-1\"\n[cluster]\nurls = [\"nats://10.0.0.5:4222\"]\n")
+                .unwrap();
+        let mut errors = vec![];
+        cfg.validate(&mut errors, vec![0, 1]);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    #[test]
     fn shared_relay_sockets_need_a_recvmmsg_backend() {
         let (cfg, _) = parse("[io]\nrelay_sockets = \"shared\"\nbackend = \"io_uring\"\n").unwrap();
         let mut errors = vec![];
