@@ -13,7 +13,8 @@
 #
 # Environment: ACTRIX (the binary; default target/release/actrix, else target/debug/actrix,
 # built if neither exists), NATS_SERVER (default: nats-server on PATH or /usr/sbin),
-# CLUSTER_DIR, NATS_PORT (4222).
+# CLUSTER_DIR, NATS_PORT (4222), CLUSTER_BENCH=1 (signaling and AIS limits raised for
+# bench/scenarios/signaling-cluster.toml, see bench/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,6 +75,21 @@ EOF
 remote_url = "http://127.0.0.1:8080"
 [services]
 ks = false
+EOF
+  fi
+  if [ "${CLUSTER_BENCH:-0}" = 1 ]; then
+    # Limits raised for a load test from one machine (as scripts/bench-control.sh does).
+    cat <<EOF
+[ais]
+rate_limit_burst = 10000000
+rate_limit_refill_secs = 1
+[signaling]
+conn_rate_per_sec = 100000
+conn_burst = 100000
+max_conns_per_ip = 1000
+msg_rate_per_sec = 10000
+msg_burst = 10000
+realm_cache_ms = 60000
 EOF
   fi
   cat <<EOF
@@ -163,5 +179,5 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) sed -n 2,16p "$0"; exit 2 ;;
+  *) sed -n 2,17p "$0"; exit 2 ;;
 esac
