@@ -407,3 +407,62 @@ fn without_the_cluster_nothing_is_published() {
     assert!(settle(&mut [&mut a, &mut b]).is_empty());
     assert!(discover(&mut b, ConnId(1), &caller).is_empty());
 }
+
+#[test]
+fn a_local_actor_replaces_a_remote_entry_with_its_key() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut a = Node::new("a", 1000, true);
+    let mut stale = ActrId {
+        realm: Realm { realm_id: 1 },
+        serial_number: 1001,
+        r#type: ty("callee"),
+    };
+    a.hub.handle_remote(
+        NOW,
+        "b",
+        RemoteEvent::Up(Box::new(RemoteActor {
+            actr_id: stale.clone(),
+            proto: Proto::V1,
+            spec: None,
+            acl: None,
+            ws_address: None,
+            wants_answer: false,
+            availability: None,
+            power_reserve: None,
+            mailbox_backlog: None,
+            fresh: true,
+        })),
+    );
+    assert_eq!(a.stats.cluster_remote_actors.load(Relaxed), 1);
+    let id = register(&mut [&mut a], 0, ConnId(1), "callee", &[]);
+    stale.r#type = id.r#type.clone();
+    assert_eq!(id, stale, "same key");
+    assert_eq!(a.hub.remote_len(), 0);
+    assert_eq!(a.stats.cluster_remote_actors.load(Relaxed), 0);
+    assert_eq!(a.stats.registry_entries.load(Relaxed), 1);
+    // And a later Up from b for that key does not take it back.
+    b_up_is_ignored(&mut a, &id);
+}
+
+fn b_up_is_ignored(a: &mut Node, id: &ActrId) {
+    a.hub.handle_remote(
+        NOW,
+        "b",
+        RemoteEvent::Up(Box::new(RemoteActor {
+            actr_id: id.clone(),
+            proto: Proto::V1,
+            spec: None,
+            acl: None,
+            ws_address: None,
+            wants_answer: false,
+            availability: None,
+            power_reserve: None,
+            mailbox_backlog: None,
+            fresh: false,
+        })),
+    );
+    assert_eq!(a.hub.remote_len(), 0);
+    a.hub
+        .handle_remote(NOW, "b", RemoteEvent::Down(ActorKey::of(id)));
+    assert_eq!(a.hub.registry_len(), 1, "b cannot remove a's actor");
+}

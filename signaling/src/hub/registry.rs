@@ -301,8 +301,14 @@ impl Hub {
         self.out.push_back(Output::Persist(PersistOp::UpsertEntry(
             entry.persisted(now_unix.saturating_add(self.cfg.persist_ttl_secs)),
         )));
-        if self.registry.insert(key, entry).is_none() {
-            stats::inc(&self.stats.registry_entries);
+        match self.registry.insert(key, entry) {
+            None => stats::inc(&self.stats.registry_entries),
+            // A local actor replaces what another node said about the same key.
+            Some(prev) if prev.remote.is_some() => {
+                stats::dec(&self.stats.cluster_remote_actors);
+                stats::inc(&self.stats.registry_entries);
+            }
+            Some(_) => {}
         }
         if let Some(spec) = spec {
             self.store_spec(now_unix, type_base(&id.r#type), spec);
