@@ -466,3 +466,46 @@ fn b_up_is_ignored(a: &mut Node, id: &ActrId) {
         .handle_remote(NOW, "b", RemoteEvent::Down(ActorKey::of(id)));
     assert_eq!(a.hub.registry_len(), 1, "b cannot remove a's actor");
 }
+
+#[test]
+fn route_candidates_include_remote_instances() {
+    let mut a = Node::new("a", 1000, true);
+    let mut b = Node::new("b", 2000, true);
+    let remote = register(&mut [&mut a, &mut b], 0, ConnId(1), "callee", &["caller"]);
+    let local = register(&mut [&mut a, &mut b], 1, ConnId(2), "callee", &["caller"]);
+    let caller = register(&mut [&mut a, &mut b], 1, ConnId(1), "caller", &["callee"]);
+    let flow = signaling_envelope::Flow::ActrToServer(ActrToSignaling {
+        source: caller.clone(),
+        credential: AIdCredential::default(),
+        payload: Some(actr_to_signaling::Payload::RouteCandidatesRequest(
+            RouteCandidatesRequest {
+                target_type: ty("callee"),
+                criteria: None,
+                client_location: None,
+                client_fingerprint: String::new(),
+            },
+        )),
+    });
+    b.hub.handle_envelope(
+        NOW,
+        ConnId(1),
+        envelope("rc", flow),
+        valid(&caller),
+        &mut Realms,
+    );
+    settle(&mut [&mut a, &mut b]);
+    let got = b.take(ConnId(1));
+    let Some(signaling_envelope::Flow::ServerToActr(SignalingToActr {
+        payload: Some(signaling_to_actr::Payload::RouteCandidatesResponse(r)),
+        ..
+    })) = &got[0].flow
+    else {
+        panic!("{got:?}")
+    };
+    let Some(route_candidates_response::Result::Success(ok)) = &r.result else {
+        panic!("{r:?}")
+    };
+    let mut serials: Vec<u64> = ok.candidates.iter().map(|c| c.serial_number).collect();
+    serials.sort_unstable();
+    assert_eq!(serials, [remote.serial_number, local.serial_number]);
+}
