@@ -507,30 +507,43 @@ async fn bridge(
             },
             out = rx.recv() => {
                 let Some(out) = out else { return };
-                if !connected {
-                    // The resync after the reconnect carries the state; relays are lost, as
-                    // they would be to a peer that is away.
-                    stats.cluster_dropped.fetch_add(1, Relaxed);
-                    continue;
-                }
-                let (subject, kind) = match out {
-                    ClusterOut::Broadcast(ev) => (all.clone(), encode_event(ev)),
-                    ClusterOut::Deliver { node, to, envelope } => (
-                        format!("{}.node.{node}", cfg.subject_prefix),
-                        encode_event(RemoteEvent::Deliver { to, envelope }),
-                    ),
-                };
-                if client.publish(subject, message(kind).into()).await.is_err() {
-                    stats.cluster_dropped.fetch_add(1, Relaxed);
+                // Publish what is queued in one go (the client writes it in one flush).
+                let mut next = Some(out);
+                let mut n = 0;
+                while let Some(out) = next.take() {
+                    n += 1;
+                    if !connected {
+                        // The resync after the reconnect carries the state; relays are lost,
+                        // as they would be to a peer that is away.
+                        stats.cluster_dropped.fetch_add(1, Relaxed);
+                    } else {
+                        let (subject, kind) = match out {
+                            ClusterOut::Broadcast(ev) => (all.clone(), encode_event(ev)),
+                            ClusterOut::Deliver { node, to, envelope } => (
+                                format!("{}.node.{node}", cfg.subject_prefix),
+                                encode_event(RemoteEvent::Deliver { to, envelope }),
+                            ),
+                        };
+                        if client.publish(subject, message(kind).into()).await.is_err() {
+                            stats.cluster_dropped.fetch_add(1, Relaxed);
+                        }
+                    }
+                    if n < BATCH {
+                        next = rx.try_recv().ok();
+                    }
                 }
             }
             m = sub_all.next() => {
                 let Some(m) = m else { return };
-                on_message(&m.payload, &node_id, &mut peers, &stats, &with_hub, &client, &all, &message).await;
+                let mut batch = vec![m.payload];
+                ready(&mut sub_all, &mut sub_mine, &mut batch);
+                on_messages(batch, &node_id, &mut peers, &stats, &with_hub, &client, &all, &message).await;
             }
             m = sub_mine.next() => {
                 let Some(m) = m else { return };
-                on_message(&m.payload, &node_id, &mut peers, &stats, &with_hub, &client, &all, &message).await;
+                let mut batch = vec![m.payload];
+                ready(&mut sub_all, &mut sub_mine, &mut batch);
+                on_messages(batch, &node_id, &mut peers, &stats, &with_hub, &client, &all, &message).await;
             }
             _ = tick.tick() => {
                 if connected {
@@ -553,9 +566,42 @@ async fn bridge(
     }
 }
 
+/// Most bus messages handled under one hub lock.
+const BATCH: usize = 256;
+
+/// Take the messages both subscriptions already hold (up to [`BATCH`]) without waiting.
+fn ready(
+    a: &mut async_nats::Subscriber,
+    b: &mut async_nats::Subscriber,
+    batch: &mut Vec<axum::body::Bytes>,
+) {
+    use futures_util::{FutureExt, StreamExt};
+    while batch.len() < BATCH {
+        let before = batch.len();
+        if let Some(Some(m)) = a.next().now_or_never() {
+            batch.push(m.payload);
+        }
+        if let Some(Some(m)) = b.next().now_or_never() {
+            batch.push(m.payload);
+        }
+        if batch.len() == before {
+            return;
+        }
+    }
+}
+
+/// What a batch of bus messages asks of the hub, in arrival order (a short-lived list, so
+/// the events are not boxed).
+#[allow(clippy::large_enum_variant)]
+enum Action {
+    NodeGone(String),
+    Resync,
+    Remote(String, RemoteEvent),
+}
+
 #[allow(clippy::too_many_arguments, clippy::disallowed_methods)]
-async fn on_message(
-    payload: &[u8],
+async fn on_messages(
+    batch: Vec<axum::body::Bytes>,
     node_id: &str,
     peers: &mut HashMap<String, Peer>,
     stats: &SignalingStats,
@@ -563,6 +609,46 @@ async fn on_message(
     client: &async_nats::Client,
     all: &str,
     message: &impl Fn(bus_message::Kind) -> Vec<u8>,
+) {
+    let mut actions = Vec::with_capacity(batch.len());
+    for payload in &batch {
+        on_message(
+            payload,
+            node_id,
+            peers,
+            stats,
+            client,
+            all,
+            message,
+            &mut actions,
+        )
+        .await;
+    }
+    if actions.is_empty() {
+        return;
+    }
+    let mut actions = Some(actions);
+    with_hub(&mut |hub, now| {
+        for a in actions.take().into_iter().flatten() {
+            match a {
+                Action::NodeGone(n) => hub.handle_node_gone(now, &n),
+                Action::Resync => hub.handle_resync(now),
+                Action::Remote(n, ev) => hub.handle_remote(now, &n, ev),
+            }
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments, clippy::disallowed_methods)]
+async fn on_message(
+    payload: &[u8],
+    node_id: &str,
+    peers: &mut HashMap<String, Peer>,
+    stats: &SignalingStats,
+    client: &async_nats::Client,
+    all: &str,
+    message: &impl Fn(bus_message::Kind) -> Vec<u8>,
+    actions: &mut Vec<Action>,
 ) {
     use prost::Message as _;
     let Ok(m) = BusMessage::decode(payload) else {
@@ -582,8 +668,7 @@ async fn on_message(
             // The node restarted: what it had before is gone.
             p.incarnation = m.incarnation;
             p.last_seen = now;
-            let n = m.node.clone();
-            with_hub(&mut |hub, now| hub.handle_node_gone(now, &n));
+            actions.push(Action::NodeGone(m.node.clone()));
             true
         }
         None => {
@@ -610,22 +695,16 @@ async fn on_message(
                 message(bus_message::Kind::Resync(Heartbeat {})).into(),
             )
             .await;
-        with_hub(&mut |hub, now| hub.handle_resync(now));
+        actions.push(Action::Resync);
     }
     let Some(kind) = m.kind else { return };
     if matches!(kind, bus_message::Kind::Resync(_)) {
         if !new {
-            with_hub(&mut |hub, now| hub.handle_resync(now));
+            actions.push(Action::Resync);
         }
         return;
     }
     if let Some(ev) = decode_event(kind) {
-        let node = m.node;
-        let mut ev = Some(ev);
-        with_hub(&mut |hub, now| {
-            if let Some(ev) = ev.take() {
-                hub.handle_remote(now, &node, ev);
-            }
-        });
+        actions.push(Action::Remote(m.node, ev));
     }
 }
