@@ -18,6 +18,9 @@ command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v certutil >/dev/null 2>&1 || need_apt+=(libnss3-tools)
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
+# nats-server: the cluster tests (relay/tests/cluster.rs) and scripts/cluster.sh run a real NATS
+# bus (Debian installs it in /usr/sbin).
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
 # protoc: the published actr-protocol crates run it in their build scripts (0.1.7 in a
 # compatibility test, 0.4.21 in signaling/compat04). The appliance's own message types need no
 # protoc: actrix-wire compiles its vendored .proto files with protox.
@@ -40,6 +43,10 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet coturn 2>
   systemctl stop coturn || true
 fi
 pkill -x turnserver 2>/dev/null || true
+# Likewise nats-server's package may start a system service on port 4222; the tests start their own.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nats-server 2>/dev/null; then
+  systemctl stop nats-server || true
+fi
 
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import aioice, pytest' >/dev/null 2>&1; then

@@ -261,6 +261,10 @@ pub struct SignalingSpec {
     pub max_loss: f64,
     /// Fail when the p99 routing latency exceeds this (0: no ceiling).
     pub max_p99_ms: f64,
+    /// HTTP base URL of a second node of the same signaling cluster (`[cluster]`, one Key
+    /// Server): the odd actor of every pair registers there, so every relay crosses nodes
+    /// through the bus. Empty: one node.
+    pub peer_http: String,
 }
 
 impl Default for SignalingSpec {
@@ -275,6 +279,7 @@ impl Default for SignalingSpec {
             realm: 1,
             max_loss: 0.001,
             max_p99_ms: 0.0,
+            peer_http: String::new(),
         }
     }
 }

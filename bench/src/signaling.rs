@@ -234,6 +234,23 @@ pub fn run(target: &Target, spec: &SignalingSpec, ctx: &Ctx, rep: &mut ScenarioR
         rep.fail(e);
         return;
     }
+    // Cross-node: the odd actors on the second node (its realms table is its own).
+    let peer = if spec.peer_http.is_empty() {
+        None
+    } else {
+        let peer_http = spec.peer_http.trim_end_matches('/').to_owned();
+        if let Err(e) = ensure_realm(&peer_http, &key, spec.realm) {
+            rep.fail(e);
+            return;
+        }
+        match ws_endpoint(&peer_http) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                rep.fail(e);
+                return;
+            }
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -252,6 +269,7 @@ pub fn run(target: &Target, spec: &SignalingSpec, ctx: &Ctx, rep: &mut ScenarioR
         drive(
             server,
             url,
+            peer,
             metrics_url,
             spec.clone(),
             ctx.clone(),
@@ -280,9 +298,11 @@ async fn hub_histogram(metrics_url: &str) -> Option<Vec<(f64, u64)>> {
 /// The appliance's histogram of the time from an envelope's arrival to its relay written.
 const HUB_LATENCY_METRIC: &str = "actrix_signaling_forward_latency_seconds";
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     server: SocketAddr,
     url: String,
+    peer: Option<(SocketAddr, String)>,
     metrics_url: String,
 
     spec: SignalingSpec,
@@ -297,7 +317,10 @@ async fn drive(
     let mut pending = futures_util::stream::FuturesOrdered::new();
     let mut setup_err = None;
     for i in 0..spec.actors {
-        let url = url.clone();
+        let (server, url) = match &peer {
+            Some((s, u)) if i % 2 == 1 => (*s, u.clone()),
+            _ => (server, url.clone()),
+        };
         let realm = spec.realm;
         let (me, peer) = if i % 2 == 0 { ("a", "b") } else { ("b", "a") };
         pending.push_back(async move {
@@ -333,6 +356,12 @@ async fn drive(
         return;
     }
     let register_secs = t_setup.elapsed().as_secs_f64();
+    if peer.is_some() {
+        rep.set("nodes", 2.0);
+        // The registrations reach the other node over the bus within milliseconds; relays
+        // sent before would be dropped as having no target.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     rep.set("register_secs", register_secs);
     rep.set(
         "registrations_per_s",

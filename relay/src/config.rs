@@ -29,6 +29,8 @@ pub struct Config {
     pub ks: actrix_control::KsConfig,
     pub ais: actrix_control::AisConfig,
     pub signaling: actrix_signaling::SignalingConfig,
+    /// Cross-node signaling over NATS; absent: this node routes only its own actors.
+    pub cluster: Option<actrix_signaling::ClusterConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -823,6 +825,16 @@ impl Config {
     fn control_errors(&self) -> Vec<String> {
         let mut e = self.control().validate();
         e.extend(self.signaling.validate());
+        if let Some(c) = &self.cluster {
+            if !self.services.signaling_enabled() {
+                e.push("cluster: needs the signaling service (services)".into());
+            }
+            let mut c = c.clone();
+            if c.node_id.is_empty() {
+                c.node_id = self.node.id.clone();
+            }
+            e.extend(c.validate());
+        }
         e
     }
 }
@@ -961,6 +973,35 @@ mod tests {
                 "turn"
             ]
         );
+    }
+
+    #[test]
+    fn cluster_section_lists_every_problem() {
+        let (cfg, _) = parse("").unwrap();
+        assert!(cfg.cluster.is_none(), "no [cluster] by default");
+        let (cfg, _) = parse(
+            "[cluster]\nnode_id = \"a b\"\nurls = [\"nats://127.0.0.1:4222\", \"::bad\"]\nuser = \"u\"\ntoken = \"t\"\nheartbeat_interval_ms = 1000\nnode_timeout_ms = 1500\n",
+        )
+        .unwrap();
+        let mut errors = vec![];
+        assert!(cfg.validate(&mut errors, vec![0, 1]).is_none());
+        assert_eq!(
+            errors,
+            [
+                "cluster.node_id: \"a b\" must be letters, digits, '-' or '_'",
+                "cluster.urls: \"::bad\" is not a NATS server address",
+                "cluster.user and cluster.password: set both or neither",
+                "cluster: choose one of credentials_file, user/password and token",
+                "cluster.node_timeout_ms: must be at least twice heartbeat_interval_ms",
+            ]
+        );
+        // The node id defaults to [node] id.
+        let (cfg, _) =
+            parse("[node]\nid = \"edge-1\"\n[cluster]\nurls = [\"nats://10.0.0.5:4222\"]\n")
+                .unwrap();
+        let mut errors = vec![];
+        cfg.validate(&mut errors, vec![0, 1]);
+        assert!(errors.is_empty(), "{errors:?}");
     }
 
     #[test]

@@ -325,6 +325,8 @@ fn run(path: Option<PathBuf>) -> i32 {
     ));
     let ais_service_out = ais_service.clone();
     let signaling_cfg = cfg.signaling.clone();
+    let cluster_cfg = cfg.cluster.clone();
+    let node_id = cfg.node.id.clone();
     let data_dir = cfg.node.data_dir.clone();
     // Identity credentials: shards ask the control thread by message and read its answers from
     // a channel of their own.
@@ -355,6 +357,12 @@ fn run(path: Option<PathBuf>) -> i32 {
                     *signaling_handle_out
                         .lock()
                         .unwrap_or_else(|p| p.into_inner()) = Some(s.handle());
+                    if let Some(cl) = cluster_cfg {
+                        if let Err(e) = s.start_cluster(cl, &node_id) {
+                            *signaling_err.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(e.to_string());
+                        }
+                    }
                     s.router()
                 }
                 Err(e) => {

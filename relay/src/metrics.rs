@@ -698,6 +698,25 @@ impl Collector for SignalingCollector {
         )?;
         for (name, help, v) in [
             (
+                "actrix_signaling_cluster_connected",
+                "1 while the cluster bus (NATS) is connected; 0 while routing is local-only or without [cluster]",
+                &s.cluster_connected,
+            ),
+            (
+                "actrix_signaling_cluster_nodes",
+                "Other cluster nodes heard within the node timeout",
+                &s.cluster_nodes,
+            ),
+            (
+                "actrix_signaling_cluster_remote_actors",
+                "Actors of other cluster nodes known here",
+                &s.cluster_remote_actors,
+            ),
+        ] {
+            gauge(&mut enc, name, help, &[(vec![], v.load(Relaxed) as i64)])?;
+        }
+        for (name, help, v) in [
+            (
                 "actrix_signaling_connections",
                 "WebSocket connections accepted",
                 &s.connections_total,
@@ -791,6 +810,31 @@ impl Collector for SignalingCollector {
                 "actrix_signaling_persist_failures",
                 "Registry writes that failed",
                 &s.persist_failures,
+            ),
+            (
+                "actrix_signaling_cluster_outages",
+                "Times the cluster bus was lost (routing fell back to local-only)",
+                &s.cluster_outages,
+            ),
+            (
+                "actrix_signaling_cluster_relays_out",
+                "Relays sent to another cluster node",
+                &s.cluster_relays_out,
+            ),
+            (
+                "actrix_signaling_cluster_relays_in",
+                "Relays from another cluster node delivered here",
+                &s.cluster_relays_in,
+            ),
+            (
+                "actrix_signaling_cluster_relays_refused",
+                "Relays from another cluster node refused by this node's checks",
+                &s.cluster_relays_refused,
+            ),
+            (
+                "actrix_signaling_cluster_dropped",
+                "Cluster messages not published (bus down or queue full)",
+                &s.cluster_dropped,
             ),
         ] {
             counter(&mut enc, name, help, &one(v))?;

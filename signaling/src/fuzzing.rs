@@ -433,6 +433,7 @@ impl Harness {
                 Output::Ais(call) => self.pending.push_back(Pending::Ais(call)),
                 Output::Persist(op) => self.persist(op),
                 Output::Restore(p) => self.pending.push_back(Pending::Restore(p)),
+                Output::Cluster(_) => {}
             }
         }
     }

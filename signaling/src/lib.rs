@@ -21,8 +21,12 @@
 //! - `store`: `<data_dir>/signaling.db` (ACL, registry rows, specs) behind a writer thread.
 //! - [`config`]: `[signaling]` ([`SignalingConfig`]); [`stats`]: counters ([`SignalingStats`]).
 //!
-//! What it is not: it does not issue credentials (the AIS does), it does not provision realms,
-//! and it does not route between nodes (scale-out will use a message bus).
+//! - [`cluster`]: `[cluster]` ([`ClusterConfig`]), the NATS bus messages and the bridge thread
+//!   that joins the hubs of several nodes (`hub/cluster.rs` decides what crosses).
+//!
+//! What it is not: it does not issue credentials (the AIS does) and it does not provision
+//! realms. Across nodes it relays through NATS; it does not replicate credentials or
+//! persisted rows.
 //!
 //! Architecture invariants:
 //! - `hub` depends on nothing that does I/O or reads a clock; `server` is the only module that
@@ -32,6 +36,7 @@
 //!   read through a 1 s cache).
 //! - Every connection's outgoing queue is bounded; a full queue disconnects that connection.
 
+pub mod cluster;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -44,6 +49,7 @@ mod store;
 mod v4;
 mod verify;
 
+pub use cluster::ClusterConfig;
 pub use config::SignalingConfig;
 pub use hub::Hub;
 pub use server::{router, router_with_stats, Signaling, SignalingError, SignalingHandle};

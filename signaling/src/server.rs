@@ -124,6 +124,8 @@ struct Shared {
     clock: SharedClock,
     next_conn: AtomicU64,
     sweeper_started: AtomicBool,
+    /// The queue to the cluster bridge, once [`Signaling::start_cluster`] ran.
+    cluster: std::sync::OnceLock<crate::cluster::OutTx>,
 }
 
 impl Shared {
@@ -198,6 +200,7 @@ impl Signaling {
                 clock: ctx.clock.clone(),
                 next_conn: AtomicU64::new(1),
                 sweeper_started: AtomicBool::new(false),
+                cluster: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -223,6 +226,48 @@ impl Signaling {
                 get(|| async { "Signaling is healthy" }),
             )
             .with_state(self.shared.clone())
+    }
+
+    /// Join a cluster: publish this node's actors on the NATS bus and route to the actors of
+    /// the other nodes (`crate::cluster`). `default_node_id` names the node when
+    /// `cfg.node_id` is empty. Without this call nothing of the cluster exists.
+    pub fn start_cluster(
+        &self,
+        mut cfg: crate::cluster::ClusterConfig,
+        default_node_id: &str,
+    ) -> Result<(), SignalingError> {
+        if cfg.node_id.is_empty() {
+            cfg.node_id = default_node_id.to_owned();
+        }
+        let problems = cfg.validate();
+        if !problems.is_empty() {
+            return Err(SignalingError::Config(problems));
+        }
+        let (tx, rx) = mpsc::channel(cfg.queue_len);
+        if self.shared.cluster.set(tx).is_err() {
+            return Err(SignalingError::Config(vec![
+                "cluster: already started".into()
+            ]));
+        }
+        self.shared.lock().hub.enable_cluster();
+        let weak = Arc::downgrade(&self.shared);
+        let with_hub: crate::cluster::WithHub = Arc::new(move |f| {
+            let Some(sh) = weak.upgrade() else { return };
+            let now_unix_ms = sh.now_unix_ms();
+            let mut core = sh.lock();
+            f(&mut core.hub, now_unix_ms);
+            drain(&sh, &mut core);
+        });
+        let node_id = cfg.node_id.clone();
+        crate::cluster::spawn_bridge(
+            cfg,
+            node_id,
+            rand::random(),
+            self.shared.stats.clone(),
+            with_hub,
+            rx,
+        )
+        .map_err(|e| SignalingError::Config(vec![format!("cluster: cannot start: {e}")]))
     }
 
     /// Wait until every queued database write is committed. Blocking; for tests and shutdown.
@@ -277,6 +322,15 @@ fn drain_caused_by(shared: &Arc<Shared>, core: &mut Core, arrived: Option<Instan
             }
             Output::Persist(op) => shared.store.submit(DbOp::Persist(Box::new(op))),
             Output::Ais(call) => spawn_ais(shared.clone(), call),
+            Output::Cluster(o) => {
+                let sent = shared
+                    .cluster
+                    .get()
+                    .is_some_and(|tx| tx.try_send(o).is_ok());
+                if !sent {
+                    stats::inc(&shared.stats.cluster_dropped);
+                }
+            }
             Output::Restore(pending) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 shared.store.submit(DbOp::Lookup {

@@ -56,6 +56,22 @@ pub struct SignalingStats {
     pub registry_restores: AtomicU64,
     /// Persistence operations that failed or were dropped.
     pub persist_failures: AtomicU64,
+    /// 1 while the cluster bus is connected, 0 while it is not (or without `[cluster]`).
+    pub cluster_connected: AtomicU64,
+    /// Times the cluster bus was lost (routing fell back to local only).
+    pub cluster_outages: AtomicU64,
+    /// Other nodes heard on the bus within the node timeout.
+    pub cluster_nodes: AtomicU64,
+    /// Actors of other nodes in memory.
+    pub cluster_remote_actors: AtomicU64,
+    /// Relays sent to another node.
+    pub cluster_relays_out: AtomicU64,
+    /// Relays from another node delivered here.
+    pub cluster_relays_in: AtomicU64,
+    /// Relays from another node refused by this node's checks.
+    pub cluster_relays_refused: AtomicU64,
+    /// Cluster messages not published (bus down, or the outgoing queue full).
+    pub cluster_dropped: AtomicU64,
     /// Error responses sent, by code, in the order of [`ERROR_CODES`]; the last slot counts
     /// any other code.
     pub errors_by_code: [AtomicU64; 9],

@@ -24,6 +24,7 @@
 //! - `discovery.rs`: discovery, service spec lookup, route candidates with compatibility
 //!   ranking, and the spec table behind it.
 //! - `relay.rs`: SDP, ICE and ICE-restart relay between actors, and role negotiation.
+//! - `cluster.rs`: remote actors and the cross-node events ([`RemoteEvent`], [`ClusterOut`]).
 //!
 //! Architecture invariants:
 //! - Nothing routes across realms: every lookup is keyed by the source's realm.
@@ -34,6 +35,7 @@
 //! - Iteration order never depends on a hash map: the registry is a `BTreeMap`.
 
 mod acl;
+mod cluster;
 mod discovery;
 mod presence;
 mod registry;
@@ -47,6 +49,7 @@ use crate::config::SignalingConfig;
 use crate::proto::*;
 use crate::stats::{self, SignalingStats};
 
+pub use cluster::{ClusterOut, RemoteActor, RemoteEvent};
 pub use discovery::{analyze_compatibility, type_base};
 pub use registry::{placeholder_id, PendingPing, PersistOp, PersistedEntry};
 
@@ -186,6 +189,8 @@ pub enum Output {
     Persist(PersistOp),
     /// Look the actor up in the database and call [`Hub::handle_restored`].
     Restore(PendingPing),
+    /// Publish on the cluster bus (only after [`Hub::enable_cluster`]).
+    Cluster(ClusterOut),
 }
 
 /// What the hub loads from the database at start.
@@ -218,6 +223,11 @@ pub struct Hub {
     specs: SpecTable,
     presence: Presence,
     out: VecDeque<Output>,
+    /// Cross-node signaling on ([`Hub::enable_cluster`]).
+    cluster: bool,
+    /// The ACL each local actor registered with, to announce it again on a resync (kept only
+    /// with the cluster on).
+    acl_of: HashMap<ActorKey, Acl>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -255,6 +265,8 @@ impl Hub {
             specs: SpecTable::default(),
             presence: Presence::default(),
             out: VecDeque::new(),
+            cluster: false,
+            acl_of: HashMap::new(),
         };
         for (realm, from, to, allow) in loaded.acl {
             hub.acl.set(realm, from, to, allow);
@@ -329,7 +341,7 @@ impl Hub {
         self.connect(now_unix_ms, conn, identity.clone(), wants_answer, Proto::V4);
         let Some(id) = identity else { return };
         let key = ActorKey::of(&id);
-        if let Some(e) = self.registry.get_mut(&key) {
+        if let Some(e) = self.registry.get_mut(&key).filter(|e| e.remote.is_none()) {
             e.proto = Proto::V4;
             return;
         }
@@ -345,6 +357,7 @@ impl Hub {
         stats::inc(&self.stats.registrations);
         let my_key = type_key(&id.r#type);
         self.announce(now_unix_ms, &id, &my_key);
+        self.cluster_up(key, true);
     }
 
     /// The protocol of `conn` (0.1.7 for an unknown connection).
@@ -408,6 +421,7 @@ impl Hub {
                 self.by_actor.remove(&key);
                 self.remove_actor(key);
                 self.presence.departed(secs(now_unix_ms), key);
+                self.cluster_down(key);
             }
         }
     }
@@ -419,12 +433,22 @@ impl Hub {
         let now_unix = secs(now_unix_ms);
         let limit = self.cfg.heartbeat_timeout_secs;
         let before = self.registry.len();
-        self.registry
-            .retain(|_, e| now_unix.saturating_sub(e.last_heartbeat) <= limit);
+        let mut evicted = Vec::new();
+        // Remote entries are not swept: their node's heartbeat on the bus stands for them.
+        self.registry.retain(|k, e| {
+            let keep = e.remote.is_some() || now_unix.saturating_sub(e.last_heartbeat) <= limit;
+            if !keep {
+                evicted.push(*k);
+            }
+            keep
+        });
         let by_actor = &self.by_actor;
         self.presence
             .sweep(now_unix, limit, |k| by_actor.contains_key(k));
         self.count_evictions(before - self.registry.len());
+        for key in evicted {
+            self.cluster_down(key);
+        }
     }
 
     /// A decoded envelope from `conn`. `verdict` is the I/O layer's verdict on the envelope's

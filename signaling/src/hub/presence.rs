@@ -203,7 +203,12 @@ impl Hub {
     /// exact type in its realm that the ACL lets reach it and that are connected.
     pub(super) fn announce(&mut self, now_unix_ms: u64, id: &ActrId, id_key: &str) {
         let realm = id.realm.realm_id;
-        let proto = self.proto_of(&ActorKey::of(id)).unwrap_or_default();
+        let proto = self
+            .registry
+            .get(&ActorKey::of(id))
+            .map(|e| e.proto)
+            .or_else(|| self.proto_of(&ActorKey::of(id)))
+            .unwrap_or_default();
         let subs = self
             .presence
             .subscribers_of(&id.r#type, realm, ActorKey::of(id));

@@ -81,6 +81,8 @@ pub(super) struct Entry {
     pub(super) last_heartbeat: u64,
     /// The protocol the actor speaks; searches and relays stay within one.
     pub(super) proto: Proto,
+    /// The node holding the actor, when it is not this one.
+    pub(super) remote: Option<super::cluster::Remote>,
 }
 
 impl Entry {
@@ -251,6 +253,7 @@ impl Hub {
             }
         }
         stats::inc(&self.stats.registrations);
+        self.cluster_up(key, true);
         // 6. Reply.
         self.reply(
             now_unix_ms,
@@ -293,18 +296,28 @@ impl Hub {
             mailbox_backlog: None,
             last_heartbeat: now_unix,
             proto,
+            remote: None,
         };
         self.out.push_back(Output::Persist(PersistOp::UpsertEntry(
             entry.persisted(now_unix.saturating_add(self.cfg.persist_ttl_secs)),
         )));
-        if self.registry.insert(key, entry).is_none() {
-            stats::inc(&self.stats.registry_entries);
+        match self.registry.insert(key, entry) {
+            None => stats::inc(&self.stats.registry_entries),
+            // A local actor replaces what another node said about the same key.
+            Some(prev) if prev.remote.is_some() => {
+                stats::dec(&self.stats.cluster_remote_actors);
+                stats::inc(&self.stats.registry_entries);
+            }
+            Some(_) => {}
         }
         if let Some(spec) = spec {
             self.store_spec(now_unix, type_base(&id.r#type), spec);
         }
         if let Some(acl) = acl {
             self.install_acl(id.realm.realm_id, &my_key, acl);
+            if self.cluster {
+                self.acl_of.insert(key, acl.clone());
+            }
         }
     }
 
@@ -323,7 +336,8 @@ impl Hub {
 
     /// Drop `key` from memory and the database.
     pub(super) fn remove_actor(&mut self, key: ActorKey) {
-        if self.registry.remove(&key).is_some() {
+        if self.registry.get(&key).is_some_and(|e| e.remote.is_none()) {
+            self.registry.remove(&key);
             stats::dec(&self.stats.registry_entries);
         }
         self.out
@@ -374,6 +388,7 @@ impl Hub {
         }
         self.remove_actor(key);
         self.presence.drop_actor(key);
+        self.cluster_down(key);
     }
 
     /// A credential update for `source` itself (one for another ActrId is ignored): an AIS
@@ -444,7 +459,11 @@ impl Hub {
 
     /// A Ping: answered at once when the actor is in memory, otherwise after a restore.
     pub(super) fn on_ping(&mut self, now_unix_ms: u64, ping: PendingPing) {
-        if !self.registry.contains_key(&ActorKey::of(&ping.source)) {
+        let local = self
+            .registry
+            .get(&ActorKey::of(&ping.source))
+            .is_some_and(|e| e.remote.is_none());
+        if !local {
             // Restore from the persisted rows first (wire section 8.3, ping row).
             self.out.push_back(Output::Restore(ping));
             return;
@@ -466,7 +485,12 @@ impl Hub {
             return;
         }
         if let Some(row) = row {
-            if ActorKey::of(&row.actr_id) == key && !self.registry.contains_key(&key) {
+            let absent = self.registry.get(&key).is_none_or(|e| e.remote.is_some());
+            if ActorKey::of(&row.actr_id) == key && absent {
+                if self.registry.contains_key(&key) {
+                    // A stale remote entry for an actor now bound here.
+                    stats::dec(&self.stats.cluster_remote_actors);
+                }
                 let entry = Entry {
                     type_key: type_key(&row.actr_id.r#type),
                     actr_id: row.actr_id,
@@ -478,10 +502,12 @@ impl Hub {
                     mailbox_backlog: row.mailbox_backlog,
                     last_heartbeat: secs(now_unix_ms),
                     proto: self.proto(ping.conn),
+                    remote: None,
                 };
                 self.registry.insert(key, entry);
                 stats::inc(&self.stats.registry_entries);
                 stats::inc(&self.stats.registry_restores);
+                self.cluster_up(key, false);
             }
         }
         self.finish_ping(now_unix_ms, ping);
@@ -498,7 +524,7 @@ impl Hub {
         } = p;
         let now_unix = secs(now_unix_ms);
         let key = ActorKey::of(&source);
-        if let Some(e) = self.registry.get_mut(&key) {
+        if let Some(e) = self.registry.get_mut(&key).filter(|e| e.remote.is_none()) {
             e.availability = Some(ping.availability);
             e.power_reserve = Some(ping.power_reserve);
             e.mailbox_backlog = Some(ping.mailbox_backlog);
@@ -510,6 +536,7 @@ impl Hub {
                 power_reserve: ping.power_reserve,
                 mailbox_backlog: ping.mailbox_backlog,
             }));
+            self.cluster_load(key, &ping);
         }
         let pong = Pong {
             seq: now_unix,

@@ -67,10 +67,14 @@ impl Hub {
                     .get(&target_key)
                     .copied()
                     .filter(|c| self.proto(*c) == self.proto(conn));
-                let Some(to_conn) = to_conn else {
+                let remote = match to_conn {
+                    Some(_) => None,
+                    None => self.remote_node(&target_key, self.proto(conn)),
+                };
+                if to_conn.is_none() && remote.is_none() {
                     stats::inc(&self.stats.relays_no_target);
                     return;
-                };
+                }
                 // Forward unchanged except the sender's bearer credential (wire section 9.3).
                 let env = self.envelope(
                     now_unix_ms,
@@ -82,8 +86,15 @@ impl Hub {
                         payload,
                     }),
                 );
-                stats::inc(&self.stats.envelopes_relayed);
-                self.send(to_conn, env);
+                match (to_conn, remote) {
+                    (Some(to_conn), _) => {
+                        stats::inc(&self.stats.envelopes_relayed);
+                        self.send(to_conn, env);
+                    }
+                    // The target's node delivers it after its own checks (`cluster.rs`).
+                    (None, Some(node)) => self.deliver_remote(node, target_key, env),
+                    (None, None) => {}
+                }
             }
         }
     }
@@ -132,10 +143,14 @@ impl Hub {
     }
 
     fn wants_answer(&self, id: &ActrId) -> bool {
-        self.by_actor
-            .get(&ActorKey::of(id))
-            .and_then(|c| self.conns.get(c))
-            .is_some_and(|c| c.wants_answer && c.bound.as_ref() == Some(id))
+        let local = self.by_actor.get(&ActorKey::of(id));
+        match local {
+            Some(c) => self
+                .conns
+                .get(c)
+                .is_some_and(|c| c.wants_answer && c.bound.as_ref() == Some(id)),
+            None => self.remote_wants_answer(id),
+        }
     }
 
     /// Wire section 8.5: offerer choice, and one RoleAssignment to each side with `from` and
@@ -165,12 +180,14 @@ impl Hub {
             (ActorKey::of(&rn.to), !from_is_offerer, from_answer),
         ];
         for (key, is_offerer, remote_fixed) in sides {
-            let Some(&c) = self.by_actor.get(&key) else {
-                continue;
+            let (local, remote) = match self.by_actor.get(&key) {
+                Some(&c) if self.proto(c) == proto => (Some(c), None),
+                Some(_) => continue,
+                None => match self.remote_node(&key, proto) {
+                    Some(node) => (None, Some(node)),
+                    None => continue,
+                },
             };
-            if self.proto(c) != proto {
-                continue;
-            }
             let env = self.envelope(
                 now_unix_ms,
                 None,
@@ -184,7 +201,11 @@ impl Hub {
                     })),
                 }),
             );
-            self.send(c, env);
+            match (local, remote) {
+                (Some(c), _) => self.send(c, env),
+                (None, Some(node)) => self.deliver_remote(node, key, env),
+                (None, None) => {}
+            }
         }
     }
 }
