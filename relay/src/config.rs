@@ -270,9 +270,6 @@ pub struct TurnSection {
     /// Above this many relayed bytes per second (both directions, all allocations), new
     /// Allocates are redirected (0: no limit).
     pub redirect_above_bytes_per_sec: u64,
-    /// Per-user counters in `/metrics` (allocations and relayed bytes) for the users with the
-    /// most allocations, at most this many (0: off; bounds the label cardinality).
-    pub user_metrics_top: usize,
 }
 
 impl Default for TurnSection {
@@ -309,7 +306,6 @@ impl Default for TurnSection {
             alternate_domain: String::new(),
             redirect_above_allocations: 0,
             redirect_above_bytes_per_sec: 0,
-            user_metrics_top: 0,
         }
     }
 }

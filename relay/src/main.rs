@@ -955,8 +955,16 @@ fn run_until_shutdown(
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         }
     }
-    // `/readyz` says 503 from now on, and new Allocates go to the alternates.
+    // `/readyz` says 503 from now on, and new Allocates go to the alternates; signaling
+    // clients are told to reconnect (to another node).
     health.shutting_down();
+    if let Some(h) = &reloader.signaling {
+        let n = h.close_all();
+        tracing::info!(
+            connections = n,
+            "signaling connections closed (1001 Going Away)"
+        );
+    }
     let Some(dp) = dp.map(|p| &p.dp) else {
         return;
     };

@@ -223,3 +223,43 @@ fn admin_routes_need_a_signature() {
         assert_eq!(r.status(), 401, "{path}");
     }
 }
+
+#[test]
+fn sigterm_drains_readyz_and_closes_signaling_with_going_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = Appliance::start(
+        tmp.path(),
+        &BASE.replace("[turn]\n", "[turn]\nshutdown_grace_secs = 10\n"),
+    );
+    let (mut ws, _) =
+        tungstenite::connect(format!("ws://{}/signaling/ws", app.http)).expect("upgrade");
+    // An allocation keeps the node draining after SIGTERM.
+    let mut alice = TurnClient::new(app.stun, b"alice", b"alice-pass", REALM);
+    alice.allocate_relayed();
+    assert_eq!(get(&app, "/readyz").0, 200);
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(app.child.id() as i32, libc::SIGTERM) };
+    app.wait_log("signaling connections closed");
+    let close = loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(f)) => break f,
+            Ok(_) => continue,
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    let f = close.expect("a close frame with a code");
+    assert_eq!(u16::from(f.code), 1001, "{f:?}");
+    let (status, body) = get(&app, "/readyz");
+    assert_eq!(status, 503);
+    assert!(body.contains("shutting down"), "{body}");
+    assert_eq!(get(&app, "/livez").0, 200);
+    // The existing allocation still refreshes during the drain.
+    let r = alice
+        .call(
+            method::REFRESH,
+            &[(attr::LIFETIME, 600u32.to_be_bytes().to_vec())],
+            3,
+        )
+        .unwrap();
+    assert_eq!(r.code(), None);
+}
