@@ -514,6 +514,49 @@ pub fn sessions_table(sessions: &[serde_json::Value]) -> String {
     out
 }
 
+/// Per-user counters (`actrix users`): allocations and relayed bytes summed per user, the `top`
+/// users with the most allocations first (ties: more bytes, then the name), so the output
+/// stays bounded however many users there are.
+pub fn per_user(sessions: &[serde_json::Value], top: usize) -> Vec<serde_json::Value> {
+    let mut by: std::collections::BTreeMap<&str, (u64, u64, u64)> = Default::default();
+    for s in sessions {
+        let e = by.entry(s["user"].as_str().unwrap_or("?")).or_default();
+        e.0 += 1;
+        e.1 += s["bytes_to_peer"].as_u64().unwrap_or(0);
+        e.2 += s["bytes_to_client"].as_u64().unwrap_or(0);
+    }
+    let mut v: Vec<_> = by.into_iter().collect();
+    v.sort_by(|a, b| {
+        (b.1 .0, b.1 .1 + b.1 .2)
+            .cmp(&(a.1 .0, a.1 .1 + a.1 .2))
+            .then(a.0.cmp(b.0))
+    });
+    v.truncate(top);
+    v.into_iter()
+        .map(|(user, (n, p, c))| {
+            serde_json::json!({"user": user, "allocations": n, "bytes_to_peer": p, "bytes_to_client": c})
+        })
+        .collect()
+}
+
+/// `actrix users` output.
+pub fn users_table(users: &[serde_json::Value]) -> String {
+    let mut out = format!(
+        "{:<32}  {:>11}  {:>12}  {:>12}\n",
+        "USER", "ALLOCATIONS", "TO PEER(B)", "TO CLIENT(B)"
+    );
+    for u in users {
+        out.push_str(&format!(
+            "{:<32}  {:>11}  {:>12}  {:>12}\n",
+            u["user"].as_str().unwrap_or("?"),
+            u["allocations"],
+            u["bytes_to_peer"],
+            u["bytes_to_client"]
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -531,6 +574,18 @@ mod tests {
         assert_eq!(parse_disconnect("user="), None);
         assert_eq!(parse_disconnect("allocation=xyz"), None);
         assert_eq!(parse_disconnect("alice"), None);
+    }
+
+    #[test]
+    fn per_user_counters_are_bounded_and_ordered() {
+        let s = |u: &str, b: u64| serde_json::json!({"user": u, "bytes_to_peer": b, "bytes_to_client": 1});
+        let v = [s("a", 5), s("b", 1), s("b", 1), s("c", 9)];
+        let top = per_user(&v, 2);
+        assert_eq!(top.len(), 2);
+        assert_eq!(top[0]["user"], "b");
+        assert_eq!(top[0]["allocations"], 2);
+        assert_eq!(top[0]["bytes_to_peer"], 2);
+        assert_eq!(top[1]["user"], "c");
     }
 
     #[test]

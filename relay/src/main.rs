@@ -41,6 +41,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Per-user counters: allocations and relayed bytes of the users with the most allocations.
+    Users {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// At most this many users.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// End allocations: every one of a user, or one by its id (from `actrix sessions`).
     Disconnect {
         #[command(flatten)]
@@ -127,6 +137,16 @@ fn admin_command(cmd: Cmd) -> i32 {
                 }
             })
         }
+        Cmd::Users { node, top, json } => admin_call(node, "/admin/sessions", "admin_sessions", "")
+            .map(|text| {
+                let v: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+                let users = actrix::admin::per_user(&v, *top);
+                if *json {
+                    serde_json::Value::Array(users).to_string()
+                } else {
+                    actrix::admin::users_table(&users)
+                }
+            }),
         Cmd::Disconnect {
             node,
             user,
@@ -161,6 +181,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         c @ (Cmd::Sessions { .. }
+        | Cmd::Users { .. }
         | Cmd::Disconnect { .. }
         | Cmd::Drain { .. }
         | Cmd::Undrain { .. }) => admin_command(c),

@@ -182,6 +182,14 @@ fn sessions_lists_and_disconnect_ends_an_allocation() {
     let (_, table) = actrix(&app, &["sessions"]);
     assert!(table.contains("alice") && table.contains("bob"), "{table}");
     assert!(table.contains("2 allocation(s)"), "{table}");
+    let (_, out) = actrix(&app, &["users", "--json", "--top", "1"]);
+    let users: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(users.len(), 1, "{out}");
+    let (_, out) = actrix(&app, &["users", "--json"]);
+    let users: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let a = users.iter().find(|u| u["user"] == "alice").expect("alice");
+    assert_eq!(a["allocations"], 1);
+    assert!(a["bytes_to_peer"].as_u64().unwrap() >= 12, "{a}");
 
     let (_, out) = actrix(&app, &["disconnect", "--user", "alice"]);
     assert!(out.contains("\"disconnected\":1"), "{out}");
