@@ -132,6 +132,12 @@ fn drain_redirects_new_allocations_and_keeps_existing_ones() {
         .unwrap();
     assert_eq!(r.code(), None);
 
+    let (_, metrics) = get(&app, "/metrics");
+    assert!(
+        metrics.contains("actrix_allocations_redirected_total{shard=\"0\"} 1"),
+        "{metrics}"
+    );
+
     actrix(&app, &["undrain"]);
     assert_eq!(get(&app, "/readyz").0, 200);
     assert_eq!(bob.allocate(3).unwrap().code(), None);
