@@ -277,3 +277,42 @@ fn sigterm_drains_readyz_and_closes_signaling_with_going_away() {
         .unwrap();
     assert_eq!(r.code(), None);
 }
+
+#[test]
+fn over_the_bandwidth_limit_redirects_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = Appliance::start(
+        tmp.path(),
+        &BASE.replace("[turn]\n", "[turn]\nredirect_above_bytes_per_sec = 2000\n"),
+    );
+    let peer = peer();
+    let mut alice = TurnClient::new(app.stun, b"alice", b"alice-pass", REALM);
+    alice.allocate_relayed();
+    bind_channel(&mut alice, peer.local_addr().unwrap());
+    // About 20 kB/s for up to 4 s, until /readyz says so.
+    let frame = {
+        let mut f = vec![0x40, 0x00, 0, 200];
+        f.extend_from_slice(&[7u8; 200]);
+        f
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    let mut over = false;
+    while std::time::Instant::now() < deadline && !over {
+        for _ in 0..10 {
+            alice.sock.send_to(&frame, app.stun).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let (status, body) = get(&app, "/readyz");
+        over = status == 503 && body.contains("over the bandwidth limit");
+    }
+    assert!(over, "never over the bandwidth limit");
+    let mut bob = TurnClient::new(app.stun, b"bob", b"bob-password", REALM);
+    assert_eq!(bob.allocate(3).unwrap().code(), Some(300));
+    // Quiet again: ready within a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while get(&app, "/readyz").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "still not ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(bob.allocate(3).unwrap().code(), None);
+}
