@@ -260,6 +260,18 @@ pub struct TurnSection {
     /// Actrix identity resolutions (an ECIES decryption each, on the control thread) per
     /// source IP per second.
     pub identity_lookups_per_source_per_sec: u32,
+    /// Load spreading (RFC 8656 §7.2): where new Allocates are sent (300 Try Alternate with
+    /// ALTERNATE-SERVER) while this node drains or is over a load limit. `ADDR:PORT`, at most
+    /// one per family; a client gets the one of its own family.
+    pub alternate_servers: Vec<String>,
+    /// The name the alternate's certificate is for, sent as ALTERNATE-DOMAIN to TLS and DTLS
+    /// clients (empty: none).
+    pub alternate_domain: String,
+    /// At this many allocations on the node, new Allocates are redirected (0: no limit).
+    pub redirect_above_allocations: usize,
+    /// Above this many relayed bytes per second (both directions, all allocations), new
+    /// Allocates are redirected (0: no limit).
+    pub redirect_above_bytes_per_sec: u64,
 }
 
 impl Default for TurnSection {
@@ -292,6 +304,72 @@ impl Default for TurnSection {
             max_bytes_per_sec: 0,
             challenges_per_source_per_sec: 50,
             identity_lookups_per_source_per_sec: 10,
+            alternate_servers: vec![],
+            alternate_domain: String::new(),
+            redirect_above_allocations: 0,
+            redirect_above_bytes_per_sec: 0,
+        }
+    }
+}
+
+impl TurnSection {
+    /// `alternate_servers` and `alternate_domain` parsed; the problems, one per entry.
+    pub fn alternates(&self) -> Result<actrix_proto::turn::Alternates, Vec<String>> {
+        let mut alt = actrix_proto::turn::Alternates::default();
+        let mut errors = Vec::new();
+        for (i, a) in self.alternate_servers.iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(addr) if addr.port() == 0 || addr.ip().is_unspecified() => errors.push(format!(
+                    "turn.alternate_servers[{i}]: '{a}' needs a real address and a port"
+                )),
+                Ok(addr) => {
+                    let slot = if addr.is_ipv4() {
+                        &mut alt.v4
+                    } else {
+                        &mut alt.v6
+                    };
+                    if slot.replace(addr).is_some() {
+                        errors.push(format!(
+                            "turn.alternate_servers[{i}]: a second {} alternate (one per family)",
+                            if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+                        ));
+                    }
+                }
+                Err(_) => errors.push(format!(
+                    "turn.alternate_servers[{i}]: '{a}' is not ADDR:PORT ([ADDR]:PORT for IPv6)"
+                )),
+            }
+        }
+        let d = &self.alternate_domain;
+        if !d.is_empty() {
+            // RFC 8489 §14.16: a DNS name (RFC 1123), under 256 bytes.
+            let ok = d.len() < 256
+                && d.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !ok {
+                errors.push(format!("turn.alternate_domain: '{d}' is not a DNS name"));
+            }
+            if self.alternate_servers.is_empty() {
+                errors.push("turn.alternate_domain: needs turn.alternate_servers".into());
+            }
+            alt.domain = Some(d.as_str().into());
+        }
+        if (self.redirect_above_allocations > 0 || self.redirect_above_bytes_per_sec > 0)
+            && self.alternate_servers.is_empty()
+        {
+            errors.push(
+                "turn.redirect_above_allocations/redirect_above_bytes_per_sec: need \
+                 turn.alternate_servers to redirect to"
+                    .into(),
+            );
+        }
+        if errors.is_empty() {
+            Ok(alt)
+        } else {
+            Err(errors)
         }
     }
 }
@@ -721,6 +799,9 @@ impl Config {
         };
         let allow = parse_ranges("allow_peers", &t.allow_peers, errors);
         let deny = parse_ranges("deny_peers", &t.deny_peers, errors);
+        if let Err(e) = t.alternates() {
+            errors.extend(e);
+        }
         let mut err = |m: String| errors.push(m);
 
         // Cores.
@@ -864,6 +945,34 @@ mod tests {
         assert_eq!(r.listen, vec!["127.0.0.1:3478".parse().unwrap()]);
         assert_eq!(r.shard_cores, vec![1]);
         assert_eq!(r.control_core, Some(0));
+    }
+
+    #[test]
+    fn alternate_servers_are_checked() {
+        let errors_of = |turn: &str| {
+            let text = EMBEDDED_DEFAULT.replace("[turn]\n", &format!("[turn]\n{turn}\n"));
+            let (cfg, _) = parse(&text).unwrap();
+            let mut errors = vec![];
+            let r = cfg.validate(&mut errors, vec![0, 1]);
+            (r.is_some(), errors.join("\n"))
+        };
+        let (ok, e) = errors_of(
+            "alternate_servers = [\"192.0.2.7:3478\", \"[2001:db8::7]:3478\"]\nalternate_domain = \"turn2.example.com\"\nredirect_above_allocations = 10",
+        );
+        assert!(ok, "{e}");
+        let (ok, e) = errors_of(
+            "alternate_servers = [\"192.0.2.7\", \"192.0.2.8:1\", \"192.0.2.9:2\"]\nalternate_domain = \"bad name\"",
+        );
+        assert!(!ok);
+        for want in [
+            "turn.alternate_servers[0]: '192.0.2.7' is not ADDR:PORT",
+            "turn.alternate_servers[2]: a second IPv4 alternate",
+            "turn.alternate_domain: 'bad name' is not a DNS name",
+        ] {
+            assert!(e.contains(want), "{want} in {e}");
+        }
+        let (ok, e) = errors_of("redirect_above_bytes_per_sec = 1000");
+        assert!(!ok && e.contains("need turn.alternate_servers"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! system calls in `actrix-udp`, the control plane in `actrix-control` and signaling in
 //! `actrix-signaling`.
 
+pub mod admin;
 pub mod config;
 pub mod diag;
 pub mod limits;

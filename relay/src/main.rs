@@ -31,6 +31,49 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// List the node's allocations (user, client, transport, relayed address, age, bytes).
+    Sessions {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Only this user's allocations.
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-user counters: allocations and relayed bytes of the users with the most allocations.
+    Users {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// At most this many users.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End allocations: every one of a user, or one by its id (from `actrix sessions`).
+    Disconnect {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(
+            long,
+            conflicts_with = "allocation",
+            required_unless_present = "allocation"
+        )]
+        user: Option<String>,
+        #[arg(long)]
+        allocation: Option<String>,
+    },
+    /// New allocations go to turn.alternate_servers (or get 508); existing ones keep working.
+    Drain {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// End an operator's drain.
+    Undrain {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
     /// Observe the host and plan core pinning, IRQ affinity and sysctls.
     Tune(actrix_tuning::TuneArgs),
     /// Make a self-signed certificate and key for trying TURN over TLS and DTLS (clients must
@@ -49,9 +92,99 @@ enum Cmd {
     },
 }
 
+/// Which node an admin command talks to: the configuration file it runs with gives the HTTP
+/// address and the shared key the admin API is signed with.
+#[derive(clap::Args)]
+struct NodeArgs {
+    #[arg(short, long, default_value = "/etc/actrix/actrix.toml")]
+    config: PathBuf,
+    /// The node's HTTP base URL, when not the one the configuration listens on.
+    #[arg(long)]
+    url: Option<String>,
+}
+
+fn admin_call(node: &NodeArgs, path: &str, payload: &str, body: &str) -> Result<String, i32> {
+    let client =
+        actrix::admin::Client::from_config(&node.config, node.url.as_deref()).map_err(|e| {
+            eprintln!("actrix: {e}");
+            2
+        })?;
+    match client.post(path, payload, body) {
+        Ok((200, text)) => Ok(text),
+        Ok((status, text)) => {
+            eprintln!("actrix: {path}: HTTP {status}: {text}");
+            Err(1)
+        }
+        Err(e) => {
+            eprintln!("actrix: {e}");
+            Err(1)
+        }
+    }
+}
+
+fn admin_command(cmd: Cmd) -> i32 {
+    let out = match &cmd {
+        Cmd::Sessions { node, user, json } => {
+            admin_call(node, "/admin/sessions", "admin_sessions", "").map(|text| {
+                let mut v: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+                if let Some(u) = user {
+                    v.retain(|s| s["user"].as_str() == Some(u));
+                }
+                if *json {
+                    serde_json::Value::Array(v).to_string()
+                } else {
+                    actrix::admin::sessions_table(&v)
+                }
+            })
+        }
+        Cmd::Users { node, top, json } => admin_call(node, "/admin/sessions", "admin_sessions", "")
+            .map(|text| {
+                let v: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+                let users = actrix::admin::per_user(&v, *top);
+                if *json {
+                    serde_json::Value::Array(users).to_string()
+                } else {
+                    actrix::admin::users_table(&users)
+                }
+            }),
+        Cmd::Disconnect {
+            node,
+            user,
+            allocation,
+        } => {
+            let body = match (user, allocation) {
+                (Some(u), _) => format!("user={u}"),
+                (_, Some(a)) => format!("allocation={a}"),
+                _ => unreachable!("clap requires one"),
+            };
+            admin_call(
+                node,
+                "/admin/disconnect",
+                &format!("admin_disconnect:{body}"),
+                &body,
+            )
+        }
+        Cmd::Drain { node } => admin_call(node, "/admin/drain", "admin_drain", ""),
+        Cmd::Undrain { node } => admin_call(node, "/admin/undrain", "admin_undrain", ""),
+        _ => unreachable!("admin commands only"),
+    };
+    match out {
+        Ok(text) => {
+            println!("{}", text.trim_end());
+            0
+        }
+        Err(code) => code,
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
+        c @ (Cmd::Sessions { .. }
+        | Cmd::Users { .. }
+        | Cmd::Disconnect { .. }
+        | Cmd::Drain { .. }
+        | Cmd::Undrain { .. }) => admin_command(c),
         Cmd::Check { config } => check(&config),
         Cmd::Run { config } => run(config),
         Cmd::Cert {
@@ -312,6 +445,23 @@ fn run(path: Option<PathBuf>) -> i32 {
 
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<Event>();
     let reload_tx = events_tx.clone();
+    let health = actrix::admin::Health::new(cfg.turn.redirect_above_allocations);
+    let health_routes = health.clone();
+    let (admin_tx, admin_rx) = crossbeam_channel::unbounded();
+    {
+        // Admin requests wake the main thread like the other events.
+        let events = events_tx.clone();
+        std::thread::Builder::new()
+            .name("actrix-admin".into())
+            .spawn(move || {
+                for r in admin_rx {
+                    if events.send(Event::Admin(r)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok();
+    }
     // The signaling hub is built inside the control thread's route factory; a failure there
     // (its database cannot be opened, say) is reported back here and stops the start.
     let signaling_error = Arc::new(std::sync::Mutex::new(None::<String>));
@@ -350,6 +500,10 @@ fn run(path: Option<PathBuf>) -> i32 {
         .routes_with(move |ctx| {
             *ais_service_out.lock().unwrap_or_else(|p| p.into_inner()) = ctx.ais.clone();
             reload_router(ctx.auth.clone(), reload_tx)
+        })
+        .routes_with(move |ctx| {
+            actrix::admin::watch_key_server(&ctx.keys, &health_routes);
+            actrix::admin::router(ctx.auth.clone(), admin_tx, health_routes)
         })
         .routes_with(move |ctx| match signaling_stats {
             Some(st) => match actrix_signaling::Signaling::new(ctx, signaling_cfg, &data_dir, st) {
@@ -392,7 +546,10 @@ fn run(path: Option<PathBuf>) -> i32 {
     };
     let dp = if cfg.turn.enabled {
         match Plane::start(&cfg, &resolved, identity, stats) {
-            Ok(dp) => Some(dp),
+            Ok(dp) => {
+                health.attach(dp.shared.clone());
+                Some(dp)
+            }
             Err(e) => {
                 eprintln!("actrix: {e:#}");
                 let _ = control.shutdown();
@@ -478,6 +635,7 @@ fn run(path: Option<PathBuf>) -> i32 {
         reloader,
         &events_rx,
         Duration::from_secs(cfg.turn.shutdown_grace_secs),
+        &health,
     );
     if let Some(p) = dp {
         p.dp.stop();
@@ -550,6 +708,8 @@ enum Event {
     Signal(i32),
     /// A reload asked for over HTTP; the answer goes back on the channel.
     Reload(crossbeam_channel::Sender<Result<Vec<String>, Vec<String>>>),
+    /// A session admin request (`/admin/sessions`, `/admin/disconnect`).
+    Admin(actrix::admin::AdminRequest),
 }
 
 fn forward_signals(tx: crossbeam_channel::Sender<Event>) {
@@ -770,12 +930,30 @@ fn run_until_shutdown(
     mut reloader: Reloader,
     events: &crossbeam_channel::Receiver<Event>,
     grace: Duration,
+    health: &actrix::admin::Health,
 ) {
     use signal_hook::consts::SIGHUP;
+    let mut load =
+        actrix::admin::LoadWatch::new(reloader.current.0.turn.redirect_above_bytes_per_sec);
+    let relayed = |p: &Plane| -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        p.dp.stats
+            .iter()
+            .map(|s| s.client_bytes.load(Relaxed) + s.peer_bytes.load(Relaxed))
+            .sum()
+    };
     loop {
-        match events.recv() {
+        if let Some(p) = dp {
+            load.tick(Instant::now(), relayed(p), health);
+        }
+        match events.recv_timeout(Duration::from_secs(1)) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Ok(Event::Admin(r)) => actrix::admin::serve(dp.map(|p| &p.dp), r),
             Ok(Event::Signal(SIGHUP)) => match reloader.reload(dp, control) {
                 Ok(notes) => {
+                    let t = &reloader.current.0.turn;
+                    health.set_redirect_above_allocations(t.redirect_above_allocations);
+                    load.set_limit(t.redirect_above_bytes_per_sec);
                     tracing::info!("configuration reloaded");
                     for n in notes {
                         tracing::info!("{n}");
@@ -793,6 +971,9 @@ fn run_until_shutdown(
             },
             Ok(Event::Reload(reply)) => {
                 let r = reloader.reload(dp, control);
+                let t = &reloader.current.0.turn;
+                health.set_redirect_above_allocations(t.redirect_above_allocations);
+                load.set_limit(t.redirect_above_bytes_per_sec);
                 match &r {
                     Ok(_) => tracing::info!("configuration reloaded (admin endpoint)"),
                     Err(e) => {
@@ -805,8 +986,18 @@ fn run_until_shutdown(
                 tracing::info!(signal = sig, "shutting down: no new allocations");
                 break;
             }
-            Err(_) => return,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         }
+    }
+    // `/readyz` says 503 from now on, and new Allocates go to the alternates; signaling
+    // clients are told to reconnect (to another node).
+    health.shutting_down();
+    if let Some(h) = &reloader.signaling {
+        let n = h.close_all();
+        tracing::info!(
+            connections = n,
+            "signaling connections closed (1001 Going Away)"
+        );
     }
     let Some(dp) = dp.map(|p| &p.dp) else {
         return;
@@ -826,7 +1017,10 @@ fn run_until_shutdown(
             );
             return;
         }
-        if let Ok(Event::Signal(s)) = events.recv_timeout(Duration::from_millis(100)) {
+        let ev = events.recv_timeout(Duration::from_millis(100));
+        if let Ok(Event::Admin(r)) = ev {
+            actrix::admin::serve(Some(dp), r);
+        } else if let Ok(Event::Signal(s)) = ev {
             if s != SIGHUP {
                 tracing::info!(
                     allocations = left,

@@ -343,6 +343,18 @@ impl Collector for DataPlaneCollector {
             "Allocations refused (486 quota; 508 capacity or draining, or a RESERVATION-TOKEN not held by this shard)",
             &refused,
         )?;
+        counter(
+            &mut enc,
+            "actrix_allocations_redirected",
+            "Allocates answered 300 Try Alternate (draining or over a load limit)",
+            &self.per_shard(|s| s.allocations_redirected.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "actrix_allocations_disconnected",
+            "Allocations ended by an operator (actrix disconnect)",
+            &self.per_shard(|s| s.allocations_disconnected.load(Relaxed)),
+        )?;
         // RFC 6062 TCP allocations.
         counter(
             &mut enc,

@@ -67,9 +67,10 @@ pub fn build_policy(cfg: &Config, r: &Resolved) -> Arc<PeerPolicy> {
 /// The running data plane with what survives a live reload.
 pub struct Plane {
     pub dp: DataPlane,
+    /// Drain and load flags the shards read per Allocate.
+    pub shared: Arc<CrossShard>,
     nonce_key: [u8; 32],
     identities: bool,
-    shared: Arc<CrossShard>,
     slices: Vec<(u16, u16)>,
 }
 
@@ -104,6 +105,9 @@ fn turn_config(
     turn.challenges_per_source = cfg.turn.challenges_per_source_per_sec;
     turn.bindings_per_source = cfg.stun.bindings_per_source_per_sec;
     turn.identity_lookups_per_source = cfg.turn.identity_lookups_per_source_per_sec;
+    // Validated by `Config::validate`.
+    turn.alternates = cfg.turn.alternates().unwrap_or_default();
+    turn.redirect_above_allocations = cfg.turn.redirect_above_allocations;
     turn.channel_max = if cfg.turn.rfc5766_channel_range {
         0x7FFF
     } else {

@@ -126,6 +126,9 @@ struct Shared {
     sweeper_started: AtomicBool,
     /// The queue to the cluster bridge, once [`Signaling::start_cluster`] ran.
     cluster: std::sync::OnceLock<crate::cluster::OutTx>,
+    /// The node is shutting down ([`SignalingHandle::close_all`]): connections are told to go
+    /// elsewhere, new ones at once.
+    closing: AtomicBool,
 }
 
 impl Shared {
@@ -201,6 +204,7 @@ impl Signaling {
                 next_conn: AtomicU64::new(1),
                 sweeper_started: AtomicBool::new(false),
                 cluster: std::sync::OnceLock::new(),
+                closing: AtomicBool::new(false),
             }),
         })
     }
@@ -868,6 +872,11 @@ async fn run_conn(
             }
         }
         drain(&shared, &mut core);
+        // Checked under the lock `close_all` takes after setting the flag: a connection is
+        // either in the table it walks or sees the flag here.
+        if shared.closing.load(Ordering::Acquire) {
+            let _ = local_tx.try_send(Out::Close(GOING_AWAY.0, GOING_AWAY.1));
+        }
     }
     let mut writer = tokio::spawn(write_loop(
         sink,
@@ -1346,7 +1355,27 @@ impl std::fmt::Debug for SignalingHandle {
     }
 }
 
+/// The close a draining node sends (RFC 6455 §7.4.1, 1001 Going Away: the server is going
+/// down; the client reconnects, and the load balancer sends it to another node).
+pub const GOING_AWAY: (u16, &str) = (1001, "server going away: reconnect");
+
 impl SignalingHandle {
+    /// Shutdown drain: close every connection with [`GOING_AWAY`] (a connection whose send
+    /// queue is full is cut), and new ones as soon as they open. Returns how many were open.
+    pub fn close_all(&self) -> usize {
+        self.shared.closing.store(true, Ordering::Release);
+        let core = self.shared.lock();
+        for h in core.conns.values() {
+            if h.tx
+                .try_send(Out::Close(GOING_AWAY.0, GOING_AWAY.1))
+                .is_err()
+            {
+                h.kill.notify_one();
+            }
+        }
+        core.conns.len()
+    }
+
     /// Validate and apply `cfg`; every problem is returned and nothing changes on error.
     pub fn update(&self, cfg: SignalingConfig) -> Result<(), Vec<String>> {
         let problems = cfg.validate();

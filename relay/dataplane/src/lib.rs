@@ -348,6 +348,44 @@ impl DataPlane {
         self.send(|| ShardMsg::Drain);
     }
 
+    /// Every shard's allocations (the session admin), each shard asked by message: the shards
+    /// own them. A shard that does not answer within `wait` is left out.
+    pub fn sessions(&self, wait: std::time::Duration) -> Vec<actrix_proto::turn::Session> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.send(|| ShardMsg::Sessions(tx.clone()));
+        drop(tx);
+        let deadline = std::time::Instant::now() + wait;
+        let mut all = Vec::new();
+        for _ in &self.shards {
+            match rx.recv_deadline(deadline) {
+                Ok(v) => all.extend(v),
+                Err(_) => break,
+            }
+        }
+        all
+    }
+
+    /// End the allocations `which` names on every shard; how many ended (answers within
+    /// `wait`).
+    pub fn disconnect(
+        &self,
+        which: &actrix_proto::turn::Disconnect,
+        wait: std::time::Duration,
+    ) -> usize {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.send(|| ShardMsg::Disconnect(which.clone(), tx.clone()));
+        drop(tx);
+        let deadline = std::time::Instant::now() + wait;
+        let mut n = 0;
+        for _ in &self.shards {
+            match rx.recv_deadline(deadline) {
+                Ok(k) => n += k,
+                Err(_) => break,
+            }
+        }
+        n
+    }
+
     /// Give every shard its new configuration (one per shard, in order) without dropping
     /// allocations.
     pub fn reconfigure(&self, turns: Vec<TurnConfig>) {

@@ -56,6 +56,10 @@ pub enum ShardMsg {
     Adopt(MovedConn),
     /// A renewed certificate for DTLS handshakes from now on.
     Dtls(DtlsCertificate),
+    /// The session admin's query: this shard's allocations go back on the channel.
+    Sessions(Sender<Vec<actrix_proto::turn::Session>>),
+    /// The session admin ends allocations; how many ended goes back on the channel.
+    Disconnect(actrix_proto::turn::Disconnect, Sender<usize>),
 }
 
 /// Everything a shard needs, built on the main thread before the shard's thread starts.
@@ -418,6 +422,24 @@ impl ShardCore {
                 ShardMsg::Tls(t) => self.streams.set_tls(t),
                 ShardMsg::Adopt(m) => self.streams.adopt(m),
                 ShardMsg::Dtls(c) => self.dtls.set_certificate(c),
+                ShardMsg::Sessions(reply) => {
+                    let mut out = Vec::with_capacity(self.server.allocation_count());
+                    self.server.sessions(pacer::now(), &mut out);
+                    let _ = reply.send(out);
+                }
+                ShardMsg::Disconnect(which, reply) => {
+                    let n = self.server.disconnect(&which);
+                    // The freed relay sockets go back to the I/O layer now, not at the end of
+                    // some later round.
+                    let (server, mut fx) = self.effects();
+                    server.drain_commands(&mut fx);
+                    self.run_tcp_commands();
+                    self.publish();
+                    if n > 0 {
+                        tracing::info!(shard = %self.id, allocations = n, "disconnected by the operator");
+                    }
+                    let _ = reply.send(n);
+                }
             }
         }
     }

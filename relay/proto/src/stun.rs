@@ -67,6 +67,8 @@ pub mod attr {
     pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
     pub const SOFTWARE: u16 = 0x8022;
     pub const ALTERNATE_SERVER: u16 = 0x8023;
+    /// RFC 8489 §14.16.
+    pub const ALTERNATE_DOMAIN: u16 = 0x8003;
     pub const FINGERPRINT: u16 = 0x8028;
     pub const ICE_CONTROLLED: u16 = 0x8029;
     pub const ICE_CONTROLLING: u16 = 0x802A;
@@ -466,6 +468,25 @@ pub fn decode_xor_addr(v: &[u8], tid: &[u8; 12]) -> Result<SocketAddr, BadAddres
             Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port))
         }
         _ => Err(BadAddress),
+    }
+}
+
+/// Encode a plain (MAPPED-ADDRESS style) address value into `out`, returning its length (8 or
+/// 20): what ALTERNATE-SERVER carries (RFC 8489 §14.15).
+pub fn encode_addr(addr: SocketAddr, out: &mut [u8; 20]) -> usize {
+    out[0] = 0;
+    out[2..4].copy_from_slice(&addr.port().to_be_bytes());
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out[1] = 0x01;
+            out[4..8].copy_from_slice(&ip.octets());
+            8
+        }
+        IpAddr::V6(ip) => {
+            out[1] = 0x02;
+            out[4..20].copy_from_slice(&ip.octets());
+            20
+        }
     }
 }
 

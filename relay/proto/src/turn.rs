@@ -35,7 +35,7 @@ use ahash::AHashMap;
 use dashmap::DashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Time as the caller read it once per batch of packets.
@@ -348,6 +348,8 @@ macro_rules! with_turn_counters {
             allocations_refused_quota,
             allocations_refused_capacity,
             allocations_refused_reservation,
+            allocations_redirected,
+            allocations_disconnected,
             permissions_created,
             channels_bound,
             peers_denied,
@@ -394,6 +396,97 @@ impl Counters {
 pub struct CrossShard {
     pub quotas: Quotas,
     pub relay_ports: RelayPortSet,
+    /// Whether new Allocates are sent elsewhere (see [`Load`]).
+    pub load: Load,
+}
+
+/// Whether this node takes new allocations: set by the main thread (an operator's drain, the
+/// shutdown drain) and by its load watcher (relayed bandwidth over the limit); read once per
+/// Allocate, never per relayed packet. Existing allocations are never affected.
+#[derive(Debug, Default)]
+pub struct Load {
+    draining: AtomicBool,
+    overloaded: AtomicBool,
+}
+
+impl Load {
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_overloaded(&self, on: bool) {
+        self.overloaded.store(on, Ordering::Relaxed);
+    }
+
+    pub fn overloaded(&self) -> bool {
+        self.overloaded.load(Ordering::Relaxed)
+    }
+}
+
+/// Where a client is sent by a 300 (Try Alternate) answer (RFC 8489 §10, RFC 8656 §7.2):
+/// one address per family, and for TLS and DTLS clients the name the other server's
+/// certificate is for (ALTERNATE-DOMAIN, RFC 8489 §14.16).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Alternates {
+    pub v4: Option<SocketAddr>,
+    pub v6: Option<SocketAddr>,
+    pub domain: Option<Box<str>>,
+}
+
+impl Alternates {
+    /// The alternate of `client`'s family: a client is never sent to a family it may not
+    /// reach.
+    pub fn for_client(&self, client: &SocketAddr) -> Option<SocketAddr> {
+        match Family::of(client) {
+            Family::V4 => self.v4,
+            Family::V6 => self.v6,
+        }
+    }
+}
+
+/// Why the shards send new Allocates elsewhere.
+pub fn redirect_reason(draining: bool, over_allocations: bool, overloaded: bool) -> &'static str {
+    if draining {
+        "draining"
+    } else if over_allocations {
+        "over the allocation limit"
+    } else if overloaded {
+        "over the bandwidth limit"
+    } else {
+        ""
+    }
+}
+
+/// One allocation as the session admin sees it ([`Server::sessions`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Unique on this node while the allocation lives: shard, slot and generation.
+    pub id: u64,
+    pub user: Box<[u8]>,
+    pub client: SocketAddr,
+    pub transport: Transport,
+    pub relayed: Vec<SocketAddr>,
+    pub tcp: bool,
+    pub age_secs: u64,
+    pub expires_in_secs: u64,
+    /// Relayed payload bytes, client to peer and peer to client.
+    pub bytes_to_peer: u64,
+    pub bytes_to_client: u64,
+    pub permissions: usize,
+    pub channels: usize,
+}
+
+/// Which allocations an operator ends ([`Server::disconnect`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disconnect {
+    /// Every allocation made with this username.
+    User(Box<[u8]>),
+    /// The allocation with this [`Session::id`].
+    Allocation(u64),
 }
 
 impl CrossShard {
@@ -403,6 +496,7 @@ impl CrossShard {
         CrossShard {
             quotas: Quotas::new(max_total, max_per_user, seed),
             relay_ports: RelayPortSet::new(relay_addresses),
+            load: Load::default(),
         }
     }
 }
@@ -550,6 +644,11 @@ pub struct TurnConfig {
     pub max_tcp_connections: usize,
     /// Seconds a peer data connection waits for its ConnectionBind (RFC 6062 §5.2, §5.3: 30).
     pub connection_bind_timeout: u32,
+    /// Where new Allocates go while this node drains or is over a load limit (none: 508).
+    pub alternates: Alternates,
+    /// Above this many allocations on the node, new Allocates get 300 toward the alternate
+    /// of the client's family (0: no such limit). Below `turn.max_allocations`, which refuses.
+    pub redirect_above_allocations: usize,
 }
 
 impl TurnConfig {
@@ -579,6 +678,8 @@ impl TurnConfig {
             tcp_relay: true,
             max_tcp_connections: 32,
             connection_bind_timeout: 30,
+            alternates: Alternates::default(),
+            redirect_above_allocations: 0,
         }
     }
 
@@ -631,6 +732,10 @@ struct Allocation {
     /// An RFC 6062 TCP allocation, and its peer data connections (pending and joined).
     tcp: bool,
     connections: Vec<ConnectionId>,
+    /// For the session admin: when it was made, and the payload bytes relayed each way.
+    created_ms: u64,
+    bytes_to_peer: u64,
+    bytes_to_client: u64,
 }
 
 /// A token bucket refilled from the batch time passed in (no clock read per datagram).
@@ -1143,6 +1248,7 @@ impl Server {
         if !a.to_peer.take(now.ms, rate, len) {
             return self.drop(DropReason::Bandwidth);
         }
+        a.bytes_to_peer += len as u64;
         let port = a.port;
         self.counters.relayed_to_peer += 1;
         Reply::Transmit(Transmit {
@@ -1586,9 +1692,35 @@ impl Server {
             }
             return self.error_reply(msg, code::ALLOCATION_MISMATCH, Some(ok));
         }
-        if self.draining {
-            self.counters.allocations_refused_capacity += 1;
-            return self.error_reply(msg, code::INSUFFICIENT_CAPACITY, Some(ok));
+        // Load spreading (RFC 8656 §7.2, RFC 8489 §10): while this node drains or is over a
+        // load limit, a new allocation is sent to the alternate of the client's family. This
+        // comes after authentication, as RFC 8489 §10 advises, so that the redirect tells an
+        // unauthenticated prober nothing; the response carries MESSAGE-INTEGRITY.
+        let draining = self.draining || self.shared.load.draining();
+        let over = self.cfg.redirect_above_allocations > 0
+            && self.shared.quotas.total() >= self.cfg.redirect_above_allocations;
+        if draining || over || self.shared.load.overloaded() {
+            if let Some(alt) = self.cfg.alternates.for_client(&client.addr) {
+                self.counters.allocations_redirected += 1;
+                // The name the alternate's certificate is for, when the client must check one.
+                let domain = match self.cfg.transport(client.listener) {
+                    Transport::Tls | Transport::Dtls => self.cfg.alternates.domain.clone(),
+                    _ => None,
+                };
+                return self.error_reply_with(msg, code::TRY_ALTERNATE, Some(ok), |w| {
+                    let mut v = [0u8; 20];
+                    let n = stun::encode_addr(alt, &mut v);
+                    w.add(attr::ALTERNATE_SERVER, &v[..n])?;
+                    if let Some(d) = &domain {
+                        w.add(attr::ALTERNATE_DOMAIN, d.as_bytes())?;
+                    }
+                    Ok(())
+                });
+            }
+            if draining || self.shared.load.overloaded() {
+                self.counters.allocations_refused_capacity += 1;
+                return self.error_reply(msg, code::INSUFFICIENT_CAPACITY, Some(ok));
+            }
         }
         // Step 3: REQUESTED-TRANSPORT must be present (400) and UDP or, over a stream, TCP
         // (RFC 6062 §5.1), else 442.
@@ -1867,6 +1999,9 @@ impl Server {
             },
             tcp: p.tcp,
             connections: Vec::new(),
+            created_ms: now.ms,
+            bytes_to_peer: 0,
+            bytes_to_client: 0,
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {
@@ -2335,6 +2470,7 @@ impl Server {
         if !a.to_peer.take(now.ms, rate, range.len()) {
             return self.drop(DropReason::Bandwidth);
         }
+        a.bytes_to_peer += range.len() as u64;
         let port = a.port;
         self.counters.relayed_to_peer += 1;
         // `range` is relative to the message, which starts at `start` in the caller's buffer.
@@ -2654,6 +2790,7 @@ impl Server {
         if !a.to_client.take(now.ms, rate, range.len()) {
             return self.drop(DropReason::Bandwidth);
         }
+        a.bytes_to_client += range.len() as u64;
         let client = a.client;
         let framed = match a
             .channels
@@ -2834,6 +2971,57 @@ impl Server {
         self.shared.relay_ports.set(a.port.addr, a.port.port, false);
         self.shared.quotas.release(&a.quota);
         self.free_slots.push(slot);
+    }
+
+    /// The live allocations, for the session admin (appended to `out`, in slot order). Not on
+    /// any packet path: an operator's query walks them all.
+    pub fn sessions(&self, now: Now, out: &mut Vec<Session>) {
+        for (slot, a) in self.allocs.iter().enumerate() {
+            let Some(a) = a else { continue };
+            let mut relayed = Vec::new();
+            for (on, addrs) in [(a.v4, &self.cfg.relay_v4), (a.v6, &self.cfg.relay_v6)] {
+                if let Some(ip) = addrs.get(a.port.addr as usize).filter(|_| on) {
+                    relayed.push(SocketAddr::new(*ip, a.port.port));
+                }
+            }
+            out.push(Session {
+                id: self.session_id(slot as u32, a.generation),
+                user: a.username.clone(),
+                client: a.client.addr,
+                transport: self.cfg.transport(a.client.listener),
+                relayed,
+                tcp: a.tcp,
+                age_secs: now.ms.saturating_sub(a.created_ms) / 1000,
+                expires_in_secs: a.expires_ms.saturating_sub(now.ms) / 1000,
+                bytes_to_peer: a.bytes_to_peer,
+                bytes_to_client: a.bytes_to_client,
+                permissions: a.permissions.len(),
+                channels: a.channels.len(),
+            });
+        }
+    }
+
+    fn session_id(&self, slot: u32, generation: u32) -> u64 {
+        (self.cfg.shard as u64) << 56 | (slot as u64 & 0xFF_FFFF) << 32 | generation as u64
+    }
+
+    /// End the allocations `which` names, as if they had expired: their relay sockets are
+    /// released, and the client's next request on them gets 437. Returns how many ended.
+    pub fn disconnect(&mut self, which: &Disconnect) -> usize {
+        let mut ended = 0;
+        for slot in 0..self.allocs.len() as u32 {
+            let hit = match (&self.allocs[slot as usize], which) {
+                (Some(a), Disconnect::User(u)) => &a.username == u,
+                (Some(a), Disconnect::Allocation(id)) => self.session_id(slot, a.generation) == *id,
+                (None, _) => false,
+            };
+            if hit {
+                self.free_allocation(slot);
+                self.counters.allocations_disconnected += 1;
+                ended += 1;
+            }
+        }
+        ended
     }
 
     /// Delete every allocation and release every relay socket, warm ones included (final

@@ -2784,3 +2784,81 @@ fn churned_allocations_leave_no_pile_of_stale_timers() {
     h.advance(10);
     assert_eq!(h.s.allocation_count(), 0);
 }
+
+#[test]
+fn draining_or_over_the_limit_sends_new_allocates_to_the_alternate_of_the_clients_family() {
+    let mut h = H::with(|cfg, _| {
+        cfg.alternates = Alternates {
+            v4: Some("192.0.2.7:3478".parse().unwrap()),
+            v6: Some("[2001:db8::7]:3479".parse().unwrap()),
+            domain: Some("turn2.example.com".into()),
+        };
+        // Listener 0 is a TLS one: the client needs the alternate's name to verify it.
+        cfg.listener_transports = vec![Transport::Tls];
+        cfg.redirect_above_allocations = 2;
+    });
+    let mut c = alice();
+    h.allocate(&mut c);
+    h.s.cross_shard().load.set_draining(true);
+    let mut v6 = Client::new("[2001:db8::5]:4", "bob", "hunter2");
+    let r = h.call(&mut v6, method::ALLOCATE, &[udp()]);
+    assert_eq!(r.code(), Some(300));
+    let m = r.msg();
+    let mut want = vec![0, 2, 0x0d, 0x97];
+    want.extend_from_slice(
+        &"2001:db8::7"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    assert_eq!(m.get(attr::ALTERNATE_SERVER).unwrap(), &want[..]);
+    assert_eq!(m.get(attr::ALTERNATE_DOMAIN).unwrap(), b"turn2.example.com");
+    let mut v4 = Client::new("198.51.100.3:3", "bob", "hunter2");
+    let r = h.call(&mut v4, method::ALLOCATE, &[udp()]);
+    assert_eq!(
+        r.msg().get(attr::ALTERNATE_SERVER).unwrap(),
+        &[0, 1, 0x0d, 0x96, 192, 0, 2, 7]
+    );
+    // The existing allocation is untouched.
+    assert!(h.call(&mut c, method::REFRESH, &[]).ok());
+    // Drain over: one more fits under the limit of two, the next is redirected.
+    h.s.cross_shard().load.set_draining(false);
+    assert!(h.call(&mut v4, method::ALLOCATE, &[udp()]).ok());
+    assert_eq!(
+        h.call(&mut v6, method::ALLOCATE, &[udp()]).code(),
+        Some(300)
+    );
+    assert_eq!(h.s.counters.allocations_redirected, 3);
+    // Overloaded without an alternate of the client's family: 508.
+    h.s.cross_shard().load.set_overloaded(true);
+    let mut cfg = h.s.config().clone();
+    cfg.alternates.v6 = None;
+    h.s.reconfigure(cfg);
+    assert_eq!(
+        h.call(&mut v6, method::ALLOCATE, &[udp()]).code(),
+        Some(508)
+    );
+}
+
+#[test]
+fn sessions_and_disconnect() {
+    let mut h = h_allow_testnet();
+    let mut a = alice();
+    h.allocate(&mut a);
+    let mut b = Client::new("198.51.100.3:3", "bob", "hunter2");
+    h.allocate(&mut b);
+    let mut out = Vec::new();
+    h.s.sessions(h.now, &mut out);
+    assert_eq!(out.len(), 2);
+    assert_eq!(&*out[0].user, b"alice");
+    assert_eq!(out[0].client, a.addr);
+    assert_eq!(out[0].relayed.len(), 1);
+    let bob_id = out[1].id;
+    assert_eq!(h.s.disconnect(&Disconnect::Allocation(bob_id)), 1);
+    assert_eq!(h.call(&mut b, method::REFRESH, &[]).code(), Some(437));
+    assert_eq!(h.s.disconnect(&Disconnect::Allocation(bob_id)), 0);
+    assert_eq!(h.s.disconnect(&Disconnect::User(b"alice"[..].into())), 1);
+    assert_eq!(h.call(&mut a, method::REFRESH, &[]).code(), Some(437));
+    assert_eq!(h.s.allocation_count(), 0);
+    assert_eq!(h.s.cross_shard().quotas.total(), 0);
+}
